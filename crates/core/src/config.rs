@@ -1,0 +1,884 @@
+//! Configuration: TOML text -> raw structures -> validated, typed [`Config`].
+//!
+//! Parsing and validation are separate passes, as in Vector: the raw pass rejects unknown keys
+//! and wrong types, the validation pass checks meaning. Both collect every error they find, each
+//! with its path (`services[2].max: must be >= min (3), got 1`), so a user fixes a file in one go.
+//! Parts of the document are deserialized one by one, so a type error in one service does not
+//! hide the errors of the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::model::*;
+
+/// One configuration error with the path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path, `services[2].max`; empty for the document itself.
+    pub path: String,
+    /// What is wrong, lowercase.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// All errors of a configuration, in document order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What happens to managed replicas when the daemon stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave them running for the next start to adopt (the default for `run`).
+    Leave,
+    /// Stop and remove them (the demo's default).
+    Stop,
+}
+
+/// Docker Engine backend settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerSpec {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); `None` means
+    /// `DOCKER_HOST` or the default socket.
+    pub host: Option<String>,
+    /// How many containers are created and started at once.
+    pub start_parallelism: usize,
+    /// Network mode of the replicas (`none`, `host`, `bridge` or a network name).
+    pub network: String,
+}
+
+/// Docker Swarm backend settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwarmSpec {
+    /// Address of a manager's engine; `None` means `DOCKER_HOST` or the default socket.
+    pub host: Option<String>,
+    /// Network the services' tasks attach to; `None` means Swarm's default (ingress-less, no
+    /// published ports).
+    pub network: Option<String>,
+}
+
+/// Local process backend settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProcessSpec {
+    /// Working directory of the replicas; `None` means the daemon's.
+    pub work_dir: Option<String>,
+}
+
+/// The orchestrator microscaler drives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendSpec {
+    /// A single Docker Engine: microscaler creates and removes containers itself.
+    Docker(DockerSpec),
+    /// Docker Swarm: microscaler sets each Swarm service's replica count.
+    Swarm(SwarmSpec),
+    /// Local child processes, where no container engine runs.
+    Process(ProcessSpec),
+}
+
+impl BackendSpec {
+    /// The backend's type name, as written in the configuration.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendSpec::Docker(_) => "docker",
+            BackendSpec::Swarm(_) => "swarm",
+            BackendSpec::Process(_) => "process",
+        }
+    }
+}
+
+/// A validated configuration. Every value in it has been checked; nothing downstream re-checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Identifies this microscaler; its replicas carry it as a label so two instances on one
+    /// engine never touch each other's replicas.
+    pub instance: String,
+    /// Time between ticks.
+    pub tick: Duration,
+    /// Longest wait for one demand sample; a slower source counts as missing for that tick.
+    pub sample_timeout: Duration,
+    /// After this long without converging, a service may be changed again.
+    pub converge_timeout: Duration,
+    /// What to do with replicas on shutdown.
+    pub on_exit: OnExit,
+    /// The cluster's capacity.
+    pub capacity: Capacity,
+    /// The orchestrator.
+    pub backend: BackendSpec,
+    /// The services, in file order.
+    pub services: Vec<Service>,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let doc: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("invalid TOML: {}", e.to_string().trim_end()),
+            }])
+        })?;
+        let mut v = Validator::default();
+        let cfg = v.config(doc);
+        match cfg {
+            Some(cfg) if v.errors.is_empty() => Ok(cfg),
+            _ => Err(ConfigErrors(v.errors)),
+        }
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw structures: what the TOML may contain. Durations stay strings here so that a bad one is a
+// validation error with a path, collected with the others.
+
+#[derive(Deserialize)]
+struct RawTop {
+    instance: Option<String>,
+    tick: Option<String>,
+    sample_timeout: Option<String>,
+    converge_timeout: Option<String>,
+    on_exit: Option<String>,
+    capacity: Option<toml::Value>,
+    backend: Option<toml::Value>,
+    #[serde(default)]
+    services: Vec<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawCapacity {
+    slots: Option<u32>,
+    slots_per_host: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawBackend {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    host: Option<String>,
+    start_parallelism: Option<u32>,
+    network: Option<String>,
+    work_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    name: Option<String>,
+    priority: Option<u32>,
+    min: Option<u32>,
+    max: Option<u32>,
+    max_step: Option<u32>,
+    #[serde(default)]
+    remainder: bool,
+    #[serde(default)]
+    per_host: bool,
+    #[serde(default)]
+    triggers: Vec<toml::Value>,
+    image: Option<String>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    stop_grace: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawTriggerHead {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawRandom {
+    delta: Option<u32>,
+    interval: Option<String>,
+    seed: Option<u64>,
+    initial: Option<u32>,
+    max: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawManual {
+    initial: Option<f64>,
+}
+
+/// Source types a trigger may name, listed in errors.
+pub const SOURCE_TYPES: &[&str] = &["random", "manual"];
+/// Backend types, listed in errors.
+pub const BACKEND_TYPES: &[&str] = &["docker", "swarm", "process"];
+
+const MIN_TICK: Duration = Duration::from_millis(100);
+const MAX_TICK: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl Validator {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one part of the document, reporting unknown keys and type errors with paths.
+    /// Unknown keys are errors, but the part is still returned so its other values get checked.
+    fn part<T: DeserializeOwned>(&mut self, value: toml::Value, path: &str) -> Option<T> {
+        let mut unknown = Vec::new();
+        let mut track = serde_path_to_error::Track::new();
+        let de = serde_path_to_error::Deserializer::new(value, &mut track);
+        let result = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
+        for key in unknown {
+            self.err(join(path, &key), "unknown key");
+        }
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = track.path().to_string();
+                let at = if inner == "." || inner.is_empty() {
+                    path.to_string()
+                } else {
+                    join(path, &inner)
+                };
+                self.err(at, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        raw: Option<&str>,
+        path: &str,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw) {
+            Ok(d) if d < range.0 || d > range.1 => {
+                self.err(
+                    path,
+                    format!(
+                        "must be between {} and {}, got {raw:?}",
+                        humantime::format_duration(range.0),
+                        humantime::format_duration(range.1)
+                    ),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("invalid duration {raw:?} ({e}); write it like \"500ms\", \"3s\" or \"1m\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn config(&mut self, doc: toml::Table) -> Option<Config> {
+        let top: RawTop = self.part(toml::Value::Table(doc), "")?;
+
+        let instance = top.instance.unwrap_or_else(|| "default".into());
+        if let Err(e) = ServiceName::try_new(instance.clone()) {
+            self.err("instance", e);
+        }
+        let tick = self.duration(
+            top.tick.as_deref(),
+            "tick",
+            Duration::from_millis(500),
+            (MIN_TICK, MAX_TICK),
+        );
+        let sample_timeout = self.duration(
+            top.sample_timeout.as_deref(),
+            "sample_timeout",
+            tick / 2,
+            (Duration::from_millis(1), MAX_TICK),
+        );
+        let converge_timeout = self.duration(
+            top.converge_timeout.as_deref(),
+            "converge_timeout",
+            Duration::from_secs(30),
+            (MIN_TICK, Duration::from_secs(3600)),
+        );
+        let on_exit = match top.on_exit.as_deref() {
+            None | Some("leave") => OnExit::Leave,
+            Some("stop") => OnExit::Stop,
+            Some(other) => {
+                self.err(
+                    "on_exit",
+                    format!("must be \"leave\" or \"stop\", got {other:?}"),
+                );
+                OnExit::Leave
+            }
+        };
+        let capacity = self.capacity(top.capacity);
+        let backend = self.backend(top.backend);
+
+        if top.services.is_empty() {
+            self.err("services", "at least one [[services]] entry is required");
+        }
+        let mut services = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, raw) in top.services.into_iter().enumerate() {
+            let path = format!("services[{i}]");
+            if let Some(s) = self.service(raw, &path, capacity, backend.as_ref()) {
+                if !names.insert(s.name.clone()) {
+                    self.err(
+                        format!("{path}.name"),
+                        format!("duplicate service name {:?}", s.name.as_str()),
+                    );
+                }
+                services.push(s);
+            }
+        }
+        if let Some(Capacity::Slots(slots)) = capacity {
+            let mins: u64 = services.iter().map(|s| s.min as u64).sum();
+            if mins > slots as u64 {
+                self.err(
+                    "services",
+                    format!("the sum of min over all services ({mins}) exceeds capacity.slots ({slots})"),
+                );
+            }
+        }
+        Some(Config {
+            instance,
+            tick,
+            sample_timeout,
+            converge_timeout,
+            on_exit,
+            capacity: capacity?,
+            backend: backend?,
+            services,
+        })
+    }
+
+    fn capacity(&mut self, raw: Option<toml::Value>) -> Option<Capacity> {
+        let Some(raw) = raw else {
+            self.err(
+                "capacity",
+                "missing: set [capacity] slots = N (or slots_per_host = N)",
+            );
+            return None;
+        };
+        let c: RawCapacity = self.part(raw, "capacity")?;
+        match (c.slots, c.slots_per_host) {
+            (Some(0), None) => {
+                self.err("capacity.slots", "must be >= 1, got 0");
+                None
+            }
+            (None, Some(0)) => {
+                self.err("capacity.slots_per_host", "must be >= 1, got 0");
+                None
+            }
+            (Some(n), None) => Some(Capacity::Slots(n)),
+            (None, Some(n)) => Some(Capacity::SlotsPerHost(n)),
+            _ => {
+                self.err("capacity", "set exactly one of slots or slots_per_host");
+                None
+            }
+        }
+    }
+
+    fn backend(&mut self, raw: Option<toml::Value>) -> Option<BackendSpec> {
+        let Some(raw) = raw else {
+            self.err(
+                "backend",
+                format!("missing: set [backend] type = one of {}", BACKEND_TYPES.join(", ")),
+            );
+            return None;
+        };
+        let b: RawBackend = self.part(raw, "backend")?;
+        let kind = b.kind.as_deref().unwrap_or("");
+        let not_for = |v: &mut Validator, key: &str, present: bool| {
+            if present {
+                v.err(
+                    format!("backend.{key}"),
+                    format!("not used by the {kind} backend"),
+                );
+            }
+        };
+        match kind {
+            "docker" => {
+                not_for(self, "work_dir", b.work_dir.is_some());
+                let start_parallelism = match b.start_parallelism {
+                    None => 8,
+                    Some(n @ 1..=256) => n as usize,
+                    Some(n) => {
+                        self.err(
+                            "backend.start_parallelism",
+                            format!("must be between 1 and 256, got {n}"),
+                        );
+                        8
+                    }
+                };
+                Some(BackendSpec::Docker(DockerSpec {
+                    host: b.host,
+                    start_parallelism,
+                    network: b.network.unwrap_or_else(|| "none".into()),
+                }))
+            }
+            "swarm" => {
+                not_for(self, "work_dir", b.work_dir.is_some());
+                not_for(self, "start_parallelism", b.start_parallelism.is_some());
+                Some(BackendSpec::Swarm(SwarmSpec {
+                    host: b.host,
+                    network: b.network,
+                }))
+            }
+            "process" => {
+                not_for(self, "host", b.host.is_some());
+                not_for(self, "start_parallelism", b.start_parallelism.is_some());
+                not_for(self, "network", b.network.is_some());
+                Some(BackendSpec::Process(ProcessSpec {
+                    work_dir: b.work_dir,
+                }))
+            }
+            "" => {
+                self.err(
+                    "backend.type",
+                    format!("missing: must be one of {}", BACKEND_TYPES.join(", ")),
+                );
+                None
+            }
+            other => {
+                self.err(
+                    "backend.type",
+                    format!(
+                        "unknown backend {other:?}: valid types are {}",
+                        BACKEND_TYPES.join(", ")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn service(
+        &mut self,
+        raw: toml::Value,
+        path: &str,
+        capacity: Option<Capacity>,
+        backend: Option<&BackendSpec>,
+    ) -> Option<Service> {
+        let s: RawService = self.part(raw, path)?;
+        let p = |key: &str| format!("{path}.{key}");
+        let name = match s.name {
+            None => {
+                self.err(p("name"), "missing");
+                None
+            }
+            Some(n) => match ServiceName::try_new(n) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.err(p("name"), e);
+                    None
+                }
+            },
+        };
+        let priority = match Priority::try_new(s.priority.unwrap_or(1)) {
+            Ok(pr) => pr,
+            Err(e) => {
+                self.err(p("priority"), e);
+                Priority::HIGHEST
+            }
+        };
+        let min = s.min.unwrap_or(0);
+        let max = s.max.unwrap_or(u32::MAX);
+        if max == 0 {
+            self.err(p("max"), "must be >= 1, got 0");
+        } else if max < min {
+            self.err(p("max"), format!("must be >= min ({min}), got {max}"));
+        }
+        if let (Some(Capacity::Slots(slots)), true) = (capacity, min > 0) {
+            if min > slots {
+                self.err(
+                    p("min"),
+                    format!("must be <= capacity.slots ({slots}), got {min}"),
+                );
+            }
+        }
+        if s.max_step == Some(0) {
+            self.err(p("max_step"), "must be >= 1, got 0");
+        }
+        let stop_grace = self.duration(
+            s.stop_grace.as_deref(),
+            &p("stop_grace"),
+            Duration::from_secs(10),
+            (Duration::ZERO, Duration::from_secs(600)),
+        );
+
+        let modes = [!s.triggers.is_empty(), s.remainder, s.per_host];
+        if modes.iter().filter(|m| **m).count() != 1 {
+            self.err(
+                path,
+                "set exactly one of: [[services.triggers]], remainder = true, per_host = true",
+            );
+        }
+        let kind = if s.remainder {
+            ServiceKind::Remainder
+        } else if s.per_host {
+            ServiceKind::PerHost
+        } else {
+            let mut triggers = Vec::new();
+            let mut seen = BTreeSet::new();
+            for (j, t) in s.triggers.into_iter().enumerate() {
+                let tp = format!("{path}.triggers[{j}]");
+                if let Some(t) = self.trigger(t, &tp, capacity) {
+                    if !seen.insert(t.name.clone()) {
+                        self.err(
+                            format!("{tp}.name"),
+                            format!(
+                                "duplicate trigger name {:?}; give each trigger a distinct name",
+                                t.name
+                            ),
+                        );
+                    }
+                    triggers.push(t);
+                }
+            }
+            ServiceKind::Triggered(triggers)
+        };
+
+        for key in s.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                self.err(
+                    format!("{path}.env"),
+                    format!("invalid variable name {key:?}"),
+                );
+            }
+        }
+        if let Some(image) = &s.image {
+            if image.trim().is_empty() {
+                self.err(p("image"), "must not be empty");
+            }
+            if let Some(BackendSpec::Process(_)) = backend {
+                self.err(
+                    p("image"),
+                    "not used by the process backend; set command = [program, args...] instead",
+                );
+            }
+        }
+        if s.command.iter().any(|c| c.contains('\0')) {
+            self.err(p("command"), "must not contain NUL characters");
+        }
+        if let (Some(BackendSpec::Process(_)), Some(first)) = (backend, s.command.first()) {
+            if first.is_empty() {
+                self.err(p("command[0]"), "the program must not be empty");
+            }
+        }
+
+        Some(Service {
+            name: name?,
+            priority,
+            min,
+            max,
+            max_step: s.max_step,
+            kind,
+            run: RunSpec {
+                image: s.image,
+                command: s.command,
+                env: s.env,
+            },
+            stop_grace,
+        })
+    }
+
+    fn trigger(
+        &mut self,
+        raw: toml::Value,
+        path: &str,
+        capacity: Option<Capacity>,
+    ) -> Option<Trigger> {
+        let mut table = match raw {
+            toml::Value::Table(t) => t,
+            other => {
+                self.err(
+                    path,
+                    format!("must be a table, got {}", other.type_str()),
+                );
+                return None;
+            }
+        };
+        // Split the common keys from the source's own, so each source type rejects keys it
+        // does not know.
+        let mut head = toml::Table::new();
+        for key in ["type", "name"] {
+            if let Some(v) = table.remove(key) {
+                head.insert(key.into(), v);
+            }
+        }
+        let head: RawTriggerHead = self.part(toml::Value::Table(head), path)?;
+        let Some(kind) = head.kind else {
+            self.err(
+                format!("{path}.type"),
+                format!("missing: must be one of {}", SOURCE_TYPES.join(", ")),
+            );
+            return None;
+        };
+        let rest = toml::Value::Table(table);
+        let source = match kind.as_str() {
+            "random" => {
+                let r: RawRandom = self.part(rest, path)?;
+                let interval = self.duration(
+                    r.interval.as_deref(),
+                    &format!("{path}.interval"),
+                    Duration::from_secs(3),
+                    (Duration::from_millis(10), Duration::from_secs(86400)),
+                );
+                let cap = match capacity {
+                    Some(Capacity::Slots(n)) => Some(n),
+                    _ => None,
+                };
+                if let (Some(initial), Some(max)) = (r.initial, r.max.or(cap)) {
+                    if initial > max {
+                        self.err(
+                            format!("{path}.initial"),
+                            format!("must be <= max ({max}), got {initial}"),
+                        );
+                    }
+                }
+                if r.max.is_none() && cap.is_none() {
+                    if let Some(Capacity::SlotsPerHost(_)) = capacity {
+                        self.err(
+                            format!("{path}.max"),
+                            "required when capacity is per host (the random walk needs a fixed bound)",
+                        );
+                    }
+                }
+                SourceSpec::Random(RandomSpec {
+                    delta: r.delta.unwrap_or(3),
+                    interval,
+                    seed: r.seed,
+                    initial: r.initial,
+                    max: r.max,
+                })
+            }
+            "manual" => {
+                let m: RawManual = self.part(rest, path)?;
+                let initial = m.initial.unwrap_or(0.0);
+                if !initial.is_finite() || initial < 0.0 {
+                    self.err(
+                        format!("{path}.initial"),
+                        format!("must be a finite number >= 0, got {initial}"),
+                    );
+                }
+                SourceSpec::Manual(ManualSpec { initial })
+            }
+            other => {
+                self.err(
+                    format!("{path}.type"),
+                    format!(
+                        "unknown source type {other:?}: valid types are {}",
+                        SOURCE_TYPES.join(", ")
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(Trigger {
+            name: head.name.unwrap_or_else(|| kind.clone()),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        instance = "demo"
+        tick = "250ms"
+        on_exit = "stop"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "priority1"
+        priority = 1
+        max_step = 3
+        [[services.triggers]]
+        type = "random"
+        delta = 3
+        interval = "3s"
+        seed = 7
+        [[services]]
+        name = "priority2"
+        priority = 2
+        remainder = true
+    "#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn good_config_validates() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.instance, "demo");
+        assert_eq!(c.tick, Duration::from_millis(250));
+        assert_eq!(c.sample_timeout, Duration::from_millis(125));
+        assert_eq!(c.on_exit, OnExit::Stop);
+        assert_eq!(c.capacity, Capacity::Slots(9));
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].max_step, Some(3));
+        match &c.services[0].kind {
+            ServiceKind::Triggered(t) => {
+                assert_eq!(t[0].name, "random");
+                assert_eq!(
+                    t[0].source,
+                    SourceSpec::Random(RandomSpec {
+                        delta: 3,
+                        interval: Duration::from_secs(3),
+                        seed: Some(7),
+                        initial: None,
+                        max: None
+                    })
+                );
+            }
+            k => panic!("unexpected kind {k:?}"),
+        }
+        assert!(c.services[1].is_remainder());
+    }
+
+    #[test]
+    fn all_errors_reported_with_paths() {
+        let text = r#"
+            tick = "5ms"
+            bogus = 1
+            [capacity]
+            slots = 9
+            [backend]
+            type = "docker"
+            [[services]]
+            name = "a"
+            min = 3
+            max = 1
+            [[services.triggers]]
+            type = "random"
+            interval = "soon"
+            [[services]]
+            name = "Bad_Name"
+            remainder = true
+            colour = "red"
+            [[services]]
+            name = "c"
+            max = "three"
+            remainder = true
+        "#;
+        let e = errors(text);
+        assert!(e.contains(&"bogus: unknown key".to_string()), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("tick: must be between 100ms and 1m")), "{e:?}");
+        assert!(e.contains(&"services[0].max: must be >= min (3), got 1".to_string()), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("services[0].triggers[0].interval: invalid duration \"soon\"")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("services[1].name: must contain only")), "{e:?}");
+        assert!(e.contains(&"services[1].colour: unknown key".to_string()), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("services[2].max: invalid type")), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_types_list_valid_ones() {
+        let e = errors(&GOOD.replace("type = \"random\"", "type = \"kafka\""));
+        assert_eq!(
+            e,
+            vec!["services[0].triggers[0].type: unknown source type \"kafka\": valid types are random, manual"]
+        );
+        let e = errors(&GOOD.replace("type = \"docker\"", "type = \"k8s\""));
+        assert_eq!(
+            e,
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process"]
+        );
+    }
+
+    #[test]
+    fn source_rejects_keys_of_other_sources() {
+        let e = errors(&GOOD.replace("seed = 7", "seed = 7\ninitial_value = 2"));
+        assert_eq!(e, vec!["services[0].triggers[0].initial_value: unknown key"]);
+    }
+
+    #[test]
+    fn service_mode_must_be_exactly_one() {
+        let e = errors(&GOOD.replace("remainder = true", ""));
+        assert_eq!(
+            e,
+            vec!["services[1]: set exactly one of: [[services.triggers]], remainder = true, per_host = true"]
+        );
+        let e = errors(&GOOD.replace("remainder = true", "remainder = true\nper_host = true"));
+        assert_eq!(e.len(), 1, "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_names_and_capacity_checks() {
+        let text = GOOD.replace("name = \"priority2\"", "name = \"priority1\"\nmin = 10");
+        let e = errors(&text);
+        assert!(e.contains(&"services[1].name: duplicate service name \"priority1\"".to_string()), "{e:?}");
+        assert!(e.contains(&"services[1].min: must be <= capacity.slots (9), got 10".to_string()), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("services: the sum of min")), "{e:?}");
+    }
+
+    #[test]
+    fn missing_sections_and_bad_toml() {
+        let e = errors("instance = \"x\"");
+        assert!(e.iter().any(|m| m.starts_with("capacity: missing")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("backend: missing")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("services: at least one")), "{e:?}");
+        let e = errors("[capacity\nslots=1");
+        assert!(e[0].starts_with("invalid TOML"), "{e:?}");
+    }
+
+    #[test]
+    fn process_backend_rejects_image() {
+        let text = GOOD
+            .replace("type = \"docker\"", "type = \"process\"")
+            .replace("remainder = true", "remainder = true\nimage = \"x\"");
+        let e = errors(&text);
+        assert_eq!(
+            e,
+            vec!["services[1].image: not used by the process backend; set command = [program, args...] instead"]
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! The vocabulary of microscaler as typed values.
+//!
+//! Constructors check their invariants (`try_new`), so a value of these types that reaches the
+//! engine is always valid: the engine never re-checks configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// The name of a service: a DNS label (1 to 63 characters of `a-z`, `0-9` and `-`, starting and
+/// ending with a letter or digit), so it is valid as a Docker label value, a Swarm service name, a
+/// Kubernetes object name and a file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// Checks `name` and wraps it.
+    pub fn try_new(name: impl Into<String>) -> Result<Self, String> {
+        let name = name.into();
+        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        if name.is_empty() || name.len() > 63 {
+            return Err(format!(
+                "must be 1 to 63 characters long, got {}",
+                name.len()
+            ));
+        }
+        if !name.chars().all(ok_char) || name.starts_with('-') || name.ends_with('-') {
+            return Err(format!(
+                "must contain only a-z, 0-9 and '-' and start and end with a letter or digit, got {name:?}"
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A priority: 1 is the highest. Lower priorities give up capacity first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(u32);
+
+impl Priority {
+    /// The highest priority.
+    pub const HIGHEST: Priority = Priority(1);
+
+    /// Checks that `p >= 1`.
+    pub fn try_new(p: u32) -> Result<Self, String> {
+        if p == 0 {
+            Err("must be >= 1 (1 is the highest priority), got 0".into())
+        } else {
+            Ok(Self(p))
+        }
+    }
+
+    /// The number (1 = highest).
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How a service's wanted replica count is decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceKind {
+    /// Demand-driven: the service wants what its triggers ask for (combined by max).
+    Triggered(Vec<Trigger>),
+    /// A remainder service: it wants all capacity that is left and never evicts anyone.
+    Remainder,
+    /// One replica on every ready host (Swarm global mode, a Kubernetes DaemonSet).
+    PerHost,
+}
+
+/// A demand signal of a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trigger {
+    /// The trigger's name, unique within its service (defaults to the source type).
+    pub name: String,
+    /// Where the value comes from.
+    pub source: SourceSpec,
+}
+
+/// A demand source, validated. Each variant is built into a live source by the sources crate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSpec {
+    /// Random demand as in the seeds' demo.
+    Random(RandomSpec),
+    /// A value set by hand (CLI now, API later).
+    Manual(ManualSpec),
+}
+
+impl SourceSpec {
+    /// The source's type name, as written in the configuration.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SourceSpec::Random(_) => "random",
+            SourceSpec::Manual(_) => "manual",
+        }
+    }
+}
+
+/// Random demand: every `interval`, the value moves by a random amount in `[-delta, +delta]`,
+/// kept within `[0, max]`. The same seed gives the same sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomSpec {
+    /// Largest move per interval.
+    pub delta: u32,
+    /// Time between moves.
+    pub interval: Duration,
+    /// Seed for replayable runs; `None` means seeded from the clock at start-up.
+    pub seed: Option<u64>,
+    /// Starting value; `None` means half of `max`.
+    pub initial: Option<u32>,
+    /// Upper bound; `None` means the cluster's capacity.
+    pub max: Option<u32>,
+}
+
+/// A value set by hand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManualSpec {
+    /// The value at start-up.
+    pub initial: f64,
+}
+
+/// What a replica runs.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunSpec {
+    /// Container image (container backends). `None` means the built-in replica image.
+    pub image: Option<String>,
+    /// Command: the container's command, or the program and its arguments for the process
+    /// backend. Empty means the image's default (containers) or the built-in replica (processes).
+    pub command: Vec<String>,
+    /// Environment given to each replica. Nothing else is passed: the daemon's own environment
+    /// never reaches a replica.
+    pub env: BTreeMap<String, String>,
+}
+
+/// A validated service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Unique name.
+    pub name: ServiceName,
+    /// 1 is the highest.
+    pub priority: Priority,
+    /// Fewest replicas, even under capacity pressure from higher priorities.
+    pub min: u32,
+    /// Most replicas.
+    pub max: u32,
+    /// Largest change of the replica count in one tick; `None` means unlimited.
+    pub max_step: Option<u32>,
+    /// How the wanted count is decided.
+    pub kind: ServiceKind,
+    /// What each replica runs.
+    pub run: RunSpec,
+    /// Time between SIGTERM and SIGKILL when a replica is stopped.
+    pub stop_grace: Duration,
+}
+
+impl Service {
+    /// True for a remainder service.
+    pub fn is_remainder(&self) -> bool {
+        matches!(self.kind, ServiceKind::Remainder)
+    }
+}
+
+/// The cluster's capacity, in slots (one replica takes one slot).
+///
+/// Kept as an enum so per-host CPU and memory can be added as further variants (or fields of a
+/// resources vector) without changing how the engine allocates: it only asks "how many slots".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// A fixed total, whatever the hosts.
+    Slots(u32),
+    /// This many slots on every ready host.
+    SlotsPerHost(u32),
+}
+
+impl Capacity {
+    /// Total slots given the observed hosts.
+    pub fn slots(&self, hosts: &[Host]) -> u32 {
+        match *self {
+            Capacity::Slots(n) => n,
+            Capacity::SlotsPerHost(n) => {
+                n.saturating_mul(hosts.iter().filter(|h| h.ready).count() as u32)
+            }
+        }
+    }
+}
+
+/// A host of the cluster as a backend reports it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Host {
+    /// Backend's id of the host.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Whether replicas can be placed on it.
+    pub ready: bool,
+    /// CPUs, if known.
+    pub cpus: Option<f64>,
+    /// Memory in bytes, if known.
+    pub memory_bytes: Option<u64>,
+}
+
+/// Replica counts of one service as observed from the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceObservation {
+    /// Replicas running.
+    pub running: u32,
+    /// Replicas asked for but not running yet (created, starting, being scheduled).
+    pub pending: u32,
+}
+
+impl ServiceObservation {
+    /// Replicas that occupy capacity.
+    pub fn total(&self) -> u32 {
+        self.running + self.pending
+    }
+}
+
+/// Everything observed in one tick.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    /// Per service; a missing service counts as zero replicas.
+    pub services: BTreeMap<ServiceName, ServiceObservation>,
+    /// The hosts of the cluster.
+    pub hosts: Vec<Host>,
+}
+
+impl Observed {
+    /// The observation of `name`, zero if absent.
+    pub fn service(&self, name: &ServiceName) -> ServiceObservation {
+        self.services.get(name).copied().unwrap_or_default()
+    }
+
+    /// Number of ready hosts.
+    pub fn ready_hosts(&self) -> u32 {
+        self.hosts.iter().filter(|h| h.ready).count() as u32
+    }
+}
+
+/// One trigger's value in one tick: `None` when the sample failed or timed out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerSample {
+    /// Name of the trigger.
+    pub trigger: String,
+    /// The value, or `None` when missing.
+    pub value: Option<f64>,
+}
+
+/// The samples of one tick, per service (in the order of its triggers).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Samples {
+    /// Per service.
+    pub services: BTreeMap<ServiceName, Vec<TriggerSample>>,
+}
+
+impl Samples {
+    /// Sets a single-trigger service's value (convenient in tests and the demo).
+    pub fn set(&mut self, service: &ServiceName, trigger: &str, value: Option<f64>) {
+        self.services.insert(
+            service.clone(),
+            vec![TriggerSample {
+                trigger: trigger.to_string(),
+                value,
+            }],
+        );
+    }
+}
