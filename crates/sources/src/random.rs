@@ -1,0 +1,227 @@
+//! Random demand, as in the seeds' demo: every `interval` the value moves by a random amount in
+//! `[-delta, +delta]`, kept within `[0, max]`. Deterministic for a given seed, so a run can be
+//! replayed; the walk advances by elapsed intervals of the tick time it is given, never by a
+//! clock of its own.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use microscaler_core::RandomSpec;
+
+use crate::{Source, SourceError};
+
+/// SplitMix64: tiny, fast, and stable forever (a library RNG's stream may change between
+/// versions, which would break replaying a seed).
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n)` (n > 0), without modulo bias worth caring about for n this small.
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Live settings of a random walk, changeable while it runs (the demo's controls).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RandomSettings {
+    /// Largest move per interval.
+    pub delta: u32,
+    /// Time between moves.
+    pub interval: Duration,
+}
+
+/// Changes a running [`RandomSource`]'s delta and interval. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RandomControl(Arc<Mutex<RandomSettings>>);
+
+impl RandomControl {
+    /// The current settings.
+    pub fn get(&self) -> RandomSettings {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets new settings; they apply from the next move. An interval below 10 ms is refused.
+    pub fn set(&self, s: RandomSettings) -> Result<(), String> {
+        if s.interval < Duration::from_millis(10) {
+            return Err(format!("interval must be >= 10ms, got {:?}", s.interval));
+        }
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        Ok(())
+    }
+}
+
+/// A random walk of demand.
+#[derive(Debug)]
+pub struct RandomSource {
+    value: u32,
+    max: u32,
+    rng: SplitMix64,
+    next_move: Duration,
+    settings: Arc<Mutex<RandomSettings>>,
+    seed: u64,
+}
+
+impl RandomSource {
+    /// Builds the walk; `capacity` is the bound when the spec has no `max`, `clock_seed` the
+    /// seed when the spec has none.
+    pub fn new(spec: &RandomSpec, capacity: u32, clock_seed: u64) -> Self {
+        let max = spec.max.unwrap_or(capacity);
+        let seed = spec.seed.unwrap_or(clock_seed);
+        let settings = RandomSettings {
+            delta: spec.delta,
+            interval: spec.interval,
+        };
+        Self {
+            value: spec.initial.unwrap_or(max / 2).min(max),
+            max,
+            rng: SplitMix64(seed),
+            next_move: spec.interval,
+            settings: Arc::new(Mutex::new(settings)),
+            seed,
+        }
+    }
+
+    /// The seed in use, so a run started without one can be replayed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// A handle that changes delta and interval while the walk runs.
+    pub fn control(&self) -> RandomControl {
+        RandomControl(self.settings.clone())
+    }
+
+    /// The value at `now`, advancing one move per elapsed interval.
+    pub fn value_at(&mut self, now: Duration) -> u32 {
+        let s = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        while now >= self.next_move {
+            let span = 2 * s.delta as u64 + 1;
+            let step = self.rng.below(span) as i64 - s.delta as i64;
+            self.value = (self.value as i64 + step).clamp(0, self.max as i64) as u32;
+            self.next_move += s.interval;
+        }
+        self.value
+    }
+}
+
+impl Source for RandomSource {
+    fn describe(&self) -> String {
+        let s = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        format!(
+            "random(±{} every {}, max {}, seed {})",
+            s.delta,
+            humantime_ms(s.interval),
+            self.max,
+            self.seed
+        )
+    }
+
+    async fn sample(&mut self, now: Duration) -> Result<f64, SourceError> {
+        Ok(self.value_at(now) as f64)
+    }
+}
+
+fn humantime_ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(seed: u64) -> RandomSpec {
+        RandomSpec {
+            delta: 3,
+            interval: Duration::from_secs(3),
+            seed: Some(seed),
+            initial: Some(4),
+            max: None,
+        }
+    }
+
+    fn walk(seed: u64, secs: u64) -> Vec<u32> {
+        let mut s = RandomSource::new(&spec(seed), 9, 0);
+        (0..=secs)
+            .map(|t| s.value_at(Duration::from_secs(t)))
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_same_walk_and_bounds_hold() {
+        let a = walk(42, 3000);
+        assert_eq!(a, walk(42, 3000));
+        assert_ne!(a, walk(43, 3000));
+        assert!(a.iter().all(|v| *v <= 9));
+        assert_eq!(a[0], 4, "starts at initial");
+    }
+
+    #[test]
+    fn moves_only_every_interval_by_at_most_delta() {
+        let a = walk(7, 3000);
+        for (t, w) in a.windows(2).enumerate() {
+            let t = t as u64 + 1;
+            let diff = (w[1] as i64 - w[0] as i64).abs();
+            if t % 3 != 0 {
+                assert_eq!(diff, 0, "no move at t={t}");
+            } else {
+                assert!(diff <= 3, "moved {diff} at t={t}");
+            }
+        }
+        // Over 1000 moves it reaches both ends and moves in both directions.
+        assert!(a.contains(&0) && a.contains(&9));
+    }
+
+    #[test]
+    fn every_step_size_occurs() {
+        // Unbounded walk (max large, start mid) so clamping does not hide steps.
+        let mut s = RandomSource::new(
+            &RandomSpec {
+                initial: Some(1_000_000),
+                max: Some(2_000_000),
+                ..spec(1)
+            },
+            9,
+            0,
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        let mut prev = s.value_at(Duration::ZERO) as i64;
+        for k in 1..2000u64 {
+            let v = s.value_at(Duration::from_secs(3 * k)) as i64;
+            seen.insert(v - prev);
+            prev = v;
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![-3, -2, -1, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn control_changes_delta_and_interval() {
+        let mut s = RandomSource::new(&spec(5), 9, 0);
+        let c = s.control();
+        c.set(RandomSettings {
+            delta: 0,
+            interval: Duration::from_secs(1),
+        })
+        .unwrap();
+        let v0 = s.value_at(Duration::ZERO);
+        assert_eq!(s.value_at(Duration::from_secs(30)), v0, "delta 0 never moves");
+        assert!(c
+            .set(RandomSettings {
+                delta: 1,
+                interval: Duration::from_millis(1)
+            })
+            .is_err());
+    }
+}
