@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, from a clean clone of a Debian machine.
+#
+# As root it installs and starts what the tests need (Docker Engine from Debian's docker.io,
+# dockerd on the default socket, a single-node swarm) and is idempotent when they already run.
+# Then it checks formatting, lints, the purity of the core crate, and runs every test.
+# CI=true (the default here) makes a test whose service is missing fail instead of skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CI="${CI:-true}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" = 0 ]; then
+  step "installing test services (Debian packages)"
+  scripts/services.sh
+else
+  echo "not root: not installing or starting services; tests that need them will fail under CI=true"
+fi
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "lints (cargo clippy -D warnings)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "the core crate stays pure (no async runtime, HTTP or Docker client)"
+if cargo tree --locked -p microscaler-core -e normal --prefix none | grep -E '^(tokio|hyper|bollard|reqwest|axum) ' ; then
+  echo "microscaler-core must not depend on the crates above" >&2
+  exit 1
+fi
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast
+  cargo test --locked --workspace --doc
+else
+  cargo test --locked --workspace --no-fail-fast
+fi
+step "all tests passed"
