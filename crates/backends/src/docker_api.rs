@@ -85,6 +85,10 @@ pub async fn connect(configured: Option<&str>) -> Result<Docker, BackendError> {
 /// Makes sure the built-in replica image exists on the engine, importing it if needed, and
 /// returns its reference.
 pub async fn ensure_replica_image(docker: &Docker) -> Result<String, BackendError> {
+    // Two concurrent imports of the same tag both succeed and leave the loser as a dangling
+    // `<none>` image (parallel tests, or two backends in one process): one import at a time.
+    static IMPORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _guard = IMPORT.lock().await;
     let image = replica_image();
     if docker.inspect_image(&image).await.is_ok() {
         return Ok(image);
