@@ -1,26 +1,663 @@
-//! docker backend: being written (placeholder so the workspace builds).
+//! The Docker Engine backend: a container-level backend that creates, starts, stops and removes
+//! replica containers on one engine itself.
+//!
+//! Ownership is decided by labels only: a container belongs to this backend when it carries
+//! [`labels::INSTANCE`] with this instance's name and a [`labels::SERVICE`] label. Nothing else
+//! on the engine is ever listed, counted, stopped or removed, so several microscaler instances
+//! (and anything else) can share one engine.
+//!
+//! Stopped containers are never left behind: a scale-down stops and then removes, a failed start
+//! removes what it created, and `observe` removes replicas that exited on their own (the project
+//! this replaces left 700 stopped containers per host after three hours).
 
-use microscaler_core::Service;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::{Backend, BackendError, Observation, ScaleOutcome};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use microscaler_core::config::DockerSpec;
+use microscaler_core::{Host, Service, ServiceName, ServiceObservation};
+use tokio::sync::OnceCell;
 
-/// The docker backend.
-pub struct DockerBackend;
+use crate::docker_api;
+use crate::{
+    labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, StartFailure,
+};
+
+/// Environment variable telling a replica which service it belongs to.
+pub const ENV_SERVICE: &str = "MICROSCALER_SERVICE";
+/// Environment variable telling a replica which microscaler instance started it.
+pub const ENV_INSTANCE: &str = "MICROSCALER_INSTANCE";
+
+/// Extra time the client waits for a stop beyond the grace period, so a slow engine is not
+/// mistaken for a hung one while it is still honouring the grace.
+const STOP_SLACK: Duration = Duration::from_secs(30);
+
+/// A single Docker Engine driven container by container.
+pub struct DockerBackend {
+    docker: Docker,
+    /// The engine's address, for messages.
+    address: String,
+    instance: String,
+    start_parallelism: usize,
+    network: String,
+    /// The built-in replica image, imported once on first use.
+    replica_image: OnceCell<String>,
+}
+
+/// One of our containers, as listed.
+#[derive(Debug, Clone)]
+struct Owned {
+    id: String,
+    name: String,
+    service: ServiceName,
+    state: ContainerSummaryStateEnum,
+    created: i64,
+}
+
+impl Owned {
+    /// Running replicas.
+    fn is_running(&self) -> bool {
+        self.state == ContainerSummaryStateEnum::RUNNING
+    }
+    /// Replicas that occupy capacity but do not run yet. A paused container holds its resources
+    /// without doing work, so it counts here too.
+    fn is_pending(&self) -> bool {
+        matches!(
+            self.state,
+            ContainerSummaryStateEnum::CREATED
+                | ContainerSummaryStateEnum::RESTARTING
+                | ContainerSummaryStateEnum::PAUSED
+        )
+    }
+    /// Replicas already on their way out: the engine is stopping or removing them.
+    fn is_stopping(&self) -> bool {
+        matches!(
+            self.state,
+            ContainerSummaryStateEnum::REMOVING | ContainerSummaryStateEnum::STOPPING
+        )
+    }
+    /// Leftovers that only need removing.
+    fn is_finished(&self) -> bool {
+        matches!(
+            self.state,
+            ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD
+        )
+    }
+}
+
+/// Whole seconds for the engine, rounded up so a grace of 1.5 s is never cut to 1 s.
+fn grace_secs(grace: Duration) -> i32 {
+    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
+
+/// A short random suffix for container names. Names must be unique on the engine even across
+/// restarts of microscaler (adopted containers keep their names), so a counter alone would not do.
+fn name_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // `RandomState` is seeded randomly per process; hashing a counter with it gives distinct,
+    // unpredictable values without another dependency.
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let h = RandomState::new().hash_one(n);
+    format!("{:08x}", h as u32)
+}
+
+impl DockerBackend {
+    /// Connects to the engine named by `spec.host` (or `DOCKER_HOST`, or the default socket)
+    /// and checks that it answers. `instance` is this microscaler's name: only containers
+    /// labelled with it are ever touched.
+    pub async fn connect(spec: &DockerSpec, instance: &str) -> Result<DockerBackend, BackendError> {
+        if let Err(e) = ServiceName::try_new(instance) {
+            return Err(BackendError::Unsupported(format!(
+                "instance name {instance:?} cannot be used in container names and labels: it {e}"
+            )));
+        }
+        let address = docker_api::engine_address(spec.host.as_deref());
+        let docker = docker_api::connect(spec.host.as_deref()).await?;
+        let network = if spec.network.trim().is_empty() {
+            "none".to_string()
+        } else {
+            spec.network.clone()
+        };
+        tracing::debug!(engine = %address, instance, network = %network, "connected to the Docker engine");
+        Ok(DockerBackend {
+            docker,
+            address,
+            instance: instance.to_string(),
+            start_parallelism: spec.start_parallelism.max(1),
+            network,
+            replica_image: OnceCell::new(),
+        })
+    }
+
+    /// The engine's address this backend talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The instance name whose containers this backend owns.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Turns a bollard error into ours: an answer from the engine is an API error carrying the
+    /// engine's message; anything else means the engine could not be reached.
+    fn error(&self, op: impl Into<String>, e: bollard::errors::Error) -> BackendError {
+        let op = op.into();
+        match e {
+            bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                BackendError::Api { op, message }
+            }
+            other => BackendError::Unreachable {
+                what: format!("the Docker engine at {} (to {op})", self.address),
+                hint: format!("{other}; is dockerd running? set DOCKER_HOST or [backend] host"),
+                source: Some(Box::new(other)),
+            },
+        }
+    }
+
+    /// Lists our containers (all states), optionally of one service only.
+    async fn list(&self, service: Option<&ServiceName>) -> Result<Vec<Owned>, BackendError> {
+        let mut label_filters = vec![format!("{}={}", labels::INSTANCE, self.instance)];
+        match service {
+            Some(s) => label_filters.push(format!("{}={}", labels::SERVICE, s)),
+            None => label_filters.push(labels::SERVICE.to_string()),
+        }
+        let filters = HashMap::from([("label", label_filters)]);
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let what = match service {
+            Some(s) => format!("list containers of service {s}"),
+            None => format!("list containers of instance {}", self.instance),
+        };
+        let summaries = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.error(what, e))?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|c| self.owned(c))
+            .filter(|c| service.is_none_or(|s| &c.service == s))
+            .collect())
+    }
+
+    /// Keeps a listed container only if it really carries both of our labels; the engine's
+    /// filter already did this, but a wrong filter must never make us stop someone else's.
+    fn owned(&self, c: ContainerSummary) -> Option<Owned> {
+        let labels = c.labels.as_ref()?;
+        if labels.get(labels::INSTANCE).map(String::as_str) != Some(self.instance.as_str()) {
+            return None;
+        }
+        let service = match ServiceName::try_new(labels.get(labels::SERVICE)?.as_str()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(container = ?c.id, error = %e, "ignoring a container with an invalid service label");
+                return None;
+            }
+        };
+        let name = c
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_default();
+        Some(Owned {
+            id: c.id?,
+            name,
+            service,
+            state: c.state.unwrap_or(ContainerSummaryStateEnum::EMPTY),
+            created: c.created.unwrap_or(0),
+        })
+    }
+
+    /// The one host of this backend.
+    async fn host(&self) -> Result<Host, BackendError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| self.error("read the engine's info", e))?;
+        let name = info.name.clone().unwrap_or_else(|| self.address.clone());
+        Ok(Host {
+            id: info
+                .id
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| name.clone()),
+            name,
+            ready: true,
+            cpus: info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
+            memory_bytes: info.mem_total.and_then(|m| u64::try_from(m).ok()),
+        })
+    }
+
+    /// Removes (force) a container; one that is already gone or already being removed counts
+    /// as removed.
+    async fn remove(&self, c: &Owned) -> Result<(), BackendError> {
+        let opts = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(&c.id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message,
+            }) if status_code == 404 || (status_code == 409 && message.contains("in progress")) => {
+                tracing::debug!(container = %c.name, %message, "container already gone");
+                Ok(())
+            }
+            Err(e) => Err(self.error(
+                format!("remove container {} of service {}", c.name, c.service),
+                e,
+            )),
+        }
+    }
+
+    /// SIGTERM, up to `grace` for the replica to exit, SIGKILL (the engine does this), then
+    /// remove. `grace` of `None` uses the container's own stop timeout, set from the service's
+    /// stop_grace when it was created.
+    async fn stop_and_remove(
+        &self,
+        c: &Owned,
+        grace: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        if c.is_running() || c.is_pending() {
+            let mut opts = StopContainerOptionsBuilder::new();
+            if let Some(g) = grace {
+                opts = opts.t(grace_secs(g));
+            }
+            // The client's own timeout must outlast the grace, or a long grace would be cut
+            // short by a client error and a forced removal.
+            let wait = grace.unwrap_or(Duration::from_secs(30)) + STOP_SLACK;
+            let docker = if wait > self.docker.timeout() {
+                self.docker.clone().with_timeout(wait)
+            } else {
+                self.docker.clone()
+            };
+            match docker.stop_container(&c.id, Some(opts.build())).await {
+                Ok(()) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code,
+                    message,
+                }) if status_code == 404 || status_code == 409 => {
+                    tracing::debug!(container = %c.name, %message, "container already stopping or gone");
+                }
+                // Removal below forces it; say why it came to that.
+                Err(e) => tracing::warn!(
+                    container = %c.name, service = %c.service, error = %e,
+                    "stopping a replica failed; removing it by force"
+                ),
+            }
+        }
+        self.remove(c).await?;
+        tracing::info!(container = %c.name, id = %short(&c.id), service = %c.service, "stopped and removed replica");
+        Ok(())
+    }
+
+    /// Stops and removes `victims` concurrently; returns how many are gone and the first error.
+    async fn stop_all(
+        &self,
+        victims: &[Owned],
+        grace: impl Fn(&Owned) -> Option<Duration>,
+    ) -> (u32, Vec<BackendError>) {
+        let results =
+            futures::future::join_all(victims.iter().map(|c| self.stop_and_remove(c, grace(c))))
+                .await;
+        let mut stopped = 0;
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok(()) => stopped += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        (stopped, errors)
+    }
+
+    /// Removes containers that exited or died, concurrently. Failures are logged: the next
+    /// observe tries again.
+    async fn sweep(&self, finished: &[Owned]) {
+        let results = futures::future::join_all(finished.iter().map(|c| self.remove(c))).await;
+        for (c, r) in finished.iter().zip(results) {
+            match r {
+                Ok(()) => tracing::info!(
+                    container = %c.name, id = %short(&c.id), service = %c.service, state = %c.state,
+                    "removed a replica that had stopped"
+                ),
+                Err(e) => tracing::warn!(
+                    container = %c.name, service = %c.service, error = %e,
+                    "cannot remove a stopped replica; will retry"
+                ),
+            }
+        }
+    }
+
+    /// The image a service's replicas run, importing the built-in one on first use.
+    async fn image_for(&self, service: &Service) -> Result<String, BackendError> {
+        match &service.run.image {
+            Some(image) => Ok(image.clone()),
+            None => self
+                .replica_image
+                .get_or_try_init(|| docker_api::ensure_replica_image(&self.docker))
+                .await
+                .cloned(),
+        }
+    }
+
+    /// The container spec of one replica of `service`.
+    fn container_body(&self, service: &Service, image: &str) -> ContainerCreateBody {
+        // Exactly the service's environment plus ours: the daemon's own (credentials) never
+        // reaches a replica. Ours win over a same-named service variable.
+        let mut env: BTreeMap<&str, &str> = service
+            .run
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.insert(ENV_SERVICE, service.name.as_str());
+        env.insert(ENV_INSTANCE, &self.instance);
+        let env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels = HashMap::from([
+            (labels::INSTANCE.to_string(), self.instance.clone()),
+            (labels::SERVICE.to_string(), service.name.to_string()),
+        ]);
+        ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: (!service.run.command.is_empty()).then(|| service.run.command.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            stop_timeout: Some(i64::from(grace_secs(service.stop_grace))),
+            host_config: Some(HostConfig {
+                network_mode: Some(self.network.clone()),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                auto_remove: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Creates and starts one replica. A container that was created but did not start is
+    /// removed, so a failure leaves nothing behind.
+    async fn start_one(
+        &self,
+        service: &Service,
+        body: ContainerCreateBody,
+    ) -> Result<String, String> {
+        let name = format!("ms-{}-{}-{}", self.instance, service.name, name_suffix());
+        let image = body.image.clone().unwrap_or_default();
+        let opts = CreateContainerOptionsBuilder::new().name(&name).build();
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| {
+                format!(
+                    "create container {name} from image {image}: {}",
+                    engine_message(&e)
+                )
+            })?;
+        for w in &created.warnings {
+            tracing::warn!(container = %name, warning = %w, "engine warning on create");
+        }
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let message = format!("start container {name}: {}", engine_message(&e));
+            let leftover = Owned {
+                id: created.id.clone(),
+                name: name.clone(),
+                service: service.name.clone(),
+                state: ContainerSummaryStateEnum::CREATED,
+                created: 0,
+            };
+            if let Err(re) = self.remove(&leftover).await {
+                tracing::warn!(container = %name, error = %re, "cannot remove a container that failed to start; observe will retry");
+            }
+            return Err(message);
+        }
+        tracing::info!(container = %name, id = %short(&created.id), service = %service.name, "started replica");
+        Ok(created.id)
+    }
+}
+
+/// The engine's own message when it answered, else the client's.
+fn engine_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The 12-character id `docker ps` shows.
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// Joins several errors of one operation into one, keeping the first's kind.
+fn combine(op: &str, mut errors: Vec<BackendError>) -> Option<BackendError> {
+    match errors.len() {
+        0 => None,
+        1 => errors.pop(),
+        n => {
+            let message = errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            Some(BackendError::Api {
+                op: format!("{op} ({n} failures)"),
+                message,
+            })
+        }
+    }
+}
 
 impl Backend for DockerBackend {
     fn kind(&self) -> &'static str {
         "docker"
     }
-    async fn prepare(&self, _services: &[Service]) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported("the docker backend is not written yet".into()))
-    }
-    async fn observe(&self) -> Result<Observation, BackendError> {
-        Err(BackendError::Unsupported("the docker backend is not written yet".into()))
-    }
-    async fn scale(&self, _service: &Service, _target: u32) -> Result<ScaleOutcome, BackendError> {
-        Err(BackendError::Unsupported("the docker backend is not written yet".into()))
-    }
-    async fn shutdown(&self, _services: &[Service], _remove: bool) -> Result<(), BackendError> {
+
+    async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
+        // Explicit images must already be on the engine: no registry is reachable, so pulling is
+        // not an option. Report every missing image at once.
+        let mut missing = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for image in services.iter().filter_map(|s| s.run.image.as_deref()) {
+            if !seen.insert(image) {
+                continue;
+            }
+            match self.docker.inspect_image(image).await {
+                Ok(_) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => missing.push(image),
+                Err(e) => return Err(self.error(format!("inspect image {image}"), e)),
+            }
+        }
+        if !missing.is_empty() {
+            let list = missing.join(", ");
+            let (noun, verb) = if missing.len() == 1 {
+                ("image", "is")
+            } else {
+                ("images", "are")
+            };
+            return Err(BackendError::Api {
+                op: "prepare the docker backend".into(),
+                message: format!(
+                    "{noun} {list} {verb} not on the engine at {}; no registry is reachable here: \
+                     build or import it first (docker build / docker import)",
+                    self.address
+                ),
+            });
+        }
+        if services.iter().any(|s| s.run.image.is_none()) {
+            let image = self
+                .replica_image
+                .get_or_try_init(|| docker_api::ensure_replica_image(&self.docker))
+                .await?;
+            tracing::debug!(image = %image, "built-in replica image is on the engine");
+        }
+
+        // Adoption: running replicas of an earlier run are kept and counted by `observe`. What
+        // that run left half-done (created but never started) or stopped is removed, so it is
+        // neither counted as pending forever nor left behind.
+        let ours = self.list(None).await?;
+        let leftovers: Vec<Owned> = ours
+            .iter()
+            .filter(|c| c.is_finished() || c.state == ContainerSummaryStateEnum::CREATED)
+            .cloned()
+            .collect();
+        let adopted = ours.iter().filter(|c| c.is_running()).count();
+        self.sweep(&leftovers).await;
+        tracing::info!(
+            engine = %self.address, instance = %self.instance, adopted,
+            removed = leftovers.len(), "docker backend prepared"
+        );
         Ok(())
+    }
+
+    async fn observe(&self) -> Result<Observation, BackendError> {
+        let (ours, host) = futures::try_join!(self.list(None), self.host())?;
+        let mut obs = Observation::default();
+        let mut finished = Vec::new();
+        for c in ours {
+            let state = if c.is_running() {
+                ReplicaState::Running
+            } else if c.is_pending() {
+                ReplicaState::Pending
+            } else if c.is_stopping() {
+                ReplicaState::Stopping
+            } else {
+                if c.is_finished() {
+                    finished.push(c);
+                }
+                continue;
+            };
+            let counts: &mut ServiceObservation =
+                obs.services.entry(c.service.clone()).or_default();
+            match state {
+                ReplicaState::Running => counts.running += 1,
+                ReplicaState::Pending => counts.pending += 1,
+                ReplicaState::Stopping => {}
+            }
+            obs.replicas.push(Replica {
+                id: c.id,
+                service: c.service,
+                host: host.name.clone(),
+                state,
+            });
+        }
+        self.sweep(&finished).await;
+        obs.hosts.push(host);
+        Ok(obs)
+    }
+
+    async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
+        let ours = self.list(Some(&service.name)).await?;
+        let (finished, mut live): (Vec<Owned>, Vec<Owned>) =
+            ours.into_iter().partition(|c| c.is_finished());
+        self.sweep(&finished).await;
+        live.retain(|c| c.is_running() || c.is_pending());
+        let have = live.len();
+        let target_n = target as usize;
+        let mut outcome = ScaleOutcome::default();
+
+        if have > target_n {
+            // Pending before running, then the newest first: the oldest replicas are the
+            // warmest. Within one second the engine's timestamps cannot tell; the id decides.
+            live.sort_by(|a, b| {
+                b.is_pending()
+                    .cmp(&a.is_pending())
+                    .then(b.created.cmp(&a.created))
+                    .then(a.id.cmp(&b.id))
+            });
+            let victims = &live[..have - target_n];
+            tracing::info!(service = %service.name, have, target, stopping = victims.len(), "scaling down");
+            let (stopped, errors) = self.stop_all(victims, |_| Some(service.stop_grace)).await;
+            outcome.stopped = stopped;
+            if let Some(e) = combine(
+                &format!("stop replicas of service {}", service.name),
+                errors,
+            ) {
+                return Err(e);
+            }
+        } else if have < target_n {
+            let missing = target_n - have;
+            tracing::info!(service = %service.name, have, target, starting = missing, "scaling up");
+            let image = match self.image_for(service).await {
+                Ok(image) => image,
+                // An engine that does not answer is the caller's error, not a failed start.
+                Err(e @ BackendError::Unreachable { .. }) => return Err(e),
+                Err(e) => {
+                    // Nothing can start without the image; every missing replica failed.
+                    let message = e.to_string();
+                    outcome.failures = (0..missing)
+                        .map(|_| StartFailure {
+                            service: service.name.clone(),
+                            message: message.clone(),
+                        })
+                        .collect();
+                    return Ok(outcome);
+                }
+            };
+            let body = self.container_body(service, &image);
+            let results: Vec<Result<String, String>> = futures::stream::iter(0..missing)
+                .map(|_| self.start_one(service, body.clone()))
+                .buffer_unordered(self.start_parallelism)
+                .collect()
+                .await;
+            for r in results {
+                match r {
+                    Ok(_) => outcome.started += 1,
+                    Err(message) => {
+                        tracing::warn!(service = %service.name, error = %message, "replica failed to start");
+                        outcome.failures.push(StartFailure {
+                            service: service.name.clone(),
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
+        if !remove {
+            tracing::info!(instance = %self.instance, "leaving replicas running for the next start to adopt");
+            return Ok(());
+        }
+        let ours = self.list(None).await?;
+        let graces: HashMap<&ServiceName, Duration> =
+            services.iter().map(|s| (&s.name, s.stop_grace)).collect();
+        let (stopped, errors) = self
+            .stop_all(&ours, |c| graces.get(&c.service).copied())
+            .await;
+        tracing::info!(instance = %self.instance, removed = stopped, "removed every replica of this instance");
+        match combine(
+            &format!("remove replicas of instance {}", self.instance),
+            errors,
+        ) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
