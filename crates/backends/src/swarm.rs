@@ -1,26 +1,910 @@
-//! swarm backend: being written (placeholder so the workspace builds).
+//! Docker Swarm backend (service-level): microscaler sets each Swarm service's replica count
+//! and Swarm places the tasks.
+//!
+//! - Each microscaler service is one Swarm service named `{instance}-{service}`, labelled with
+//!   [`labels::INSTANCE`] and [`labels::SERVICE`]. Only Swarm services carrying both labels with
+//!   this instance's value are ever listed, updated or removed; every other Swarm service is left
+//!   alone, even one that happens to have the same name (that is reported as an error).
+//! - Triggered and remainder services run in *replicated* mode (created with 0 replicas);
+//!   per-host services run in *global* mode, so Swarm itself keeps one task on every node and
+//!   [`Backend::scale`] is a no-op for them.
+//! - Existing labelled Swarm services are adopted as they are: their replica count is kept and
+//!   only the fields microscaler owns in the task template (image, command, environment,
+//!   container labels, stop grace period, network) are brought back to the configuration.
+//! - No registry is assumed. The built-in replica image is imported on the manager's engine and
+//!   tasks refer to it by image ID, which tells Swarm's executor not to try a pull. A configured
+//!   image that exists on the manager but has no registry digest (built or imported locally) is
+//!   pinned by ID for the same reason; any other image is passed as written (API >= 1.30 never
+//!   resolves it on the manager; workers pull it and fall back to a local copy).
+//!
+//! Limits, said plainly: the built-in image is only imported on the engine microscaler talks to,
+//! so on a multi-node swarm set `run.image` to an image every node has (or import the built-in
+//! one on each node). Swarm keeps up to `task-history-limit` (default 5) exited tasks per slot,
+//! with their stopped containers, when tasks fail and restart; that is a swarm-wide setting
+//! (`docker swarm update --task-history-limit`) microscaler does not change. Scaling down removes
+//! the tasks of removed slots together with their containers.
+//!
+//! In an [`Observation`], hosts are the swarm's nodes (`id` = node ID) and a [`Replica`]'s
+//! `host` is the node ID of its task (empty while the task is not assigned yet).
 
-use microscaler_core::Service;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::{Backend, BackendError, Observation, ScaleOutcome};
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    LocalNodeState, NetworkAttachmentConfig, Node, NodeSpecAvailabilityEnum, NodeState,
+    Service as SwarmService, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, SwarmInfo,
+    Task, TaskSpec, TaskSpecContainerSpec, TaskState,
+};
+use bollard::query_parameters::{
+    InspectNetworkOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
+    UpdateServiceOptions,
+};
+use bollard::Docker;
+use microscaler_core::config::SwarmSpec;
+use microscaler_core::{Host, Service, ServiceKind, ServiceName, ServiceObservation};
+use tracing::{debug, info, warn};
 
-/// The swarm backend.
-pub struct SwarmBackend;
+use crate::docker_api;
+use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
+
+/// Service label holding the image as configured (`built-in` for the built-in replica), since
+/// the task template may refer to the image by its ID.
+pub const IMAGE_LABEL: &str = "io.microscaler.image";
+
+/// Value of [`IMAGE_LABEL`] for the built-in replica image.
+const BUILT_IN: &str = "built-in";
+
+/// Longest Swarm service name (a DNS label).
+const MAX_NAME: usize = 63;
+
+/// The Docker Swarm backend: one Swarm service per microscaler service.
+pub struct SwarmBackend {
+    docker: Docker,
+    /// The engine address, for messages.
+    address: String,
+    instance: String,
+    network: Option<String>,
+}
+
+/// One Swarm service owned by this instance.
+#[derive(Debug, Clone)]
+struct Owned {
+    id: String,
+    name: String,
+    service: ServiceName,
+    version: u64,
+    spec: ServiceSpec,
+}
+
+/// How an owned Swarm service places its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Replicated(u32),
+    Global,
+    /// A job mode (or none): microscaler never creates these.
+    Other,
+}
+
+impl Owned {
+    fn mode(&self) -> Mode {
+        mode_of(&self.spec)
+    }
+}
+
+fn mode_of(spec: &ServiceSpec) -> Mode {
+    match spec.mode.as_ref() {
+        Some(ServiceSpecMode {
+            replicated: Some(r),
+            ..
+        }) => Mode::Replicated(r.replicas.unwrap_or(1).clamp(0, u32::MAX as i64) as u32),
+        Some(ServiceSpecMode {
+            global: Some(_), ..
+        }) => Mode::Global,
+        _ => Mode::Other,
+    }
+}
+
+/// What microscaler owns in a task template; everything else in an adopted service's template
+/// (placement, resources, mounts, ...) is left as the operator set it.
+#[derive(Debug, Clone)]
+struct Template {
+    /// The image as the task refers to it (an ID when pinned).
+    image: String,
+    /// The image as configured, for the [`IMAGE_LABEL`].
+    image_label: String,
+    command: Option<Vec<String>>,
+    env: Vec<String>,
+    labels: HashMap<String, String>,
+    stop_grace_ns: i64,
+    /// Network name and, when known, its ID (Swarm stores the ID).
+    network: Option<(String, String)>,
+}
+
+impl Template {
+    fn apply(&self, t: &mut TaskSpec) {
+        let c = t
+            .container_spec
+            .get_or_insert_with(TaskSpecContainerSpec::default);
+        c.image = Some(self.image.clone());
+        c.command = self.command.clone();
+        c.env = Some(self.env.clone());
+        let l = c.labels.get_or_insert_with(HashMap::new);
+        l.extend(self.labels.clone());
+        c.stop_grace_period = Some(self.stop_grace_ns);
+        if let Some((name, _)) = &self.network {
+            t.networks = Some(vec![NetworkAttachmentConfig {
+                target: Some(name.clone()),
+                ..Default::default()
+            }]);
+        }
+    }
+
+    /// The fields of `spec`'s template that differ from this one.
+    fn differences(&self, spec: &ServiceSpec) -> Vec<&'static str> {
+        let t = spec.task_template.clone().unwrap_or_default();
+        let c = t.container_spec.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        if c.image.as_deref() != Some(self.image.as_str()) {
+            out.push("image");
+        }
+        if c.command.as_ref().filter(|v| !v.is_empty()) != self.command.as_ref() {
+            out.push("command");
+        }
+        let mut env = c.env.clone().unwrap_or_default();
+        env.sort();
+        if env != self.env {
+            out.push("env");
+        }
+        let have = c.labels.clone().unwrap_or_default();
+        if self.labels.iter().any(|(k, v)| have.get(k) != Some(v)) {
+            out.push("container labels");
+        }
+        if c.stop_grace_period != Some(self.stop_grace_ns) {
+            out.push("stop grace period");
+        }
+        if let Some((name, id)) = &self.network {
+            // Older services may carry their networks at the top level (deprecated field).
+            let nets = t.networks.as_ref().or(spec.networks.as_ref());
+            let targets: Vec<&str> = nets
+                .map(|n| n.iter().filter_map(|a| a.target.as_deref()).collect())
+                .unwrap_or_default();
+            if !(targets.len() == 1 && (targets[0] == name || targets[0] == id)) {
+                out.push("network");
+            }
+        }
+        out
+    }
+}
+
+/// Checks that the engine at `address` is an active swarm manager, from the `Swarm` part of its
+/// system info (`None` when the engine reports none). The error says what the engine is and
+/// what to run.
+pub fn check_manager(address: &str, swarm: Option<&SwarmInfo>) -> Result<(), BackendError> {
+    let state = swarm
+        .and_then(|s| s.local_node_state)
+        .unwrap_or(LocalNodeState::INACTIVE);
+    let manager = swarm.and_then(|s| s.control_available).unwrap_or(false);
+    let detail = swarm
+        .and_then(|s| s.error.as_deref())
+        .filter(|e| !e.is_empty())
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    let message = match state {
+        LocalNodeState::ACTIVE if manager => return Ok(()),
+        LocalNodeState::ACTIVE => format!(
+            "the Docker engine at {address} is a Swarm worker, not a manager: the swarm backend \
+             needs a manager's engine; point [backend] host (or DOCKER_HOST) at a manager, or \
+             promote this node (run: docker node promote <this node> on a manager)"
+        ),
+        LocalNodeState::LOCKED => format!(
+            "the Docker engine at {address} is a locked Swarm manager: run: docker swarm unlock"
+        ),
+        LocalNodeState::PENDING => format!(
+            "the Docker engine at {address} is still joining a swarm (swarm state: pending): \
+             wait until the join completes, or run: docker swarm init (or join as a manager)"
+        ),
+        LocalNodeState::ERROR => format!(
+            "the Docker engine at {address} is in a failed swarm (swarm state: error{detail}): \
+             repair it, or leave it and run: docker swarm init (or join as a manager)"
+        ),
+        LocalNodeState::INACTIVE | LocalNodeState::EMPTY => format!(
+            "the Docker engine at {address} is not a Swarm manager (swarm state: inactive): \
+             run: docker swarm init (or join it to a swarm as a manager), or point [backend] host \
+             (or DOCKER_HOST) at a manager"
+        ),
+    };
+    Err(BackendError::Unsupported(message))
+}
+
+/// The Swarm service name of `service` under `instance`.
+pub fn swarm_service_name(instance: &str, service: &ServiceName) -> String {
+    format!("{instance}-{service}")
+}
+
+/// The engine's own message, with its HTTP status.
+fn engine_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("{} (HTTP {status_code})", message.trim()),
+        other => other.to_string(),
+    }
+}
+
+fn api(op: impl Into<String>, e: &DockerError) -> BackendError {
+    BackendError::Api {
+        op: op.into(),
+        message: engine_message(e),
+    }
+}
+
+/// Swarm's answer when an update was based on an outdated version of the service.
+fn is_out_of_sequence(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("update out of sequence"))
+}
+
+fn is_status(e: &DockerError, code: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// Whether a task in `state` has not been started yet (it will be, or is being, started).
+fn before_running(state: TaskState) -> bool {
+    matches!(
+        state,
+        TaskState::NEW
+            | TaskState::ALLOCATED
+            | TaskState::PENDING
+            | TaskState::ASSIGNED
+            | TaskState::ACCEPTED
+            | TaskState::PREPARING
+            | TaskState::READY
+            | TaskState::STARTING
+    )
+}
+
+fn host_of(node: &Node) -> Host {
+    let ready = node.status.as_ref().and_then(|s| s.state) == Some(NodeState::READY)
+        && node.spec.as_ref().and_then(|s| s.availability)
+            == Some(NodeSpecAvailabilityEnum::ACTIVE);
+    let description = node.description.as_ref();
+    let resources = description.and_then(|d| d.resources.as_ref());
+    let name = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.name.clone())
+        .filter(|n| !n.is_empty())
+        .or_else(|| description.and_then(|d| d.hostname.clone()))
+        .unwrap_or_default();
+    Host {
+        id: node.id.clone().unwrap_or_default(),
+        name,
+        ready,
+        cpus: resources.and_then(|r| r.nano_cpus).map(|n| n as f64 / 1e9),
+        memory_bytes: resources
+            .and_then(|r| r.memory_bytes)
+            .and_then(|m| u64::try_from(m).ok()),
+    }
+}
+
+impl SwarmBackend {
+    /// Connects to the manager's engine named by `spec.host` (else `DOCKER_HOST`, else the
+    /// default socket) and checks that it is an active swarm manager. `instance` is the owning
+    /// microscaler instance (`Config::instance`).
+    pub async fn connect(spec: &SwarmSpec, instance: &str) -> Result<SwarmBackend, BackendError> {
+        let address = docker_api::engine_address(spec.host.as_deref());
+        let docker = docker_api::connect(spec.host.as_deref()).await?;
+        let system = docker.info().await.map_err(|e| BackendError::Unreachable {
+            what: format!("the Docker engine at {address}"),
+            hint: format!(
+                "reading its system info failed: {}; is dockerd healthy?",
+                engine_message(&e)
+            ),
+            source: Some(Box::new(e)),
+        })?;
+        check_manager(&address, system.swarm.as_ref())?;
+        info!(
+            address = %address,
+            instance,
+            nodes = system.swarm.as_ref().and_then(|s| s.nodes),
+            "connected to a Docker Swarm manager"
+        );
+        Ok(SwarmBackend {
+            docker,
+            address,
+            instance: instance.to_string(),
+            network: spec.network.clone(),
+        })
+    }
+
+    /// The engine this backend talks to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The Swarm services carrying both labels with this instance's value, by service.
+    async fn owned(&self) -> Result<BTreeMap<ServiceName, Owned>, BackendError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={}", labels::INSTANCE, self.instance)],
+        )]);
+        let list = self
+            .docker
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| {
+                api(
+                    format!(
+                        "list the Swarm services of instance {} on {}",
+                        self.instance, self.address
+                    ),
+                    &e,
+                )
+            })?;
+        let mut out: BTreeMap<ServiceName, Owned> = BTreeMap::new();
+        for s in list {
+            let Some(owned) = self.as_owned(s) else {
+                continue;
+            };
+            let canonical = swarm_service_name(&self.instance, &owned.service);
+            if let Some(prev) = out.get(&owned.service) {
+                // Two labelled Swarm services for one service: keep the one microscaler would
+                // have created, and say so, rather than scaling both.
+                warn!(
+                    instance = %self.instance,
+                    service = %owned.service,
+                    kept = if prev.name == canonical { &prev.name } else { &owned.name },
+                    ignored = if prev.name == canonical { &owned.name } else { &prev.name },
+                    "two Swarm services carry this instance's labels for one service; \
+                     remove the one that is ignored"
+                );
+                if prev.name == canonical {
+                    continue;
+                }
+            }
+            out.insert(owned.service.clone(), owned);
+        }
+        Ok(out)
+    }
+
+    /// `s` as an owned service, if it carries both labels with this instance's value.
+    fn as_owned(&self, s: SwarmService) -> Option<Owned> {
+        let spec = s.spec?;
+        let labels = spec.labels.as_ref()?;
+        if labels.get(labels::INSTANCE) != Some(&self.instance) {
+            return None;
+        }
+        let raw = labels.get(labels::SERVICE)?;
+        let name = spec.name.clone().unwrap_or_default();
+        let service = match ServiceName::try_new(raw.clone()) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(swarm_service = %name, label = %raw, error = %e,
+                    "ignoring a Swarm service whose service label is not a valid service name");
+                return None;
+            }
+        };
+        Some(Owned {
+            id: s.id?,
+            name,
+            service,
+            version: s.version.and_then(|v| v.index)?,
+            spec,
+        })
+    }
+
+    async fn find(&self, service: &ServiceName) -> Result<Owned, BackendError> {
+        self.owned()
+            .await?
+            .remove(service)
+            .ok_or_else(|| BackendError::Api {
+                op: format!("find the Swarm service of {service}"),
+                message: format!(
+                "no Swarm service on {} carries the labels {}={} and {}={service} (was it removed \
+                 by hand?); microscaler recreates it at its next start (prepare)",
+                self.address,
+                labels::INSTANCE,
+                self.instance,
+                labels::SERVICE
+            ),
+            })
+    }
+
+    /// Writes `spec` over `owned` at `owned.version`.
+    async fn update(&self, owned: &Owned, spec: ServiceSpec) -> Result<(), DockerError> {
+        let version = i32::try_from(owned.version).unwrap_or(i32::MAX);
+        let reply = self
+            .docker
+            .update_service(
+                &owned.id,
+                spec,
+                UpdateServiceOptions {
+                    version,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await?;
+        for w in reply.warnings.unwrap_or_default() {
+            warn!(swarm_service = %owned.name, warning = %w, "Swarm warned about a service update");
+        }
+        Ok(())
+    }
+
+    /// The image tasks of `service` refer to, and the [`IMAGE_LABEL`] value.
+    async fn image_for(&self, service: &Service) -> Result<(String, String), BackendError> {
+        let Some(image) = service.run.image.as_deref() else {
+            let reference = docker_api::ensure_replica_image(&self.docker).await?;
+            let id = self
+                .docker
+                .inspect_image(&reference)
+                .await
+                .map_err(|e| {
+                    api(
+                        format!("inspect the built-in image {reference} on {}", self.address),
+                        &e,
+                    )
+                })?
+                .id
+                .ok_or_else(|| BackendError::Api {
+                    op: format!("inspect the built-in image {reference}"),
+                    message: "the engine reported no image ID".into(),
+                })?;
+            return Ok((id, BUILT_IN.to_string()));
+        };
+        match self.docker.inspect_image(image).await {
+            // Never pushed or pulled: no registry has it, so a pull could only fail (or hang
+            // where DNS is black-holed). Pinning by ID makes Swarm's executor skip the pull.
+            Ok(i) if i.repo_digests.as_ref().is_none_or(|d| d.is_empty()) && i.id.is_some() => {
+                Ok((i.id.unwrap_or_default(), image.to_string()))
+            }
+            Ok(_) => Ok((image.to_string(), image.to_string())),
+            Err(e) if is_status(&e, 404) => {
+                warn!(
+                    service = %service.name,
+                    image,
+                    address = %self.address,
+                    "image is not on the manager's engine; Swarm's nodes will pull it from its \
+                     registry, and tasks stay pending where they cannot"
+                );
+                Ok((image.to_string(), image.to_string()))
+            }
+            Err(e) => Err(api(
+                format!("inspect image {image} on {}", self.address),
+                &e,
+            )),
+        }
+    }
+
+    /// The network's (name, ID), checking that it exists on the swarm.
+    async fn network(&self) -> Result<Option<(String, String)>, BackendError> {
+        let Some(name) = self.network.as_deref() else {
+            return Ok(None);
+        };
+        let net = self
+            .docker
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+            .map_err(|e| {
+                if is_status(&e, 404) {
+                    BackendError::Unsupported(format!(
+                        "network {name} ([backend] network) does not exist on the swarm at {}: \
+                         run: docker network create --driver overlay --attachable {name}",
+                        self.address
+                    ))
+                } else {
+                    api(format!("inspect network {name} on {}", self.address), &e)
+                }
+            })?;
+        Ok(Some((name.to_string(), net.id.unwrap_or_default())))
+    }
+
+    fn template(
+        &self,
+        service: &Service,
+        image: (String, String),
+        network: Option<(String, String)>,
+    ) -> Template {
+        let mut env = service.run.env.clone();
+        env.insert("MICROSCALER_SERVICE".into(), service.name.to_string());
+        env.insert("MICROSCALER_INSTANCE".into(), self.instance.clone());
+        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Template {
+            image: image.0,
+            image_label: image.1,
+            command: (!service.run.command.is_empty()).then(|| service.run.command.clone()),
+            env,
+            labels: self.labels(&service.name),
+            stop_grace_ns: i64::try_from(service.stop_grace.as_nanos()).unwrap_or(i64::MAX),
+            network,
+        }
+    }
+
+    fn labels(&self, service: &ServiceName) -> HashMap<String, String> {
+        HashMap::from([
+            (labels::INSTANCE.to_string(), self.instance.clone()),
+            (labels::SERVICE.to_string(), service.to_string()),
+        ])
+    }
+
+    async fn create(&self, service: &Service, template: &Template) -> Result<(), BackendError> {
+        let name = swarm_service_name(&self.instance, &service.name);
+        let mut labels = self.labels(&service.name);
+        labels.insert(IMAGE_LABEL.into(), template.image_label.clone());
+        let mut task = TaskSpec::default();
+        template.apply(&mut task);
+        let global = matches!(service.kind, ServiceKind::PerHost);
+        let mode = if global {
+            ServiceSpecMode {
+                global: Some(HashMap::new()),
+                ..Default::default()
+            }
+        } else {
+            ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+                ..Default::default()
+            }
+        };
+        let spec = ServiceSpec {
+            name: Some(name.clone()),
+            labels: Some(labels),
+            task_template: Some(task),
+            mode: Some(mode),
+            ..Default::default()
+        };
+        // No registry credentials: the engine (API >= 1.30) does not resolve the image on the
+        // manager, which is what `docker service create --no-resolve-image` asks for.
+        self.docker.create_service(spec, None).await.map_err(|e| {
+            if is_status(&e, 409) {
+                BackendError::Api {
+                    op: format!("create Swarm service {name}"),
+                    message: format!(
+                        "{}; a Swarm service with this name exists but does not carry this \
+                             instance's labels, so microscaler will not touch it: remove or \
+                             rename it, or change the instance name",
+                        engine_message(&e)
+                    ),
+                }
+            } else {
+                api(
+                    format!("create Swarm service {name} on {}", self.address),
+                    &e,
+                )
+            }
+        })?;
+        info!(
+            instance = %self.instance,
+            service = %service.name,
+            swarm_service = %name,
+            mode = if global { "global" } else { "replicated" },
+            image = %template.image_label,
+            "created Swarm service"
+        );
+        Ok(())
+    }
+
+    /// Brings an adopted service's template back to `template`, keeping its replica count.
+    async fn adopt(
+        &self,
+        service: &Service,
+        mut owned: Owned,
+        template: &Template,
+    ) -> Result<(), BackendError> {
+        let want_global = matches!(service.kind, ServiceKind::PerHost);
+        match (owned.mode(), want_global) {
+            (Mode::Global, true) | (Mode::Replicated(_), false) => {}
+            (mode, _) => {
+                let have = match mode {
+                    Mode::Global => "global",
+                    Mode::Replicated(_) => "replicated",
+                    Mode::Other => "job",
+                };
+                let want = if want_global { "global" } else { "replicated" };
+                return Err(BackendError::Unsupported(format!(
+                    "Swarm service {} (service {}) runs in {have} mode but the configuration \
+                     needs {want} mode, and Swarm cannot change a service's mode: remove it \
+                     (run: docker service rm {}) and microscaler recreates it",
+                    owned.name, service.name, owned.name
+                )));
+            }
+        }
+        let mut retried = false;
+        loop {
+            let differences = template.differences(&owned.spec);
+            let label_ok = owned.spec.labels.as_ref().and_then(|l| l.get(IMAGE_LABEL))
+                == Some(&template.image_label);
+            if differences.is_empty() && label_ok {
+                info!(
+                    instance = %self.instance,
+                    service = %service.name,
+                    swarm_service = %owned.name,
+                    mode = ?owned.mode(),
+                    "adopted Swarm service as it is"
+                );
+                return Ok(());
+            }
+            let mut spec = owned.spec.clone();
+            let task = spec.task_template.get_or_insert_with(TaskSpec::default);
+            template.apply(task);
+            if template.network.is_some() {
+                // Swarm refuses networks in both places; the task template is the current one.
+                spec.networks = None;
+            }
+            spec.labels
+                .get_or_insert_with(HashMap::new)
+                .insert(IMAGE_LABEL.into(), template.image_label.clone());
+            match self.update(&owned, spec).await {
+                Ok(()) => {
+                    info!(
+                        instance = %self.instance,
+                        service = %service.name,
+                        swarm_service = %owned.name,
+                        changed = ?differences,
+                        mode = ?owned.mode(),
+                        "adopted Swarm service and updated its task template (replicas kept)"
+                    );
+                    return Ok(());
+                }
+                Err(e) if is_out_of_sequence(&e) && !retried => {
+                    retried = true;
+                    debug!(swarm_service = %owned.name, "service changed meanwhile; reading it again");
+                    owned = self.find(&service.name).await?;
+                }
+                Err(e) => {
+                    return Err(api(
+                        format!("update the task template of Swarm service {}", owned.name),
+                        &e,
+                    ))
+                }
+            }
+        }
+    }
+}
 
 impl Backend for SwarmBackend {
     fn kind(&self) -> &'static str {
         "swarm"
     }
-    async fn prepare(&self, _services: &[Service]) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported("the swarm backend is not written yet".into()))
-    }
-    async fn observe(&self) -> Result<Observation, BackendError> {
-        Err(BackendError::Unsupported("the swarm backend is not written yet".into()))
-    }
-    async fn scale(&self, _service: &Service, _target: u32) -> Result<ScaleOutcome, BackendError> {
-        Err(BackendError::Unsupported("the swarm backend is not written yet".into()))
-    }
-    async fn shutdown(&self, _services: &[Service], _remove: bool) -> Result<(), BackendError> {
+
+    async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
+        for s in services {
+            let name = swarm_service_name(&self.instance, &s.name);
+            if name.len() > MAX_NAME {
+                return Err(BackendError::Unsupported(format!(
+                    "Swarm service name {name} is {} characters long, Swarm allows {MAX_NAME}: \
+                     shorten the instance or the service name",
+                    name.len()
+                )));
+            }
+        }
+        let network = self.network().await?;
+        let mut owned = self.owned().await?;
+        for s in services {
+            let image = self.image_for(s).await?;
+            let template = self.template(s, image, network.clone());
+            match owned.remove(&s.name) {
+                Some(o) => self.adopt(s, o, &template).await?,
+                None => self.create(s, &template).await?,
+            }
+        }
+        for o in owned.values() {
+            warn!(
+                instance = %self.instance,
+                service = %o.service,
+                swarm_service = %o.name,
+                "a Swarm service carries this instance's labels but its service is not \
+                 configured; it is left as it is (remove it with docker service rm)"
+            );
+        }
         Ok(())
+    }
+
+    async fn observe(&self) -> Result<Observation, BackendError> {
+        let task_filters = HashMap::from([(
+            "label".to_string(),
+            // Matches the labels of the task's service.
+            vec![format!("{}={}", labels::INSTANCE, self.instance)],
+        )]);
+        let tasks = async {
+            self.docker
+                .list_tasks(Some(ListTasksOptions {
+                    filters: Some(task_filters),
+                }))
+                .await
+                .map_err(|e| {
+                    api(
+                        format!(
+                            "list the Swarm tasks of instance {} on {}",
+                            self.instance, self.address
+                        ),
+                        &e,
+                    )
+                })
+        };
+        let nodes = async {
+            self.docker
+                .list_nodes(None::<ListNodesOptions>)
+                .await
+                .map_err(|e| api(format!("list the swarm nodes on {}", self.address), &e))
+        };
+        let (owned, tasks, nodes) = tokio::try_join!(self.owned(), tasks, nodes)?;
+
+        let mut obs = Observation {
+            hosts: nodes.iter().map(host_of).collect(),
+            ..Default::default()
+        };
+        let by_id: HashMap<&str, &ServiceName> = owned
+            .values()
+            .map(|o| (o.id.as_str(), &o.service))
+            .collect();
+        for o in owned.values() {
+            obs.services
+                .insert(o.service.clone(), ServiceObservation::default());
+        }
+        for t in &tasks {
+            self.count_task(t, &by_id, &mut obs);
+        }
+        debug!(
+            instance = %self.instance,
+            services = obs.services.len(),
+            tasks = obs.replicas.len(),
+            nodes = obs.hosts.len(),
+            "observed swarm"
+        );
+        Ok(obs)
+    }
+
+    async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
+        if matches!(service.kind, ServiceKind::PerHost) {
+            debug!(service = %service.name, target, "per-host service runs in global mode; Swarm places one task per node");
+            return Ok(ScaleOutcome::default());
+        }
+        let mut retried = false;
+        loop {
+            let owned = self.find(&service.name).await?;
+            let previous = match owned.mode() {
+                Mode::Replicated(n) => n,
+                Mode::Global => {
+                    debug!(service = %service.name, swarm_service = %owned.name, "global Swarm service; nothing to scale");
+                    return Ok(ScaleOutcome::default());
+                }
+                Mode::Other => {
+                    return Err(BackendError::Unsupported(format!(
+                        "Swarm service {} runs in a job mode, which microscaler cannot scale: \
+                         remove it (run: docker service rm {}) and restart microscaler",
+                        owned.name, owned.name
+                    )))
+                }
+            };
+            if previous == target {
+                return Ok(ScaleOutcome::default());
+            }
+            let mut spec = owned.spec.clone();
+            spec.mode = Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated {
+                    replicas: Some(i64::from(target)),
+                }),
+                ..Default::default()
+            });
+            match self.update(&owned, spec).await {
+                Ok(()) => {
+                    info!(
+                        instance = %self.instance,
+                        service = %service.name,
+                        swarm_service = %owned.name,
+                        previous,
+                        target,
+                        "scaled Swarm service"
+                    );
+                    return Ok(ScaleOutcome {
+                        started: target.saturating_sub(previous),
+                        stopped: previous.saturating_sub(target),
+                        failures: Vec::new(),
+                    });
+                }
+                Err(e) if is_out_of_sequence(&e) && !retried => {
+                    retried = true;
+                    debug!(swarm_service = %owned.name, "service changed meanwhile; reading it again");
+                }
+                Err(e) => {
+                    return Err(api(
+                        format!("scale Swarm service {} to {target}", owned.name),
+                        &e,
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
+        if !remove {
+            info!(
+                instance = %self.instance,
+                services = services.len(),
+                "leaving the Swarm services running for the next start to adopt"
+            );
+            return Ok(());
+        }
+        let mut first_error = None;
+        for o in self.owned().await?.values() {
+            match self.docker.delete_service(&o.id).await {
+                Ok(()) => info!(
+                    instance = %self.instance,
+                    service = %o.service,
+                    swarm_service = %o.name,
+                    "removed Swarm service"
+                ),
+                // Already gone: what we wanted.
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => {
+                    warn!(swarm_service = %o.name, error = %engine_message(&e), "removing Swarm service failed");
+                    first_error.get_or_insert_with(|| {
+                        api(
+                            format!("remove Swarm service {} on {}", o.name, self.address),
+                            &e,
+                        )
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl SwarmBackend {
+    /// Adds task `t` to `obs`. Tasks of an owned service count as running or pending when Swarm
+    /// wants them running; a task still alive that Swarm is stopping (scaled down, or its
+    /// service removed) is listed as stopping.
+    fn count_task(&self, t: &Task, by_id: &HashMap<&str, &ServiceName>, obs: &mut Observation) {
+        let Some(state) = t.status.as_ref().and_then(|s| s.state) else {
+            return;
+        };
+        let alive = state == TaskState::RUNNING || before_running(state);
+        if !alive {
+            return;
+        }
+        let owner = t
+            .service_id
+            .as_deref()
+            .and_then(|id| by_id.get(id))
+            .copied();
+        // The service may have just been removed: its tasks still carry our container labels.
+        let service = owner.cloned().or_else(|| {
+            let l = t.spec.as_ref()?.container_spec.as_ref()?.labels.as_ref()?;
+            (l.get(labels::INSTANCE) == Some(&self.instance))
+                .then(|| ServiceName::try_new(l.get(labels::SERVICE)?.clone()).ok())
+                .flatten()
+        });
+        let Some(service) = service else {
+            return;
+        };
+        // A rolling update's replacement task waits in desired state `ready` until the task it
+        // replaces has stopped; it is about to run, so it counts as pending.
+        let desired_running = matches!(
+            t.desired_state,
+            Some(TaskState::RUNNING) | Some(TaskState::READY)
+        );
+        let replica_state = if owner.is_some() && desired_running {
+            let counts = obs.services.entry(service.clone()).or_default();
+            if state == TaskState::RUNNING {
+                counts.running += 1;
+                ReplicaState::Running
+            } else {
+                counts.pending += 1;
+                ReplicaState::Pending
+            }
+        } else {
+            ReplicaState::Stopping
+        };
+        obs.replicas.push(Replica {
+            id: t.id.clone().unwrap_or_default(),
+            service,
+            host: t.node_id.clone().unwrap_or_default(),
+            state: replica_state,
+        });
     }
 }
