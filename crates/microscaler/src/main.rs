@@ -1,1 +1,361 @@
-fn main() {}
+//! The `microscaler` command line.
+//!
+//! Exit codes: 0 success, 1 runtime failure (an orchestrator unreachable, ...), 2 invalid
+//! configuration or usage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use microscaler::control::{run_loop, Controller, TickReport};
+use microscaler::demo::{self, DemoBackend, DemoSettings};
+use microscaler::report::TickLine;
+use microscaler::wiring::{build_backend, default_state_dir};
+use microscaler_backends::{AnyBackend, Backend};
+use microscaler_core::config::OnExit;
+use microscaler_core::Config;
+
+/// Real-time, priority-aware container autoscaler.
+///
+/// Every tick (500 ms by default) microscaler observes what runs, samples each service's
+/// demand, decides how many replicas every service gets inside the cluster's fixed capacity
+/// (priority 1 first; remainder services fill what is left) and makes it so through Docker,
+/// Docker Swarm or local processes.
+#[derive(Parser)]
+#[command(name = "microscaler", version, propagate_version = true)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a full filter like
+    /// "microscaler=debug,bollard=warn". RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", env = "MICROSCALER_LOG")]
+    log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the seeds' demo: capacity 9, priority 1 on random demand (±3 every 3 s), priority 2
+    /// fills the rest. Uses Docker if an engine answers, local processes otherwise.
+    Demo(DemoArgs),
+    /// Run the autoscaler from a configuration file.
+    Run(RunArgs),
+    /// Check a configuration file; print every error with its path (exit 2 if any).
+    Validate {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Where replicas run.
+    #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
+    backend: DemoBackend,
+    /// Stop after this long (e.g. "60s"); default: run until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Seed of the random demand, to replay a run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Capacity in slots.
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    capacity: u32,
+    /// Largest move of the demand per interval.
+    #[arg(long, default_value_t = 3)]
+    delta: u32,
+    /// Time between demand moves.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Time between ticks (100ms to 60s).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    tick: Duration,
+    /// Print one JSON object per tick instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Instance name: the label on the demo's replicas.
+    #[arg(long, default_value = "demo")]
+    instance: String,
+    /// Directory for the process backend's records.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The TOML configuration file.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Set a manual trigger's value at start-up: SERVICE=VALUE (repeatable).
+    #[arg(long = "set-demand", value_name = "SERVICE=VALUE")]
+    set_demand: Vec<String>,
+    /// Print one JSON object per tick on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print one line per tick on stdout (default: only log).
+    #[arg(long)]
+    ticks: bool,
+    /// Stop after this long (e.g. "60s"); default: run until SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Directory for the process backend's records.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write it like \"500ms\", \"3s\")"))
+}
+
+/// An error with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
+    }
+}
+
+fn usage(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(args) => demo_cmd(args).await,
+            Command::Run(args) => run_cmd(args).await,
+            Command::Validate { file } => validate_cmd(&file).map(|_| ()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(file: &std::path::Path) -> Result<Config, Failure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))
+        .map_err(usage)?;
+    Config::from_toml(&text).map_err(|errs| {
+        usage(anyhow::anyhow!(
+            "{} is invalid ({} error{}):\n{}",
+            file.display(),
+            errs.0.len(),
+            if errs.0.len() == 1 { "" } else { "s" },
+            errs.0
+                .iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+    })
+}
+
+fn validate_cmd(file: &std::path::Path) -> Result<Config, Failure> {
+    let cfg = load_config(file)?;
+    println!(
+        "{}: valid ({} backend, {} service{}, tick {})",
+        file.display(),
+        cfg.backend.type_name(),
+        cfg.services.len(),
+        if cfg.services.len() == 1 { "" } else { "s" },
+        humantime::format_duration(cfg.tick)
+    );
+    Ok(cfg)
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Resolves on SIGINT, SIGTERM or after `duration`.
+async fn stop_signal(duration: Option<Duration>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    let timer = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("\nSIGINT: stopping"),
+        _ = term.recv() => eprintln!("SIGTERM: stopping"),
+        _ = timer => {},
+    }
+}
+
+async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
+    let settings = DemoSettings {
+        capacity: args.capacity,
+        delta: args.delta,
+        interval: args.interval,
+        seed: Some(args.seed.unwrap_or_else(|| clock_seed() % 1_000_000)),
+        tick: args.tick,
+        instance: args.instance.clone(),
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&args.instance));
+
+    let mut chosen = None;
+    if matches!(args.backend, DemoBackend::Auto | DemoBackend::Docker) {
+        let cfg = demo_config(&settings, "docker")?;
+        match build_backend(&cfg, &state_dir).await {
+            Ok(b) => chosen = Some((cfg, b)),
+            Err(e) if args.backend == DemoBackend::Auto => {
+                eprintln!("No Docker engine answered ({e}).\nRunning the demo on local processes instead.");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (cfg, backend) = match chosen {
+        Some(c) => c,
+        None => {
+            let cfg = demo_config(&settings, "process")?;
+            let b = build_backend(&cfg, &state_dir).await?;
+            (cfg, b)
+        }
+    };
+    println!(
+        "microscaler demo on {} | capacity {} | priority1: random demand ±{} every {} (seed {}) | priority2: remainder | tick {}",
+        backend.kind(),
+        settings.capacity,
+        settings.delta,
+        humantime::format_duration(settings.interval),
+        settings.seed.unwrap_or_default(),
+        humantime::format_duration(settings.tick),
+    );
+    println!("Success = priority1 running == demand AND priority1 + priority2 == {}. Ctrl-C stops and removes the demo's replicas.", settings.capacity);
+    drive(cfg, backend, args.duration, args.json, true, &[]).await
+}
+
+fn demo_config(settings: &DemoSettings, backend: &str) -> Result<Config, Failure> {
+    Config::from_toml(&demo::config_toml(settings, backend))
+        .map_err(|e| usage(anyhow::anyhow!("invalid demo settings:\n{e}")))
+}
+
+async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
+    let cfg = load_config(&args.config)?;
+    let mut manual = Vec::new();
+    for s in &args.set_demand {
+        let (svc, value) = s.split_once('=').ok_or_else(|| {
+            usage(anyhow::anyhow!(
+                "--set-demand {s:?}: write it as SERVICE=VALUE"
+            ))
+        })?;
+        let value: f64 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| {
+                usage(anyhow::anyhow!(
+                    "--set-demand {s:?}: the value must be a number >= 0"
+                ))
+            })?;
+        manual.push((svc.trim().to_string(), value));
+    }
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&cfg.instance));
+    let backend = build_backend(&cfg, &state_dir).await?;
+    tracing::info!(backend = backend.kind(), instance = %cfg.instance, services = cfg.services.len(), "starting");
+    drive(cfg, backend, args.duration, args.json, args.ticks, &manual).await
+}
+
+/// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
+async fn drive(
+    cfg: Config,
+    backend: AnyBackend,
+    duration: Option<Duration>,
+    json: bool,
+    text: bool,
+    manual: &[(String, f64)],
+) -> Result<(), Failure> {
+    let mut ctl = Controller::new(cfg, backend, clock_seed());
+    for (svc, value) in manual {
+        let handle = ctl.controls().manual_of(svc).ok_or_else(|| {
+            usage(anyhow::anyhow!(
+                "--set-demand {svc}={value}: {svc:?} has no manual trigger (add [[services.triggers]] type = \"manual\")"
+            ))
+        })?;
+        handle.set(*value).map_err(|e| usage(e.into()))?;
+    }
+    ctl.prepare().await?;
+    let mut stdout = std::io::stdout();
+    run_loop(&mut ctl, stop_signal(duration), |r: &TickReport| {
+        let line = TickLine::from_report(r);
+        let out = if json {
+            serde_json::to_string(&line).unwrap_or_default()
+        } else if text {
+            line.text()
+        } else {
+            return;
+        };
+        let _ = writeln!(stdout, "{out}");
+        let _ = stdout.flush();
+    })
+    .await;
+    match ctl.shutdown().await? {
+        OnExit::Stop => eprintln!("stopped and removed the managed replicas"),
+        OnExit::Leave => eprintln!("left the managed replicas running for the next start to adopt"),
+    }
+    Ok(())
+}

@@ -203,7 +203,10 @@ mod tests {
             seen.insert(v - prev);
             prev = v;
         }
-        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![-3, -2, -1, 0, 1, 2, 3]);
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![-3, -2, -1, 0, 1, 2, 3]
+        );
     }
 
     #[test]
@@ -216,7 +219,11 @@ mod tests {
         })
         .unwrap();
         let v0 = s.value_at(Duration::ZERO);
-        assert_eq!(s.value_at(Duration::from_secs(30)), v0, "delta 0 never moves");
+        assert_eq!(
+            s.value_at(Duration::from_secs(30)),
+            v0,
+            "delta 0 never moves"
+        );
         assert!(c
             .set(RandomSettings {
                 delta: 1,

@@ -83,7 +83,10 @@ pub async fn contract<B: Backend>(backend: &B, services: &[Service], settle: Dur
     let out = backend.scale(a, 3).await.expect("scale a to 3");
     assert!(out.failures.is_empty(), "failures: {:?}", out.failures);
     backend.scale(b, 2).await.expect("scale b to 2");
-    let obs = wait_for(backend, settle, |o| running(o, a) == 3 && running(o, b) == 2).await;
+    let obs = wait_for(backend, settle, |o| {
+        running(o, a) == 3 && running(o, b) == 2
+    })
+    .await;
     assert_eq!(running(&obs, a), 3, "{obs:?}");
     assert_eq!(running(&obs, b), 2, "{obs:?}");
     assert!(!obs.hosts.is_empty(), "a backend reports at least one host");
@@ -104,5 +107,8 @@ pub async fn contract<B: Backend>(backend: &B, services: &[Service], settle: Dur
 
     backend.shutdown(services, true).await.expect("shutdown");
     let obs = wait_for(backend, settle, |o| o.replicas.is_empty()).await;
-    assert!(obs.replicas.is_empty(), "shutdown(remove) leaves nothing: {obs:?}");
+    assert!(
+        obs.replicas.is_empty(),
+        "shutdown(remove) leaves nothing: {obs:?}"
+    );
 }

@@ -1,0 +1,43 @@
+//! From a validated configuration to a live backend.
+
+use std::path::{Path, PathBuf};
+
+use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::process::ProcessBackend;
+use microscaler_backends::swarm::SwarmBackend;
+use microscaler_backends::{AnyBackend, BackendError};
+use microscaler_core::config::BackendSpec;
+use microscaler_core::Config;
+
+/// Connects to (or sets up) the backend `cfg` names. Fails with a message that names the
+/// orchestrator's address and what to do when it does not answer.
+pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend, BackendError> {
+    Ok(match &cfg.backend {
+        BackendSpec::Docker(d) => {
+            AnyBackend::Docker(DockerBackend::connect(d, &cfg.instance).await?)
+        }
+        BackendSpec::Swarm(s) => AnyBackend::Swarm(SwarmBackend::connect(s, &cfg.instance).await?),
+        BackendSpec::Process(p) => AnyBackend::Process(ProcessBackend::new(
+            p,
+            &cfg.instance,
+            state_dir.to_path_buf(),
+        )?),
+    })
+}
+
+/// Where the process backend keeps its records and the built-in replica:
+/// `$XDG_STATE_HOME/microscaler/<instance>`, else `~/.local/state/microscaler/<instance>`, else
+/// `/tmp/microscaler-<uid>/<instance>`.
+pub fn default_state_dir(instance: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("microscaler").join(instance);
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h)
+            .join(".local/state/microscaler")
+            .join(instance);
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/microscaler-{uid}")).join(instance)
+}

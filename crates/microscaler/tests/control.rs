@@ -1,0 +1,227 @@
+//! The control loop against an in-memory backend, on tokio's paused clock.
+//!
+//! The backend here is a fake on purpose: these tests are about the loop's own behaviour
+//! (order of execution, backoff after failed starts, the rest of the plan going on). The real
+//! backends are tested against the real Docker engine, Swarm and processes in their own crate,
+//! and the whole binary end to end in `demo.rs`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use microscaler::control::Controller;
+use microscaler_backends::{Backend, BackendError, Observation, ScaleOutcome, StartFailure};
+use microscaler_core::{Config, Host, Service, ServiceName, ServiceObservation};
+
+#[derive(Default)]
+struct FakeState {
+    running: BTreeMap<String, u32>,
+    /// Services whose starts fail.
+    broken: Vec<String>,
+    /// Log of (service, target) calls in order.
+    calls: Vec<(String, u32)>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+impl Backend for Fake {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    async fn prepare(&self, _services: &[Service]) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn observe(&self) -> Result<Observation, BackendError> {
+        let s = self.0.lock().unwrap();
+        Ok(Observation {
+            services: s
+                .running
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        ServiceName::try_new(k.clone()).unwrap(),
+                        ServiceObservation {
+                            running: *v,
+                            pending: 0,
+                        },
+                    )
+                })
+                .collect(),
+            hosts: vec![Host {
+                id: "h".into(),
+                name: "h".into(),
+                ready: true,
+                ..Default::default()
+            }],
+            replicas: vec![],
+        })
+    }
+    async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
+        let mut s = self.0.lock().unwrap();
+        let name = service.name.to_string();
+        s.calls.push((name.clone(), target));
+        let cur = *s.running.get(&name).unwrap_or(&0);
+        if target > cur && s.broken.contains(&name) {
+            return Ok(ScaleOutcome {
+                started: 0,
+                stopped: 0,
+                failures: vec![StartFailure {
+                    service: service.name.clone(),
+                    message: "exec failed".into(),
+                }],
+            });
+        }
+        s.running.insert(name, target);
+        Ok(ScaleOutcome {
+            started: target.saturating_sub(cur),
+            stopped: cur.saturating_sub(target),
+            failures: vec![],
+        })
+    }
+    async fn shutdown(&self, _services: &[Service], remove: bool) -> Result<(), BackendError> {
+        if remove {
+            self.0.lock().unwrap().running.clear();
+        }
+        Ok(())
+    }
+}
+
+fn config(extra: &str) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        tick = "500ms"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "process"
+        [[services]]
+        name = "web"
+        priority = 1
+        [[services.triggers]]
+        type = "manual"
+        initial = 4
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        {extra}
+        "#
+    ))
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn stops_before_starts_and_fills_capacity() {
+    let fake = Fake::default();
+    let mut ctl = Controller::new(config(""), fake.clone(), 1);
+    ctl.tick().await;
+    assert_eq!(fake.0.lock().unwrap().running["web"], 4);
+    assert_eq!(fake.0.lock().unwrap().running["batch"], 5);
+
+    ctl.controls().manual_of("web").unwrap().set(7.0).unwrap();
+    fake.0.lock().unwrap().calls.clear();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let report = ctl.tick().await;
+    let calls = fake.0.lock().unwrap().calls.clone();
+    assert_eq!(
+        calls,
+        vec![("batch".to_string(), 2), ("web".to_string(), 7)],
+        "capacity is freed before it is used"
+    );
+    let plan = report.plan.unwrap();
+    assert!(
+        plan.actions[1].reason.contains("took 3 slots from batch"),
+        "{:?}",
+        plan.actions
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_starts_back_off_and_the_rest_goes_on() {
+    let fake = Fake::default();
+    fake.0.lock().unwrap().broken.push("web".into());
+    let mut ctl = Controller::new(config(""), fake.clone(), 1);
+
+    let r = ctl.tick().await;
+    assert_eq!(
+        fake.0.lock().unwrap().running.get("batch"),
+        Some(&5),
+        "batch started despite web failing"
+    );
+    let failures: usize = r
+        .executions
+        .iter()
+        .map(|e| e.result.as_ref().map_or(1, |o| o.failures.len()))
+        .sum();
+    assert_eq!(failures, 1);
+
+    // Within the backoff (0.5 s after the first failure) web is not retried.
+    fake.0.lock().unwrap().calls.clear();
+    tokio::time::advance(Duration::from_millis(100)).await;
+    ctl.tick().await;
+    assert!(!fake.0.lock().unwrap().calls.iter().any(|(s, _)| s == "web"));
+
+    // After it, web is retried; once the engine works again it converges.
+    fake.0.lock().unwrap().broken.clear();
+    tokio::time::advance(Duration::from_millis(600)).await;
+    ctl.tick().await;
+    assert_eq!(fake.0.lock().unwrap().running.get("web"), Some(&4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn repairs_replicas_that_vanished() {
+    let fake = Fake::default();
+    let mut ctl = Controller::new(config(""), fake.clone(), 1);
+    ctl.tick().await;
+    // Someone removes two web replicas behind microscaler's back.
+    fake.0.lock().unwrap().running.insert("web".into(), 2);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    ctl.tick().await;
+    assert_eq!(fake.0.lock().unwrap().running["web"], 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_honours_on_exit() {
+    let fake = Fake::default();
+    let mut ctl = Controller::new(config(""), fake.clone(), 1);
+    ctl.tick().await;
+    ctl.shutdown().await.unwrap();
+    assert_eq!(
+        fake.0.lock().unwrap().running.len(),
+        2,
+        "on_exit = leave keeps replicas"
+    );
+
+    let fake = Fake::default();
+    let cfg = config("").clone();
+    let cfg = Config {
+        on_exit: microscaler_core::config::OnExit::Stop,
+        ..cfg
+    };
+    let mut ctl = Controller::new(cfg, fake.clone(), 1);
+    ctl.tick().await;
+    ctl.shutdown().await.unwrap();
+    assert!(
+        fake.0.lock().unwrap().running.is_empty(),
+        "on_exit = stop removes them"
+    );
+}
+
+/// Every example configuration in `examples/` validates.
+#[test]
+fn examples_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            if let Err(e) = Config::from_toml(&text) {
+                panic!("{} is invalid:\n{e}", p.display());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "expected an example per backend, found {n}");
+}

@@ -1,0 +1,186 @@
+//! End to end: the real `microscaler demo` binary, for some seconds, on local processes and on
+//! the real Docker engine. Checks the seeds' success rule once converged: priority 1 running ==
+//! demand AND priority 1 + priority 2 == capacity; and that the demo's replicas are gone after.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn missing_service(what: &str, err: impl std::fmt::Display) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{what} is required under CI=true but is not available: {err}");
+    }
+    eprintln!("SKIPPED: {what} not available ({err})");
+    true
+}
+
+struct Tick {
+    t_ms: u64,
+    demand: u32,
+    p1: u32,
+    p2: u32,
+    pending: u32,
+    targets: u32,
+    capacity: u32,
+}
+
+fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args([
+            "demo",
+            "--backend",
+            backend,
+            "--json",
+            "--duration",
+            "14s",
+            "--seed",
+            "20151016",
+            "--interval",
+            "2s",
+            "--tick",
+            "200ms",
+            "--instance",
+            instance,
+            "--state-dir",
+        ])
+        .arg(state)
+        .output()
+        .expect("run microscaler demo");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "demo failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut ticks = Vec::new();
+    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let svc = |name: &str| {
+            v["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        let (p1, p2) = (svc("priority1"), svc("priority2"));
+        ticks.push(Tick {
+            t_ms: v["t_ms"].as_u64().unwrap(),
+            demand: p1["demand"].as_f64().unwrap() as u32,
+            p1: p1["running"].as_u64().unwrap() as u32,
+            p2: p2["running"].as_u64().unwrap() as u32,
+            pending: (p1["pending"].as_u64().unwrap() + p2["pending"].as_u64().unwrap()) as u32,
+            targets: (p1["target"].as_u64().unwrap() + p2["target"].as_u64().unwrap()) as u32,
+            capacity: v["capacity"].as_u64().unwrap() as u32,
+        });
+        assert!(
+            v["errors"].as_array().unwrap().is_empty(),
+            "errors in tick: {line}"
+        );
+    }
+    (ticks, stderr)
+}
+
+/// The seeds' success rule, checked on every tick where demand has been steady for 1 s: long
+/// enough to start replicas on a busy 2-core machine, short enough that most ticks count.
+fn check_success(ticks: &[Tick]) {
+    assert!(ticks.len() >= 40, "expected ~70 ticks, got {}", ticks.len());
+    let mut checked = 0;
+    let mut since = 0; // index of the first tick of the current demand
+    for i in 0..ticks.len() {
+        let t = &ticks[i];
+        assert!(t.targets <= t.capacity, "targets over capacity at tick {i}");
+        if i > 0 && ticks[i - 1].demand != t.demand {
+            since = i;
+        }
+        if t.t_ms >= ticks[since].t_ms + 1000 && since > 0 {
+            assert_eq!(
+                t.p1,
+                t.demand.min(9),
+                "tick {i}: priority1 must meet demand"
+            );
+            assert_eq!(
+                t.p1 + t.p2,
+                9,
+                "tick {i}: priority1 + priority2 must fill capacity"
+            );
+            assert_eq!(t.pending, 0, "tick {i}");
+            checked += 1;
+        }
+    }
+    let changes = ticks
+        .windows(2)
+        .filter(|w| w[0].demand != w[1].demand)
+        .count();
+    assert!(
+        changes >= 3,
+        "demand should move several times, moved {changes}"
+    );
+    assert!(checked >= 15, "too few steady ticks checked: {checked}");
+}
+
+#[test]
+fn demo_on_processes_meets_demand_and_fills_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-proc-{}", std::process::id());
+    let (ticks, _) = run_demo("process", &instance, dir.path());
+    check_success(&ticks);
+    // on_exit = stop: no replica records (hence no processes) remain.
+    let left: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d != dir.path()))
+        .collect();
+    assert!(left.is_empty(), "replica records left behind: {left:?}");
+}
+
+#[test]
+fn demo_on_docker_meets_demand_and_fills_capacity() {
+    let ok = Command::new("docker").arg("info").output();
+    match ok {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            if missing_service("Docker engine", String::from_utf8_lossy(&o.stderr)) {
+                return;
+            }
+        }
+        Err(e) => {
+            if missing_service("Docker engine (docker CLI)", e) {
+                return;
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-docker-{}", std::process::id());
+    let (ticks, _) = run_demo("docker", &instance, dir.path());
+    check_success(&ticks);
+    std::thread::sleep(Duration::from_millis(200));
+    let ps = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=io.microscaler.instance={instance}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
+        "the demo's containers must be gone after it stops"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        {
+            out.push(p);
+        }
+    }
+    out
+}
