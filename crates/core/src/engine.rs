@@ -11,18 +11,25 @@
 //! 1. Every service gets a *current* target: what was committed last tick, or, on the first
 //!    tick, what the backend reports (running + pending), so adopted replicas are kept.
 //! 2. Every service gets a *want*: triggered services their demand (max over triggers, rounded
-//!    up), per-host services the number of ready hosts, remainder services their `max`. The want
+//!    up), per-host services the number of ready hosts, remainder services their `max`. Samples
+//!    are matched to triggers by name; when one is missing (a missing metric never scales down)
+//!    the want is the current target, unless the triggers that did answer ask for more. The want
 //!    is clamped to `[min, max]`; it is held at *current* while the previous change has not
-//!    converged (observed running != committed target, or replicas pending) or when no demand
-//!    sample arrived (a missing metric never scales down); and it moves by at most `max_step`.
-//! 3. Every service gets a *floor*: how low it may be pushed this tick by higher priorities,
-//!    `max(current - max_step, min(min, current))`. If the floors alone exceed the capacity (the
-//!    cluster shrank), floors are cut from the lowest priority up until they fit.
-//! 4. Allocation walks services in order (triggered and per-host by priority then name, then
-//!    remainder services by priority then name). Each gets `min(want, capacity - used - floors of
-//!    everyone after it)`. So a higher priority takes capacity from the lowest priority first, a
-//!    remainder service fills exactly what is left, and the sum never exceeds the capacity.
-//! 5. Actions: stops first, lowest priority first (free capacity before using it); then starts,
+//!    converged (observed running != committed target, or replicas pending) and
+//!    `converge_timeout` has not passed since it; and it moves by at most `max_step`. `min` and
+//!    `max` win over `max_step`: a service outside them moves straight in.
+//! 3. Every service gets a *floor*: how low growth of a higher priority may push it this tick,
+//!    `max(min, current - max_step)` (never above the want), and a *keep*: what it keeps of what
+//!    it has, `min(current, want)` (never below the floor).
+//! 4. Mins are reserved first, then keeps, both in allocation order (triggered and per-host by
+//!    priority then name, then remainder services by priority then name). When they do not fit
+//!    (the cluster shrank under what is placed) the lowest priority gives way first, even beyond
+//!    its `max_step`, and its floor is cut to what it keeps.
+//! 5. Allocation walks services in allocation order. Each gets `min(want, capacity - used -
+//!    floors of everyone after it)`, but at least its floor. So a higher priority takes capacity
+//!    from the lowest priority first, a remainder service fills exactly what is left, and the
+//!    sum never exceeds the capacity.
+//! 6. Actions: stops first, lowest priority first (free capacity before using it); then starts,
 //!    highest priority first.
 
 use std::collections::BTreeMap;
@@ -53,10 +60,16 @@ struct Work<'a> {
     obs: ServiceObservation,
     current: u32,
     demand: Option<f64>,
+    /// Triggers without a usable sample this tick.
+    missing: Vec<&'a str>,
     want: u32,
     want_bound: Bound,
+    /// Reserved before anyone keeps or grows: `min(min, want)`.
+    min: u32,
+    /// How low growth of a higher priority may push it: `max(min, min(want, current - max_step))`.
     floor: u32,
-    forced: bool,
+    /// What it keeps of what it has, before growth: `max(floor, min(want, current))`.
+    keep: u32,
     target: u32,
 }
 
@@ -78,25 +91,41 @@ pub fn decide(
 
     let mut work: Vec<Work> = order
         .into_iter()
-        .map(|svc| want(svc, observed, samples, memory, hosts, now, cfg.converge_timeout))
+        .map(|svc| {
+            want(
+                svc,
+                observed,
+                samples,
+                memory,
+                hosts,
+                now,
+                cfg.converge_timeout,
+            )
+        })
         .collect();
 
-    // Floors must fit; if the cluster shrank under them, the lowest priority gives way first.
-    let floors: u64 = work.iter().map(|w| w.floor as u64).sum();
-    let mut excess = floors.saturating_sub(capacity as u64);
-    for w in work.iter_mut().rev() {
-        if excess == 0 {
-            break;
-        }
-        let cut = (w.floor as u64).min(excess) as u32;
-        if cut > 0 {
-            w.floor -= cut;
-            w.forced = true;
-            excess -= cut as u64;
-        }
+    // Mins first, then what everyone keeps, both in allocation order: when they do not fit (the
+    // cluster shrank under what is placed), the lowest priority gives way first, even beyond
+    // its max_step. The floors that protect from growth are cut to what is kept.
+    let mut left = capacity as u64;
+    let mins: Vec<u64> = work
+        .iter()
+        .map(|w| {
+            let m = (w.min as u64).min(left);
+            left -= m;
+            m
+        })
+        .collect();
+    for (w, m) in work.iter_mut().zip(mins) {
+        let extra = ((w.keep - w.min) as u64).min(left);
+        left -= extra;
+        w.keep = (m + extra) as u32;
+        w.floor = w.floor.min(w.keep);
     }
 
-    // Allocation in priority order, reserving the floors of everyone after.
+    // Growth in allocation order, reserving the floors of everyone after: a higher priority
+    // takes from the lowest priority first, but never below its floor; a remainder service
+    // gets exactly what is left.
     let mut suffix: Vec<u64> = vec![0; work.len() + 1];
     for i in (0..work.len()).rev() {
         suffix[i] = suffix[i + 1] + work[i].floor as u64;
@@ -146,56 +175,87 @@ fn want<'a>(
     });
     let step = svc.max_step.unwrap_or(u32::MAX);
 
+    let mut missing = Vec::new();
     let (mut wish, mut bound, demand) = match &svc.kind {
-        ServiceKind::Triggered(_) => {
-            let value = samples
-                .services
-                .get(&svc.name)
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.value)
-                .filter(|v| v.is_finite())
-                .reduce(f64::max);
+        ServiceKind::Triggered(triggers) => {
+            // Samples are matched to triggers by name; a trigger without a finite value is
+            // missing. With one missing, the others may still scale up (whatever the missing
+            // one says, they need that much) but never down.
+            let got = samples.services.get(&svc.name);
+            let mut value: Option<f64> = None;
+            for t in triggers {
+                let v = got
+                    .and_then(|ss| ss.iter().find(|s| s.trigger == t.name))
+                    .and_then(|s| s.value)
+                    .filter(|v| v.is_finite());
+                match v {
+                    Some(v) => value = Some(value.map_or(v, |m| m.max(v))),
+                    None => missing.push(t.name.as_str()),
+                }
+            }
             match value {
-                Some(v) => (replicas_for(v), Bound::Demand, Some(v)),
-                None => (current, Bound::MissingDemand, None),
+                Some(v) if missing.is_empty() || replicas_for(v) > current => {
+                    (replicas_for(v), Bound::Demand, Some(v))
+                }
+                _ => (current, Bound::MissingDemand, value),
             }
         }
         ServiceKind::PerHost => (hosts, Bound::Hosts, Some(hosts as f64)),
         ServiceKind::Remainder => (svc.max, Bound::Remainder, None),
     };
-    if bound != Bound::MissingDemand {
-        if wish < svc.min {
-            wish = svc.min;
-            bound = Bound::Min;
-        } else if wish > svc.max {
-            wish = svc.max;
-            if bound != Bound::Remainder {
-                bound = Bound::Max;
-            }
+    if wish < svc.min {
+        wish = svc.min;
+        bound = Bound::Min;
+    } else if wish > svc.max {
+        wish = svc.max;
+        if bound != Bound::Remainder {
+            bound = Bound::Max;
         }
     }
-    if !converged && wish != current {
-        wish = current;
-        bound = Bound::Converging;
+    // No new voluntary change while the previous one is under way (max still applies).
+    let hold = current.min(svc.max);
+    if !converged && wish != hold {
+        wish = hold;
+        bound = if hold < current {
+            Bound::Max
+        } else {
+            Bound::Converging
+        };
     }
+    // max_step limits moves within [min, max]; a service outside them moves straight in.
     if wish > current.saturating_add(step) {
-        wish = current + step;
-        bound = Bound::MaxStep;
+        let stepped = current + step;
+        if svc.min > stepped {
+            wish = svc.min;
+            bound = Bound::Min;
+        } else {
+            wish = stepped;
+            bound = Bound::MaxStep;
+        }
     } else if wish.saturating_add(step) < current {
-        wish = current - step;
-        bound = Bound::MaxStep;
+        let stepped = current - step;
+        if svc.max < stepped {
+            wish = svc.max;
+            bound = Bound::Max;
+        } else {
+            wish = stepped;
+            bound = Bound::MaxStep;
+        }
     }
-    let floor = current.saturating_sub(step).max(svc.min.min(current));
+    let min = svc.min.min(wish);
+    let floor = min.max(wish.min(current.saturating_sub(step)));
+    let keep = floor.max(wish.min(current));
     Work {
         svc,
         obs,
         current,
         demand,
+        missing,
         want: wish,
         want_bound: bound,
-        floor: floor.min(wish),
-        forced: false,
+        min,
+        floor,
+        keep,
         target: 0,
     }
 }
@@ -213,21 +273,17 @@ fn replicas_for(v: f64) -> u32 {
 
 fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
     // Who gave slots to whom, for the reasons: growers draw first on free slots, then on slots
-    // given up voluntarily, then on preempted slots, lowest priority first.
+    // given up voluntarily, then on slots taken from others, lowest priority first. What a
+    // service lost that no grower took was lost because the capacity shrank.
     let committed: u64 = work.iter().map(|w| w.current as u64).sum();
     let mut free = (capacity as u64).saturating_sub(committed);
     let mut voluntary: u64 = work
         .iter()
         .map(|w| w.current.saturating_sub(w.want.max(w.target)) as u64)
         .sum();
-    let mut victims: Vec<(usize, u32)> = work
+    let mut lost: Vec<u32> = work
         .iter()
-        .enumerate()
-        .rev()
-        .filter_map(|(i, w)| {
-            let lost = w.current.min(w.want).saturating_sub(w.target);
-            (lost > 0 && !w.forced).then_some((i, lost))
-        })
+        .map(|w| w.current.min(w.want).saturating_sub(w.target))
         .collect();
     let mut took: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
     let mut gave: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
@@ -239,24 +295,33 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
         let from_vol = need.min(voluntary);
         voluntary -= from_vol;
         need -= from_vol;
-        for (v, left) in victims.iter_mut() {
+        for v in (0..work.len()).rev() {
             if need == 0 {
                 break;
             }
-            let n = (*left as u64).min(need) as u32;
+            let n = (lost[v] as u64).min(need) as u32;
             if n > 0 {
-                *left -= n;
+                lost[v] -= n;
                 need -= n as u64;
-                took[i].push((*v, n));
-                gave[*v].push((i, n));
+                took[i].push((v, n));
+                gave[v].push((i, n));
             }
         }
     }
 
+    let left = (capacity as u64).saturating_sub(allocated);
     let mut services = Vec::with_capacity(work.len());
     for (i, w) in work.iter().enumerate() {
-        let bound = final_bound(w);
-        let reason = service_reason(w, bound, capacity, &gave[i], work);
+        let bound = final_bound(w, !gave[i].is_empty(), left);
+        let ctx = Ctx {
+            capacity,
+            committed,
+            gave: &gave[i],
+            shed: lost[i],
+            index: i,
+            work,
+        };
+        let reason = service_reason(w, bound, &ctx);
         services.push(ServicePlan {
             service: w.svc.name.clone(),
             priority: w.svc.priority,
@@ -329,16 +394,22 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
     }
 }
 
-fn final_bound(w: &Work) -> Bound {
+/// The rule with the last word on `w`'s target. `taken`: a grower took slots from it; `left`:
+/// slots nobody was given.
+fn final_bound(w: &Work, taken: bool, left: u64) -> Bound {
     if w.target == w.want {
+        // A remainder service at its max while slots stay free was bound by its max.
+        if w.want_bound == Bound::Remainder && w.want == w.svc.max && left > 0 {
+            return Bound::Max;
+        }
         return w.want_bound;
     }
     // The target is below the want: capacity had the last word.
     if w.target < w.current.min(w.want) {
-        if w.forced {
-            Bound::OverCapacity
-        } else {
+        if taken {
             Bound::Preempted
+        } else {
+            Bound::OverCapacity
         }
     } else if w.svc.is_remainder() {
         Bound::Remainder
@@ -362,18 +433,43 @@ fn fmt_demand(d: Option<f64>) -> String {
     }
 }
 
-fn service_reason(
-    w: &Work,
-    bound: Bound,
+/// What a reason needs to know beyond the service itself.
+struct Ctx<'a> {
     capacity: u32,
-    gave: &[(usize, u32)],
-    work: &[Work],
-) -> String {
+    committed: u64,
+    /// To whom the service gave slots.
+    gave: &'a [(usize, u32)],
+    /// Slots it lost that no grower took (the capacity shrank).
+    shed: u32,
+    index: usize,
+    work: &'a [Work<'a>],
+}
+
+fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
     let d = fmt_demand(w.demand);
+    let capacity = ctx.capacity;
     let cmp = |a: u32, b: u32| match a.cmp(&b) {
         std::cmp::Ordering::Greater => ">",
         std::cmp::Ordering::Less => "<",
         std::cmp::Ordering::Equal => "=",
+    };
+    // What the service asked for, in words.
+    let asks = match &w.svc.kind {
+        ServiceKind::Triggered(_) if w.demand.is_none() => "no demand sample".to_string(),
+        ServiceKind::Triggered(_) => format!("demand {d}"),
+        ServiceKind::PerHost => format!("{d} ready hosts"),
+        ServiceKind::Remainder => "free capacity".to_string(),
+    };
+    // The replicas it asked for, before limits.
+    let asked = match &w.svc.kind {
+        ServiceKind::Triggered(_) | ServiceKind::PerHost => w.demand.map(replicas_for),
+        ServiceKind::Remainder => None,
+    };
+    let over_capacity = || {
+        format!(
+            "capacity {capacity} is below the {} slots placed; lowest priority shrinks first",
+            ctx.committed
+        )
     };
     match bound {
         Bound::Demand => {
@@ -381,25 +477,42 @@ fn service_reason(
             format!("demand {d} {} {}", cmp(want, w.current), w.current)
         }
         Bound::Hosts => format!("one per ready host: {} hosts", w.target),
-        Bound::Min => format!("demand {d} is below min {}", w.svc.min),
-        Bound::Max => format!("demand {d} is above max {}", w.svc.max),
+        Bound::Min => {
+            let step = w.svc.max_step.unwrap_or(u32::MAX);
+            if asked.is_some_and(|a| a < w.svc.min) {
+                format!("{asks} is below min {}", w.svc.min)
+            } else if w.want > w.current && w.want - w.current > step {
+                format!(
+                    "{asks}; raised to min {} (max_step {step} applies only within min and max)",
+                    w.svc.min
+                )
+            } else {
+                format!("{asks}; raised to min {}", w.svc.min)
+            }
+        }
+        Bound::Max => match &w.svc.kind {
+            ServiceKind::Remainder => format!(
+                "fills free capacity up to max {}: {} of {capacity} slots",
+                w.svc.max, w.target
+            ),
+            _ if asked.is_some_and(|a| a > w.svc.max) => {
+                format!("{asks} is above max {}", w.svc.max)
+            }
+            _ => format!("{asks}; lowered to max {}", w.svc.max),
+        },
         Bound::MaxStep => format!(
-            "wants {}, change limited to max_step {}",
-            match &w.svc.kind {
-                ServiceKind::Remainder => "free capacity".to_string(),
-                _ => format!("demand {d}"),
-            },
+            "wants {asks}, change limited to max_step {}",
             w.svc.max_step.unwrap_or(u32::MAX)
         ),
         Bound::Capacity => format!(
-            "demand {d} but only {} fit in capacity {capacity} (higher priorities first)",
+            "{asks} but only {} fit in capacity {capacity} (higher priorities first)",
             w.target
         ),
         Bound::Remainder => format!("fills free capacity: {} of {capacity} slots", w.target),
         Bound::Preempted => {
             let mut s = String::from("preempted by");
-            for (k, (g, n)) in gave.iter().enumerate() {
-                let winner = work[*g].svc;
+            for (k, (g, n)) in ctx.gave.iter().enumerate() {
+                let winner = ctx.work[*g].svc;
                 s.push_str(&format!(
                     "{} {} (priority {}) needing {n} slot{}",
                     if k == 0 { "" } else { "," },
@@ -407,9 +520,13 @@ fn service_reason(
                     winner.priority,
                     plural(*n)
                 ));
+                // Only a min lets a later service in the order take from an earlier one.
+                if *g > ctx.index {
+                    s.push_str(&format!(" to reach its min {}", winner.min));
+                }
             }
-            if gave.is_empty() {
-                s.push_str(" higher priorities");
+            if ctx.shed > 0 {
+                s.push_str(&format!("; {} more because {}", ctx.shed, over_capacity()));
             }
             s
         }
@@ -417,9 +534,21 @@ fn service_reason(
             "waiting for the previous change to converge: {} running, {} pending of {}",
             w.obs.running, w.obs.pending, w.current
         ),
-        Bound::MissingDemand => format!("no demand sample; holding at {}", w.current),
-        Bound::OverCapacity => format!(
-            "capacity {capacity} is below what is placed; lowest priority shrinks first"
+        Bound::MissingDemand if w.missing.len() == trigger_count(w.svc) => {
+            format!("no demand sample; holding at {}", w.current)
+        }
+        Bound::MissingDemand => format!(
+            "no demand sample from {}; holding at {} ({asks} alone never scales down)",
+            w.missing.join(", "),
+            w.current
         ),
+        Bound::OverCapacity => over_capacity(),
+    }
+}
+
+fn trigger_count(svc: &Service) -> usize {
+    match &svc.kind {
+        ServiceKind::Triggered(t) => t.len(),
+        _ => 0,
     }
 }
