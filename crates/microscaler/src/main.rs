@@ -309,7 +309,19 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
                     "--set-demand {s:?}: the value must be a number >= 0"
                 ))
             })?;
-        manual.push((svc.trim().to_string(), value));
+        let svc = svc.trim();
+        let has_manual = cfg.service(svc).is_some_and(|s| match &s.kind {
+            microscaler_core::ServiceKind::Triggered(ts) => ts
+                .iter()
+                .any(|t| matches!(t.source, microscaler_core::SourceSpec::Manual(_))),
+            _ => false,
+        });
+        if !has_manual {
+            return Err(usage(anyhow::anyhow!(
+                "--set-demand {s:?}: {svc:?} is not a service with a manual trigger (add [[services.triggers]] type = \"manual\")"
+            )));
+        }
+        manual.push((svc.to_string(), value));
     }
     let state_dir = args
         .state_dir

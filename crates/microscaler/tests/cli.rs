@@ -1,0 +1,192 @@
+//! The command line on bad input: every configuration error with its path and exit code 2,
+//! nothing started; an unreachable engine named with what to do; `--help` everywhere.
+
+use std::process::{Command, Output};
+
+fn microscaler(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run microscaler")
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+const BAD: &str = r#"
+tick = "1ms"
+[capacity]
+slots = 9
+[backend]
+type = "process"
+[[services]]
+name = "web"
+min = 3
+max = 1
+[[services.triggers]]
+type = "kafka"
+[[services]]
+name = "batch"
+remainder = true
+colour = "red"
+"#;
+
+#[test]
+fn validate_reports_every_error_with_its_path_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "bad.toml", BAD);
+    let out = microscaler(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "(4 errors)",
+        "tick: must be between 100ms and 1m",
+        "services[0].max: must be >= min (3), got 1",
+        "services[0].triggers[0].type: unknown source type \"kafka\": valid types are random, manual",
+        "services[1].colour: unknown key",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn validate_accepts_a_good_file() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/docker.toml");
+    let out = microscaler(&["validate", dir.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (docker backend, 2 services"));
+}
+
+#[test]
+fn run_with_invalid_config_starts_nothing_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "bad.toml", BAD);
+    let state = dir.path().join("state");
+    let out = microscaler(&["run", "-c", &f, "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("services[0].max"));
+    assert!(
+        !state.exists(),
+        "nothing may be started or created for an invalid config"
+    );
+}
+
+#[test]
+fn missing_file_is_a_usage_error() {
+    let out = microscaler(&["validate", "/nonexistent/microscaler.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/microscaler.toml")
+    );
+}
+
+#[test]
+fn unreachable_docker_names_the_socket_and_docker_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "docker.toml",
+        r#"
+        [capacity]
+        slots = 2
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "web"
+        remainder = true
+        "#,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["run", "-c", &f])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the Docker engine at unix:///nonexistent/docker.sock"),
+        "{err}"
+    );
+    assert!(err.contains("DOCKER_HOST"), "{err}");
+}
+
+#[test]
+fn demo_falls_back_to_processes_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["demo", "--duration", "1s", "--instance"])
+        .arg(format!("fallback-{}", std::process::id()))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Running the demo on local processes instead"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("microscaler demo on process"));
+}
+
+#[test]
+fn set_demand_needs_a_manual_trigger_and_a_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "p.toml",
+        r#"
+        [capacity]
+        slots = 2
+        [backend]
+        type = "process"
+        [[services]]
+        name = "web"
+        remainder = true
+        "#,
+    );
+    let state = dir.path().join("state");
+    let st = state.to_str().unwrap();
+    let out = microscaler(&["run", "-c", &f, "--state-dir", st, "--set-demand", "web=3"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a service with a manual trigger"));
+    assert!(
+        !state.exists(),
+        "nothing is set up before the flags are checked"
+    );
+    let out = microscaler(&["run", "-c", &f, "--state-dir", st, "--set-demand", "web=-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a number >= 0"));
+}
+
+#[test]
+fn help_on_every_command() {
+    for args in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["run", "--help"],
+        &["validate", "--help"],
+    ] {
+        let out = microscaler(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{args:?}"
+        );
+    }
+}
