@@ -1,0 +1,611 @@
+//! Property tests of the decision engine: random configurations (1 to 8 services of every
+//! kind, random priorities, min, max and max_step), random capacity, observations, memories and
+//! samples. Each property is checked against a small reference model of the rules below, written
+//! independently of the engine's code.
+//!
+//! The rules, per service, in allocation order (triggered and per-host services by priority then
+//! name, then remainder services by priority then name):
+//! - *current*: the committed target, or on the first tick running + pending.
+//! - *want*: demand (max over triggers, rounded up; with a trigger missing, the current target
+//!   unless the others ask for more), ready hosts, or `max` for a remainder service; clamped to
+//!   `[min, max]`; held at `min(current, max)` while not converged; then moved by at most
+//!   `max_step` (but min and max win).
+//! - *floor*: `max(min(min, want), min(want, current - max_step))`: how low a higher priority's
+//!   growth may push it. *keep*: `max(floor, min(want, current))`.
+//! - mins, then keeps, are reserved in allocation order within the capacity; a service whose
+//!   reserved keep ends below its floor is *forced* (the cluster cannot hold what it must keep).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use microscaler_core::config::{BackendSpec, OnExit, ProcessSpec};
+use microscaler_core::engine::Commitment;
+use microscaler_core::*;
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
+
+const NAMES: &[&str] = &["api", "batch", "cache", "db", "etl", "feed", "gc", "hub"];
+const TRIGGERS: &[&str] = &["queue", "rps"];
+const CONVERGE: Duration = Duration::from_secs(30);
+const TICK: Duration = Duration::from_millis(500);
+
+/// One tick's inputs.
+#[derive(Debug, Clone)]
+struct Scenario {
+    cfg: Config,
+    observed: Observed,
+    samples: Samples,
+    memory: EngineState,
+    now: Duration,
+}
+
+impl Scenario {
+    fn decide(&self) -> (Plan, EngineState) {
+        decide(
+            &self.cfg,
+            &self.observed,
+            &self.samples,
+            &self.memory,
+            self.now,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generators.
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Triggered(usize),
+    Remainder,
+    PerHost,
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        4 => (1usize..=2).prop_map(Kind::Triggered),
+        2 => Just(Kind::Remainder),
+        1 => Just(Kind::PerHost),
+    ]
+}
+
+fn service(i: usize) -> impl Strategy<Value = Service> {
+    (
+        1u32..=4,
+        kind(),
+        0u32..=3,
+        prop_oneof![Just(None), (0u32..=10).prop_map(Some)],
+        prop_oneof![Just(None), (1u32..=4).prop_map(Some)],
+    )
+        .prop_map(move |(priority, kind, min, extra, max_step)| Service {
+            name: ServiceName::try_new(NAMES[i]).unwrap(),
+            priority: Priority::try_new(priority).unwrap(),
+            min,
+            // max >= 1 and >= min, as validation guarantees.
+            max: extra.map_or(u32::MAX, |e| (min + e).max(1)),
+            max_step,
+            kind: match kind {
+                Kind::Triggered(n) => ServiceKind::Triggered(
+                    TRIGGERS[..n]
+                        .iter()
+                        .map(|t| Trigger {
+                            name: t.to_string(),
+                            source: SourceSpec::Manual(ManualSpec { initial: 0.0 }),
+                        })
+                        .collect(),
+                ),
+                Kind::Remainder => ServiceKind::Remainder,
+                Kind::PerHost => ServiceKind::PerHost,
+            },
+            run: RunSpec::default(),
+            stop_grace: Duration::from_secs(10),
+        })
+}
+
+/// Capacity for `n` services: mostly room for about what they run (up to 8 each), sometimes
+/// far less (the cluster shrank), sometimes per host.
+fn capacity(n: usize) -> impl Strategy<Value = Capacity> {
+    let n = n as u32;
+    prop_oneof![
+        6 => (2 * n..=9 * n).prop_map(Capacity::Slots),
+        1 => (0..=2 * n).prop_map(Capacity::Slots),
+        2 => (1u32..=2 * n).prop_map(Capacity::SlotsPerHost),
+    ]
+}
+
+fn observation() -> impl Strategy<Value = Option<ServiceObservation>> {
+    prop_oneof![
+        1 => Just(None),
+        4 => (0u32..=8, prop_oneof![3 => Just(0u32), 1 => 1u32..=3])
+            .prop_map(|(running, pending)| Some(ServiceObservation { running, pending })),
+    ]
+}
+
+/// A commitment `age` before now, or none (first tick).
+fn commitment() -> impl Strategy<Value = Option<(u32, Duration)>> {
+    prop_oneof![
+        1 => Just(None),
+        4 => (0u32..=9, prop_oneof![Just(0u64), 0u64..=60_000])
+            .prop_map(|(t, age)| Some((t, Duration::from_millis(age)))),
+    ]
+}
+
+/// A trigger's sample: no entry at all, a failed one, a value (sometimes not finite).
+fn sample() -> impl Strategy<Value = Option<Option<f64>>> {
+    prop_oneof![
+        1 => Just(None),
+        1 => Just(Some(None)),
+        1 => Just(Some(Some(f64::NAN))),
+        8 => (0u32..=100).prop_map(|v| Some(Some(v as f64 / 10.0))),
+        2 => (0u32..=10).prop_map(|v| Some(Some(v as f64))),
+    ]
+}
+
+/// A whole tick's inputs; the backend has often done what was asked (converged).
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (1usize..=8)
+        .prop_flat_map(|n| {
+            let services: Vec<_> = (0..n).map(service).collect();
+            (
+                services,
+                capacity(n),
+                prop::collection::vec(any::<bool>(), 0..=5),
+                prop::collection::vec(
+                    (
+                        observation(),
+                        commitment(),
+                        any::<bool>(),
+                        prop::collection::vec(sample(), 2),
+                    ),
+                    n,
+                ),
+            )
+        })
+        .prop_map(|(services, capacity, hosts, per)| {
+            let now = Duration::from_secs(100);
+            let mut observed = Observed {
+                services: BTreeMap::new(),
+                hosts: hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ready)| Host {
+                        id: format!("h{i}"),
+                        name: format!("host-{i}"),
+                        ready: *ready,
+                        ..Host::default()
+                    })
+                    .collect(),
+            };
+            let mut memory = EngineState::default();
+            let mut samples = Samples::default();
+            for (svc, (obs, commit, converged, values)) in services.iter().zip(per) {
+                if let Some((target, age)) = commit {
+                    memory.services.insert(
+                        svc.name.clone(),
+                        Commitment {
+                            target,
+                            changed_at: now - age,
+                        },
+                    );
+                }
+                match (commit, converged, obs) {
+                    // Half the time the backend has done what was asked.
+                    (Some((target, _)), true, _) => {
+                        observed.services.insert(
+                            svc.name.clone(),
+                            ServiceObservation {
+                                running: target,
+                                pending: 0,
+                            },
+                        );
+                    }
+                    (_, _, Some(o)) => {
+                        observed.services.insert(svc.name.clone(), o);
+                    }
+                    _ => {}
+                }
+                if let ServiceKind::Triggered(ts) = &svc.kind {
+                    let got: Vec<TriggerSample> = ts
+                        .iter()
+                        .zip(&values)
+                        .filter_map(|(t, v)| {
+                            v.map(|value| TriggerSample {
+                                trigger: t.name.clone(),
+                                value,
+                            })
+                        })
+                        .collect();
+                    if !got.is_empty() {
+                        samples.services.insert(svc.name.clone(), got);
+                    }
+                }
+            }
+            Scenario {
+                cfg: Config {
+                    instance: "props".into(),
+                    tick: TICK,
+                    sample_timeout: TICK / 2,
+                    converge_timeout: CONVERGE,
+                    on_exit: OnExit::Leave,
+                    capacity,
+                    backend: BackendSpec::Process(ProcessSpec::default()),
+                    services,
+                },
+                observed,
+                samples,
+                memory,
+                now,
+            }
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference model.
+
+/// What the rules say about one service this tick.
+#[derive(Debug, Clone)]
+struct Expect {
+    name: String,
+    remainder: bool,
+    triggered: bool,
+    min: u32,
+    max: u32,
+    step: u32,
+    current: u32,
+    converged: bool,
+    /// A trigger of the service had no usable sample.
+    missing: bool,
+    want: u32,
+    /// `min(min, want)`: reserved first.
+    min_reserved: u32,
+    floor: u32,
+    keep: u32,
+    /// After reserving mins and keeps within the capacity.
+    kept: u32,
+    /// The floor that applies this tick (cut to what could be kept).
+    floor_cut: u32,
+    /// The cluster cannot hold what this service must keep.
+    forced: bool,
+}
+
+fn ceil(v: f64) -> u32 {
+    if v <= 0.0 {
+        0
+    } else if v >= u32::MAX as f64 {
+        u32::MAX
+    } else {
+        v.ceil() as u32
+    }
+}
+
+/// The services in allocation order, with what the rules say about each.
+fn model(s: &Scenario) -> (u32, Vec<Expect>) {
+    let capacity = s.cfg.capacity.slots(&s.observed.hosts);
+    let ready = s.observed.hosts.iter().filter(|h| h.ready).count() as u32;
+    let mut svcs: Vec<&Service> = s.cfg.services.iter().collect();
+    svcs.sort_by_key(|s| (s.is_remainder(), s.priority, s.name.clone()));
+    let mut out: Vec<Expect> = svcs
+        .iter()
+        .map(|svc| {
+            let obs = s.observed.service(&svc.name);
+            let memo = s.memory.services.get(&svc.name);
+            let current = memo.map_or(obs.running + obs.pending, |m| m.target);
+            let converged = match memo {
+                None => true,
+                Some(m) => {
+                    (obs.running == m.target && obs.pending == 0)
+                        || s.now - m.changed_at >= CONVERGE
+                }
+            };
+            let step = svc.max_step.unwrap_or(u32::MAX);
+            let mut missing = false;
+            let mut want = match &svc.kind {
+                ServiceKind::Remainder => svc.max,
+                ServiceKind::PerHost => ready,
+                ServiceKind::Triggered(ts) => {
+                    let got = s.samples.services.get(&svc.name);
+                    let mut best: Option<u32> = None;
+                    for t in ts {
+                        let v = got
+                            .and_then(|g| g.iter().find(|x| x.trigger == t.name))
+                            .and_then(|x| x.value)
+                            .filter(|v| v.is_finite());
+                        match v {
+                            Some(v) => best = best.max(Some(ceil(v))),
+                            None => missing = true,
+                        }
+                    }
+                    match best {
+                        Some(b) if !missing || b > current => b,
+                        _ => current,
+                    }
+                }
+            };
+            want = want.clamp(svc.min, svc.max);
+            if !converged {
+                want = current.min(svc.max);
+            }
+            if want > current.saturating_add(step) {
+                want = (current + step).max(svc.min);
+            } else if want.saturating_add(step) < current {
+                want = (current - step).min(svc.max);
+            }
+            let min_reserved = svc.min.min(want);
+            let floor = min_reserved.max(want.min(current.saturating_sub(step)));
+            let keep = floor.max(want.min(current));
+            Expect {
+                name: svc.name.to_string(),
+                remainder: svc.is_remainder(),
+                triggered: matches!(svc.kind, ServiceKind::Triggered(_)),
+                min: svc.min,
+                max: svc.max,
+                step,
+                current,
+                converged,
+                missing,
+                want,
+                min_reserved,
+                floor,
+                keep,
+                kept: 0,
+                floor_cut: 0,
+                forced: false,
+            }
+        })
+        .collect();
+    let mut left = capacity as u64;
+    for e in out.iter_mut() {
+        let m = (e.min_reserved as u64).min(left);
+        left -= m;
+        e.kept = m as u32;
+    }
+    for e in out.iter_mut() {
+        let extra = ((e.keep - e.min_reserved) as u64).min(left);
+        left -= extra;
+        e.kept += extra as u32;
+        e.forced = e.kept < e.floor;
+        e.floor_cut = e.floor.min(e.kept);
+    }
+    (capacity, out)
+}
+
+fn targets(plan: &Plan, exp: &[Expect]) -> Vec<u32> {
+    exp.iter().map(|e| plan.target(&e.name)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties.
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// Never over capacity; every min honoured while the mins fit.
+    #[test]
+    fn within_capacity(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (capacity, exp) = model(&s);
+        let t = targets(&plan, &exp);
+        let sum: u64 = t.iter().map(|x| *x as u64).sum();
+        prop_assert_eq!(plan.capacity, capacity);
+        prop_assert_eq!(plan.allocated as u64, sum);
+        prop_assert!(sum <= capacity as u64, "sum {} > capacity {}", sum, capacity);
+        let mins: u64 = exp.iter().map(|e| e.min_reserved as u64).sum();
+        if mins <= capacity as u64 {
+            for (e, t) in exp.iter().zip(&t) {
+                prop_assert!(*t >= e.min_reserved, "{} below its min: {:?}", e.name, plan);
+            }
+        }
+    }
+
+    /// Targets within [min, max]: max always; min unless forced by over-capacity or held below
+    /// it while converging.
+    #[test]
+    fn within_min_and_max(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (capacity, exp) = model(&s);
+        let mins: u64 = exp.iter().map(|e| e.min as u64).sum();
+        for e in &exp {
+            let t = plan.target(&e.name);
+            prop_assert!(t <= e.max, "{} above max: {:?}", e.name, plan);
+            let held = !e.converged && e.current < e.min;
+            if !held && mins <= capacity as u64 {
+                prop_assert!(t >= e.min, "{} below min: {:?}", e.name, plan);
+            }
+        }
+    }
+
+    /// A change is at most max_step, unless the service moves into [min, max] or is forced by
+    /// over-capacity.
+    #[test]
+    fn max_step_honoured(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (_, exp) = model(&s);
+        for e in &exp {
+            let t = plan.target(&e.name);
+            let into_range = (e.current < e.min && t == e.min) || (e.current > e.max && t == e.max);
+            if !e.forced && !into_range {
+                prop_assert!(
+                    t.abs_diff(e.current) <= e.step,
+                    "{}: {} -> {} with max_step {}: {:?}", e.name, e.current, t, e.step, plan
+                );
+            }
+        }
+    }
+
+    /// No voluntary change while the last one has not converged: never up, and down only when
+    /// preempted (or over capacity, or to honour max).
+    #[test]
+    fn no_voluntary_change_while_converging(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (_, exp) = model(&s);
+        for e in exp.iter().filter(|e| !e.converged) {
+            let sp = plan.service(&e.name).unwrap();
+            prop_assert!(sp.target <= e.current, "{} grew while converging: {:?}", e.name, plan);
+            if sp.target < e.current.min(e.max) {
+                prop_assert!(
+                    matches!(sp.bound, Bound::Preempted | Bound::OverCapacity),
+                    "{} shrank while converging, bound {:?}: {:?}", e.name, sp.bound, plan
+                );
+            }
+        }
+    }
+
+    /// A missing sample never scales a triggered service down, except by preemption.
+    #[test]
+    fn missing_sample_never_scales_down(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (_, exp) = model(&s);
+        for e in exp.iter().filter(|e| e.triggered && e.missing) {
+            let sp = plan.service(&e.name).unwrap();
+            if sp.target < e.current.min(e.max) {
+                prop_assert!(
+                    matches!(sp.bound, Bound::Preempted | Bound::OverCapacity),
+                    "{} scaled down on a missing sample, bound {:?}: {:?}", e.name, sp.bound, plan
+                );
+            }
+        }
+    }
+
+    /// Priority order: every target lies between its floor and its want; when a service is below
+    /// its want, the capacity is used up and everyone after it in allocation order is at its
+    /// floor. So a remainder service never makes a triggered or higher service get less.
+    #[test]
+    fn priority_order(s in scenario()) {
+        let (plan, _) = s.decide();
+        let (capacity, exp) = model(&s);
+        let t = targets(&plan, &exp);
+        for (i, e) in exp.iter().enumerate() {
+            prop_assert!(
+                e.floor_cut <= t[i] && t[i] <= e.want,
+                "{}: target {} outside [{}, {}]: {:?}", e.name, t[i], e.floor_cut, e.want, plan
+            );
+            if t[i] < e.want {
+                prop_assert_eq!(plan.allocated, capacity, "{} short with free slots: {:?}", e.name, plan);
+                for (j, later) in exp.iter().enumerate().skip(i + 1) {
+                    prop_assert_eq!(
+                        t[j], later.floor_cut,
+                        "{} above its floor while {} (earlier) is short: {:?}", later.name, e.name, plan
+                    );
+                }
+                if !e.remainder {
+                    for (j, r) in exp.iter().enumerate().filter(|(_, r)| r.remainder) {
+                        prop_assert_eq!(t[j], r.floor_cut, "remainder {} took from {}", r.name, e.name);
+                    }
+                }
+            }
+        }
+        // Plan entries are in allocation order.
+        let names: Vec<&str> = plan.services.iter().map(|s| s.service.as_str()).collect();
+        let order: Vec<&str> = exp.iter().map(|e| e.name.as_str()).collect();
+        prop_assert_eq!(names, order);
+    }
+
+    /// Same inputs, same plan; the order of the services in the configuration does not matter.
+    #[test]
+    fn deterministic_and_order_free(
+        (s, perm) in scenario().prop_flat_map(|s| {
+            let idx: Vec<usize> = (0..s.cfg.services.len()).collect();
+            (Just(s), Just(idx).prop_shuffle())
+        })
+    ) {
+        let (plan, memory) = s.decide();
+        prop_assert_eq!(&s.decide(), &(plan.clone(), memory.clone()));
+        let mut shuffled = s.clone();
+        shuffled.cfg.services = perm.iter().map(|i| s.cfg.services[*i].clone()).collect();
+        prop_assert_eq!(shuffled.decide(), (plan, memory));
+    }
+
+    /// Actions: one per changed service, counts equal the target differences, all stops before
+    /// all starts, stops in reverse allocation order, starts in allocation order. The memory
+    /// holds the new targets, with the time of the change.
+    #[test]
+    fn actions_match_targets_and_are_ordered(s in scenario()) {
+        let (plan, memory) = s.decide();
+        let (_, exp) = model(&s);
+        let pos = |n: &ServiceName| exp.iter().position(|e| e.name == n.as_str()).unwrap();
+        let changed: Vec<&ServicePlan> = plan.services.iter().filter(|p| p.target != p.current).collect();
+        prop_assert_eq!(plan.actions.len(), changed.len());
+        let mut seen_start = false;
+        let mut last_stop = usize::MAX;
+        let mut last_start = None;
+        for a in &plan.actions {
+            let sp = plan.service(a.service.as_str()).unwrap();
+            prop_assert_eq!((a.from, a.to), (sp.current, sp.target));
+            prop_assert_eq!(a.count, sp.current.abs_diff(sp.target));
+            prop_assert!(a.count > 0);
+            prop_assert_eq!(a.bound, sp.bound);
+            prop_assert!(a.reason.contains(sp.reason.as_str()));
+            let i = pos(&a.service);
+            match a.kind {
+                ActionKind::Stop => {
+                    prop_assert!(!seen_start, "stop after a start: {:?}", plan.actions);
+                    prop_assert!(sp.target < sp.current);
+                    prop_assert!(i < last_stop, "stops not lowest priority first: {:?}", plan.actions);
+                    let head = format!("stopped {} of {}: ", a.count, a.service);
+                    prop_assert!(a.reason.starts_with(&head), "{}", a.reason);
+                    last_stop = i;
+                }
+                ActionKind::Start => {
+                    seen_start = true;
+                    prop_assert!(sp.target > sp.current);
+                    prop_assert!(last_start < Some(i), "starts not highest priority first: {:?}", plan.actions);
+                    let head = format!("started {} of {}: ", a.count, a.service);
+                    prop_assert!(a.reason.starts_with(&head), "{}", a.reason);
+                    last_start = Some(i);
+                }
+            }
+        }
+        for e in &exp {
+            let c = memory.services[&ServiceName::try_new(e.name.clone()).unwrap()];
+            prop_assert_eq!(c.target, plan.target(&e.name));
+            match s.memory.services.get(&ServiceName::try_new(e.name.clone()).unwrap()) {
+                Some(old) if old.target == c.target => prop_assert_eq!(c.changed_at, old.changed_at),
+                _ => prop_assert_eq!(c.changed_at, s.now),
+            }
+        }
+        prop_assert_eq!(memory.services.len(), s.cfg.services.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+    /// Run ticks against a backend that does what it is asked at once: the plan reaches a fixed
+    /// point, where everything is at what the demand asks and converged; there a decision has no
+    /// actions and leaves the memory as it was.
+    #[test]
+    fn idempotent_at_target(s in scenario()) {
+        let mut s = s;
+        let mut settled = false;
+        let converge = |s: &mut Scenario| {
+            s.observed.services = s
+                .memory
+                .services
+                .iter()
+                .map(|(n, c)| (n.clone(), ServiceObservation { running: c.target, pending: 0 }))
+                .collect();
+        };
+        for _ in 0..60 {
+            converge(&mut s);
+            let (plan, memory) = s.decide();
+            s.memory = memory;
+            s.now += TICK;
+            if plan.actions.is_empty() && s.memory.services.len() == s.cfg.services.len() {
+                settled = true;
+                break;
+            }
+        }
+        prop_assert!(settled, "no fixed point within 60 ticks: {:?}", s);
+        converge(&mut s);
+        let (plan, memory) = s.decide();
+        prop_assert!(plan.actions.is_empty(), "{:?}", plan);
+        prop_assert_eq!(&memory, &s.memory);
+        // At the fixed point every service is where the rules want it, or capacity is used up.
+        let (capacity, exp) = model(&s);
+        for e in &exp {
+            let t = plan.target(&e.name);
+            prop_assert!(e.converged);
+            prop_assert!(t == e.want || plan.allocated == capacity, "{} at {} wants {}: {:?}", e.name, t, e.want, plan);
+        }
+    }
+}
