@@ -203,6 +203,11 @@ impl DockerBackend {
         if labels.get(labels::INSTANCE).map(String::as_str) != Some(self.instance.as_str()) {
             return None;
         }
+        // A Swarm task's container carries its service's labels too; it belongs to Swarm (and to
+        // the swarm backend), never to this one, even when the instance names collide.
+        if labels.contains_key("com.docker.swarm.task.id") {
+            return None;
+        }
         let service = match ServiceName::try_new(labels.get(labels::SERVICE)?.as_str()) {
             Ok(s) => s,
             Err(e) => {
