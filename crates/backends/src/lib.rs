@@ -134,7 +134,10 @@ pub trait Backend: Send + Sync {
     /// Checks that the orchestrator answers and prepares what the services need (images, Swarm
     /// services). Replicas already running with this instance's labels are adopted, not
     /// duplicated.
-    fn prepare(&self, services: &[Service]) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn prepare(
+        &self,
+        services: &[Service],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// What runs now.
     fn observe(&self) -> impl Future<Output = Result<Observation, BackendError>> + Send;

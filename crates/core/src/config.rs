@@ -308,7 +308,9 @@ impl Validator {
             Err(e) => {
                 self.err(
                     path,
-                    format!("invalid duration {raw:?} ({e}); write it like \"500ms\", \"3s\" or \"1m\""),
+                    format!(
+                        "invalid duration {raw:?} ({e}); write it like \"500ms\", \"3s\" or \"1m\""
+                    ),
                 );
                 default
             }
@@ -423,7 +425,10 @@ impl Validator {
         let Some(raw) = raw else {
             self.err(
                 "backend",
-                format!("missing: set [backend] type = one of {}", BACKEND_TYPES.join(", ")),
+                format!(
+                    "missing: set [backend] type = one of {}",
+                    BACKEND_TYPES.join(", ")
+                ),
             );
             return None;
         };
@@ -632,10 +637,7 @@ impl Validator {
         let mut table = match raw {
             toml::Value::Table(t) => t,
             other => {
-                self.err(
-                    path,
-                    format!("must be a table, got {}", other.type_str()),
-                );
+                self.err(path, format!("must be a table, got {}", other.type_str()));
                 return None;
             }
         };
@@ -812,12 +814,35 @@ mod tests {
         "#;
         let e = errors(text);
         assert!(e.contains(&"bogus: unknown key".to_string()), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("tick: must be between 100ms and 1m")), "{e:?}");
-        assert!(e.contains(&"services[0].max: must be >= min (3), got 1".to_string()), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("services[0].triggers[0].interval: invalid duration \"soon\"")), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("services[1].name: must contain only")), "{e:?}");
-        assert!(e.contains(&"services[1].colour: unknown key".to_string()), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("services[2].max: invalid type")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("tick: must be between 100ms and 1m")),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"services[0].max: must be >= min (3), got 1".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m
+                    .starts_with("services[0].triggers[0].interval: invalid duration \"soon\"")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("services[1].name: must contain only")),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"services[1].colour: unknown key".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("services[2].max: invalid type")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -837,7 +862,10 @@ mod tests {
     #[test]
     fn source_rejects_keys_of_other_sources() {
         let e = errors(&GOOD.replace("seed = 7", "seed = 7\ninitial_value = 2"));
-        assert_eq!(e, vec!["services[0].triggers[0].initial_value: unknown key"]);
+        assert_eq!(
+            e,
+            vec!["services[0].triggers[0].initial_value: unknown key"]
+        );
     }
 
     #[test]
@@ -855,17 +883,32 @@ mod tests {
     fn duplicate_names_and_capacity_checks() {
         let text = GOOD.replace("name = \"priority2\"", "name = \"priority1\"\nmin = 10");
         let e = errors(&text);
-        assert!(e.contains(&"services[1].name: duplicate service name \"priority1\"".to_string()), "{e:?}");
-        assert!(e.contains(&"services[1].min: must be <= capacity.slots (9), got 10".to_string()), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("services: the sum of min")), "{e:?}");
+        assert!(
+            e.contains(&"services[1].name: duplicate service name \"priority1\"".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"services[1].min: must be <= capacity.slots (9), got 10".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|m| m.starts_with("services: the sum of min")),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn missing_sections_and_bad_toml() {
         let e = errors("instance = \"x\"");
-        assert!(e.iter().any(|m| m.starts_with("capacity: missing")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.starts_with("capacity: missing")),
+            "{e:?}"
+        );
         assert!(e.iter().any(|m| m.starts_with("backend: missing")), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("services: at least one")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.starts_with("services: at least one")),
+            "{e:?}"
+        );
         let e = errors("[capacity\nslots=1");
         assert!(e[0].starts_with("invalid TOML"), "{e:?}");
     }
