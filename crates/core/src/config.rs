@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::model::*;
+pub use crate::source_spec::SOURCE_TYPES;
 
 /// One configuration error with the path of the offending value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,22 +217,6 @@ struct RawTriggerHead {
     name: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct RawRandom {
-    delta: Option<u32>,
-    interval: Option<String>,
-    seed: Option<u64>,
-    initial: Option<u32>,
-    max: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct RawManual {
-    initial: Option<f64>,
-}
-
-/// Source types a trigger may name, listed in errors.
-pub const SOURCE_TYPES: &[&str] = &["random", "manual"];
 /// Backend types, listed in errors.
 pub const BACKEND_TYPES: &[&str] = &["docker", "swarm", "process"];
 
@@ -239,7 +224,7 @@ const MIN_TICK: Duration = Duration::from_millis(100);
 const MAX_TICK: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
-struct Validator {
+pub(crate) struct Validator {
     errors: Vec<ConfigError>,
 }
 
@@ -252,7 +237,7 @@ fn join(path: &str, key: &str) -> String {
 }
 
 impl Validator {
-    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             path: path.into(),
             message: message.into(),
@@ -261,7 +246,11 @@ impl Validator {
 
     /// Deserializes one part of the document, reporting unknown keys and type errors with paths.
     /// Unknown keys are errors, but the part is still returned so its other values get checked.
-    fn part<T: DeserializeOwned>(&mut self, value: toml::Value, path: &str) -> Option<T> {
+    pub(crate) fn part<T: DeserializeOwned>(
+        &mut self,
+        value: toml::Value,
+        path: &str,
+    ) -> Option<T> {
         let mut unknown = Vec::new();
         let mut track = serde_path_to_error::Track::new();
         let de = serde_path_to_error::Deserializer::new(value, &mut track);
@@ -284,7 +273,7 @@ impl Validator {
         }
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &mut self,
         raw: Option<&str>,
         path: &str,
@@ -657,66 +646,7 @@ impl Validator {
             );
             return None;
         };
-        let rest = toml::Value::Table(table);
-        let source = match kind.as_str() {
-            "random" => {
-                let r: RawRandom = self.part(rest, path)?;
-                let interval = self.duration(
-                    r.interval.as_deref(),
-                    &format!("{path}.interval"),
-                    Duration::from_secs(3),
-                    (Duration::from_millis(10), Duration::from_secs(86400)),
-                );
-                let cap = match capacity {
-                    Some(Capacity::Slots(n)) => Some(n),
-                    _ => None,
-                };
-                if let (Some(initial), Some(max)) = (r.initial, r.max.or(cap)) {
-                    if initial > max {
-                        self.err(
-                            format!("{path}.initial"),
-                            format!("must be <= max ({max}), got {initial}"),
-                        );
-                    }
-                }
-                if r.max.is_none() && cap.is_none() {
-                    if let Some(Capacity::SlotsPerHost(_)) = capacity {
-                        self.err(
-                            format!("{path}.max"),
-                            "required when capacity is per host (the random walk needs a fixed bound)",
-                        );
-                    }
-                }
-                SourceSpec::Random(RandomSpec {
-                    delta: r.delta.unwrap_or(3),
-                    interval,
-                    seed: r.seed,
-                    initial: r.initial,
-                    max: r.max,
-                })
-            }
-            "manual" => {
-                let m: RawManual = self.part(rest, path)?;
-                let initial = m.initial.unwrap_or(0.0);
-                if !initial.is_finite() || initial < 0.0 {
-                    self.err(
-                        format!("{path}.initial"),
-                        format!("must be a finite number >= 0, got {initial}"),
-                    );
-                }
-                SourceSpec::Manual(ManualSpec { initial })
-            }
-            other => {
-                self.err(
-                    format!("{path}.type"),
-                    format!(
-                        "unknown source type {other:?}: valid types are {}",
-                        SOURCE_TYPES.join(", ")
-                    ),
-                );
-                return None;
-            }
-        };
+        let source = self.source(&kind, toml::Value::Table(table), path, capacity)?;
         Some(Trigger {
             name: head.name.unwrap_or_else(|| kind.clone()),
             source,

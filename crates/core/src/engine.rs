@@ -32,7 +32,7 @@
 //! 6. Actions: stops first, lowest priority first (free capacity before using it); then starts,
 //!    highest priority first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -44,6 +44,10 @@ use crate::plan::*;
 pub struct EngineState {
     /// Per service: the committed target and when it last changed.
     pub services: BTreeMap<ServiceName, Commitment>,
+    /// Services an operator paused: held at their current target, neither scaled by demand nor
+    /// preempted by higher priorities (only a cluster that shrinks under them can move them).
+    /// Set by the control loop between ticks; `decide` carries it over unchanged.
+    pub paused: BTreeSet<ServiceName>,
 }
 
 /// A committed target.
@@ -139,7 +143,10 @@ pub fn decide(
     }
 
     let plan = build_plan(&work, capacity, used);
-    let mut next = EngineState::default();
+    let mut next = EngineState {
+        paused: memory.paused.clone(),
+        ..EngineState::default()
+    };
     for w in &work {
         let keep = memory
             .services
@@ -242,8 +249,15 @@ fn want<'a>(
             bound = Bound::MaxStep;
         }
     }
+    if memory.paused.contains(&svc.name) {
+        wish = current;
+        bound = Bound::Paused;
+    }
     let min = svc.min.min(wish);
-    let floor = min.max(wish.min(current.saturating_sub(step)));
+    let mut floor = min.max(wish.min(current.saturating_sub(step)));
+    if bound == Bound::Paused {
+        floor = current;
+    }
     let keep = floor.max(wish.min(current));
     Work {
         svc,
@@ -543,6 +557,7 @@ fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
             w.current
         ),
         Bound::OverCapacity => over_capacity(),
+        Bound::Paused => format!("paused by the operator; holding at {}", w.current),
     }
 }
 

@@ -11,8 +11,10 @@ pub mod config;
 pub mod engine;
 pub mod model;
 pub mod plan;
+pub mod source_spec;
 
 pub use config::{Config, ConfigError, ConfigErrors};
 pub use engine::{decide, EngineState};
 pub use model::*;
+
 pub use plan::{Action, ActionKind, Bound, Plan, ServicePlan};

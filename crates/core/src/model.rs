@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::source_spec::{ManualSpec, RandomSpec, SourceSpec};
+
 /// The name of a service: a DNS label (1 to 63 characters of `a-z`, `0-9` and `-`, starting and
 /// ending with a letter or digit), so it is valid as a Docker label value, a Swarm service name, a
 /// Kubernetes object name and a file name.
@@ -91,48 +93,6 @@ pub struct Trigger {
     pub name: String,
     /// Where the value comes from.
     pub source: SourceSpec,
-}
-
-/// A demand source, validated. Each variant is built into a live source by the sources crate.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceSpec {
-    /// Random demand as in the seeds' demo.
-    Random(RandomSpec),
-    /// A value set by hand (CLI now, API later).
-    Manual(ManualSpec),
-}
-
-impl SourceSpec {
-    /// The source's type name, as written in the configuration.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            SourceSpec::Random(_) => "random",
-            SourceSpec::Manual(_) => "manual",
-        }
-    }
-}
-
-/// Random demand: every `interval`, the value moves by a random amount in `[-delta, +delta]`,
-/// kept within `[0, max]`. The same seed gives the same sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RandomSpec {
-    /// Largest move per interval.
-    pub delta: u32,
-    /// Time between moves.
-    pub interval: Duration,
-    /// Seed for replayable runs; `None` means seeded from the clock at start-up.
-    pub seed: Option<u64>,
-    /// Starting value; `None` means half of `max`.
-    pub initial: Option<u32>,
-    /// Upper bound; `None` means the cluster's capacity.
-    pub max: Option<u32>,
-}
-
-/// A value set by hand.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ManualSpec {
-    /// The value at start-up.
-    pub initial: f64,
 }
 
 /// What a replica runs.

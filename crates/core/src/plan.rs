@@ -31,6 +31,8 @@ pub enum Bound {
     MissingDemand,
     /// Forced down because the cluster shrank under what is already placed.
     OverCapacity,
+    /// Held: an operator paused the service.
+    Paused,
 }
 
 impl Bound {
@@ -48,6 +50,7 @@ impl Bound {
             Bound::Converging => "converging",
             Bound::MissingDemand => "missing_demand",
             Bound::OverCapacity => "over_capacity",
+            Bound::Paused => "paused",
         }
     }
 }

@@ -992,3 +992,68 @@ fn demo_run_with_slow_starts_converges_within_each_demand_period() {
         assert_eq!(running("priority1") + running("priority2"), 9, "{obs:#?}");
     }
 }
+
+/// A paused service holds its count: demand does not move it and a higher priority cannot take
+/// from it; resumed, it follows the rules again.
+#[test]
+fn paused_service_is_frozen_until_resumed() {
+    use microscaler_core::{Bound, EngineState, ServiceName};
+    let cfg = microscaler_core::Config::from_toml(
+        r#"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "process"
+        [[services]]
+        name = "web"
+        priority = 1
+        [[services.triggers]]
+        type = "manual"
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        "#,
+    )
+    .unwrap();
+    let web = ServiceName::try_new("web").unwrap();
+    let batch = ServiceName::try_new("batch").unwrap();
+    let mut observed = microscaler_core::Observed::default();
+    let mut samples = microscaler_core::Samples::default();
+    samples.set(&web, "manual", Some(3.0));
+    let (plan, mut mem) = microscaler_core::decide(
+        &cfg,
+        &observed,
+        &samples,
+        &EngineState::default(),
+        Duration::ZERO,
+    );
+    assert_eq!((plan.target("web"), plan.target("batch")), (3, 6));
+    for p in &plan.services {
+        observed.services.insert(
+            p.service.clone(),
+            microscaler_core::ServiceObservation {
+                running: p.target,
+                pending: 0,
+            },
+        );
+    }
+
+    mem.paused.insert(batch.clone());
+    samples.set(&web, "manual", Some(7.0));
+    let (plan, mut mem) =
+        microscaler_core::decide(&cfg, &observed, &samples, &mem, Duration::from_secs(1));
+    assert_eq!(plan.target("batch"), 6, "a paused service is not preempted");
+    assert_eq!(plan.service("batch").unwrap().bound, Bound::Paused);
+    assert_eq!(
+        plan.target("web"),
+        3,
+        "web cannot grow into a paused service's slots"
+    );
+    assert!(mem.paused.contains(&batch), "pause is carried over");
+
+    mem.paused.clear();
+    let (plan, _) =
+        microscaler_core::decide(&cfg, &observed, &samples, &mem, Duration::from_secs(2));
+    assert_eq!((plan.target("web"), plan.target("batch")), (7, 2));
+}
