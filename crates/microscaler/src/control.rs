@@ -5,7 +5,8 @@
 //! before it is used, then all scale-ups (concurrently). A service whose last start failed is
 //! retried with exponential backoff; its failure never holds up the other services.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -35,9 +36,21 @@ pub struct Controls {
     pub manual: BTreeMap<(String, String), ManualHandle>,
     /// Random walks by (service, trigger).
     pub random: BTreeMap<(String, String), RandomControl>,
+    /// Paused services: held at their count, neither scaled by demand nor preempted.
+    pub paused: Arc<Mutex<BTreeSet<ServiceName>>>,
 }
 
 impl Controls {
+    /// Pauses (`true`) or resumes `service`; takes effect at the next tick.
+    pub fn set_paused(&self, service: &ServiceName, paused: bool) {
+        let mut set = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused {
+            set.insert(service.clone());
+        } else {
+            set.remove(service);
+        }
+    }
+
     /// The manual handle of `service` (its first manual trigger).
     pub fn manual_of(&self, service: &str) -> Option<&ManualHandle> {
         self.manual
@@ -191,6 +204,12 @@ impl<B: Backend> Controller<B> {
         };
 
         let samples = self.sample(now, &mut errors).await;
+        self.memory.paused = self
+            .controls
+            .paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let engine_view = Observed {
             services: observed.services.clone(),
             hosts: observed.hosts.clone(),

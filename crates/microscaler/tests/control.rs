@@ -225,3 +225,26 @@ fn examples_validate() {
     }
     assert!(n >= 3, "expected an example per backend, found {n}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn pause_holds_a_service_until_resumed() {
+    let fake = Fake::default();
+    let mut ctl = Controller::new(config(""), fake.clone(), 1);
+    ctl.tick().await;
+    let batch = ServiceName::try_new("batch").unwrap();
+    ctl.controls().set_paused(&batch, true);
+    ctl.controls().manual_of("web").unwrap().set(7.0).unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    ctl.tick().await;
+    assert_eq!(
+        fake.0.lock().unwrap().running["batch"],
+        5,
+        "paused batch is not preempted"
+    );
+    assert_eq!(fake.0.lock().unwrap().running["web"], 4);
+    ctl.controls().set_paused(&batch, false);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    ctl.tick().await;
+    assert_eq!(fake.0.lock().unwrap().running["web"], 7);
+    assert_eq!(fake.0.lock().unwrap().running["batch"], 2);
+}
