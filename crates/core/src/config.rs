@@ -131,6 +131,10 @@ pub struct Config {
     pub backend: BackendSpec,
     /// The services, in file order.
     pub services: Vec<Service>,
+    /// Scaling behaviour (`[services.scaling]`) of the services that set one; the others use
+    /// [`Scaling::DEFAULT`]. Kept beside the services, keyed by name, so a [`Service`] built in
+    /// code needs no scaling section.
+    pub scaling: BTreeMap<ServiceName, Scaling>,
 }
 
 impl Config {
@@ -153,6 +157,11 @@ impl Config {
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name.as_str() == name)
+    }
+
+    /// The scaling behaviour of `service` (the default when it sets none).
+    pub fn scaling_of(&self, service: &ServiceName) -> &Scaling {
+        self.scaling.get(service).unwrap_or(&DEFAULT_SCALING)
     }
 }
 
@@ -208,6 +217,7 @@ struct RawService {
     #[serde(default)]
     env: BTreeMap<String, String>,
     stop_grace: Option<String>,
+    scaling: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -215,7 +225,64 @@ struct RawTriggerHead {
     #[serde(rename = "type")]
     kind: Option<String>,
     name: Option<String>,
+    rule: Option<String>,
+    target: Option<f64>,
+    tolerance: Option<f64>,
+    activation: Option<f64>,
+    kp: Option<f64>,
+    kd: Option<f64>,
+    failure_threshold: Option<u32>,
+    fallback: Option<toml::Value>,
 }
+
+/// The trigger keys the rules use; split off before the source's own keys.
+const TRIGGER_HEAD_KEYS: &[&str] = &[
+    "type",
+    "name",
+    "rule",
+    "target",
+    "tolerance",
+    "activation",
+    "kp",
+    "kd",
+    "failure_threshold",
+    "fallback",
+];
+
+/// Rule names, listed in errors.
+pub const RULES: &[&str] = &["value", "average", "utilisation", "pd"];
+
+#[derive(Deserialize)]
+struct RawFallback {
+    replicas: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawScaling {
+    formula: Option<String>,
+    up: Option<toml::Value>,
+    down: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawDirection {
+    stabilisation: Option<String>,
+    select: Option<String>,
+    #[serde(default)]
+    policies: Vec<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawPolicy {
+    replicas: Option<u32>,
+    percent: Option<u32>,
+    period: Option<String>,
+}
+
+static DEFAULT_SCALING: Scaling = Scaling::DEFAULT;
+
+/// The longest stabilisation window or rate-limit period.
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Backend types, listed in errors.
 pub const BACKEND_TYPES: &[&str] = &["docker", "swarm", "process"];
@@ -349,15 +416,19 @@ impl Validator {
             self.err("services", "at least one [[services]] entry is required");
         }
         let mut services = Vec::new();
+        let mut scaling = BTreeMap::new();
         let mut names = BTreeSet::new();
         for (i, raw) in top.services.into_iter().enumerate() {
             let path = format!("services[{i}]");
-            if let Some(s) = self.service(raw, &path, capacity, backend.as_ref()) {
+            if let Some((s, sc)) = self.service(raw, &path, capacity, backend.as_ref()) {
                 if !names.insert(s.name.clone()) {
                     self.err(
                         format!("{path}.name"),
                         format!("duplicate service name {:?}", s.name.as_str()),
                     );
+                }
+                if let Some(sc) = sc {
+                    scaling.insert(s.name.clone(), sc);
                 }
                 services.push(s);
             }
@@ -380,6 +451,7 @@ impl Validator {
             capacity: capacity?,
             backend: backend?,
             services,
+            scaling,
         })
     }
 
@@ -493,7 +565,7 @@ impl Validator {
         path: &str,
         capacity: Option<Capacity>,
         backend: Option<&BackendSpec>,
-    ) -> Option<Service> {
+    ) -> Option<(Service, Option<Scaling>)> {
         let s: RawService = self.part(raw, path)?;
         let p = |key: &str| format!("{path}.{key}");
         let name = match s.name {
@@ -572,6 +644,17 @@ impl Validator {
             }
             ServiceKind::Triggered(triggers)
         };
+        let scaling = match (s.scaling, &kind) {
+            (None, _) => None,
+            (Some(raw), ServiceKind::Triggered(ts)) => self.scaling(raw, &p("scaling"), ts, path),
+            (Some(_), _) => {
+                self.err(
+                    p("scaling"),
+                    "only services with [[services.triggers]] scale by rules; remove it",
+                );
+                None
+            }
+        };
 
         for key in s.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -601,7 +684,7 @@ impl Validator {
             }
         }
 
-        Some(Service {
+        let service = Service {
             name: name?,
             priority,
             min,
@@ -614,7 +697,8 @@ impl Validator {
                 env: s.env,
             },
             stop_grace,
-        })
+        };
+        Some((service, scaling))
     }
 
     fn trigger(
@@ -633,7 +717,7 @@ impl Validator {
         // Split the common keys from the source's own, so each source type rejects keys it
         // does not know.
         let mut head = toml::Table::new();
-        for key in ["type", "name"] {
+        for &key in TRIGGER_HEAD_KEYS {
             if let Some(v) = table.remove(key) {
                 head.insert(key.into(), v);
             }
@@ -646,11 +730,255 @@ impl Validator {
             );
             return None;
         };
+        let p = |key: &str| format!("{path}.{key}");
+        let positive = |v: &mut Validator, key: &str, x: Option<f64>| -> Option<f64> {
+            match x {
+                Some(x) if x.is_finite() && x > 0.0 => Some(x),
+                Some(x) => {
+                    v.err(p(key), format!("must be a finite number > 0, got {x}"));
+                    None
+                }
+                None => None,
+            }
+        };
+        let target = positive(self, "target", head.target);
+        let rule_name = head.rule.as_deref().unwrap_or("value");
+        let rule = match rule_name {
+            "value" => Rule::Value,
+            "average" | "utilisation" | "pd" => match target {
+                None if head.target.is_none() => {
+                    self.err(
+                        p("target"),
+                        format!("missing: rule {rule_name:?} needs a target > 0"),
+                    );
+                    Rule::Value
+                }
+                None => Rule::Value,
+                Some(target) => match rule_name {
+                    "average" => Rule::Average { target },
+                    "utilisation" => Rule::Utilisation { target },
+                    _ => {
+                        let gain = |v: &mut Validator, key: &str, x: Option<f64>, d: f64| match x {
+                            None => d,
+                            Some(x) if x.is_finite() && x >= 0.0 => x,
+                            Some(x) => {
+                                v.err(p(key), format!("must be a finite number >= 0, got {x}"));
+                                d
+                            }
+                        };
+                        let kp = gain(self, "kp", head.kp, 0.1);
+                        let kd = gain(self, "kd", head.kd, 0.0);
+                        Rule::Pd(PdSpec { target, kp, kd })
+                    }
+                },
+            },
+            other => {
+                self.err(
+                    p("rule"),
+                    format!(
+                        "unknown rule {other:?}: valid rules are {}",
+                        RULES.join(", ")
+                    ),
+                );
+                Rule::Value
+            }
+        };
+        if rule_name == "value" && head.target.is_some() {
+            self.err(
+                p("target"),
+                "not used by rule \"value\" (the value is the replica count); set rule = \"average\", \"utilisation\" or \"pd\"",
+            );
+        }
+        if rule_name != "pd" {
+            for (key, x) in [("kp", head.kp), ("kd", head.kd)] {
+                if x.is_some() {
+                    self.err(p(key), "only used by rule = \"pd\"");
+                }
+            }
+        }
+        let tolerance = match head.tolerance {
+            None => Trigger::DEFAULT_TOLERANCE,
+            Some(t) if t.is_finite() && (0.0..1.0).contains(&t) => {
+                if !matches!(rule, Rule::Average { .. } | Rule::Utilisation { .. }) {
+                    self.err(
+                        p("tolerance"),
+                        "only used by rule = \"average\" or \"utilisation\"",
+                    );
+                }
+                t
+            }
+            Some(t) => {
+                self.err(p("tolerance"), format!("must be >= 0 and < 1, got {t}"));
+                Trigger::DEFAULT_TOLERANCE
+            }
+        };
+        let activation = match head.activation {
+            None => 0.0,
+            Some(a) if a.is_finite() && a >= 0.0 => a,
+            Some(a) => {
+                self.err(
+                    p("activation"),
+                    format!("must be a finite number >= 0, got {a}"),
+                );
+                0.0
+            }
+        };
+        let fallback = match head.fallback {
+            None => None,
+            Some(toml::Value::String(f)) if f == "current" => Some(Fallback::Current),
+            Some(toml::Value::String(f)) if f == "ignore" => Some(Fallback::Ignore),
+            Some(v @ toml::Value::Table(_)) => {
+                let f: Option<RawFallback> = self.part(v, &p("fallback"));
+                match f.and_then(|f| f.replicas) {
+                    Some(n) => Some(Fallback::Replicas(n)),
+                    None => {
+                        self.err(
+                            p("fallback.replicas"),
+                            "missing: write fallback = { replicas = N }",
+                        );
+                        None
+                    }
+                }
+            }
+            Some(other) => {
+                self.err(
+                    p("fallback"),
+                    format!("must be {{ replicas = N }}, \"current\" or \"ignore\", got {other}"),
+                );
+                None
+            }
+        };
+        let failure = match (fallback, head.failure_threshold) {
+            (Some(fallback), threshold) => Some(FailurePolicy {
+                threshold: threshold.unwrap_or(3),
+                fallback,
+            }),
+            (None, Some(_)) => {
+                self.err(
+                    p("failure_threshold"),
+                    "has no effect without a fallback; set fallback = { replicas = N }, \"current\" or \"ignore\"",
+                );
+                None
+            }
+            (None, None) => None,
+        };
         let source = self.source(&kind, toml::Value::Table(table), path, capacity)?;
         Some(Trigger {
             name: head.name.unwrap_or_else(|| kind.clone()),
             source,
+            rule,
+            tolerance,
+            activation,
+            failure,
         })
+    }
+
+    fn scaling(
+        &mut self,
+        raw: toml::Value,
+        path: &str,
+        triggers: &[Trigger],
+        service_path: &str,
+    ) -> Option<Scaling> {
+        let s: RawScaling = self.part(raw, path)?;
+        let formula = s.formula.and_then(|text| {
+            let mut names: Vec<&str> = triggers.iter().map(|t| t.name.as_str()).collect();
+            names.push(crate::rules::CURRENT);
+            match Formula::parse(&text, &names) {
+                Ok(f) => {
+                    for (j, t) in triggers.iter().enumerate() {
+                        if t.rule != Rule::Value {
+                            self.err(
+                                format!("{service_path}.triggers[{j}].rule"),
+                                format!(
+                                    "not used when {path}.formula is set (the formula gets the raw values); remove it or the formula"
+                                ),
+                            );
+                        }
+                    }
+                    Some(f)
+                }
+                Err(e) => {
+                    self.err(format!("{path}.formula"), e);
+                    None
+                }
+            }
+        });
+        let up = self.direction(s.up, &format!("{path}.up"));
+        let down = self.direction(s.down, &format!("{path}.down"));
+        Some(Scaling { formula, up, down })
+    }
+
+    fn direction(&mut self, raw: Option<toml::Value>, path: &str) -> Direction {
+        let Some(raw) = raw else {
+            return Direction::NONE;
+        };
+        let Some(d) = self.part::<RawDirection>(raw, path) else {
+            return Direction::NONE;
+        };
+        let stabilisation = self.duration(
+            d.stabilisation.as_deref(),
+            &format!("{path}.stabilisation"),
+            Duration::ZERO,
+            (Duration::ZERO, MAX_WINDOW),
+        );
+        let select = match d.select.as_deref() {
+            None | Some("max") => Select::Max,
+            Some("min") => Select::Min,
+            Some(other) => {
+                self.err(
+                    format!("{path}.select"),
+                    format!("must be \"max\" or \"min\", got {other:?}"),
+                );
+                Select::Max
+            }
+        };
+        let mut policies = Vec::new();
+        for (k, raw) in d.policies.into_iter().enumerate() {
+            let pp = format!("{path}.policies[{k}]");
+            let Some(r) = self.part::<RawPolicy>(raw, &pp) else {
+                continue;
+            };
+            let amount = match (r.replicas, r.percent) {
+                (Some(0), None) => {
+                    self.err(format!("{pp}.replicas"), "must be >= 1, got 0");
+                    None
+                }
+                (None, Some(0)) => {
+                    self.err(format!("{pp}.percent"), "must be >= 1, got 0");
+                    None
+                }
+                (Some(n), None) => Some(Amount::Replicas(n)),
+                (None, Some(n)) => Some(Amount::Percent(n)),
+                _ => {
+                    self.err(&pp, "set exactly one of replicas or percent");
+                    None
+                }
+            };
+            let period = match r.period {
+                None => {
+                    self.err(format!("{pp}.period"), "missing: write it like \"15s\"");
+                    None
+                }
+                Some(raw) => {
+                    let d = self.duration(
+                        Some(&raw),
+                        &format!("{pp}.period"),
+                        Duration::ZERO,
+                        (Duration::from_millis(1), MAX_WINDOW),
+                    );
+                    (!d.is_zero()).then_some(d)
+                }
+            };
+            if let (Some(amount), Some(period)) = (amount, period) {
+                policies.push(RatePolicy { amount, period });
+            }
+        }
+        Direction {
+            stabilisation,
+            select,
+            policies,
+        }
     }
 }
 
@@ -780,7 +1108,10 @@ mod tests {
         let e = errors(&GOOD.replace("type = \"random\"", "type = \"kafka\""));
         assert_eq!(
             e,
-            vec!["services[0].triggers[0].type: unknown source type \"kafka\": valid types are random, manual"]
+            vec![format!(
+                "services[0].triggers[0].type: unknown source type \"kafka\": valid types are {}",
+                SOURCE_TYPES.join(", ")
+            )]
         );
         let e = errors(&GOOD.replace("type = \"docker\"", "type = \"k8s\""));
         assert_eq!(

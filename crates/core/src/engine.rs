@@ -38,6 +38,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::model::*;
 use crate::plan::*;
+use crate::rules::{self, replicas_for, Recommendation};
 
 /// What the engine remembers between ticks, per service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -48,6 +49,38 @@ pub struct EngineState {
     /// preempted by higher priorities (only a cluster that shrinks under them can move them).
     /// Set by the control loop between ticks; `decide` carries it over unchanged.
     pub paused: BTreeSet<ServiceName>,
+    /// Per service, what the scaling rules remember (only for services whose rules need it:
+    /// windows, rate limits, fallbacks, the PD controller).
+    pub rules: BTreeMap<ServiceName, RuleMemory>,
+}
+
+/// What the scaling rules of one service remember between ticks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleMemory {
+    /// Per trigger with a fallback or a PD rule.
+    pub triggers: BTreeMap<String, TriggerMemory>,
+    /// Raw recommendations within the longest stabilisation window, oldest first.
+    pub recommendations: Vec<(Duration, u32)>,
+    /// Changes of the committed target within the longest rate-limit period, oldest first.
+    pub events: Vec<(Duration, i64)>,
+}
+
+/// What one trigger's rules remember.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TriggerMemory {
+    /// Consecutive failed samples.
+    pub failures: u32,
+    /// The last good value (as `f64` bits, so the memory stays `Eq`).
+    last: Option<u64>,
+    /// The PD controller's last sample time and error (bits).
+    pd: Option<(Duration, u64)>,
+}
+
+impl TriggerMemory {
+    /// The last good value.
+    pub fn last_value(&self) -> Option<f64> {
+        self.last.map(f64::from_bits)
+    }
 }
 
 /// A committed target.
@@ -66,6 +99,15 @@ struct Work<'a> {
     demand: Option<f64>,
     /// Triggers without a usable sample this tick.
     missing: Vec<&'a str>,
+    /// Replicas the triggers (or the hosts) asked for, before limits.
+    asked: Option<u32>,
+    /// What the triggers asked, in words ("demand 4", "queue 120 for target 10 per replica
+    /// asks 12").
+    asks: String,
+    /// The words of the rule that bound the want, for the rules' own bounds.
+    detail: String,
+    /// What the rules remember after this tick.
+    rules: Option<RuleMemory>,
     want: u32,
     want_bound: Bound,
     /// Reserved before anyone keeps or grows: `min(min, want)`.
@@ -98,6 +140,7 @@ pub fn decide(
         .map(|svc| {
             want(
                 svc,
+                cfg.scaling_of(&svc.name),
                 observed,
                 samples,
                 memory,
@@ -147,6 +190,21 @@ pub fn decide(
         paused: memory.paused.clone(),
         ..EngineState::default()
     };
+    for w in &mut work {
+        if let Some(mut r) = w.rules.take() {
+            let scaling = cfg.scaling_of(&w.svc.name);
+            if scaling.has_rate_limits() {
+                if w.target != w.current {
+                    r.events.push((now, w.target as i64 - w.current as i64));
+                }
+                let keep = scaling.longest_period();
+                r.events.retain(|(t, _)| now.saturating_sub(*t) < keep);
+            }
+            if r != RuleMemory::default() {
+                next.rules.insert(w.svc.name.clone(), r);
+            }
+        }
+    }
     for w in &work {
         let keep = memory
             .services
@@ -164,8 +222,10 @@ pub fn decide(
     (plan, next)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn want<'a>(
     svc: &'a Service,
+    scaling: &Scaling,
     observed: &Observed,
     samples: &Samples,
     memory: &EngineState,
@@ -181,34 +241,70 @@ fn want<'a>(
             || now.saturating_sub(m.changed_at) >= converge_timeout
     });
     let step = svc.max_step.unwrap_or(u32::MAX);
+    let prev = memory.rules.get(&svc.name);
 
     let mut missing = Vec::new();
-    let (mut wish, mut bound, demand) = match &svc.kind {
+    let mut asks = String::new();
+    let mut detail = String::new();
+    let mut rule_memory = None;
+    let (mut wish, mut bound, demand, asked) = match &svc.kind {
         ServiceKind::Triggered(triggers) => {
-            // Samples are matched to triggers by name; a trigger without a finite value is
-            // missing. With one missing, the others may still scale up (whatever the missing
-            // one says, they need that much) but never down.
-            let got = samples.services.get(&svc.name);
-            let mut value: Option<f64> = None;
-            for t in triggers {
-                let v = got
-                    .and_then(|ss| ss.iter().find(|s| s.trigger == t.name))
-                    .and_then(|s| s.value)
-                    .filter(|v| v.is_finite());
-                match v {
-                    Some(v) => value = Some(value.map_or(v, |m| m.max(v))),
-                    None => missing.push(t.name.as_str()),
+            let t = triggered(svc, triggers, scaling, samples, prev, current, now);
+            missing = t.missing;
+            asks = t.asks;
+            detail = t.detail;
+            let mut r = RuleMemory {
+                triggers: t.memory,
+                ..RuleMemory::default()
+            };
+            let mut wish = t.wish;
+            let mut bound = t.bound;
+            if scaling.has_windows() {
+                let history = prev.map_or(&[][..], |m| &m.recommendations[..]);
+                let raw = wish;
+                if bound != Bound::MissingDemand {
+                    let s = rules::stabilise(
+                        wish,
+                        current,
+                        history,
+                        now,
+                        scaling.up.stabilisation,
+                        scaling.down.stabilisation,
+                    );
+                    if s != wish {
+                        wish = s;
+                        detail = if s > raw {
+                            format!(
+                                "{asks} ({raw} replicas), but the highest recommendation in the {} scale-down stabilisation window is {s}",
+                                humantime::format_duration(scaling.down.stabilisation)
+                            )
+                        } else {
+                            format!(
+                                "{asks} ({raw} replicas), but the lowest recommendation in the {} scale-up stabilisation window is {s}",
+                                humantime::format_duration(scaling.up.stabilisation)
+                            )
+                        };
+                        bound = Bound::Stabilisation;
+                    }
+                }
+                let window = scaling.longest_window();
+                r.recommendations = history
+                    .iter()
+                    .filter(|(t, _)| now.saturating_sub(*t) < window)
+                    .copied()
+                    .collect();
+                if bound != Bound::MissingDemand {
+                    r.recommendations.push((now, raw));
                 }
             }
-            match value {
-                Some(v) if missing.is_empty() || replicas_for(v) > current => {
-                    (replicas_for(v), Bound::Demand, Some(v))
-                }
-                _ => (current, Bound::MissingDemand, value),
+            if scaling.has_rate_limits() {
+                r.events = prev.map_or_else(Vec::new, |m| m.events.clone());
             }
+            rule_memory = Some(r);
+            (wish, bound, t.demand, t.asked)
         }
-        ServiceKind::PerHost => (hosts, Bound::Hosts, Some(hosts as f64)),
-        ServiceKind::Remainder => (svc.max, Bound::Remainder, None),
+        ServiceKind::PerHost => (hosts, Bound::Hosts, Some(hosts as f64), Some(hosts)),
+        ServiceKind::Remainder => (svc.max, Bound::Remainder, None, None),
     };
     if wish < svc.min {
         wish = svc.min;
@@ -228,6 +324,43 @@ fn want<'a>(
         } else {
             Bound::Converging
         };
+    }
+    // Rate limits, like max_step, limit moves within [min, max] only.
+    if let Some(r) = rule_memory.as_ref().filter(|_| scaling.has_rate_limits()) {
+        if wish > current {
+            if let Some((limit, policy)) = rules::up_limit(current, &r.events, now, &scaling.up) {
+                let limit = limit.max(current);
+                if wish > limit {
+                    if svc.min > limit {
+                        wish = svc.min;
+                        bound = Bound::Min;
+                    } else {
+                        detail = format!(
+                            "wants {wish}: {asks}; scale-up limited to {limit} by policy {policy}"
+                        );
+                        wish = limit;
+                        bound = Bound::RateLimit;
+                    }
+                }
+            }
+        } else if wish < current {
+            if let Some((limit, policy)) = rules::down_limit(current, &r.events, now, &scaling.down)
+            {
+                let limit = limit.min(current);
+                if wish < limit {
+                    if svc.max < limit {
+                        wish = svc.max;
+                        bound = Bound::Max;
+                    } else {
+                        detail = format!(
+                            "wants {wish}: {asks}; scale-down limited to {limit} by policy {policy}"
+                        );
+                        wish = limit;
+                        bound = Bound::RateLimit;
+                    }
+                }
+            }
+        }
     }
     // max_step limits moves within [min, max]; a service outside them moves straight in.
     if wish > current.saturating_add(step) {
@@ -265,6 +398,10 @@ fn want<'a>(
         current,
         demand,
         missing,
+        asked,
+        asks,
+        detail,
+        rules: rule_memory,
         want: wish,
         want_bound: bound,
         min,
@@ -274,14 +411,315 @@ fn want<'a>(
     }
 }
 
-/// Replicas for a demand value: rounded up, negative as zero, saturating at `u32::MAX`.
-fn replicas_for(v: f64) -> u32 {
-    if v <= 0.0 {
-        0
-    } else if v >= u32::MAX as f64 {
-        u32::MAX
+/// What a triggered service's triggers ask for this tick.
+struct TriggeredWish<'a> {
+    wish: u32,
+    bound: Bound,
+    demand: Option<f64>,
+    asked: Option<u32>,
+    missing: Vec<&'a str>,
+    asks: String,
+    detail: String,
+    memory: BTreeMap<String, TriggerMemory>,
+}
+
+/// How one trigger is used this tick.
+enum Use {
+    /// A value: live, or the last good one kept after `n` failures.
+    Value(f64, Option<u32>),
+    /// The fallback, after `n` failures.
+    Fallback(Fallback, u32),
+    /// No usable value and no fallback yet.
+    Missing,
+}
+
+fn num(v: f64) -> String {
+    format!("{}", (v * 1000.0).round() / 1000.0)
+}
+
+/// The triggers' rules: each trigger's value (live, kept or fallback) becomes replicas by its
+/// rule; they combine by max or the formula; activation gates zero.
+fn triggered<'a>(
+    svc: &Service,
+    triggers: &'a [Trigger],
+    scaling: &Scaling,
+    samples: &Samples,
+    prev: Option<&RuleMemory>,
+    current: u32,
+    now: Duration,
+) -> TriggeredWish<'a> {
+    let got = samples.services.get(&svc.name);
+    let mut memory = BTreeMap::new();
+    let mut missing = Vec::new();
+    // Worded only when the reason needs them (not on the default rules' path).
+    let mut parts: Vec<Part> = Vec::new();
+    // Plain: the default rules only, worded as before ("demand 4").
+    let mut plain = scaling.formula.is_none();
+    let mut values: Vec<f64> = Vec::with_capacity(triggers.len() + 1);
+    let mut active = false;
+    let mut inactive: Vec<String> = Vec::new();
+    // The max over the triggers: (replicas, raw, bound).
+    let mut best: Option<(u32, f64, Bound)> = None;
+    // A fallback with replicas or current, which a formula cannot use.
+    let mut forced: Option<u32> = None;
+    let mut max_value: Option<f64> = None;
+    for t in triggers {
+        let sample = got
+            .and_then(|ss| ss.iter().find(|s| s.trigger == t.name))
+            .and_then(|s| s.value)
+            .filter(|v| v.is_finite());
+        let old = prev
+            .and_then(|m| m.triggers.get(&t.name))
+            .copied()
+            .unwrap_or_default();
+        let mut m = old;
+        let using = match sample {
+            Some(v) => {
+                m.failures = 0;
+                if t.failure.is_some() {
+                    m.last = Some(v.to_bits());
+                }
+                Use::Value(v, None)
+            }
+            None => {
+                m.failures = m.failures.saturating_add(1);
+                match t.failure {
+                    Some(p) if m.failures > p.threshold => Use::Fallback(p.fallback, m.failures),
+                    Some(_) => match m.last {
+                        Some(b) => Use::Value(f64::from_bits(b), Some(m.failures)),
+                        None => Use::Missing,
+                    },
+                    None => Use::Missing,
+                }
+            }
+        };
+        let mut offer = |r: u32, raw: f64, b: Bound| {
+            if best.is_none_or(|(x, _, _)| r > x) {
+                best = Some((r, raw, b));
+            }
+        };
+        match using {
+            Use::Value(v, kept) => {
+                max_value = Some(max_value.map_or(v, |x: f64| x.max(v)));
+                if v > t.activation {
+                    active = true;
+                } else {
+                    inactive.push(format!(
+                        "{} {} <= activation {}",
+                        t.name,
+                        num(v),
+                        num(t.activation)
+                    ));
+                }
+                let pd_prev = m.pd.map(|(at, e)| (at, f64::from_bits(e)));
+                let rec = rules::recommend(&t.rule, v, current, t.tolerance, pd_prev, now);
+                if let (Rule::Pd(p), None) = (&t.rule, kept) {
+                    m.pd = Some((now, (v - p.target).to_bits()));
+                }
+                values.push(v);
+                plain &= t.rule == Rule::Value && kept.is_none();
+                parts.push(Part::Value(t, v, rec, kept));
+                let b = if rec.within_tolerance {
+                    Bound::Tolerance
+                } else {
+                    Bound::Demand
+                };
+                offer(rec.replicas, rec.raw, b);
+            }
+            Use::Fallback(f, n) => {
+                plain = false;
+                let head = format!(
+                    "{} failed {n} times (more than failure_threshold {})",
+                    t.name,
+                    t.failure.map_or(0, |p| p.threshold)
+                );
+                values.push(0.0);
+                match f {
+                    Fallback::Replicas(r) => {
+                        active |= r > 0;
+                        parts.push(Part::Words(format!(
+                            "{head}: fallback {r} replica{}",
+                            plural(r)
+                        )));
+                        forced = Some(forced.unwrap_or(0).max(r));
+                        offer(r, r as f64, Bound::Fallback);
+                    }
+                    Fallback::Current => {
+                        active |= current > 0;
+                        parts.push(Part::Words(format!(
+                            "{head}: fallback keeps current {current}"
+                        )));
+                        forced = Some(forced.unwrap_or(0).max(current));
+                        offer(current, current as f64, Bound::Fallback);
+                    }
+                    Fallback::Ignore => {
+                        parts.push(Part::Words(format!("{head}: ignored")));
+                    }
+                }
+            }
+            Use::Missing => {
+                missing.push(t.name.as_str());
+                values.push(f64::NAN);
+            }
+        }
+        if t.failure.is_some() || matches!(t.rule, Rule::Pd(_)) {
+            memory.insert(t.name.clone(), m);
+        }
+    }
+
+    // Combine: max over the triggers, or the formula over their values.
+    let combined: Option<(u32, f64, Bound)> = match &scaling.formula {
+        None => best,
+        Some(_) if !missing.is_empty() => None,
+        Some(_) if forced.is_some() => forced.map(|r| (r, r as f64, Bound::Fallback)),
+        Some(f) => {
+            values.push(current as f64);
+            let raw = f.eval(&values);
+            if raw.is_nan() {
+                missing.push("formula");
+                None
+            } else {
+                Some((replicas_for(raw), raw, Bound::Demand))
+            }
+        }
+    };
+    let asks = if plain && !missing.is_empty() && parts.is_empty() {
+        "no demand sample".to_string()
+    } else if triggers.iter().all(|t| t.rule == Rule::Value) && plain {
+        format!("demand {}", max_value.map_or("none".into(), num))
     } else {
-        v.ceil() as u32
+        let mut a = parts
+            .iter()
+            .map(|p| p.words(current))
+            .collect::<Vec<_>>()
+            .join("; ");
+        match (&scaling.formula, combined) {
+            (Some(f), Some((r, raw, Bound::Demand))) => {
+                a = format!("formula {:?} = {} asks {r} ({a})", f.text(), num(raw))
+            }
+            (None, Some((r, _, _))) if parts.len() > 1 => a.push_str(&format!("; max {r}")),
+            _ => {}
+        }
+        if a.is_empty() {
+            "no demand sample".to_string()
+        } else {
+            a
+        }
+    };
+    let demand = if plain {
+        max_value
+    } else {
+        combined.map(|(_, raw, _)| raw)
+    };
+
+    let mut detail = String::new();
+    let (mut wish, mut bound, asked) = match combined {
+        // Nothing to go by: every trigger is missing or ignored. Hold.
+        None if missing.is_empty() => {
+            detail = format!("{asks}; holding at {current}");
+            (current, Bound::Fallback, None)
+        }
+        None => (current, Bound::MissingDemand, None),
+        Some((r, _, b)) => {
+            if !active && missing.is_empty() {
+                // KEDA's activation: no trigger above its activation, the service goes to zero.
+                if r > 0 {
+                    detail = format!(
+                        "{asks}, but no trigger is above its activation ({}): scales to 0",
+                        inactive.join(", ")
+                    );
+                    (0, Bound::Activation, Some(r))
+                } else {
+                    (0, b, Some(r))
+                }
+            } else if active && r == 0 {
+                detail = format!("{asks}; a trigger is above its activation: at least 1 replica");
+                (1, Bound::Activation, Some(r))
+            } else {
+                if b == Bound::Tolerance && r == current {
+                    detail = format!("{asks}: within the tolerance band; holding at {current}");
+                } else if b == Bound::Fallback {
+                    detail = asks.clone();
+                }
+                (r, b, Some(r))
+            }
+        }
+    };
+    // A missing metric never scales down: the others may still ask for more.
+    if !missing.is_empty() && wish <= current && bound != Bound::MissingDemand {
+        wish = current;
+        bound = Bound::MissingDemand;
+    }
+    TriggeredWish {
+        wish,
+        bound,
+        demand,
+        asked,
+        missing,
+        asks,
+        detail,
+        memory,
+    }
+}
+
+/// One trigger's part of the reason, worded only when needed.
+enum Part<'a> {
+    /// A value (kept after `n` failures, or live) and what its rule made of it.
+    Value(&'a Trigger, f64, Recommendation, Option<u32>),
+    /// Already in words.
+    Words(String),
+}
+
+impl Part<'_> {
+    fn words(&self, current: u32) -> String {
+        match self {
+            Part::Words(w) => w.clone(),
+            Part::Value(t, v, rec, kept) => {
+                let mut w = trigger_words(t, *v, current, rec);
+                if let (Some(n), Some(p)) = (kept, t.failure) {
+                    w.push_str(&format!(
+                        " (its last value: {n} failure{} so far, fallback after {})",
+                        plural(*n),
+                        p.threshold
+                    ));
+                }
+                w
+            }
+        }
+    }
+}
+
+/// One trigger's recommendation in words.
+fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> String {
+    let n = &t.name;
+    let r = rec.replicas;
+    if rec.within_tolerance {
+        return format!(
+            "{n} {} within tolerance {} of target {}: keeps {current}",
+            num(v),
+            num(t.tolerance),
+            num(t.rule.target().unwrap_or(0.0))
+        );
+    }
+    match &t.rule {
+        Rule::Value => format!("{n} {} asks {r}", num(v)),
+        Rule::Average { target } => format!(
+            "{n} {} for target {} per replica asks {r}",
+            num(v),
+            num(*target)
+        ),
+        Rule::Utilisation { target } => format!(
+            "{n} {} at {current} replicas for target {} asks {r}",
+            num(v),
+            num(*target)
+        ),
+        Rule::Pd(p) => format!(
+            "{n} {} for target {} (pd kp {}, kd {}) asks {r}",
+            num(v),
+            num(p.target),
+            num(p.kp),
+            num(p.kd)
+        ),
     }
 }
 
@@ -469,16 +907,12 @@ fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
     };
     // What the service asked for, in words.
     let asks = match &w.svc.kind {
-        ServiceKind::Triggered(_) if w.demand.is_none() => "no demand sample".to_string(),
-        ServiceKind::Triggered(_) => format!("demand {d}"),
+        ServiceKind::Triggered(_) => w.asks.clone(),
         ServiceKind::PerHost => format!("{d} ready hosts"),
         ServiceKind::Remainder => "free capacity".to_string(),
     };
     // The replicas it asked for, before limits.
-    let asked = match &w.svc.kind {
-        ServiceKind::Triggered(_) | ServiceKind::PerHost => w.demand.map(replicas_for),
-        ServiceKind::Remainder => None,
-    };
+    let asked = w.asked;
     let over_capacity = || {
         format!(
             "capacity {capacity} is below the {} slots placed; lowest priority shrinks first",
@@ -487,8 +921,11 @@ fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
     };
     match bound {
         Bound::Demand => {
-            let want = replicas_for(w.demand.unwrap_or(0.0));
-            format!("demand {d} {} {}", cmp(want, w.current), w.current)
+            format!(
+                "{asks} {} {}",
+                cmp(w.asked.unwrap_or(0), w.current),
+                w.current
+            )
         }
         Bound::Hosts => format!("one per ready host: {} hosts", w.target),
         Bound::Min => {
@@ -558,6 +995,17 @@ fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
         ),
         Bound::OverCapacity => over_capacity(),
         Bound::Paused => format!("paused by the operator; holding at {}", w.current),
+        Bound::Stabilisation
+        | Bound::RateLimit
+        | Bound::Activation
+        | Bound::Tolerance
+        | Bound::Fallback => {
+            if w.detail.is_empty() {
+                asks
+            } else {
+                w.detail.clone()
+            }
+        }
     }
 }
 

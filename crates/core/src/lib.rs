@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod model;
 pub mod plan;
+pub mod rules;
 pub mod source_spec;
 
 pub use config::{Config, ConfigError, ConfigErrors};

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::rules::{
+    Amount, Direction, FailurePolicy, Fallback, Formula, PdSpec, RatePolicy, Rule, Scaling, Select,
+};
 pub use crate::source_spec::{ManualSpec, RandomSpec, SourceSpec};
 
 /// The name of a service: a DNS label (1 to 63 characters of `a-z`, `0-9` and `-`, starting and
@@ -93,6 +96,34 @@ pub struct Trigger {
     pub name: String,
     /// Where the value comes from.
     pub source: SourceSpec,
+    /// How the value becomes replicas (default: the value is the replica count).
+    pub rule: Rule,
+    /// No change while `|value / target - 1| <= tolerance` (average and utilisation rules).
+    pub tolerance: f64,
+    /// The service wakes from zero only when some trigger's value is strictly above its
+    /// activation; when no trigger is, it goes to zero (or its min).
+    pub activation: f64,
+    /// What to do when the trigger keeps failing; `None`: a failing trigger holds the service
+    /// (it never scales down on a missing metric), however long it fails.
+    pub failure: Option<FailurePolicy>,
+}
+
+impl Trigger {
+    /// The default tolerance band (the HPA's).
+    pub const DEFAULT_TOLERANCE: f64 = 0.1;
+
+    /// A trigger with the default rules: the value is the replica count, activation 0, no
+    /// fallback.
+    pub fn new(name: impl Into<String>, source: SourceSpec) -> Self {
+        Trigger {
+            name: name.into(),
+            source,
+            rule: Rule::Value,
+            tolerance: Self::DEFAULT_TOLERANCE,
+            activation: 0.0,
+            failure: None,
+        }
+    }
 }
 
 /// What a replica runs.

@@ -33,6 +33,18 @@ pub enum Bound {
     OverCapacity,
     /// Held: an operator paused the service.
     Paused,
+    /// Held or moved less: a stabilisation window (the lowest recommendation of the up window,
+    /// the highest of the down window).
+    Stabilisation,
+    /// The change was cut by a rate-limit policy (replicas or percent per period).
+    RateLimit,
+    /// Kept at or sent to zero because no trigger's value was above its activation, or raised
+    /// to one because one was.
+    Activation,
+    /// Held: the values are within the tolerance band of their targets.
+    Tolerance,
+    /// A failing trigger's fallback decided.
+    Fallback,
 }
 
 impl Bound {
@@ -51,6 +63,11 @@ impl Bound {
             Bound::MissingDemand => "missing_demand",
             Bound::OverCapacity => "over_capacity",
             Bound::Paused => "paused",
+            Bound::Stabilisation => "stabilisation",
+            Bound::RateLimit => "rate_limit",
+            Bound::Activation => "activation",
+            Bound::Tolerance => "tolerance",
+            Bound::Fallback => "fallback",
         }
     }
 }

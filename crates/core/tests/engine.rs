@@ -54,10 +54,7 @@ fn service(n: &str, priority: u32, kind: ServiceKind) -> Service {
 }
 
 fn trigger(n: &str) -> Trigger {
-    Trigger {
-        name: n.into(),
-        source: SourceSpec::Manual(ManualSpec { initial: 0.0 }),
-    }
+    Trigger::new(n, SourceSpec::Manual(ManualSpec { initial: 0.0 }))
 }
 
 /// A service driven by one trigger called [`LOAD`].
@@ -105,6 +102,7 @@ fn config(capacity: Capacity, services: Vec<Service>) -> Config {
         capacity,
         backend: BackendSpec::Process(ProcessSpec::default()),
         services,
+        scaling: Default::default(),
     }
 }
 

@@ -88,10 +88,7 @@ fn service(i: usize) -> impl Strategy<Value = Service> {
                 Kind::Triggered(n) => ServiceKind::Triggered(
                     TRIGGERS[..n]
                         .iter()
-                        .map(|t| Trigger {
-                            name: t.to_string(),
-                            source: SourceSpec::Manual(ManualSpec { initial: 0.0 }),
-                        })
+                        .map(|t| Trigger::new(*t, SourceSpec::Manual(ManualSpec { initial: 0.0 })))
                         .collect(),
                 ),
                 Kind::Remainder => ServiceKind::Remainder,
@@ -230,6 +227,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     capacity,
                     backend: BackendSpec::Process(ProcessSpec::default()),
                     services,
+                    scaling: Default::default(),
                 },
                 observed,
                 samples,
