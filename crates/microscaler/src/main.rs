@@ -4,19 +4,21 @@
 //! configuration or usage.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use microscaler::control::{run_loop, Controller, TickReport};
+use microscaler::control::{run_loop, Controller, Controls, TickReport};
 use microscaler::demo::{self, DemoBackend, DemoSettings};
 use microscaler::report::TickLine;
 use microscaler::wiring::{build_backend, default_state_dir};
 use microscaler_backends::{AnyBackend, Backend};
 use microscaler_core::config::OnExit;
 use microscaler_core::Config;
+use microscaler_server::{Hub, ServerOptions, Setup, Store, Tick, TickError, TickParts};
 
 /// Real-time, priority-aware container autoscaler.
 ///
@@ -89,9 +91,34 @@ struct DemoArgs {
     /// Instance name: the label on the demo's replicas.
     #[arg(long, default_value = "demo")]
     instance: String,
-    /// Directory for the process backend's records.
+    /// Directory for the process backend's records (and the history's default place).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// The HTTP server's flags (dashboard, API, /metrics, history).
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Address of the dashboard, API and /metrics [default: 127.0.0.1:8080; if that is taken the
+    /// daemon runs without them and says so]. "off" disables the server.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Bearer token for the API's changes (manual demand, pause, ...). Without one, changes
+    /// are refused; the demo generates one and prints it.
+    #[arg(long, env = "MICROSCALER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Let any client read the dashboard, API and metrics without the token (default: only
+    /// loopback clients).
+    #[arg(long)]
+    open_read: bool,
+    /// SQLite file of the history [default: <state dir>/history.sqlite].
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+    /// How long the history keeps ticks and decisions.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    retention: Duration,
 }
 
 #[derive(clap::Args)]
@@ -111,9 +138,11 @@ struct RunArgs {
     /// Stop after this long (e.g. "60s"); default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Directory for the process backend's records.
+    /// Directory for the process backend's records (and the history's default place).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -282,12 +311,210 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         humantime::format_duration(settings.tick),
     );
     println!("Success = priority1 running == demand AND priority1 + priority2 == {}. Ctrl-C stops and removes the demo's replicas.", settings.capacity);
-    drive(cfg, backend, args.duration, args.json, true, &[]).await
+    let mut server = args.server;
+    if server.token.is_none() {
+        server.token = Some(generate_token()?);
+    }
+    let web = start_server(&server, &cfg, backend.kind(), true, &state_dir).await?;
+    drive(cfg, backend, args.duration, args.json, true, &[], web).await
 }
 
 fn demo_config(settings: &DemoSettings, backend: &str) -> Result<Config, Failure> {
-    Config::from_toml(&demo::config_toml(settings, backend))
-        .map_err(|e| usage(anyhow::anyhow!("invalid demo settings:\n{e}")))
+    // The dashboard's "manual demand" control: a manual trigger beside the random one, at 0
+    // until set (a service's demand is the max over its triggers).
+    let toml = demo::config_toml(settings, backend).replacen(
+        "\n[[services]]\nname = \"priority2\"",
+        "\n[[services.triggers]]\nname = \"manual\"\ntype = \"manual\"\n\n[[services]]\nname = \"priority2\"",
+        1,
+    );
+    Config::from_toml(&toml).map_err(|e| usage(anyhow::anyhow!("invalid demo settings:\n{e}")))
+}
+
+/// 128 random bits from the kernel, as hex.
+fn generate_token() -> Result<String, Failure> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("cannot read /dev/urandom to generate the API token")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The running HTTP server.
+struct Web {
+    hub: Arc<Hub>,
+    controls_set: Arc<std::sync::OnceLock<Controls>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The server's view of the loop's controls, set once the controller exists.
+struct LoopControl(Arc<std::sync::OnceLock<Controls>>);
+
+impl microscaler_server::Control for LoopControl {
+    fn manual(&self, service: &str) -> Option<f64> {
+        Some(self.0.get()?.manual_of(service)?.get())
+    }
+    fn set_manual(&self, service: &str, value: f64) -> Result<(), String> {
+        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        let h = c.manual_of(service).ok_or("no manual trigger")?;
+        h.set(value).map_err(|e| e.to_string())
+    }
+    fn random(&self, service: &str) -> Option<microscaler_server::RandomState> {
+        let c = self.0.get()?;
+        let r = c.random.iter().find(|((s, _), _)| s == service)?.1.get();
+        Some(microscaler_server::RandomState {
+            delta: r.delta,
+            interval_ms: r.interval.as_millis() as u64,
+        })
+    }
+    fn set_random(&self, service: &str, s: microscaler_server::RandomState) -> Result<(), String> {
+        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        let r = c
+            .random
+            .iter()
+            .find(|((n, _), _)| n == service)
+            .ok_or("no random trigger")?
+            .1;
+        r.set(microscaler_sources::random::RandomSettings {
+            delta: s.delta,
+            interval: Duration::from_millis(s.interval_ms),
+        })
+    }
+    fn paused(&self, service: &str) -> bool {
+        self.0.get().is_some_and(|c| {
+            c.paused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|s| s.as_str() == service)
+        })
+    }
+    fn set_paused(&self, service: &str, paused: bool) {
+        if let (Some(c), Ok(name)) = (
+            self.0.get(),
+            microscaler_core::ServiceName::try_new(service),
+        ) {
+            c.set_paused(&name, paused);
+        }
+    }
+}
+
+/// Opens the history and binds the server (unless `--listen off`). A taken default address
+/// only disables the server, with a warning; an explicit `--listen` that fails is an error.
+async fn start_server(
+    args: &ServerArgs,
+    cfg: &Config,
+    backend: &str,
+    demo: bool,
+    state_dir: &Path,
+) -> Result<Option<Web>, Failure> {
+    let addr = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    if addr == "off" {
+        return Ok(None);
+    }
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) if args.listen.is_none() => {
+            eprintln!("warning: no dashboard: cannot listen on {addr}: {e} (choose another address with --listen)");
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(usage(anyhow::anyhow!(
+                "--listen {addr}: cannot listen: {e}"
+            )))
+        }
+    };
+    let bound = listener.local_addr()?;
+    let path = args
+        .history
+        .clone()
+        .unwrap_or_else(|| state_dir.join("history.sqlite"));
+    let store = Store::open(&path, args.retention)?;
+    let controls_set = Arc::new(std::sync::OnceLock::new());
+    let hub = Hub::new(
+        Setup::from_config(cfg, backend, demo),
+        ServerOptions {
+            token: args.token.clone().filter(|t| !t.is_empty()),
+            open_read: args.open_read,
+        },
+        Arc::new(LoopControl(controls_set.clone())),
+        store,
+    );
+    let host = if bound.ip().is_unspecified() {
+        format!("127.0.0.1:{}", bound.port())
+    } else {
+        bound.to_string()
+    };
+    if demo {
+        let token = args.token.as_deref().unwrap_or_default();
+        println!("Dashboard: http://{host}/#token={token}");
+        println!(
+            "API token (Authorization: Bearer ...): {token}   history: {}",
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "dashboard and API on http://{host}/ (metrics on /metrics, history in {}){}",
+            path.display(),
+            if args.token.is_some() {
+                ""
+            } else {
+                "; changes disabled: no --token / MICROSCALER_TOKEN"
+            }
+        );
+    }
+    let task = tokio::spawn(microscaler_server::serve(
+        listener,
+        hub.clone(),
+        std::future::pending(),
+    ));
+    Ok(Some(Web {
+        hub,
+        controls_set,
+        task,
+    }))
+}
+
+/// The server's record of a tick.
+fn tick_of(r: &TickReport, paused: Vec<String>) -> Tick {
+    let mut errors: Vec<TickError> = r
+        .errors
+        .iter()
+        .map(|e| TickError {
+            kind: if e.starts_with("observe:") {
+                "observe"
+            } else {
+                "sample"
+            }
+            .into(),
+            message: e.clone(),
+        })
+        .collect();
+    for ex in &r.executions {
+        match &ex.result {
+            Ok(o) => errors.extend(o.failures.iter().map(|f| TickError {
+                kind: "start".into(),
+                message: format!("{}: start failed: {}", f.service, f.message),
+            })),
+            Err(e) => errors.push(TickError {
+                kind: "scale".into(),
+                message: format!("{}: {e}", ex.service),
+            }),
+        }
+    }
+    Tick::build(TickParts {
+        ts: microscaler_server::now_ms(),
+        now: r.now,
+        observed: r.observed.as_ref(),
+        samples: &r.samples,
+        plan: r.plan.as_ref(),
+        errors,
+        took: r.took,
+        paused,
+    })
 }
 
 async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
@@ -329,7 +556,17 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         .unwrap_or_else(|| default_state_dir(&cfg.instance));
     let backend = build_backend(&cfg, &state_dir).await?;
     tracing::info!(backend = backend.kind(), instance = %cfg.instance, services = cfg.services.len(), "starting");
-    drive(cfg, backend, args.duration, args.json, args.ticks, &manual).await
+    let web = start_server(&args.server, &cfg, backend.kind(), false, &state_dir).await?;
+    drive(
+        cfg,
+        backend,
+        args.duration,
+        args.json,
+        args.ticks,
+        &manual,
+        web,
+    )
+    .await
 }
 
 /// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
@@ -340,8 +577,13 @@ async fn drive(
     json: bool,
     text: bool,
     manual: &[(String, f64)],
+    web: Option<Web>,
 ) -> Result<(), Failure> {
     let mut ctl = Controller::new(cfg, backend, clock_seed());
+    if let Some(w) = &web {
+        let _ = w.controls_set.set(ctl.controls().clone());
+    }
+    let paused = ctl.controls().paused.clone();
     for (svc, value) in manual {
         let handle = ctl.controls().manual_of(svc).ok_or_else(|| {
             usage(anyhow::anyhow!(
@@ -353,6 +595,15 @@ async fn drive(
     ctl.prepare().await?;
     let mut stdout = std::io::stdout();
     run_loop(&mut ctl, stop_signal(duration), |r: &TickReport| {
+        if let Some(w) = &web {
+            let p = paused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            w.hub.record(tick_of(r, p));
+        }
         let line = TickLine::from_report(r);
         let out = if json {
             serde_json::to_string(&line).unwrap_or_default()
@@ -365,6 +616,10 @@ async fn drive(
         let _ = stdout.flush();
     })
     .await;
+    if let Some(w) = web {
+        w.hub.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.task).await;
+    }
     match ctl.shutdown().await? {
         OnExit::Stop => eprintln!("stopped and removed the managed replicas"),
         OnExit::Leave => eprintln!("left the managed replicas running for the next start to adopt"),

@@ -1,0 +1,559 @@
+//! The routes: the JSON API under `/api/v1`, `/metrics` and the dashboard's assets.
+//!
+//! Every route is registered through [`routes`], which also returns the table of
+//! `(method, path, access)` the router serves; a test checks that table against the OpenAPI
+//! document both ways, and calls every documented route on the real router.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::model::ServiceInfo;
+use crate::{now_ms, Hub, RandomState};
+
+/// Largest request body accepted, in bytes.
+pub const BODY_LIMIT: usize = 4096;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (the dashboard's static assets: they hold no data).
+    Open,
+    /// Loopback clients, or any client with the token (or anyone with `open_read`).
+    Read,
+    /// Only with the bearer token.
+    Write,
+}
+
+/// The OpenAPI document of the API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const APP_CSS: &str = include_str!("../web/app.css");
+
+/// An error answer: a status and `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let status = if status.is_client_error() {
+            status
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::bad(r.body_text())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The router with every route.
+pub fn router(hub: Arc<Hub>) -> Router {
+    routes(hub).0
+}
+
+/// The router, and the table of the routes it serves: `(method, path, access)`.
+pub fn routes(hub: Arc<Hub>) -> (Router, Vec<(Method, &'static str, Access)>) {
+    let mut table = Vec::new();
+    let mut r = Router::new();
+    macro_rules! route {
+        ($method:ident, $path:literal, $access:expr, $handler:expr) => {{
+            table.push((Method::$method, $path, $access));
+            let filter = MethodFilter::try_from(Method::$method).expect("method filter");
+            r = r.route(
+                $path,
+                on(filter, $handler).route_layer(middleware::from_fn_with_state(
+                    (hub.clone(), $access),
+                    guard,
+                )),
+            );
+        }};
+    }
+    // axum merges methods per path only when added with the same MethodRouter, so each path
+    // has one method here.
+    route!(GET, "/", Access::Open, index);
+    route!(GET, "/app.js", Access::Open, app_js);
+    route!(GET, "/app.css", Access::Open, app_css);
+    route!(GET, "/metrics", Access::Read, metrics);
+    route!(GET, "/api/v1/openapi.json", Access::Open, openapi);
+    route!(GET, "/api/v1/status", Access::Read, status);
+    route!(GET, "/api/v1/services", Access::Read, services);
+    route!(GET, "/api/v1/history", Access::Read, history);
+    route!(GET, "/api/v1/decisions", Access::Read, decisions);
+    route!(GET, "/api/v1/stream", Access::Read, stream);
+    route!(
+        PUT,
+        "/api/v1/services/{name}/demand",
+        Access::Write,
+        set_demand
+    );
+    route!(
+        PUT,
+        "/api/v1/services/{name}/random",
+        Access::Write,
+        set_random
+    );
+    route!(POST, "/api/v1/services/{name}/pause", Access::Write, pause);
+    route!(
+        POST,
+        "/api/v1/services/{name}/resume",
+        Access::Write,
+        resume
+    );
+    let r = r
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(hub);
+    (r, table)
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    res
+}
+
+/// Compares without leaking the position of the first difference through timing.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The `access_token` query parameter (for `EventSource`, which cannot send headers).
+fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        kv.strip_prefix("access_token=").map(|v| {
+            v.replace("%2B", "+")
+                .replace("%2F", "/")
+                .replace("%3D", "=")
+        })
+    })
+}
+
+async fn guard(
+    State((hub, access)): State<(Arc<Hub>, Access)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let token = hub.options.token.as_deref();
+    let given = bearer(req.headers()).map(str::to_string);
+    let valid = |g: Option<&str>| matches!((token, g), (Some(t), Some(g)) if same(t, g));
+    match access {
+        Access::Open => {}
+        Access::Read => {
+            let loopback = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .is_some_and(|c| c.0.ip().is_loopback());
+            let ok = hub.options.open_read
+                || loopback
+                || valid(given.as_deref())
+                || valid(query_token(req.uri()).as_deref());
+            if !ok {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "read access from this address needs the bearer token (or start with --open-read)",
+                )
+                .into_response();
+            }
+        }
+        Access::Write => {
+            if token.is_none() {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "changes are disabled: start microscaler with --token or MICROSCALER_TOKEN",
+                )
+                .into_response();
+            }
+            if !valid(given.as_deref()) {
+                let mut res = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                )
+                .into_response();
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return res;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+async fn app_css() -> Response {
+    asset("text/css; charset=utf-8", APP_CSS)
+}
+async fn openapi() -> Response {
+    asset("application/json", OPENAPI)
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    let mut sources = BTreeMap::new();
+    for s in &hub.setup.services {
+        for t in &s.triggers {
+            sources.insert((s.name.clone(), t.name.clone()), t.source.clone());
+        }
+    }
+    let text = hub
+        .metrics
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .render(now_ms(), &sources);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn status(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    let latest = hub.latest();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "instance": hub.setup.instance,
+        "backend": hub.setup.backend,
+        "demo": hub.setup.demo,
+        "tick_ms": hub.setup.tick_ms,
+        "uptime_s": hub.started.elapsed().as_secs_f64(),
+        "now": now_ms(),
+        "writable": hub.options.token.is_some(),
+        "last_tick": latest.as_deref(),
+    }))
+}
+
+fn service_json(hub: &Hub, s: &ServiceInfo) -> Value {
+    let latest = hub.latest();
+    let state = latest
+        .as_deref()
+        .and_then(|t| t.services.iter().find(|x| x.name == s.name));
+    json!({
+        "name": s.name,
+        "priority": s.priority,
+        "kind": s.kind,
+        "min": s.min,
+        "max": s.max,
+        "max_step": s.max_step,
+        "triggers": s.triggers,
+        "paused": hub.control.paused(&s.name),
+        "manual": hub.control.manual(&s.name),
+        "random": hub.control.random(&s.name),
+        "state": state,
+    })
+}
+
+async fn services(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    Json(Value::Array(
+        hub.setup
+            .services
+            .iter()
+            .map(|s| service_json(&hub, s))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeQuery {
+    from: Option<i64>,
+    to: Option<i64>,
+    limit: Option<usize>,
+    service: Option<String>,
+}
+
+impl RangeQuery {
+    /// `(from, to, limit)` with defaults, or a 400.
+    fn resolve(
+        &self,
+        default_span_ms: i64,
+        default_limit: usize,
+        max_limit: usize,
+    ) -> Result<(i64, i64, usize), ApiError> {
+        let to = self.to.unwrap_or_else(now_ms);
+        let from = self.from.unwrap_or(to - default_span_ms);
+        if from < 0 || to < 0 {
+            return Err(ApiError::bad("from and to are Unix milliseconds >= 0"));
+        }
+        if from > to {
+            return Err(ApiError::bad(format!("from ({from}) must be <= to ({to})")));
+        }
+        let limit = self.limit.unwrap_or(default_limit);
+        if limit == 0 || limit > max_limit {
+            return Err(ApiError::bad(format!(
+                "limit must be between 1 and {max_limit}, got {limit}"
+            )));
+        }
+        Ok((from, to, limit))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
+}
+
+async fn history(
+    State(hub): State<Arc<Hub>>,
+    q: Result<Query<RangeQuery>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q?;
+    if q.service.is_some() {
+        return Err(ApiError::bad(
+            "history has no service filter: every service is in each point",
+        ));
+    }
+    let (from, to, limit) = q.resolve(10 * 60 * 1000, 1200, 10_000)?;
+    let h = hub.clone();
+    let points = blocking(move || h.store.history(from, to, limit)).await?;
+    Ok(Json(json!({ "from": from, "to": to, "points": points })).into_response())
+}
+
+async fn decisions(
+    State(hub): State<Arc<Hub>>,
+    q: Result<Query<RangeQuery>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q?;
+    let (from, to, limit) = q.resolve(24 * 3600 * 1000, 100, 1000)?;
+    if let Some(s) = &q.service {
+        known(&hub, s)?;
+    }
+    let h = hub.clone();
+    let service = q.service.clone();
+    let list = blocking(move || h.store.decisions(from, to, service.as_deref(), limit)).await?;
+    Ok(Json(json!({ "from": from, "to": to, "decisions": list })).into_response())
+}
+
+async fn stream(State(hub): State<Arc<Hub>>) -> Response {
+    let first = hub
+        .latest()
+        .map(|t| Arc::<str>::from(serde_json::to_string(&*t).unwrap_or_default()));
+    let rx = hub.live.subscribe();
+    let closing = hub.closing.subscribe();
+    let events = futures::stream::unfold(
+        (first, rx, closing),
+        |(mut first, mut rx, mut closing)| async move {
+            if let Some(f) = first.take() {
+                let ev = Event::default().event("tick").data(&*f);
+                return Some((Ok::<_, Infallible>(ev), (None, rx, closing)));
+            }
+            loop {
+                if *closing.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Ok(json) => {
+                            let ev = Event::default().event("tick").data(&*json);
+                            return Some((Ok(ev), (None, rx, closing)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
+                    _ = closing.changed() => return None,
+                }
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn known<'a>(hub: &'a Hub, name: &str) -> Result<&'a ServiceInfo, ApiError> {
+    hub.setup
+        .services
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemandBody {
+    value: f64,
+}
+
+/// Largest manual demand accepted.
+const MAX_DEMAND: f64 = 1_000_000.0;
+
+async fn set_demand(
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+    body: Result<Json<DemandBody>, JsonRejection>,
+) -> ApiResult {
+    let svc = known(&hub, &name)?;
+    let Json(body) = body?;
+    if !body.value.is_finite() || !(0.0..=MAX_DEMAND).contains(&body.value) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "value must be a number between 0 and {MAX_DEMAND}, got {}",
+                body.value
+            ),
+        ));
+    }
+    if hub.control.manual(&name).is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name:?} has no manual trigger (add [[services.triggers]] type = \"manual\")"),
+        ));
+    }
+    hub.control
+        .set_manual(&name, body.value)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(service_json(&hub, svc)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RandomBody {
+    delta: Option<u32>,
+    interval_ms: Option<u64>,
+}
+
+async fn set_random(
+    State(hub): State<Arc<Hub>>,
+    Path(name): Path<String>,
+    body: Result<Json<RandomBody>, JsonRejection>,
+) -> ApiResult {
+    let svc = known(&hub, &name)?;
+    let Json(body) = body?;
+    let Some(current) = hub.control.random(&name) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name:?} has no random trigger"),
+        ));
+    };
+    let new = RandomState {
+        delta: body.delta.unwrap_or(current.delta),
+        interval_ms: body.interval_ms.unwrap_or(current.interval_ms),
+    };
+    if new.delta > 1000 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("delta must be between 0 and 1000, got {}", new.delta),
+        ));
+    }
+    if !(100..=3_600_000).contains(&new.interval_ms) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "interval_ms must be between 100 and 3600000, got {}",
+                new.interval_ms
+            ),
+        ));
+    }
+    hub.control
+        .set_random(&name, new)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(service_json(&hub, svc)).into_response())
+}
+
+async fn pause(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+    let svc = known(&hub, &name)?;
+    hub.control.set_paused(&name, true);
+    Ok(Json(service_json(&hub, svc)).into_response())
+}
+
+async fn resume(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+    let svc = known(&hub, &name)?;
+    hub.control.set_paused(&name, false);
+    Ok(Json(service_json(&hub, svc)).into_response())
+}
