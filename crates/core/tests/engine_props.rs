@@ -607,3 +607,232 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The scaling rules over runs: one triggered service with random rules, windows and rate limits,
+// against a backend that does at once what it is asked, fed random values (some missing).
+
+#[derive(Debug, Clone)]
+struct RuleRun {
+    cfg: Config,
+    activation: f64,
+    /// `(threshold, fallback replicas)` when the trigger has a fallback.
+    fallback: Option<(u32, u32)>,
+    /// `(replicas, period)` of the only up policy, if any.
+    up_limit: Option<(u32, Duration)>,
+    down_window: Duration,
+    /// Per tick: the value (`None` = failed) and the time since the previous tick.
+    ticks: Vec<(Option<f64>, Duration)>,
+}
+
+fn rule_run() -> impl Strategy<Value = RuleRun> {
+    (
+        prop_oneof![Just(""), Just("rule = \"average\"\ntarget = 2"), Just("rule = \"utilisation\"\ntarget = 3"), Just("rule = \"pd\"\ntarget = 4\nkp = 0.5\nkd = 0.2")],
+        prop_oneof![Just(0.0), (0u32..=4).prop_map(|a| a as f64)],
+        prop_oneof![Just(None), (0u32..=3, 0u32..=6).prop_map(Some)],
+        (0u32..=2, 1u32..=12),
+        prop_oneof![Just(None), (1u32..=3, 1u64..=4).prop_map(|(n, s)| Some((n, Duration::from_secs(s))))],
+        prop_oneof![Just(Duration::ZERO), (1u64..=4).prop_map(Duration::from_secs)],
+        prop::collection::vec(
+            (
+                prop_oneof![1 => Just(None), 4 => (0u32..=24).prop_map(|v| Some(v as f64 / 2.0))],
+                prop_oneof![Just(500u64), 100u64..=3000].prop_map(Duration::from_millis),
+            ),
+            1..40,
+        ),
+    )
+        .prop_map(|(rule, activation, fallback, (min, extra), up_limit, down_window, ticks)| {
+            let mut t = format!("{rule}\nactivation = {activation}\n");
+            if let Some((th, r)) = fallback {
+                t.push_str(&format!("failure_threshold = {th}\nfallback = {{ replicas = {r} }}\n"));
+            }
+            let mut sc = String::from("[services.scaling]\n");
+            if let Some((n, p)) = up_limit {
+                sc.push_str(&format!(
+                    "up = {{ policies = [{{ replicas = {n}, period = \"{}s\" }}] }}\n",
+                    p.as_secs()
+                ));
+            }
+            sc.push_str(&format!("down = {{ stabilisation = \"{}s\" }}\n", down_window.as_secs()));
+            let text = format!(
+                "[capacity]\nslots = 100\n[backend]\ntype = \"process\"\n[[services]]\nname = \"api\"\n\
+                 min = {min}\nmax = {}\n{sc}[[services.triggers]]\ntype = \"manual\"\nname = \"q\"\n{t}",
+                min + extra
+            );
+            RuleRun {
+                cfg: Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}")),
+                activation,
+                fallback,
+                up_limit,
+                down_window,
+                ticks,
+            }
+        })
+}
+
+/// One tick's outcome.
+#[derive(Debug, Clone, PartialEq)]
+struct Step {
+    now: Duration,
+    current: u32,
+    target: u32,
+    bound: Bound,
+    demand: Option<f64>,
+    memory: EngineState,
+}
+
+fn run_rules(r: &RuleRun) -> Vec<Step> {
+    let api = ServiceName::try_new("api").unwrap();
+    let mut memory = EngineState::default();
+    let mut now = Duration::from_secs(100);
+    let mut out = Vec::new();
+    for (value, dt) in &r.ticks {
+        now += *dt;
+        let current = memory.services.get(&api).map_or(0, |c| c.target);
+        let mut observed = Observed::default();
+        observed.services.insert(
+            api.clone(),
+            ServiceObservation {
+                running: current,
+                pending: 0,
+            },
+        );
+        let mut samples = Samples::default();
+        samples.set(&api, "q", *value);
+        let (plan, next) = decide(&r.cfg, &observed, &samples, &memory, now);
+        let sp = plan.service("api").unwrap();
+        memory = next;
+        out.push(Step {
+            now,
+            current,
+            target: sp.target,
+            bound: sp.bound,
+            demand: sp.demand,
+            memory: memory.clone(),
+        });
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+
+    /// Within [min, max] after the first tick (a service starts at 0, below its min, and moves
+    /// straight in), and the same run gives the same steps.
+    #[test]
+    fn rules_within_min_max_and_deterministic(r in rule_run()) {
+        let steps = run_rules(&r);
+        prop_assert_eq!(&steps, &run_rules(&r));
+        let svc = &r.cfg.services[0];
+        for s in &steps {
+            prop_assert!(s.target <= svc.max && s.target >= svc.min, "{:?}", s);
+        }
+    }
+
+    /// Activation is strictly greater: from 0, with min 0, the service stays at 0 while the value
+    /// is at or below the activation (and no fallback applies).
+    #[test]
+    fn rules_activation_strictly_greater(r in rule_run()) {
+        let steps = run_rules(&r);
+        let min = r.cfg.services[0].min;
+        for (s, (v, _)) in steps.iter().zip(&r.ticks) {
+            if let (0, 0, Some(v)) = (s.current, min, v) {
+                if *v <= r.activation {
+                    prop_assert_eq!(s.target, 0, "{:?} value {} activation {}", s, v, r.activation);
+                }
+            }
+        }
+    }
+
+    /// A failing trigger keeps its last value for exactly `failure_threshold` failures, then the
+    /// fallback: the failure count is remembered and the demand is the fallback from failure
+    /// threshold + 1 on.
+    #[test]
+    fn rules_fallback_after_exactly_n_failures(r in rule_run()) {
+        let Some((threshold, replicas)) = r.fallback else { return Ok(()) };
+        let steps = run_rules(&r);
+        let api = ServiceName::try_new("api").unwrap();
+        let mut failures = 0u32;
+        for (s, (v, _)) in steps.iter().zip(&r.ticks) {
+            failures = if v.is_some() { 0 } else { failures + 1 };
+            let m = s.memory.rules.get(&api).and_then(|m| m.triggers.get("q")).copied().unwrap_or_default();
+            prop_assert_eq!(m.failures, failures);
+            if failures > threshold {
+                prop_assert_eq!(s.demand, Some(replicas as f64), "{:?}", s);
+            }
+        }
+    }
+
+    /// Without a fallback, a missing value never scales the service down.
+    #[test]
+    fn rules_missing_never_scales_down(r in rule_run()) {
+        let mut r = r;
+        if r.fallback.is_some() {
+            let text = toml_without_fallback(&r.cfg);
+            r.cfg = text;
+            r.fallback = None;
+        }
+        let steps = run_rules(&r);
+        for (s, (v, _)) in steps.iter().zip(&r.ticks) {
+            if v.is_none() {
+                let max = r.cfg.services[0].max;
+                prop_assert!(s.target >= s.current.min(max), "{:?}", s);
+            }
+        }
+    }
+
+    /// The up rate limit holds over every period: what was added within the period ending at a
+    /// tick (net of what was removed) is at most the policy's replicas, unless min forced it.
+    #[test]
+    fn rules_rate_limit_honoured(r in rule_run()) {
+        let Some((n, period)) = r.up_limit else { return Ok(()) };
+        let steps = run_rules(&r);
+        let min = r.cfg.services[0].min;
+        for (i, s) in steps.iter().enumerate() {
+            if s.target <= s.current || s.target <= min {
+                continue;
+            }
+            let mut net: i64 = s.target as i64 - s.current as i64;
+            for e in &steps[..i] {
+                if s.now - e.now < period {
+                    net += e.target as i64 - e.current as i64;
+                }
+            }
+            prop_assert!(net <= n as i64, "added {} within {:?} at {:?}: {:?}", net, period, s.now, steps);
+        }
+    }
+
+    /// The down stabilisation window: going down never goes below a raw recommendation of the
+    /// window (for the value rule: ceil(value), at least 1 when active).
+    #[test]
+    fn rules_down_window_honoured(r in rule_run()) {
+        let svc = &r.cfg.services[0];
+        let ServiceKind::Triggered(ts) = &svc.kind else { unreachable!() };
+        if ts[0].rule != Rule::Value || r.down_window.is_zero() {
+            return Ok(());
+        }
+        let steps = run_rules(&r);
+        for (i, s) in steps.iter().enumerate() {
+            if s.target >= s.current {
+                continue;
+            }
+            for (e, (v, _)) in steps[..=i].iter().zip(&r.ticks) {
+                if s.now - e.now < r.down_window && s.bound != Bound::Min {
+                    if let Some(v) = v {
+                        let rec = if *v > r.activation { (v.ceil() as u32).max(1) } else { 0 };
+                        prop_assert!(s.target >= rec.min(svc.max), "{:?} below {} from {:?}", s, rec, e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The same configuration without the trigger's fallback.
+fn toml_without_fallback(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    if let ServiceKind::Triggered(ts) = &mut cfg.services[0].kind {
+        ts[0].failure = None;
+    }
+    cfg
+}
