@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::connect_info::MockConnectInfo;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -208,10 +209,17 @@ async fn guard(
     match access {
         Access::Open => {}
         Access::Read => {
-            let loopback = req
+            // The peer of the connection (`MockConnectInfo` stands in for it in tests).
+            let peer = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
-                .is_some_and(|c| c.0.ip().is_loopback());
+                .map(|c| c.0)
+                .or_else(|| {
+                    req.extensions()
+                        .get::<MockConnectInfo<SocketAddr>>()
+                        .map(|c| c.0)
+                });
+            let loopback = peer.is_some_and(|p| p.ip().is_loopback());
             let ok = hub.options.open_read
                 || loopback
                 || valid(given.as_deref())

@@ -37,6 +37,14 @@ pub enum StoreError {
     },
 }
 
+/// What the writer thread is sent.
+enum Msg {
+    /// A tick to write.
+    Tick(Box<Tick>),
+    /// Answer once everything sent before is written.
+    Flush(mpsc::Sender<()>),
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS points (
     ts INTEGER NOT NULL,
@@ -61,7 +69,7 @@ CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts);
 pub struct Store {
     path: PathBuf,
     reader: Mutex<Connection>,
-    writer: Mutex<Option<mpsc::Sender<Tick>>>,
+    writer: Mutex<Option<mpsc::Sender<Msg>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -94,7 +102,7 @@ impl Store {
                 source,
             })?;
         let reader = open(path, OpenFlags::default())?;
-        let (tx, rx) = mpsc::channel::<Tick>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         let display = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("history-writer".into())
@@ -124,7 +132,21 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            let _ = tx.send(tick.clone());
+            let _ = tx.send(Msg::Tick(Box::new(tick.clone())));
+        }
+    }
+
+    /// Waits until every tick recorded before is written.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        let sent = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|w| w.send(Msg::Flush(tx)).is_ok());
+        if sent {
+            let _ = rx.recv();
         }
     }
 
@@ -220,12 +242,22 @@ impl Drop for Store {
     }
 }
 
-fn writer(mut c: Connection, rx: mpsc::Receiver<Tick>, retention: Duration, path: String) {
+fn writer(mut c: Connection, rx: mpsc::Receiver<Msg>, retention: Duration, path: String) {
     let mut last_prune: Option<i64> = None;
     while let Ok(first) = rx.recv() {
         // Write everything that is queued in one transaction.
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+        let mut batch = Vec::new();
+        let mut waiting = Vec::new();
+        for m in std::iter::once(first).chain(rx.try_iter()) {
+            match m {
+                Msg::Tick(t) => batch.push(*t),
+                Msg::Flush(w) => waiting.push(w),
+            }
+        }
+        if batch.is_empty() {
+            waiting.into_iter().for_each(|w| drop(w.send(())));
+            continue;
+        }
         let newest = batch.iter().map(|t| t.ts).max().unwrap_or(0);
         if let Err(e) = write_batch(&mut c, &batch) {
             tracing::warn!(path = %path, error = %e, "cannot write history");
@@ -240,6 +272,7 @@ fn writer(mut c: Connection, rx: mpsc::Receiver<Tick>, retention: Duration, path
                 tracing::warn!(path = %path, error = %e, "cannot prune history");
             }
         }
+        waiting.into_iter().for_each(|w| drop(w.send(())));
     }
 }
 

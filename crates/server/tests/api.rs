@@ -1,0 +1,894 @@
+//! API tests: every route, its errors and the auth rule, through axum's `oneshot` (no socket),
+//! the OpenAPI document checked against the real router, one test through a real socket, and
+//! the history's persistence and retention.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use microscaler_server::model::{Decision, HostTick, SampleTick, ServiceTick};
+use microscaler_server::{
+    now_ms, router, routes, Access, Control, Hub, RandomState, ServerOptions, Setup, Store, Tick,
+};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "s3cret-token";
+
+/// A stand-in for the control loop's handles: records what the API changed.
+#[derive(Default)]
+struct FakeControl {
+    manual: Mutex<BTreeMap<String, f64>>,
+    random: Mutex<BTreeMap<String, RandomState>>,
+    paused: Mutex<BTreeSet<String>>,
+}
+
+impl Control for FakeControl {
+    fn manual(&self, s: &str) -> Option<f64> {
+        self.manual.lock().unwrap().get(s).copied()
+    }
+    fn set_manual(&self, s: &str, v: f64) -> Result<(), String> {
+        self.manual.lock().unwrap().insert(s.into(), v);
+        Ok(())
+    }
+    fn random(&self, s: &str) -> Option<RandomState> {
+        self.random.lock().unwrap().get(s).copied()
+    }
+    fn set_random(&self, s: &str, r: RandomState) -> Result<(), String> {
+        self.random.lock().unwrap().insert(s.into(), r);
+        Ok(())
+    }
+    fn paused(&self, s: &str) -> bool {
+        self.paused.lock().unwrap().contains(s)
+    }
+    fn set_paused(&self, s: &str, p: bool) {
+        let mut set = self.paused.lock().unwrap();
+        if p {
+            set.insert(s.into());
+        } else {
+            set.remove(s);
+        }
+    }
+}
+
+fn setup() -> Setup {
+    let cfg = microscaler_core::Config::from_toml(
+        r#"
+instance = "t"
+[capacity]
+slots = 9
+[backend]
+type = "process"
+[[services]]
+name = "web"
+priority = 1
+[[services.triggers]]
+type = "random"
+[[services.triggers]]
+type = "manual"
+[[services]]
+name = "batch"
+priority = 2
+remainder = true
+"#,
+    )
+    .expect("valid config");
+    Setup::from_config(&cfg, "process", true)
+}
+
+struct Fixture {
+    hub: Arc<Hub>,
+    control: Arc<FakeControl>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(token: Option<&str>, open_read: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("h.sqlite"), Duration::from_secs(24 * 3600)).unwrap();
+    let control = Arc::new(FakeControl::default());
+    control.manual.lock().unwrap().insert("web".into(), 0.0);
+    control.random.lock().unwrap().insert(
+        "web".into(),
+        RandomState {
+            delta: 3,
+            interval_ms: 3000,
+        },
+    );
+    let hub = Hub::new(
+        setup(),
+        ServerOptions {
+            token: token.map(str::to_string),
+            open_read,
+        },
+        control.clone(),
+        store,
+    );
+    Fixture {
+        hub,
+        control,
+        _dir: dir,
+    }
+}
+
+fn tick(ts: i64, demand: f64, p1: u32, p2: u32, decisions: Vec<Decision>) -> Tick {
+    let svc = |name: &str, priority, remainder, demand, n| ServiceTick {
+        name: name.into(),
+        priority,
+        remainder,
+        demand,
+        target: n,
+        running: n,
+        pending: 0,
+        bound: if remainder { "remainder" } else { "demand" }.into(),
+        reason: "because".into(),
+    };
+    Tick {
+        ts,
+        t_ms: 0,
+        capacity: 9,
+        free: 9 - p1 - p2,
+        services: vec![
+            svc("web", 1, false, Some(demand), p1),
+            svc("batch", 2, true, None, p2),
+        ],
+        decisions,
+        hosts: vec![HostTick {
+            name: "h1".into(),
+            ready: true,
+            services: [("web".to_string(), [p1, 0]), ("batch".to_string(), [p2, 0])].into(),
+        }],
+        samples: vec![SampleTick {
+            service: "web".into(),
+            trigger: "random".into(),
+            value: Some(demand),
+        }],
+        errors: vec![],
+        took_ms: 3.0,
+        paused: vec![],
+    }
+}
+
+fn decision(ts: i64, service: &str, bound: &str) -> Decision {
+    Decision {
+        ts,
+        kind: "start".into(),
+        service: service.into(),
+        count: 1,
+        from: 1,
+        to: 2,
+        bound: bound.into(),
+        reason: format!("started 1 of {service}: demand 2 > 1"),
+    }
+}
+
+const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 40000);
+const REMOTE: ([u8; 4], u16) = ([10, 1, 2, 3], 40000);
+
+fn app(hub: &Arc<Hub>, peer: ([u8; 4], u16)) -> Router {
+    router(hub.clone()).layer(MockConnectInfo(SocketAddr::from(peer)))
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    /// An error answer must be JSON with a message.
+    fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {}", self.body))
+            .to_string()
+    }
+}
+
+async fn call(
+    app: Router,
+    method: Method,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+async fn get(f: &Fixture, uri: &str) -> Answer {
+    call(app(&f.hub, LOOPBACK), Method::GET, uri, None, None).await
+}
+
+#[tokio::test]
+async fn dashboard_assets_are_served_with_no_external_reference() {
+    let f = fixture(Some(TOKEN), false);
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/app.css", "text/css"),
+    ] {
+        let a = get(&f, path).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert!(a.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(kind));
+        assert!(
+            !a.body.contains("http://") && !a.body.contains("https://"),
+            "{path} must not load anything from the network"
+        );
+        assert!(a.headers.contains_key("content-security-policy"));
+    }
+}
+
+#[tokio::test]
+async fn status_before_and_after_a_tick() {
+    let f = fixture(Some(TOKEN), false);
+    let a = get(&f, "/api/v1/status").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v = a.json();
+    assert_eq!(v["instance"], "t");
+    assert_eq!(v["backend"], "process");
+    assert_eq!(v["writable"], true);
+    assert!(v["last_tick"].is_null());
+    f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
+    let v = get(&f, "/api/v1/status").await.json();
+    assert_eq!(v["last_tick"]["services"][0]["running"], 4);
+}
+
+#[tokio::test]
+async fn services_show_config_controls_and_state() {
+    let f = fixture(Some(TOKEN), false);
+    f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
+    let v = get(&f, "/api/v1/services").await.json();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["name"], "web");
+    assert_eq!(list[0]["priority"], 1);
+    assert_eq!(list[0]["kind"], "triggered");
+    assert_eq!(list[0]["manual"], 0.0);
+    assert_eq!(list[0]["random"], json!({"delta": 3, "interval_ms": 3000}));
+    assert_eq!(list[0]["state"]["demand"], 4.0);
+    assert_eq!(list[0]["triggers"].as_array().unwrap().len(), 2);
+    assert_eq!(list[1]["kind"], "remainder");
+    assert!(list[1]["manual"].is_null());
+    assert_eq!(list[1]["state"]["running"], 5);
+}
+
+#[tokio::test]
+async fn history_over_a_range_with_thinning_and_errors() {
+    let f = fixture(Some(TOKEN), false);
+    let t0 = now_ms() - 100_000;
+    for i in 0..100 {
+        f.hub
+            .record(tick(t0 + i * 1000, (i % 5) as f64, 1, 8, vec![]));
+    }
+    f.hub.store().flush();
+    let v = get(&f, &format!("/api/v1/history?from={t0}&to={}", t0 + 9_000))
+        .await
+        .json();
+    let pts = v["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 10);
+    assert_eq!(pts[0]["ts"], t0);
+    assert_eq!(pts[3]["services"]["web"]["demand"], 3.0);
+    assert_eq!(pts[3]["services"]["batch"]["running"], 8);
+    assert_eq!(pts[0]["capacity"], 9);
+    // Default range: the last 10 minutes.
+    let v = get(&f, "/api/v1/history").await.json();
+    assert_eq!(v["points"].as_array().unwrap().len(), 100);
+    // Thinned evenly to the limit, oldest first.
+    let v = get(&f, &format!("/api/v1/history?from={t0}&limit=10"))
+        .await
+        .json();
+    let pts = v["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 10);
+    assert!(pts
+        .windows(2)
+        .all(|w| w[0]["ts"].as_i64() < w[1]["ts"].as_i64()));
+
+    for bad in [
+        "/api/v1/history?from=10&to=5",
+        "/api/v1/history?from=abc",
+        "/api/v1/history?limit=0",
+        "/api/v1/history?limit=100000",
+        "/api/v1/history?from=-5",
+        "/api/v1/history?colour=red",
+        "/api/v1/history?service=web",
+    ] {
+        let a = get(&f, bad).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}: {}", a.body);
+        assert!(!a.error().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn decisions_newest_first_filtered_by_service() {
+    let f = fixture(Some(TOKEN), false);
+    let t0 = now_ms() - 10_000;
+    f.hub
+        .record(tick(t0, 2.0, 1, 8, vec![decision(t0, "web", "demand")]));
+    f.hub.record(tick(
+        t0 + 500,
+        2.0,
+        2,
+        7,
+        vec![
+            decision(t0 + 500, "batch", "preempted"),
+            decision(t0 + 500, "web", "demand"),
+        ],
+    ));
+    f.hub.store().flush();
+    let v = get(&f, "/api/v1/decisions").await.json();
+    let d = v["decisions"].as_array().unwrap();
+    assert_eq!(d.len(), 3);
+    assert_eq!(d[0]["ts"], t0 + 500);
+    assert_eq!(d[2]["ts"], t0);
+    assert!(d[0]["reason"].as_str().unwrap().starts_with("started 1 of"));
+    let v = get(&f, "/api/v1/decisions?service=batch").await.json();
+    let d = v["decisions"].as_array().unwrap();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["bound"], "preempted");
+    let v = get(&f, "/api/v1/decisions?limit=1").await.json();
+    assert_eq!(v["decisions"].as_array().unwrap().len(), 1);
+
+    let a = get(&f, "/api/v1/decisions?service=nope").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.error().contains("nope"));
+    for bad in ["/api/v1/decisions?limit=5000", "/api/v1/decisions?to=x"] {
+        assert_eq!(get(&f, bad).await.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_have_the_conventional_names() {
+    let f = fixture(Some(TOKEN), false);
+    let mut t = tick(
+        now_ms(),
+        4.5,
+        4,
+        5,
+        vec![decision(now_ms(), "web", "demand")],
+    );
+    t.errors.push(microscaler_server::TickError {
+        kind: "start".into(),
+        message: "boom".into(),
+    });
+    f.hub.record(t);
+    let a = get(&f, "/metrics").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for line in [
+        "microscaler_replicas_desired{service=\"web\"} 4",
+        "microscaler_replicas_running{service=\"batch\"} 5",
+        "microscaler_replicas_pending{service=\"web\"} 0",
+        "microscaler_demand{service=\"web\"} 4.5",
+        "microscaler_decisions_total{service=\"web\",reason=\"demand\"} 1",
+        "microscaler_backend_errors_total{kind=\"start\"} 1",
+        "microscaler_tick_duration_seconds_bucket{le=\"0.005\"} 1",
+        "microscaler_tick_duration_seconds_bucket{le=\"+Inf\"} 1",
+        "microscaler_tick_duration_seconds_count 1",
+        "# TYPE microscaler_tick_duration_seconds histogram",
+    ] {
+        assert!(a.body.contains(line), "missing {line:?} in\n{}", a.body);
+    }
+    assert!(
+        a.body.contains(
+            "microscaler_demand_sample_age_seconds{service=\"web\",trigger=\"random\",source=\"random\"}"
+        ),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn stream_sends_the_latest_tick_then_new_ones() {
+    let f = fixture(Some(TOKEN), false);
+    f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
+    let req = Request::get("/api/v1/stream").body(Body::empty()).unwrap();
+    let res = app(&f.hub, LOOPBACK).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = res.into_body();
+    let mut text = String::new();
+    let hub = f.hub.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        hub.record(tick(now_ms(), 7.0, 7, 2, vec![]));
+    });
+    while text.matches("event: tick").count() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("a tick within 5 s")
+            .unwrap()
+            .unwrap();
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+        }
+    }
+    let datas: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(datas[0]["services"][0]["running"], 4);
+    assert_eq!(datas[1]["services"][0]["running"], 7);
+    // Closing the hub ends the stream (a graceful shutdown never waits on open dashboards).
+    f.hub.close();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream must end when the hub closes");
+}
+
+#[tokio::test]
+async fn set_manual_demand_needs_the_token_and_valid_input() {
+    let f = fixture(Some(TOKEN), false);
+    let put = |token: Option<&'static str>, uri: &'static str, body: &'static str| {
+        call(app(&f.hub, LOOPBACK), Method::PUT, uri, token, Some(body))
+    };
+    let uri = "/api/v1/services/web/demand";
+    // No token, wrong token: 401, nothing changes. Loopback does not exempt changes.
+    let a = put(None, uri, r#"{"value": 5}"#).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.headers["www-authenticate"], "Bearer");
+    assert!(a.error().contains("token"));
+    assert_eq!(
+        put(Some("wrong"), uri, r#"{"value": 5}"#).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(f.control.manual("web"), Some(0.0));
+
+    let a = put(Some(TOKEN), uri, r#"{"value": 5}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.json()["manual"], 5.0);
+    assert_eq!(f.control.manual("web"), Some(5.0));
+
+    // Bad input: 4xx JSON error, nothing changes.
+    for (body, status) in [
+        (r#"{"value": -1}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"value": 1e9}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"value": "seven"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            r#"{"value": 3, "extra": 1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (r#"{}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (r#"{"value": "#, StatusCode::BAD_REQUEST),
+        ("", StatusCode::BAD_REQUEST),
+    ] {
+        let a = put(Some(TOKEN), uri, body).await;
+        assert_eq!(a.status, status, "{body:?}: {}", a.body);
+        assert!(!a.error().is_empty());
+        assert_eq!(
+            f.control.manual("web"),
+            Some(5.0),
+            "{body:?} changed the demand"
+        );
+    }
+    // Wrong content type.
+    let req = Request::put(uri)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "text/plain")
+        .body(Body::from(r#"{"value": 1}"#))
+        .unwrap();
+    let res = app(&f.hub, LOOPBACK).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Too big a body.
+    let big = format!(r#"{{"value": 1, "pad": "{}"}}"#, "x".repeat(10_000));
+    let req = Request::put(uri)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Body::from(big))
+        .unwrap();
+    let res = app(&f.hub, LOOPBACK).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(f.control.manual("web"), Some(5.0));
+    // Unknown service: 404; a service with no manual trigger: 409.
+    let a = put(
+        Some(TOKEN),
+        "/api/v1/services/nope/demand",
+        r#"{"value": 1}"#,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.error().contains("nope"));
+    let a = put(
+        Some(TOKEN),
+        "/api/v1/services/batch/demand",
+        r#"{"value": 1}"#,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    assert!(a.error().contains("manual"));
+}
+
+#[tokio::test]
+async fn set_random_delta_and_interval() {
+    let f = fixture(Some(TOKEN), false);
+    let put = |body: &'static str, svc: &'static str| {
+        call(
+            app(&f.hub, LOOPBACK),
+            Method::PUT,
+            if svc == "web" {
+                "/api/v1/services/web/random"
+            } else {
+                "/api/v1/services/batch/random"
+            },
+            Some(TOKEN),
+            Some(body),
+        )
+    };
+    let a = put(r#"{"delta": 1, "interval_ms": 500}"#, "web").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.json()["random"], json!({"delta": 1, "interval_ms": 500}));
+    // Partial: only the delta.
+    let a = put(r#"{"delta": 2}"#, "web").await;
+    assert_eq!(a.json()["random"], json!({"delta": 2, "interval_ms": 500}));
+    for body in [
+        r#"{"interval_ms": 5}"#,
+        r#"{"interval_ms": 99999999}"#,
+        r#"{"delta": 5000}"#,
+        r#"{"delta": -1}"#,
+    ] {
+        let a = put(body, "web").await;
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            a.body
+        );
+        assert!(!a.error().is_empty());
+    }
+    assert_eq!(
+        f.control.random("web"),
+        Some(RandomState {
+            delta: 2,
+            interval_ms: 500
+        })
+    );
+    assert_eq!(
+        put(r#"{"delta": 1}"#, "batch").await.status,
+        StatusCode::CONFLICT
+    );
+    let a = call(
+        app(&f.hub, LOOPBACK),
+        Method::PUT,
+        "/api/v1/services/web/random",
+        None,
+        Some(r#"{"delta": 1}"#),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn pause_and_resume() {
+    let f = fixture(Some(TOKEN), false);
+    let post = |uri: &'static str, token: Option<&'static str>| {
+        call(app(&f.hub, LOOPBACK), Method::POST, uri, token, None)
+    };
+    let a = post("/api/v1/services/batch/pause", None).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(!f.control.paused("batch"));
+    let a = post("/api/v1/services/batch/pause", Some(TOKEN)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["paused"], true);
+    assert!(f.control.paused("batch"));
+    let a = post("/api/v1/services/batch/resume", Some(TOKEN)).await;
+    assert_eq!(a.json()["paused"], false);
+    assert!(!f.control.paused("batch"));
+    assert_eq!(
+        post("/api/v1/services/nope/pause", Some(TOKEN))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        post("/api/v1/services/nope/resume", Some(TOKEN))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_changes_are_refused() {
+    let f = fixture(None, false);
+    let a = call(
+        app(&f.hub, LOOPBACK),
+        Method::POST,
+        "/api/v1/services/web/pause",
+        Some("anything"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.error().contains("--token"));
+    assert!(!f.control.paused("web"));
+    assert_eq!(get(&f, "/api/v1/status").await.json()["writable"], false);
+}
+
+#[tokio::test]
+async fn reads_are_open_only_on_loopback_unless_open_read() {
+    let f = fixture(Some(TOKEN), false);
+    for path in [
+        "/api/v1/status",
+        "/api/v1/services",
+        "/api/v1/history",
+        "/api/v1/decisions",
+        "/api/v1/stream",
+        "/metrics",
+    ] {
+        let a = call(app(&f.hub, REMOTE), Method::GET, path, None, None).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(!a.error().is_empty());
+        let a = call(app(&f.hub, REMOTE), Method::GET, path, Some("wrong"), None).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let a = call(
+        app(&f.hub, REMOTE),
+        Method::GET,
+        "/api/v1/status",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let uri = format!("/api/v1/status?access_token={TOKEN}");
+    let a = call(app(&f.hub, REMOTE), Method::GET, &uri, None, None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // The page itself holds no data: it loads anywhere, and asks for the token.
+    let a = call(app(&f.hub, REMOTE), Method::GET, "/", None, None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // No peer address known: treated as remote.
+    let a = call(
+        router(f.hub.clone()),
+        Method::GET,
+        "/api/v1/status",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    let open = fixture(Some(TOKEN), true);
+    let a = call(
+        app(&open.hub, REMOTE),
+        Method::GET,
+        "/api/v1/status",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    // open_read never opens changes.
+    let a = call(
+        app(&open.hub, REMOTE),
+        Method::POST,
+        "/api/v1/services/web/pause",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn cors_is_closed() {
+    let f = fixture(Some(TOKEN), false);
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/api/v1/services/web/demand")
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "PUT")
+        .body(Body::empty())
+        .unwrap();
+    let res = app(&f.hub, LOOPBACK).oneshot(req).await.unwrap();
+    assert!(res.status().is_client_error());
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+    let req = Request::get("/api/v1/status")
+        .header("origin", "https://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let res = app(&f.hub, LOOPBACK).oneshot(req).await.unwrap();
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let f = fixture(Some(TOKEN), false);
+    let a = get(&f, "/api/v1/nothing").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(!a.error().is_empty());
+    let a = call(
+        app(&f.hub, LOOPBACK),
+        Method::DELETE,
+        "/api/v1/status",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(!a.error().is_empty());
+}
+
+/// The OpenAPI document and the router cannot drift: the router's table and the document's
+/// paths are the same set, every documented path answers on the real router with a status the
+/// document lists, and the document is valid JSON with the required parts.
+#[tokio::test]
+async fn openapi_matches_the_router() {
+    let f = fixture(Some(TOKEN), false);
+    let doc: Value = serde_json::from_str(&get(&f, "/api/v1/openapi.json").await.body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut documented = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            documented.insert((method.to_uppercase(), path.clone()));
+            assert!(op["responses"].is_object(), "{method} {path}: no responses");
+            let secured = op.get("security").is_some();
+            let (_, table) = routes(f.hub.clone());
+            let access = table
+                .iter()
+                .find(|(m, p, _)| m.as_str() == method.to_uppercase() && p == path)
+                .map(|(_, _, a)| *a);
+            assert_eq!(
+                secured,
+                access == Some(Access::Write),
+                "{method} {path}: the document's security must say whether it needs the token"
+            );
+        }
+    }
+    let (_, table) = routes(f.hub.clone());
+    let served: BTreeSet<(String, String)> = table
+        .iter()
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, served, "OpenAPI paths and router routes differ");
+
+    // Every documented operation answers on the real router with a documented status.
+    for (method, path) in &documented {
+        let uri = path.replace("{name}", "web");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let body = match uri.as_str() {
+            "/api/v1/services/web/demand" => Some(r#"{"value": 2}"#),
+            "/api/v1/services/web/random" => Some(r#"{"delta": 2}"#),
+            _ => None,
+        };
+        let status = if uri.ends_with("/stream") {
+            let req = Request::get(&uri).body(Body::empty()).unwrap();
+            app(&f.hub, LOOPBACK).oneshot(req).await.unwrap().status()
+        } else {
+            call(
+                app(&f.hub, LOOPBACK),
+                method.clone(),
+                &uri,
+                Some(TOKEN),
+                body,
+            )
+            .await
+            .status
+        };
+        let op = &doc["paths"][path][method.as_str().to_lowercase()];
+        assert!(
+            op["responses"].get(status.as_str()).is_some(),
+            "{method} {uri} answered {status}, which the document does not list"
+        );
+        assert_eq!(status, StatusCode::OK, "{method} {uri}");
+        // And without the token, a route that needs it says 401, which is documented.
+        if op.get("security").is_some() {
+            let a = call(app(&f.hub, LOOPBACK), method.clone(), &uri, None, body).await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+            assert!(op["responses"].get("401").is_some());
+        }
+    }
+    // Every $ref points at a schema that exists.
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = &r[..r.find('"').unwrap()];
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "missing schema {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_and_old_rows_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/h.sqlite");
+    let now = now_ms();
+    {
+        let store = Store::open(&path, Duration::from_secs(3600)).unwrap();
+        let t = |ts, d| tick(ts, d, 1, 8, vec![decision(ts, "web", "demand")]);
+        store.record(&t(now - 2 * 3600 * 1000, 1.0)); // older than the retention
+        store.record(&t(now - 1000, 2.0));
+        store.record(&t(now, 3.0));
+        store.close();
+    }
+    let store = Store::open(&path, Duration::from_secs(3600)).unwrap();
+    let pts = store.history(0, now, 100).unwrap();
+    assert_eq!(pts.len(), 2, "the expired point must be gone: {pts:?}");
+    assert_eq!(pts[1].services["web"].demand, Some(3.0));
+    let d = store.decisions(0, now, None, 100).unwrap();
+    assert_eq!(d.len(), 2);
+}
+
+/// One test through a real socket: the same router behind `serve`, with the peer address
+/// coming from the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_real_socket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture(Some(TOKEN), false);
+    f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(microscaler_server::serve(listener, f.hub.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    async fn raw(addr: SocketAddr, req: String) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    let res = raw(
+        addr,
+        "GET /api/v1/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(res.contains("\"instance\":\"t\""));
+    let body = r#"{"value": 6}"#;
+    let res = raw(
+        addr,
+        format!(
+            "PUT /api/v1/services/web/demand HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(f.control.manual("web"), Some(6.0));
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
+}
