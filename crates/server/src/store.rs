@@ -255,7 +255,9 @@ fn writer(mut c: Connection, rx: mpsc::Receiver<Msg>, retention: Duration, path:
             }
         }
         if batch.is_empty() {
-            waiting.into_iter().for_each(|w| drop(w.send(())));
+            for w in waiting {
+                let _ = w.send(());
+            }
             continue;
         }
         let newest = batch.iter().map(|t| t.ts).max().unwrap_or(0);
@@ -272,7 +274,9 @@ fn writer(mut c: Connection, rx: mpsc::Receiver<Msg>, retention: Duration, path:
                 tracing::warn!(path = %path, error = %e, "cannot prune history");
             }
         }
-        waiting.into_iter().for_each(|w| drop(w.send(())));
+        for w in waiting {
+            let _ = w.send(());
+        }
     }
 }
 
