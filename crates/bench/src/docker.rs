@@ -1,0 +1,408 @@
+//! The Docker figures: reaction, release, burst and tracking, each against the raw Engine API
+//! measured in the same run. Replicas are counted running when the engine's event stream says
+//! `start` (and no longer running at `die`), for microscaler and baseline alike.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::Backend;
+use microscaler_core::config::DockerSpec;
+use microscaler_core::Config;
+use serde_json::{json, Value};
+use tokio::time::{sleep, sleep_until, Instant};
+
+use crate::engine::{cleanup, set_demand, wait_until, watch_instance, with_controller, Raw};
+use crate::report::{ms, ratio, Dist, Row};
+use crate::Opts;
+
+const P1: &str = "priority1";
+const P2: &str = "priority2";
+const BASE: &str = "baseline";
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A unique instance name for one scenario of this run.
+fn instance(tag: &str) -> String {
+    format!("bench-{}-{tag}", std::process::id())
+}
+
+/// The seeds' shape: a manual priority-1 service and, optionally, a priority-2 remainder.
+fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool) -> Config {
+    let mut t = format!(
+        "instance = \"{inst}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n[capacity]\nslots = {capacity}\n\
+         [backend]\ntype = \"docker\"\nstart_parallelism = {}\nnetwork = \"none\"\n\
+         [[services]]\nname = \"{P1}\"\npriority = 1\nmax = {capacity}\nstop_grace = \"2s\"\n\
+         [[services.triggers]]\ntype = \"manual\"\ninitial = {p1_initial}\n",
+        o.tick.as_millis(),
+        o.parallelism,
+    );
+    if remainder {
+        t.push_str(&format!(
+            "[[services]]\nname = \"{P2}\"\npriority = 2\nremainder = true\nstop_grace = \"2s\"\n"
+        ));
+    }
+    Config::from_toml(&t).expect("the benchmark's configuration is valid")
+}
+
+fn probe_spec(o: &Opts) -> DockerSpec {
+    DockerSpec {
+        host: None,
+        start_parallelism: o.parallelism,
+        network: "none".into(),
+    }
+}
+
+/// Spreads the moment of each step over the tick, so the tick's phase is sampled fairly.
+fn jitter(o: &Opts, i: usize) -> Duration {
+    o.tick.mul_f64(((i * 37) % 100) as f64 / 100.0)
+}
+
+/// Reaction (free capacity and preempting a remainder) and release, with their baselines.
+pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
+    let raw = Raw::new(&instance("base-react")).await?;
+    let mut base_rx = watch_instance(&raw.docker, &raw.instance).await;
+    let settle = Duration::from_millis(300);
+
+    // 1. Free capacity: demand 1 -> 2 on 10 slots, no remainder. Interleaved with the baseline.
+    let inst = instance("react");
+    let mut rx = watch_instance(&raw.docker, &inst).await;
+    let cfg = config(o, &inst, 10, 1, false);
+    let inst_probe = inst.clone();
+    let steps = o.steps;
+    let r = with_controller(cfg, |c| {
+        let rx = &mut rx;
+        let base_rx = &mut base_rx;
+        let raw = &raw;
+        async move {
+            wait_until(rx, LIMIT, "the first replica", |c| c.of(P1) == 1).await?;
+            let mut react = Vec::new();
+            let mut base = Vec::new();
+            for i in 0..steps {
+                sleep(settle + jitter(o, i)).await;
+                let t0 = Instant::now();
+                set_demand(&c, P1, 2)?;
+                let at = wait_until(rx, LIMIT, "the second replica", |c| c.of(P1) >= 2).await?;
+                react.push(at - t0);
+                set_demand(&c, P1, 1)?;
+                wait_until(rx, LIMIT, "the scale-down", |c| c.of(P1) == 1).await?;
+
+                sleep(settle).await;
+                let n = base_rx.borrow().starts_of(BASE);
+                let t0 = Instant::now();
+                let id = raw.create_start(BASE).await?;
+                let at = wait_until(base_rx, LIMIT, "the baseline start", |c| {
+                    c.starts_of(BASE) > n
+                })
+                .await?;
+                base.push(at - t0);
+                raw.stop_remove(&id).await?;
+            }
+            // Profile: what one observe (list our containers + the engine's info) costs here,
+            // the first phase of every tick, timed on a second backend of the same instance.
+            let probe = DockerBackend::connect(&probe_spec(o), &inst_probe).await?;
+            let mut observe = Vec::new();
+            for _ in 0..20 {
+                let t0 = Instant::now();
+                probe.observe().await?;
+                observe.push(t0.elapsed());
+                sleep(Duration::from_millis(20)).await;
+            }
+            Ok((react, base, observe))
+        }
+    })
+    .await;
+    cleanup(&raw.docker, &inst).await?;
+    let ((react, base, observe), stats_free) = r?;
+
+    // 2. Full capacity: 4 slots, priority 1 at 1 and the remainder at 3. A step up stops a
+    //    remainder replica and starts a priority-1 one; a step down is the release.
+    let inst = instance("preempt");
+    let mut rx = watch_instance(&raw.docker, &inst).await;
+    let cfg = config(o, &inst, 4, 1, true);
+    let victim = raw.create_start(BASE).await?;
+    let r = with_controller(cfg, |c| {
+        let rx = &mut rx;
+        let base_rx = &mut base_rx;
+        let raw = &raw;
+        async move {
+            wait_until(rx, LIMIT, "1 + 3 replicas", |c| {
+                c.of(P1) == 1 && c.of(P2) == 3
+            })
+            .await?;
+            let mut preempt = Vec::new();
+            let mut release = Vec::new();
+            let mut base = Vec::new();
+            let mut victim = victim;
+            for i in 0..steps {
+                sleep(settle + jitter(o, i)).await;
+                let t0 = Instant::now();
+                set_demand(&c, P1, 2)?;
+                let at = wait_until(rx, LIMIT, "priority 1 at 2", |c| c.of(P1) >= 2).await?;
+                preempt.push(at - t0);
+                wait_until(rx, LIMIT, "priority 2 at 2", |c| c.of(P2) == 2).await?;
+
+                sleep(settle + jitter(o, i + 50)).await;
+                let t0 = Instant::now();
+                set_demand(&c, P1, 1)?;
+                let at = wait_until(rx, LIMIT, "the remainder back at 3", |c| {
+                    c.of(P1) == 1 && c.of(P2) == 3
+                })
+                .await?;
+                release.push(at - t0);
+
+                // Baseline: what the same change costs through the raw API, one stop + remove
+                // then one create + start, in sequence as microscaler must (capacity is full).
+                sleep(settle).await;
+                let n = base_rx.borrow().starts_of(BASE);
+                let t0 = Instant::now();
+                raw.stop_remove(&victim).await?;
+                victim = raw.create_start(BASE).await?;
+                let at = wait_until(base_rx, LIMIT, "the baseline restart", |c| {
+                    c.starts_of(BASE) > n
+                })
+                .await?;
+                base.push(at - t0);
+            }
+            raw.stop_remove(&victim).await?;
+            Ok((preempt, release, base))
+        }
+    })
+    .await;
+    cleanup(&raw.docker, &inst).await?;
+    cleanup(&raw.docker, &raw.instance).await?;
+    let ((preempt, release, swap), stats_full) = r?;
+
+    let (react, base, preempt, release, swap) = (
+        Dist::new(&react),
+        Dist::new(&base),
+        Dist::new(&preempt),
+        Dist::new(&release),
+        Dist::new(&swap),
+    );
+    let tick_free = Dist::from_ms(&stats_free.tick_ms);
+    let observe = Dist::new(&observe);
+    let tick_full = Dist::from_ms(&stats_full.tick_ms);
+    let rows = vec![
+        Row::dist(
+            "reaction, free capacity",
+            &react,
+            &base,
+            "p50 <= 1.2x create+start",
+        ),
+        Row::dist("reaction, preempting remainder", &preempt, &swap, ""),
+        Row::dist("release to remainder", &release, &swap, ""),
+        Row::text(
+            "profile: one observe (list + info)",
+            format!("p50 {:.1} / max {:.1} ms", observe.p50, observe.max),
+        ),
+        Row::text(
+            "profile: loop tick, free capacity",
+            format!(
+                "p50 {:.1} / p95 {:.1} / max {:.1} ms (tick {} ms)",
+                tick_free.p50,
+                tick_free.p95,
+                tick_free.max,
+                ms(o.tick)
+            ),
+        ),
+    ];
+    let v = json!({
+        "tick_ms": ms(o.tick),
+        "steps": steps,
+        "reaction_free": { "microscaler": react.json(), "baseline_create_start": base.json(),
+                           "ratio_p50": ratio(react.p50, base.p50), "ratio_p95": ratio(react.p95, base.p95),
+                           "loop_tick_ms": tick_free.json(), "observe_ms": observe.json() },
+        "reaction_preempt": { "microscaler": preempt.json(), "baseline_stop_remove_create_start": swap.json(),
+                              "ratio_p50": ratio(preempt.p50, swap.p50),
+                              "loop_tick_ms": tick_full.json() },
+        "release": { "microscaler": release.json(), "baseline_stop_remove_create_start": swap.json(),
+                     "ratio_p50": ratio(release.p50, swap.p50) },
+    });
+    Ok((v, rows))
+}
+
+/// Burst: 0 -> N replicas through microscaler, against N raw create + start with the same
+/// parallelism.
+pub async fn burst(o: &Opts) -> Result<(Value, Vec<Row>)> {
+    let n = o.burst;
+    let raw = Raw::new(&instance("base-burst")).await?;
+    let mut base_rx = watch_instance(&raw.docker, &raw.instance).await;
+
+    let t0 = Instant::now();
+    let ids: Vec<Result<String>> =
+        futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+            futures::stream::iter((0..n).map(|_| raw.create_start(BASE))),
+            o.parallelism,
+        ))
+        .await;
+    let r = wait_until(&mut base_rx, LIMIT * 3, "the raw burst", |c| {
+        c.starts_of(BASE) >= n as u64
+    })
+    .await;
+    let base = r.map(|at| at - t0);
+    let ids: Vec<String> = ids.into_iter().filter_map(Result::ok).collect();
+    futures::future::join_all(ids.iter().map(|id| raw.stop_remove(id))).await;
+    cleanup(&raw.docker, &raw.instance).await?;
+    let base = base?;
+
+    let inst = instance("burst");
+    let mut rx = watch_instance(&raw.docker, &inst).await;
+    let cfg = config(o, &inst, n as u32, 0, false);
+    let r = with_controller(cfg, |c| {
+        let rx = &mut rx;
+        async move {
+            sleep(o.tick * 3).await;
+            let t0 = Instant::now();
+            set_demand(&c, P1, n as u32)?;
+            let at = wait_until(rx, LIMIT * 3, "the burst", |c| c.of(P1) >= n as i64).await?;
+            let up = at - t0;
+            set_demand(&c, P1, 0)?;
+            let t1 = Instant::now();
+            let at = wait_until(rx, LIMIT * 3, "the burst's scale-down", |c| c.of(P1) == 0).await?;
+            Ok((up, at - t1))
+        }
+    })
+    .await;
+    cleanup(&raw.docker, &inst).await?;
+    let ((up, down), stats) = r?;
+    let rows = vec![Row::single(
+        &format!("burst 0 -> {n}"),
+        up,
+        base,
+        &format!("raw: {n} create+start, {} at once", o.parallelism),
+    )];
+    let v = json!({
+        "replicas": n, "parallelism": o.parallelism, "tick_ms": ms(o.tick),
+        "microscaler_ms": ms(up), "baseline_raw_ms": ms(base), "ratio": ratio(ms(up), ms(base)),
+        "scale_down_to_0_ms": ms(down), "loop_ticks": stats.ticks,
+    });
+    Ok((v, rows))
+}
+
+/// A small seeded generator (xorshift64*): the demand walk must be replayable.
+struct Walk(u64);
+
+impl Walk {
+    fn step(&mut self, v: u32, delta: u32, max: u32) -> u32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let m = (r >> 33) % u64::from(2 * delta + 1);
+        (i64::from(v) + m as i64 - i64::from(delta)).clamp(0, i64::from(max)) as u32
+    }
+}
+
+/// Tracking: capacity 9, priority-1 demand moving by up to 3 every `interval`, a remainder
+/// filling the rest, for `o.tracking` after the first convergence.
+pub async fn tracking(
+    o: &Opts,
+    interval: Duration,
+    floor_ms: Option<f64>,
+) -> Result<(Value, Vec<Row>)> {
+    const CAP: u32 = 9;
+    let tag = format!("track{}ms", interval.as_millis());
+    let inst = instance(&tag);
+    let docker = microscaler_backends::docker_api::connect(None).await?;
+    let mut rx = watch_instance(&docker, &inst).await;
+    let cfg = config(o, &inst, CAP, 4, true);
+    let duration = o.tracking;
+    let r = with_controller(cfg, |c| {
+        let rx = &mut rx;
+        async move {
+            wait_until(rx, LIMIT, "4 + 5 replicas", |c| {
+                c.of(P1) == 4 && c.of(P2) == 5
+            })
+            .await?;
+            let first = rx.borrow().clone();
+            let start = Instant::now();
+            let end = start + duration;
+            let mut walk = Walk(0x9e37_79b9_7f4a_7c15 ^ interval.as_millis() as u64);
+            let mut demand = 4;
+            let mut changes = 0u32;
+            let mut next = start + interval;
+            // (time, p1 running, p2 running, demand)
+            let mut timeline = vec![(start, 4i64, 5i64, demand)];
+            loop {
+                tokio::select! {
+                    _ = sleep_until(end) => break,
+                    _ = sleep_until(next) => {
+                        let d = walk.step(demand, 3, CAP);
+                        if d != demand { changes += 1; }
+                        demand = d;
+                        set_demand(&c, P1, demand)?;
+                        let (p1, p2) = { let b = rx.borrow(); (b.of(P1), b.of(P2)) };
+                        timeline.push((Instant::now(), p1, p2, demand));
+                        next += interval;
+                    }
+                    r = rx.changed() => {
+                        r?;
+                        let b = rx.borrow_and_update();
+                        timeline.push((b.at.max(start), b.of(P1), b.of(P2), demand));
+                    }
+                }
+            }
+            let last = rx.borrow().clone();
+            Ok((timeline, end, first, last, changes))
+        }
+    })
+    .await;
+    cleanup(&docker, &inst).await?;
+    let ((timeline, end, first, last, changes), stats) = r?;
+
+    let mut met = 0.0;
+    let mut full = 0.0;
+    let mut total = 0.0;
+    for (i, (at, p1, p2, d)) in timeline.iter().enumerate() {
+        let until = timeline.get(i + 1).map_or(end, |n| n.0).min(end);
+        let span = until.saturating_duration_since(*at).as_secs_f64();
+        total += span;
+        if *p1 == i64::from(*d) {
+            met += span;
+        }
+        if p1 + p2 == i64::from(CAP) {
+            full += span;
+        }
+    }
+    let minutes = total / 60.0;
+    let started =
+        (last.starts_of(P1) + last.starts_of(P2)) - (first.starts_of(P1) + first.starts_of(P2));
+    let stopped = (last.dies_of(P1) + last.dies_of(P2)) - (first.dies_of(P1) + first.dies_of(P2));
+    let met_share = met / total;
+    let full_share = full / total;
+    // The cold-start floor: even a controller that started every change in the raw create +
+    // start time (measured in this run) would miss demand for that long after each change.
+    let floor = floor_ms.map(|f| (1.0 - f64::from(changes) * f / 1e3 / total).max(0.0));
+    let name = format!("tracking ±3 every {}", humantime::format_duration(interval));
+    let rows = vec![
+        Row::share(
+            &format!("{name}: demand met"),
+            met_share,
+            floor,
+            ">= 99% (with pool)",
+        ),
+        Row::share(
+            &format!("{name}: P1+P2 = 9"),
+            full_share,
+            None,
+            ">= 98% (with pool)",
+        ),
+        Row::text(
+            &format!("{name}: churn"),
+            format!(
+                "{:.1} started/min, {:.1} stopped/min",
+                started as f64 / minutes,
+                stopped as f64 / minutes
+            ),
+        ),
+    ];
+    let v = json!({
+        "capacity": CAP, "delta": 3, "interval_ms": ms(interval), "tick_ms": ms(o.tick),
+        "seconds": total, "demand_changes": changes,
+        "demand_met_share": met_share, "full_capacity_share": full_share,
+        "cold_start_floor_met_share": floor,
+        "started_per_minute": started as f64 / minutes, "stopped_per_minute": stopped as f64 / minutes,
+        "loop_ticks": stats.ticks, "loop_tick_ms": Dist::from_ms(&stats.tick_ms).json(),
+    });
+    Ok((v, rows))
+}

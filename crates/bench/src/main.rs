@@ -1,0 +1,177 @@
+//! `bench`: microscaler's benchmarks against the real local Docker engine.
+//!
+//! Every figure is reported with a baseline measured in the same run, as a ratio, because the
+//! engine is shared (other tests create containers on it) and absolute numbers are noisy.
+//! Results and how to read them: BENCHMARKS.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Map, Value};
+
+mod docker;
+mod engine;
+mod memory;
+mod plan;
+mod report;
+
+/// microscaler's benchmarks: reaction, release, burst, tracking (real Docker engine), plan time
+/// (engine alone) and resident memory (the real binary). Prints a table; `--json` writes JSON.
+#[derive(Parser, Debug)]
+#[command(name = "bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+/// Which figures to measure.
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    /// Everything below, in this order.
+    All,
+    /// Demand step -> new priority-1 replica running (free capacity, and preempting a
+    /// remainder), and demand drop -> remainder back; against raw Engine API calls.
+    Reaction,
+    /// 0 -> N replicas, against N raw create + start with the same parallelism.
+    Burst,
+    /// The seeds' scenario (capacity 9, ±3 every 3 s) and a faster one (±3 every 1 s).
+    Tracking,
+    /// Plan time of the engine alone, 10,000 services on 1,000 hosts.
+    Plan,
+    /// Resident memory of `microscaler run` managing N replicas (process backend).
+    Memory,
+}
+
+/// Options shared by every figure.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Write the results as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// The control loop's tick for the Docker figures.
+    #[arg(long, global = true, default_value = "100ms", value_parser = parse_duration)]
+    tick: Duration,
+    /// Demand steps for reaction and release (each also measures its baseline once).
+    #[arg(long, global = true, default_value_t = 50)]
+    steps: usize,
+    /// Replicas of the burst.
+    #[arg(long, global = true, default_value_t = 100)]
+    burst: usize,
+    /// Containers created and started at once (microscaler's start_parallelism and the raw
+    /// baseline's).
+    #[arg(long, global = true, default_value_t = 8)]
+    parallelism: usize,
+    /// Length of each tracking scenario (after the first convergence).
+    #[arg(long, global = true, default_value = "5m", value_parser = parse_duration)]
+    tracking: Duration,
+    /// Replicas for the memory figure.
+    #[arg(long, global = true, default_value_t = 1000)]
+    replicas: u32,
+    /// Iterations of the in-binary plan timing.
+    #[arg(long, global = true, default_value_t = 200)]
+    plan_iterations: usize,
+    /// The microscaler binary for the memory figure (default: next to this one).
+    #[arg(long, global = true)]
+    microscaler: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write it like \"500ms\", \"30s\")"))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let o = cli.opts.clone();
+    let all = cli.cmd == Cmd::All;
+    let mut rows = Vec::new();
+    let mut out = Map::new();
+    let mut failed = Vec::new();
+    let mut record = |name: &str, r: Result<(Value, Vec<report::Row>)>, rows: &mut Vec<_>| match r {
+        Ok((v, rs)) => {
+            out.insert(name.into(), v);
+            rows.extend(rs);
+        }
+        Err(e) => {
+            eprintln!("bench: {name} failed: {e:#}");
+            failed.push(name.to_string());
+            out.insert(name.into(), json!({ "error": format!("{e:#}") }));
+        }
+    };
+    let started = std::time::SystemTime::now();
+
+    if all || cli.cmd == Cmd::Plan {
+        eprintln!("bench: plan time ({} iterations)", o.plan_iterations);
+        record("plan", Ok(plan::run(o.plan_iterations)), &mut rows);
+    }
+    let mut floor_ms = None;
+    if all || cli.cmd == Cmd::Reaction {
+        eprintln!(
+            "bench: reaction and release ({} steps, tick {:?})",
+            o.steps, o.tick
+        );
+        let r = docker::reaction(&o).await;
+        if let Ok((v, _)) = &r {
+            floor_ms = v["reaction_free"]["baseline_create_start"]["p50_ms"].as_f64();
+        }
+        record("reaction", r, &mut rows);
+    }
+    if all || cli.cmd == Cmd::Burst {
+        eprintln!("bench: burst 0 -> {}", o.burst);
+        record("burst", docker::burst(&o).await, &mut rows);
+    }
+    if all || cli.cmd == Cmd::Tracking {
+        for secs in [3, 1] {
+            let interval = Duration::from_secs(secs);
+            eprintln!("bench: tracking ±3 every {secs}s for {:?}", o.tracking);
+            let r = docker::tracking(&o, interval, floor_ms).await;
+            record(&format!("tracking_{secs}s"), r, &mut rows);
+        }
+    }
+    if all || cli.cmd == Cmd::Memory {
+        let bin = o.microscaler.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("microscaler")))
+                .unwrap_or_else(|| PathBuf::from("microscaler"))
+        });
+        eprintln!(
+            "bench: resident memory with {} replicas ({})",
+            o.replicas,
+            bin.display()
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            memory::run(&bin, o.replicas, Duration::from_millis(500))
+        })
+        .await?;
+        record("memory", r, &mut rows);
+    }
+
+    print!("{}", report::table(&rows));
+    if let Some(path) = &o.json {
+        let unix = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let doc = json!({
+            "started_unix": unix,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "options": { "tick_ms": report::ms(o.tick), "steps": o.steps, "burst": o.burst,
+                         "parallelism": o.parallelism, "tracking_s": o.tracking.as_secs_f64(),
+                         "replicas": o.replicas },
+            "table": rows.iter().map(report::Row::json).collect::<Vec<_>>(),
+            "results": Value::Object(out),
+            "failed": failed,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("{} figure(s) failed: {}", failed.len(), failed.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Plan time of the decision engine alone: 10,000 services on 1,000 hosts.
+//!
+//! `cargo bench -p microscaler-core --bench plan`. The same workload is timed by
+//! `cargo run --release -p bench -- plan` (crates/bench/src/plan.rs builds it the same way), so
+//! the benchmark command can report it next to the Docker figures; results are in BENCHMARKS.md.
+//!
+//! The workload: 9,990 demand-driven services (priorities 1 to 10) and 10 remainder services on
+//! 1,000 ready hosts with 20 slots each. The engine's memory is that of a converged tick; in the
+//! measured tick one service in ten sees its demand move, so the plan has real actions and
+//! preemptions, not an idle pass.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use microscaler_core::{decide, Config, EngineState, Host, Observed, Samples, ServiceObservation};
+
+const SERVICES: usize = 10_000;
+const REMAINDER: usize = 10;
+const HOSTS: usize = 1_000;
+const SLOTS_PER_HOST: u32 = 20;
+
+fn config() -> Config {
+    let mut t = format!(
+        "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\nslots_per_host = {SLOTS_PER_HOST}\n\
+         [backend]\ntype = \"process\"\n"
+    );
+    for i in 0..SERVICES - REMAINDER {
+        t.push_str(&format!(
+            "[[services]]\nname = \"svc-{i}\"\npriority = {}\nmax = 8\n\
+             [[services.triggers]]\ntype = \"manual\"\n",
+            1 + i % 10
+        ));
+    }
+    for i in 0..REMAINDER {
+        t.push_str(&format!(
+            "[[services]]\nname = \"rest-{i}\"\npriority = 11\nremainder = true\n"
+        ));
+    }
+    Config::from_toml(&t).expect("the benchmark's configuration is valid")
+}
+
+fn hosts() -> Vec<Host> {
+    (0..HOSTS)
+        .map(|i| Host {
+            id: format!("h{i}"),
+            name: format!("host-{i}"),
+            ready: true,
+            cpus: Some(2.0),
+            memory_bytes: None,
+        })
+        .collect()
+}
+
+/// Demand of triggered service `i` in round `round`: 0 to 3, one service in ten moves per round.
+fn demand(i: usize, round: usize) -> f64 {
+    let moved = if i % 10 == round % 10 { round } else { 0 };
+    ((i + moved) % 4) as f64
+}
+
+fn samples(cfg: &Config, round: usize) -> Samples {
+    let mut s = Samples::default();
+    for (i, svc) in cfg.services.iter().enumerate().take(SERVICES - REMAINDER) {
+        s.set(&svc.name, "manual", Some(demand(i, round)));
+    }
+    s
+}
+
+/// A converged tick: (observed, memory) after deciding round 0 and running its targets.
+fn converged(cfg: &Config) -> (Observed, EngineState) {
+    let mut observed = Observed {
+        services: Default::default(),
+        hosts: hosts(),
+    };
+    let (plan, memory) = decide(
+        cfg,
+        &observed,
+        &samples(cfg, 0),
+        &EngineState::default(),
+        Duration::ZERO,
+    );
+    for sp in &plan.services {
+        observed.services.insert(
+            sp.service.clone(),
+            ServiceObservation {
+                running: sp.target,
+                pending: 0,
+            },
+        );
+    }
+    (observed, memory)
+}
+
+fn bench_plan(c: &mut Criterion) {
+    let cfg = config();
+    let (observed, memory) = converged(&cfg);
+    let next = samples(&cfg, 1);
+    let now = Duration::from_secs(1);
+    let mut g = c.benchmark_group("plan");
+    g.sample_size(30);
+    g.bench_function("decide 10000 services on 1000 hosts", |b| {
+        b.iter(|| decide(black_box(&cfg), &observed, &next, &memory, now))
+    });
+    g.bench_function("first tick 10000 services on 1000 hosts", |b| {
+        let empty = Observed {
+            services: Default::default(),
+            hosts: observed.hosts.clone(),
+        };
+        b.iter(|| decide(black_box(&cfg), &empty, &next, &EngineState::default(), now))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_plan);
+criterion_main!(benches);
