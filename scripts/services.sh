@@ -5,6 +5,15 @@ set -euo pipefail
 
 need_pkgs=()
 command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
+# Demand sources' servers (issue 4): brokers, metrics servers, load balancers.
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v rabbitmq-server >/dev/null 2>&1 || need_pkgs+=(rabbitmq-server)
+command -v prometheus >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
+command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
+command -v nats-server >/dev/null 2>&1 || need_pkgs+=(nats-server)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 # The built-in replica is linked statically: it needs the C library's static archive.
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/libc.a ] || need_pkgs+=(libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -46,3 +55,5 @@ start_swarm() {
 
 start_dockerd
 start_swarm
+# Demand sources (see scripts/source-services.sh).
+. "$(dirname "$0")/source-services.sh"

@@ -19,6 +19,24 @@ pub enum SourceSpec {
     Random(RandomSpec),
     /// A value set by hand (CLI now, API later).
     Manual(ManualSpec),
+    /// Length of a Redis list (`LLEN`).
+    RedisList(RedisListSpec),
+    /// Lag of a Redis stream's consumer group (`XINFO GROUPS`, field `lag`).
+    RedisStream(RedisStreamSpec),
+    /// Depth of a RabbitMQ queue, from the management HTTP API.
+    Rabbitmq(RabbitmqSpec),
+    /// A Prometheus instant query that yields one number.
+    Prometheus(PrometheusSpec),
+    /// A number inside an HTTP JSON document, found by a JSON pointer.
+    HttpJson(HttpJsonSpec),
+    /// A request rate (or other field) from HAProxy's stats CSV.
+    Haproxy(HaproxySpec),
+    /// Requests per second from nginx's `stub_status`, from successive totals.
+    Nginx(NginxSpec),
+    /// Pending messages of a NATS JetStream consumer, from the monitoring endpoint.
+    NatsJetstream(NatsJetstreamSpec),
+    /// A value by time of day and weekday.
+    Schedule(ScheduleSpec),
 }
 
 impl SourceSpec {
@@ -27,7 +45,218 @@ impl SourceSpec {
         match self {
             SourceSpec::Random(_) => "random",
             SourceSpec::Manual(_) => "manual",
+            SourceSpec::RedisList(_) => "redis_list",
+            SourceSpec::RedisStream(_) => "redis_stream",
+            SourceSpec::Rabbitmq(_) => "rabbitmq",
+            SourceSpec::Prometheus(_) => "prometheus",
+            SourceSpec::HttpJson(_) => "http_json",
+            SourceSpec::Haproxy(_) => "haproxy",
+            SourceSpec::Nginx(_) => "nginx",
+            SourceSpec::NatsJetstream(_) => "nats_jetstream",
+            SourceSpec::Schedule(_) => "schedule",
         }
+    }
+
+    /// The network options of a source that talks to a server (`None` for local ones).
+    pub fn net(&self) -> Option<&NetOptions> {
+        match self {
+            SourceSpec::Random(_) | SourceSpec::Manual(_) | SourceSpec::Schedule(_) => None,
+            SourceSpec::RedisList(s) => Some(&s.net),
+            SourceSpec::RedisStream(s) => Some(&s.net),
+            SourceSpec::Rabbitmq(s) => Some(&s.net),
+            SourceSpec::Prometheus(s) => Some(&s.net),
+            SourceSpec::HttpJson(s) => Some(&s.net),
+            SourceSpec::Haproxy(s) => Some(&s.net),
+            SourceSpec::Nginx(s) => Some(&s.net),
+            SourceSpec::NatsJetstream(s) => Some(&s.net),
+        }
+    }
+}
+
+/// Options every network source has (keys `timeout` and `required` of the trigger).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetOptions {
+    /// Connect and read timeout of each request (default 2 s). The control loop also bounds a
+    /// whole sample by `sample_timeout`.
+    pub timeout: Duration,
+    /// Whether the server must answer the start-up check (default `true`: microscaler exits
+    /// with an error naming the server). `false`: start anyway and report the trigger as
+    /// failing until the server answers.
+    pub required: bool,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            timeout: Duration::from_secs(2),
+            required: true,
+        }
+    }
+}
+
+/// `LLEN key` of a Redis server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisListSpec {
+    /// `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    pub url: String,
+    /// The list's key.
+    pub key: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// Consumer-group lag of a Redis stream: entries not yet delivered to the group
+/// (`XINFO GROUPS stream`, field `lag`, Redis >= 7).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisStreamSpec {
+    /// `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    pub url: String,
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Whether to add the group's pending (delivered, not acknowledged) entries.
+    pub include_pending: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// Depth of a RabbitMQ queue, read from the management HTTP API
+/// (`GET /api/queues/{vhost}/{queue}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RabbitmqSpec {
+    /// Base URL of the management API (default `http://127.0.0.1:15672`).
+    pub url: String,
+    /// Virtual host (default `/`).
+    pub vhost: String,
+    /// The queue.
+    pub queue: String,
+    /// User name (default `guest`).
+    pub username: String,
+    /// Password (default `guest`).
+    pub password: String,
+    /// Whether to add unacknowledged messages to the ready ones.
+    pub include_unacked: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// A PromQL instant query (`GET /api/v1/query`) whose result must be a scalar or a vector of
+/// exactly one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrometheusSpec {
+    /// Base URL of the server (default `http://127.0.0.1:9090`).
+    pub url: String,
+    /// The PromQL expression.
+    pub query: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// A number in a JSON document fetched by `GET url`, at a JSON pointer (RFC 6901).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpJsonSpec {
+    /// The document's URL.
+    pub url: String,
+    /// JSON pointer to the value (`/queue/depth`); the value must be a number or a string
+    /// holding one.
+    pub pointer: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// One field of one row of HAProxy's stats CSV (`/stats;csv`), by default the frontend's
+/// `req_rate` (HTTP requests per second over the last second).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaproxySpec {
+    /// URL of the stats page in CSV (`http://127.0.0.1:8404/stats;csv`).
+    pub url: String,
+    /// Proxy name (`pxname` column): the frontend or backend.
+    pub proxy: String,
+    /// Server name (`svname` column; default `FRONTEND`; `BACKEND` for a backend's total).
+    pub server: String,
+    /// The column (default `req_rate`; `rate` for sessions per second, `scur`, `qcur`, ...).
+    pub field: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// Requests per second from nginx's `stub_status` page: the difference of successive request
+/// totals over the time between them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NginxSpec {
+    /// URL of the `stub_status` page.
+    pub url: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// Pending messages of a JetStream consumer, from the NATS monitoring endpoint
+/// (`GET /jsz?consumers=true`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsJetstreamSpec {
+    /// Base URL of the monitoring endpoint (default `http://127.0.0.1:8222`).
+    pub url: String,
+    /// Account (default: any account that has the stream).
+    pub account: Option<String>,
+    /// The stream.
+    pub stream: String,
+    /// The durable consumer.
+    pub consumer: String,
+    /// Whether to add messages delivered but not yet acknowledged (`num_ack_pending`).
+    pub include_ack_pending: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// A value by weekday and time of day: the largest value of the windows open at the time, or
+/// `default` when none is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleSpec {
+    /// The windows.
+    pub windows: Vec<ScheduleWindow>,
+    /// The value outside every window.
+    pub default: f64,
+    /// Offset of the schedule's clock from UTC, in minutes (`utc_offset = "+02:00"` is 120).
+    pub utc_offset_minutes: i32,
+}
+
+/// One window of a schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleWindow {
+    /// Days the window opens on: bit 0 is Monday, bit 6 Sunday.
+    pub days: u8,
+    /// Opening time, minutes after midnight.
+    pub from: u32,
+    /// Closing time, minutes after midnight (exclusive; up to 1440). When `to <= from` the window
+    /// runs past midnight into the next day.
+    pub to: u32,
+    /// The value while open.
+    pub value: f64,
+}
+
+impl ScheduleSpec {
+    /// The value at `unix_seconds` (seconds since 1970-01-01 UTC).
+    pub fn value_at(&self, unix_seconds: i64) -> f64 {
+        let local = unix_seconds + i64::from(self.utc_offset_minutes) * 60;
+        let days = local.div_euclid(86400);
+        let minute = (local.rem_euclid(86400) / 60) as u32;
+        // 1970-01-01 was a Thursday (index 3 with Monday = 0).
+        let weekday = (days + 3).rem_euclid(7) as u8;
+        let yesterday = (weekday + 6) % 7;
+        let mut best: Option<f64> = None;
+        for w in &self.windows {
+            let open = if w.from < w.to {
+                w.days & (1 << weekday) != 0 && minute >= w.from && minute < w.to
+            } else {
+                (w.days & (1 << weekday) != 0 && minute >= w.from)
+                    || (w.days & (1 << yesterday) != 0 && minute < w.to)
+            };
+            if open {
+                best = Some(best.map_or(w.value, |b: f64| b.max(w.value)));
+            }
+        }
+        best.unwrap_or(self.default)
     }
 }
 
@@ -55,7 +284,19 @@ pub struct ManualSpec {
 }
 
 /// Source types a trigger may name, listed in errors.
-pub const SOURCE_TYPES: &[&str] = &["random", "manual"];
+pub const SOURCE_TYPES: &[&str] = &[
+    "random",
+    "manual",
+    "redis_list",
+    "redis_stream",
+    "rabbitmq",
+    "prometheus",
+    "http_json",
+    "haproxy",
+    "nginx",
+    "nats_jetstream",
+    "schedule",
+];
 
 #[derive(Deserialize)]
 struct RawRandom {
@@ -71,7 +312,340 @@ struct RawManual {
     initial: Option<f64>,
 }
 
+#[derive(Deserialize)]
+struct RawRedisList {
+    url: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawRedisStream {
+    url: Option<String>,
+    stream: Option<String>,
+    group: Option<String>,
+    include_pending: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawRabbitmq {
+    url: Option<String>,
+    vhost: Option<String>,
+    queue: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    include_unacked: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawPrometheus {
+    url: Option<String>,
+    query: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawHttpJson {
+    url: Option<String>,
+    pointer: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawHaproxy {
+    url: Option<String>,
+    proxy: Option<String>,
+    server: Option<String>,
+    field: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawNginx {
+    url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawNatsJetstream {
+    url: Option<String>,
+    account: Option<String>,
+    stream: Option<String>,
+    consumer: Option<String>,
+    include_ack_pending: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawSchedule {
+    windows: Option<Vec<RawWindow>>,
+    default: Option<f64>,
+    utc_offset: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawWindow {
+    days: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    value: Option<f64>,
+}
+
+const HTTP: &[&str] = &["http", "https"];
+const REDIS: &[&str] = &["redis", "rediss"];
+
+/// Checks the shape of a URL: `scheme://host[:port][/path...]` with one of `schemes`.
+/// (The core crate has no URL library; the sources crate parses it fully when it builds.)
+pub fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return Err(format!(
+            "{raw:?} is not a URL: write it like {}://host:port",
+            schemes[0]
+        ));
+    };
+    if !schemes.contains(&scheme) {
+        return Err(format!(
+            "{raw:?}: scheme must be one of {}, got {scheme:?}",
+            schemes.join(", ")
+        ));
+    }
+    if raw.chars().any(char::is_whitespace) {
+        return Err(format!("{raw:?}: a URL has no spaces"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return Err(format!("{raw:?}: unclosed [ in the host")),
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{raw:?}: the host is missing"));
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("{raw:?}: the port must be 1-65535, got {p:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_days(raw: &str) -> Result<u8, String> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let day = |d: &str| {
+        let d = d.trim().to_ascii_lowercase();
+        NAMES
+            .iter()
+            .position(|n| d == *n || (d.len() > 3 && n.starts_with(&d[..3]) && is_day_name(&d)))
+            .ok_or_else(|| format!("unknown day {d:?}: use mon, tue, wed, thu, fri, sat, sun"))
+    };
+    let raw = raw.trim();
+    if raw == "*" || raw.eq_ignore_ascii_case("daily") {
+        return Ok(0x7f);
+    }
+    let mut mask = 0u8;
+    for part in raw.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (day(a)?, day(b)?);
+                let mut i = a;
+                loop {
+                    mask |= 1 << i;
+                    if i == b {
+                        break;
+                    }
+                    i = (i + 1) % 7;
+                }
+            }
+            None => mask |= 1 << day(part)?,
+        }
+    }
+    Ok(mask)
+}
+
+fn is_day_name(d: &str) -> bool {
+    [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ]
+    .contains(&d)
+}
+
+/// `HH:MM` in minutes after midnight; `24:00` only when `end` is set.
+fn parse_clock(raw: &str, end: bool) -> Result<u32, String> {
+    let bad = || format!("{raw:?} is not a time of day: write it like \"09:30\"");
+    let (h, m) = raw.trim().split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if m > 59 || h > 24 || (h == 24 && (m != 0 || !end)) {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+/// `+HH:MM` / `-HH:MM` / `Z` / `UTC` in minutes.
+fn parse_offset(raw: &str) -> Result<i32, String> {
+    let r = raw.trim();
+    if r.eq_ignore_ascii_case("z") || r.eq_ignore_ascii_case("utc") {
+        return Ok(0);
+    }
+    let bad = || format!("{raw:?} is not a UTC offset: write it like \"+02:00\" or \"-05:30\"");
+    let (sign, rest) = match r.as_bytes().first() {
+        Some(b'+') => (1, &r[1..]),
+        Some(b'-') => (-1, &r[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 14 || m > 59 {
+        return Err(bad());
+    }
+    Ok(sign * (h * 60 + m))
+}
+
 impl Validator {
+    /// Takes the network keys (`timeout`, `required`) out of a source's table.
+    fn net_options(&mut self, rest: &mut toml::Value, path: &str) -> NetOptions {
+        let mut net = NetOptions::default();
+        let Some(table) = rest.as_table_mut() else {
+            return net;
+        };
+        match table.remove("timeout") {
+            None => {}
+            Some(toml::Value::String(t)) => {
+                net.timeout = self.duration(
+                    Some(&t),
+                    &format!("{path}.timeout"),
+                    net.timeout,
+                    (Duration::from_millis(10), Duration::from_secs(60)),
+                );
+            }
+            Some(other) => self.err(
+                format!("{path}.timeout"),
+                format!("must be a duration like \"2s\", got {}", other.type_str()),
+            ),
+        }
+        match table.remove("required") {
+            None => {}
+            Some(toml::Value::Boolean(b)) => net.required = b,
+            Some(other) => self.err(
+                format!("{path}.required"),
+                format!("must be true or false, got {}", other.type_str()),
+            ),
+        }
+        net
+    }
+
+    /// A required, non-empty string option.
+    fn need(&mut self, raw: Option<String>, path: &str, key: &str, what: &str) -> String {
+        match raw {
+            Some(v) if !v.trim().is_empty() => v,
+            Some(_) => {
+                self.err(format!("{path}.{key}"), "must not be empty");
+                String::new()
+            }
+            None => {
+                self.err(format!("{path}.{key}"), format!("missing: {what}"));
+                String::new()
+            }
+        }
+    }
+
+    /// A URL option with an optional default, checked for its shape.
+    fn url(
+        &mut self,
+        raw: Option<String>,
+        default: Option<&str>,
+        path: &str,
+        schemes: &[&str],
+        what: &str,
+    ) -> String {
+        let Some(url) = raw.or(default.map(str::to_string)) else {
+            self.err(format!("{path}.url"), format!("missing: {what}"));
+            return String::new();
+        };
+        if let Err(e) = check_url(&url, schemes) {
+            self.err(format!("{path}.url"), e);
+        }
+        url
+    }
+
+    fn schedule(&mut self, r: RawSchedule, path: &str) -> ScheduleSpec {
+        let utc_offset_minutes = match r.utc_offset.as_deref().map(parse_offset) {
+            None => 0,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                self.err(format!("{path}.utc_offset"), e);
+                0
+            }
+        };
+        let default = r.default.unwrap_or(0.0);
+        if !default.is_finite() || default < 0.0 {
+            self.err(
+                format!("{path}.default"),
+                format!("must be a finite number >= 0, got {default}"),
+            );
+        }
+        let mut windows = Vec::new();
+        let raw_windows = r.windows.unwrap_or_default();
+        if raw_windows.is_empty() {
+            self.err(
+                format!("{path}.windows"),
+                "missing: at least one window, like { days = \"mon-fri\", from = \"09:00\", to = \"17:00\", value = 5 }",
+            );
+        }
+        for (i, w) in raw_windows.into_iter().enumerate() {
+            let p = format!("{path}.windows[{i}]");
+            let days = match parse_days(w.days.as_deref().unwrap_or("*")) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(format!("{p}.days"), e);
+                    0
+                }
+            };
+            let mut clock = |raw: Option<String>, key: &str, end: bool| match raw {
+                None => {
+                    self.err(format!("{p}.{key}"), "missing: a time like \"09:00\"");
+                    0
+                }
+                Some(t) => parse_clock(&t, end).unwrap_or_else(|e| {
+                    self.err(format!("{p}.{key}"), e);
+                    0
+                }),
+            };
+            let from = clock(w.from, "from", false);
+            let to = clock(w.to, "to", true);
+            let value = match w.value {
+                Some(v) if v.is_finite() && v >= 0.0 => v,
+                Some(v) => {
+                    self.err(
+                        format!("{p}.value"),
+                        format!("must be a finite number >= 0, got {v}"),
+                    );
+                    0.0
+                }
+                None => {
+                    self.err(format!("{p}.value"), "missing: the value while open");
+                    0.0
+                }
+            };
+            windows.push(ScheduleWindow {
+                days,
+                from,
+                to: if to == 0 { 1440 } else { to },
+                value,
+            });
+        }
+        ScheduleSpec {
+            windows,
+            default,
+            utc_offset_minutes,
+        }
+    }
     /// Parses the source-specific keys of a trigger (`rest`: the trigger's table without the
     /// common keys) for source type `kind`.
     pub(crate) fn source(
@@ -128,6 +702,118 @@ impl Validator {
                     );
                 }
                 SourceSpec::Manual(ManualSpec { initial })
+            }
+            "redis_list" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawRedisList = self.part(rest, path)?;
+                SourceSpec::RedisList(RedisListSpec {
+                    url: self.url(r.url, Some("redis://127.0.0.1:6379"), path, REDIS, ""),
+                    key: self.need(r.key, path, "key", "the list's key"),
+                    net,
+                })
+            }
+            "redis_stream" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawRedisStream = self.part(rest, path)?;
+                SourceSpec::RedisStream(RedisStreamSpec {
+                    url: self.url(r.url, Some("redis://127.0.0.1:6379"), path, REDIS, ""),
+                    stream: self.need(r.stream, path, "stream", "the stream's key"),
+                    group: self.need(r.group, path, "group", "the consumer group"),
+                    include_pending: r.include_pending.unwrap_or(false),
+                    net,
+                })
+            }
+            "rabbitmq" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawRabbitmq = self.part(rest, path)?;
+                SourceSpec::Rabbitmq(RabbitmqSpec {
+                    url: self.url(r.url, Some("http://127.0.0.1:15672"), path, HTTP, ""),
+                    vhost: r.vhost.unwrap_or_else(|| "/".into()),
+                    queue: self.need(r.queue, path, "queue", "the queue's name"),
+                    username: r.username.unwrap_or_else(|| "guest".into()),
+                    password: r.password.unwrap_or_else(|| "guest".into()),
+                    include_unacked: r.include_unacked.unwrap_or(false),
+                    net,
+                })
+            }
+            "prometheus" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawPrometheus = self.part(rest, path)?;
+                SourceSpec::Prometheus(PrometheusSpec {
+                    url: self.url(r.url, Some("http://127.0.0.1:9090"), path, HTTP, ""),
+                    query: self.need(r.query, path, "query", "a PromQL expression"),
+                    net,
+                })
+            }
+            "http_json" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawHttpJson = self.part(rest, path)?;
+                let pointer = r.pointer.unwrap_or_default();
+                if !pointer.is_empty() && !pointer.starts_with('/') {
+                    self.err(
+                        format!("{path}.pointer"),
+                        format!("a JSON pointer starts with \"/\" (like \"/queue/depth\"), got {pointer:?}"),
+                    );
+                }
+                SourceSpec::HttpJson(HttpJsonSpec {
+                    url: self.url(r.url, None, path, HTTP, "the JSON document's URL"),
+                    pointer,
+                    net,
+                })
+            }
+            "haproxy" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawHaproxy = self.part(rest, path)?;
+                SourceSpec::Haproxy(HaproxySpec {
+                    url: self.url(
+                        r.url,
+                        None,
+                        path,
+                        HTTP,
+                        "the stats page in CSV, like \"http://127.0.0.1:8404/stats;csv\"",
+                    ),
+                    proxy: self.need(r.proxy, path, "proxy", "the frontend or backend (pxname)"),
+                    server: r.server.unwrap_or_else(|| "FRONTEND".into()),
+                    field: r.field.unwrap_or_else(|| "req_rate".into()),
+                    net,
+                })
+            }
+            "nginx" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawNginx = self.part(rest, path)?;
+                SourceSpec::Nginx(NginxSpec {
+                    url: self.url(r.url, None, path, HTTP, "the stub_status page's URL"),
+                    net,
+                })
+            }
+            "nats_jetstream" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawNatsJetstream = self.part(rest, path)?;
+                SourceSpec::NatsJetstream(NatsJetstreamSpec {
+                    url: self.url(r.url, Some("http://127.0.0.1:8222"), path, HTTP, ""),
+                    account: r.account,
+                    stream: self.need(r.stream, path, "stream", "the stream's name"),
+                    consumer: self.need(
+                        r.consumer,
+                        path,
+                        "consumer",
+                        "the durable consumer's name",
+                    ),
+                    include_ack_pending: r.include_ack_pending.unwrap_or(false),
+                    net,
+                })
+            }
+            "schedule" => {
+                let r: RawSchedule = self.part(rest, path)?;
+                SourceSpec::Schedule(self.schedule(r, path))
             }
             other => {
                 self.err(

@@ -16,7 +16,7 @@ use microscaler_core::{
     decide, Config, EngineState, Observed, Plan, Samples, Service, ServiceKind, ServiceName,
     TriggerSample,
 };
-use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source};
+use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, SourceError};
 use tokio::time::Instant;
 
 /// Backoff after failed starts: 0.5 s, doubling, at most 30 s.
@@ -27,6 +27,49 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 struct LiveTrigger {
     name: String,
     source: AnySource,
+    /// Whether its server must answer the start-up check.
+    required: bool,
+}
+
+/// Why the controller could not start.
+#[derive(Debug)]
+pub enum PrepareError {
+    /// A required trigger's server failed its start-up check.
+    Source {
+        /// The service.
+        service: String,
+        /// The trigger.
+        trigger: String,
+        /// What is wrong, naming the server.
+        error: SourceError,
+    },
+    /// The backend could not be prepared.
+    Backend(BackendError),
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrepareError::Source {
+                service,
+                trigger,
+                error,
+            } => write!(
+                f,
+                "trigger {trigger:?} of service {service:?} failed its start-up check: {error} (set required = false on the trigger to start anyway and report it as failing)"
+            ),
+            PrepareError::Backend(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for PrepareError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PrepareError::Source { error, .. } => Some(error),
+            PrepareError::Backend(e) => Some(e),
+        }
+    }
 }
 
 /// Handles to change sources while the loop runs (CLI now, API later).
@@ -120,7 +163,8 @@ impl<B: Backend> Controller<B> {
             let mut live = Vec::new();
             if let ServiceKind::Triggered(ts) = &svc.kind {
                 for (i, t) in ts.iter().enumerate() {
-                    let source = AnySource::build(&t.source, capacity, clock_seed ^ i as u64);
+                    let source =
+                        AnySource::build_or_broken(&t.source, capacity, clock_seed ^ i as u64);
                     let key = (svc.name.to_string(), t.name.clone());
                     match &source {
                         AnySource::Manual(m) => {
@@ -129,10 +173,12 @@ impl<B: Backend> Controller<B> {
                         AnySource::Random(r) => {
                             controls.random.insert(key, r.control());
                         }
+                        _ => {}
                     }
                     live.push(LiveTrigger {
                         name: t.name.clone(),
                         source,
+                        required: t.source.net().is_none_or(|n| n.required),
                     });
                 }
             }
@@ -175,9 +221,41 @@ impl<B: Backend> Controller<B> {
             .collect()
     }
 
-    /// Prepares the backend (images, services, adoption).
-    pub async fn prepare(&self) -> Result<(), BackendError> {
-        self.backend.prepare(&self.cfg.services).await
+    /// Checks every trigger's source (its server answers, the queue/stream/... exists), then
+    /// prepares the backend (images, services, adoption). A required source that fails stops
+    /// the start before anything is created; one with `required = false` is logged and its
+    /// trigger reported as failing by the ticks until its server answers.
+    pub async fn prepare(&mut self) -> Result<(), PrepareError> {
+        let checks = self.triggers.iter_mut().flat_map(|(svc, ts)| {
+            let svc = &*svc;
+            ts.iter_mut().map(move |t| async move {
+                (
+                    svc.to_string(),
+                    t.name.clone(),
+                    t.required,
+                    t.source.check().await,
+                )
+            })
+        });
+        for (service, trigger, required, result) in join_all(checks).await {
+            match result {
+                Ok(()) => {}
+                Err(error) if required => {
+                    return Err(PrepareError::Source {
+                        service,
+                        trigger,
+                        error,
+                    })
+                }
+                Err(error) => {
+                    tracing::warn!(%service, %trigger, "start-up check failed; starting anyway (required = false): {error}");
+                }
+            }
+        }
+        self.backend
+            .prepare(&self.cfg.services)
+            .await
+            .map_err(PrepareError::Backend)
     }
 
     /// One tick: observe, sample, decide, act.

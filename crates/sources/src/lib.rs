@@ -3,7 +3,9 @@
 //! One module per source, one variant of [`AnySource`] each. A source is built once from its
 //! validated spec (options are never parsed per tick) and sampled every tick with the tick's
 //! time as an input, so time-driven sources (random, later schedule) are deterministic under
-//! test. Network sources (queues, load balancers, Prometheus) join as further modules.
+//! test. Network sources (queues, load balancers, Prometheus) are built without I/O and checked
+//! once at start-up ([`AnySource::check`]); every request they make has connect and read
+//! timeouts of its own, besides the control loop's bound on a whole sample.
 #![deny(missing_docs)]
 
 use std::future::Future;
@@ -11,11 +13,28 @@ use std::time::Duration;
 
 use microscaler_core::SourceSpec;
 
+pub mod haproxy;
+mod http;
+pub mod http_json;
 pub mod manual;
+pub mod nats;
+pub mod nginx;
+pub mod prometheus;
+pub mod rabbitmq;
 pub mod random;
+pub mod redis;
+pub mod schedule;
 
+pub use haproxy::HaproxySource;
+pub use http_json::HttpJsonSource;
 pub use manual::{ManualHandle, ManualSource};
+pub use nats::NatsJetstreamSource;
+pub use nginx::NginxSource;
+pub use prometheus::PrometheusSource;
+pub use rabbitmq::RabbitmqSource;
 pub use random::{RandomControl, RandomSource};
+pub use redis::{RedisListSource, RedisStreamSource};
+pub use schedule::ScheduleSource;
 
 /// Errors of a source. Messages name the server and what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -54,15 +73,76 @@ pub enum AnySource {
     Random(RandomSource),
     /// Set by hand.
     Manual(ManualSource),
+    /// Redis list length.
+    RedisList(RedisListSource),
+    /// Redis stream consumer-group lag.
+    RedisStream(RedisStreamSource),
+    /// RabbitMQ queue depth.
+    Rabbitmq(RabbitmqSource),
+    /// Prometheus instant query.
+    Prometheus(PrometheusSource),
+    /// A number in an HTTP JSON document.
+    HttpJson(HttpJsonSource),
+    /// HAProxy stats field (request rate).
+    Haproxy(HaproxySource),
+    /// nginx request rate.
+    Nginx(NginxSource),
+    /// NATS JetStream consumer backlog.
+    NatsJetstream(NatsJetstreamSource),
+    /// Value by time of day.
+    Schedule(ScheduleSource),
+    /// A source whose client could not be built: its check and every sample fail with the
+    /// build error (see [`AnySource::build_or_broken`]).
+    Broken(SourceError),
 }
 
 impl AnySource {
-    /// Builds a source from its validated spec. `capacity` bounds the random walk when its spec
-    /// gives no max; `clock_seed` seeds it when its spec gives no seed.
-    pub fn build(spec: &SourceSpec, capacity: u32, clock_seed: u64) -> AnySource {
-        match spec {
+    /// Builds a source from its validated spec, without I/O. `capacity` bounds the random walk
+    /// when its spec gives no max; `clock_seed` seeds it when its spec gives no seed. Fails only
+    /// when a client cannot be built from options the configuration accepted (a URL the
+    /// client library rejects), with a message naming the source.
+    pub fn build(
+        spec: &SourceSpec,
+        capacity: u32,
+        clock_seed: u64,
+    ) -> Result<AnySource, SourceError> {
+        Ok(match spec {
             SourceSpec::Random(r) => AnySource::Random(RandomSource::new(r, capacity, clock_seed)),
             SourceSpec::Manual(m) => AnySource::Manual(ManualSource::new(m.initial)),
+            SourceSpec::RedisList(s) => AnySource::RedisList(RedisListSource::new(s)?),
+            SourceSpec::RedisStream(s) => AnySource::RedisStream(RedisStreamSource::new(s)?),
+            SourceSpec::Rabbitmq(s) => AnySource::Rabbitmq(RabbitmqSource::new(s)?),
+            SourceSpec::Prometheus(s) => AnySource::Prometheus(PrometheusSource::new(s)?),
+            SourceSpec::HttpJson(s) => AnySource::HttpJson(HttpJsonSource::new(s)?),
+            SourceSpec::Haproxy(s) => AnySource::Haproxy(HaproxySource::new(s)?),
+            SourceSpec::Nginx(s) => AnySource::Nginx(NginxSource::new(s)?),
+            SourceSpec::NatsJetstream(s) => AnySource::NatsJetstream(NatsJetstreamSource::new(s)?),
+            SourceSpec::Schedule(s) => AnySource::Schedule(ScheduleSource::new(s)),
+        })
+    }
+
+    /// Like [`AnySource::build`], but a source that cannot be built becomes
+    /// [`AnySource::Broken`], so the caller can report it at the start-up check (or keep running
+    /// with the trigger failing when the source is not required).
+    pub fn build_or_broken(spec: &SourceSpec, capacity: u32, clock_seed: u64) -> AnySource {
+        Self::build(spec, capacity, clock_seed).unwrap_or_else(AnySource::Broken)
+    }
+
+    /// The start-up health check: can the server be reached, and does the thing measured
+    /// exist (queue, stream and group, consumer, proxy row, ...)? The error names the server
+    /// and what is wrong. Local sources always pass. Bounded by the source's own timeouts.
+    pub async fn check(&mut self) -> Result<(), SourceError> {
+        match self {
+            AnySource::Random(_) | AnySource::Manual(_) | AnySource::Schedule(_) => Ok(()),
+            AnySource::Broken(e) => Err(e.clone()),
+            AnySource::RedisList(s) => s.check().await,
+            AnySource::RedisStream(s) => s.check().await,
+            AnySource::Rabbitmq(s) => s.check().await,
+            AnySource::Prometheus(s) => s.check().await,
+            AnySource::HttpJson(s) => s.check().await,
+            AnySource::Haproxy(s) => s.check().await,
+            AnySource::Nginx(s) => s.check().await,
+            AnySource::NatsJetstream(s) => s.check().await,
         }
     }
 }
@@ -72,6 +152,19 @@ impl Source for AnySource {
         match self {
             AnySource::Random(s) => s.describe(),
             AnySource::Manual(s) => s.describe(),
+            AnySource::RedisList(s) => s.describe(),
+            AnySource::RedisStream(s) => s.describe(),
+            AnySource::Rabbitmq(s) => s.describe(),
+            AnySource::Prometheus(s) => s.describe(),
+            AnySource::HttpJson(s) => s.describe(),
+            AnySource::Haproxy(s) => s.describe(),
+            AnySource::Nginx(s) => s.describe(),
+            AnySource::NatsJetstream(s) => s.describe(),
+            AnySource::Schedule(s) => s.describe(),
+            AnySource::Broken(e) => match e {
+                SourceError::Garbage { source_name, .. }
+                | SourceError::Failed { source_name, .. } => source_name.clone(),
+            },
         }
     }
 
@@ -79,6 +172,16 @@ impl Source for AnySource {
         let v = match self {
             AnySource::Random(s) => s.sample(now).await,
             AnySource::Manual(s) => s.sample(now).await,
+            AnySource::RedisList(s) => s.sample(now).await,
+            AnySource::RedisStream(s) => s.sample(now).await,
+            AnySource::Rabbitmq(s) => s.sample(now).await,
+            AnySource::Prometheus(s) => s.sample(now).await,
+            AnySource::HttpJson(s) => s.sample(now).await,
+            AnySource::Haproxy(s) => s.sample(now).await,
+            AnySource::Nginx(s) => s.sample(now).await,
+            AnySource::NatsJetstream(s) => s.sample(now).await,
+            AnySource::Schedule(s) => s.sample(now).await,
+            AnySource::Broken(e) => Err(e.clone()),
         }?;
         check_value(&self.describe(), v)
     }
