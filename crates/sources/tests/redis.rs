@@ -48,9 +48,17 @@ async fn list_length_follows_the_list() {
         .await
         .unwrap();
     assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 3.0);
-    let _: () = redis::cmd("LPOP").arg(&key).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("LPOP")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 2.0);
-    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -60,13 +68,22 @@ async fn a_key_of_another_type_fails_the_check_and_the_sample() {
     }
     let key = unique("str");
     let mut c = client().await;
-    let _: () = redis::cmd("SET").arg(&key).arg("x").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let mut s = list(&key);
     let e = s.check().await.unwrap_err().to_string();
     assert!(e.contains("holds a string, not a list"), "{e}");
     let e = s.sample(Duration::ZERO).await.unwrap_err().to_string();
     assert!(e.contains("WRONGTYPE"), "{e}");
-    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -139,7 +156,11 @@ async fn stream_lag_counts_undelivered_entries() {
     .unwrap();
     let e = other.check().await.unwrap_err().to_string();
     assert!(e.contains("has no consumer group \"nobody\""), "{e}");
-    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -159,7 +180,9 @@ async fn an_unreachable_server_is_named() {
     assert!(matches!(e, SourceError::Failed { .. }), "{e:?}");
     let e = e.to_string();
     assert!(
-        e.contains(&format!("cannot connect to Redis at redis://127.0.0.1:{port}")),
+        e.contains(&format!(
+            "cannot connect to Redis at redis://127.0.0.1:{port}"
+        )),
         "{e}"
     );
 }

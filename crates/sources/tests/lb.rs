@@ -1,0 +1,115 @@
+//! Load-balancer request rates against real servers: HAProxy's stats CSV (127.0.0.1:8404,
+//! traffic on :8405) and nginx's stub_status (127.0.0.1:8480).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{absent, net};
+use microscaler_core::source_spec::{HaproxySpec, NginxSpec, SourceSpec};
+use microscaler_sources::{AnySource, Source, SourceError};
+
+async fn hit(url: &str, n: usize) {
+    let c = reqwest::Client::new();
+    for _ in 0..n {
+        let r = c.get(url).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+}
+
+fn haproxy(proxy: &str, server: &str, field: &str) -> AnySource {
+    AnySource::build(
+        &SourceSpec::Haproxy(HaproxySpec {
+            url: "http://127.0.0.1:8404/stats;csv".into(),
+            proxy: proxy.into(),
+            server: server.into(),
+            field: field.into(),
+            net: net(),
+        }),
+        9,
+        1,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn haproxy_request_rate_of_a_frontend() {
+    if absent("haproxy", 8404).await {
+        return;
+    }
+    let mut s = haproxy("web", "FRONTEND", "req_rate");
+    s.check().await.unwrap();
+    hit("http://127.0.0.1:8405/", 25).await;
+    // req_rate counts the last second: at least the 25 just sent (other tests may add more).
+    let v = s.sample(Duration::ZERO).await.unwrap();
+    assert!(v >= 25.0, "req_rate {v}");
+    let total = haproxy("web", "FRONTEND", "req_tot")
+        .sample(Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(total >= 25.0, "req_tot {total}");
+}
+
+#[tokio::test]
+async fn haproxy_unknown_rows_and_columns_fail_the_check() {
+    if absent("haproxy", 8404).await {
+        return;
+    }
+    let e = haproxy("nope", "FRONTEND", "req_rate")
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no row nope/FRONTEND") && e.contains("web/FRONTEND"),
+        "{e}"
+    );
+    let e = haproxy("web", "FRONTEND", "bogus")
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no column \"bogus\""), "{e}");
+}
+
+#[tokio::test]
+async fn nginx_rate_from_successive_totals() {
+    if absent("nginx", 8480).await {
+        return;
+    }
+    let mut s = AnySource::build(
+        &SourceSpec::Nginx(NginxSpec {
+            url: "http://127.0.0.1:8480/nginx_status".into(),
+            net: net(),
+        }),
+        9,
+        1,
+    )
+    .unwrap();
+    s.check().await.unwrap();
+    // The first sample has no rate: missing, never zero.
+    let first = s.sample(Duration::from_secs(10)).await;
+    assert!(
+        matches!(first, Err(SourceError::Garbage { .. })),
+        "{first:?}"
+    );
+    hit("http://127.0.0.1:8480/ok", 20).await;
+    // 20 requests plus this source's own status reads (and, under nextest, other tests'
+    // requests to this nginx) over 2 s of tick time.
+    let v = s.sample(Duration::from_secs(12)).await.unwrap();
+    assert!((10.0..40.0).contains(&v), "rate {v}");
+    let idle = s.sample(Duration::from_secs(22)).await.unwrap();
+    assert!(idle < 1.0, "rate {idle}");
+
+    let mut not_status = AnySource::build(
+        &SourceSpec::Nginx(NginxSpec {
+            url: "http://127.0.0.1:8480/ok".into(),
+            net: net(),
+        }),
+        9,
+        1,
+    )
+    .unwrap();
+    let e = not_status.check().await.unwrap_err().to_string();
+    assert!(e.contains("not a stub_status page"), "{e}");
+}
