@@ -16,6 +16,9 @@ command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 # The built-in replica is linked statically: it needs the C library's static archive.
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/libc.a ] || need_pkgs+=(libc6-dev)
+# The dashboard's real-browser test (issue 3): headless Chromium driven through chromedriver.
+[ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "apt-get install ${need_pkgs[*]}"
   apt-get update -qq
