@@ -829,3 +829,228 @@ impl Validator {
         Some(source)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, ServiceKind};
+
+    /// A configuration whose one service has the trigger `trigger` (TOML keys).
+    fn config(trigger: &str) -> Result<Config, Vec<String>> {
+        let text = format!(
+            r#"
+            instance = "t"
+            [capacity]
+            slots = 9
+            [backend]
+            type = "process"
+            [[services]]
+            name = "worker"
+            priority = 1
+            [[services.triggers]]
+            {trigger}
+            "#
+        );
+        Config::from_toml(&text).map_err(|e| e.0.iter().map(|e| e.to_string()).collect())
+    }
+
+    fn spec(trigger: &str) -> SourceSpec {
+        let cfg = config(trigger).unwrap_or_else(|e| panic!("{e:?}"));
+        match &cfg.services[0].kind {
+            ServiceKind::Triggered(ts) => ts[0].source.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn errors(trigger: &str) -> Vec<String> {
+        config(trigger).expect_err("expected errors")
+    }
+
+    const P: &str = "services[0].triggers[0]";
+
+    #[test]
+    fn redis_defaults_and_required_keys() {
+        let SourceSpec::RedisList(s) = spec(
+            r#"type = "redis_list"
+            key = "jobs""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.net, NetOptions::default());
+        assert_eq!(
+            errors(r#"type = "redis_list""#),
+            vec![format!("{P}.key: missing: the list's key")]
+        );
+        let e = errors(
+            r#"type = "redis_stream"
+            url = "http://127.0.0.1:6379"
+            stream = "s""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, rediss, got \"http\""),
+                format!("{P}.group: missing: the consumer group"),
+            ]
+        );
+    }
+
+    #[test]
+    fn network_options_are_checked() {
+        let SourceSpec::Rabbitmq(s) = spec(
+            r#"type = "rabbitmq"
+            queue = "jobs"
+            timeout = "500ms"
+            required = false
+            include_unacked = true"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.net.timeout, Duration::from_millis(500));
+        assert!(!s.net.required);
+        assert!(s.include_unacked);
+        assert_eq!((s.vhost.as_str(), s.username.as_str()), ("/", "guest"));
+        let e = errors(
+            r#"type = "rabbitmq"
+            queue = "jobs"
+            timeout = "2 hours"
+            required = "yes"
+            url = "http://:15672"
+            exchange = "x""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.timeout: must be between 10ms and 1m, got \"2 hours\""),
+                format!("{P}.required: must be true or false, got string"),
+                format!("{P}.exchange: unknown key"),
+                format!("{P}.url: \"http://:15672\": the host is missing"),
+            ]
+        );
+    }
+
+    #[test]
+    fn urls_are_checked_at_load() {
+        assert!(check_url("http://127.0.0.1:9090", HTTP).is_ok());
+        assert!(check_url("https://prom.example/prefix/", HTTP).is_ok());
+        assert!(check_url("http://[::1]:8222", HTTP).is_ok());
+        assert!(check_url("redis://user:pw@host:6379/2", REDIS).is_ok());
+        assert!(check_url("127.0.0.1:9090", HTTP)
+            .unwrap_err()
+            .contains("not a URL"));
+        assert!(check_url("http://h:99999", HTTP)
+            .unwrap_err()
+            .contains("port must be 1-65535"));
+        assert!(check_url("http://h:0", HTTP).is_err());
+        assert!(check_url("http://h x", HTTP)
+            .unwrap_err()
+            .contains("no spaces"));
+        assert!(check_url("ftp://h", HTTP).unwrap_err().contains("scheme"));
+    }
+
+    #[test]
+    fn http_sources_need_their_keys() {
+        assert_eq!(
+            errors(r#"type = "http_json""#),
+            vec![format!("{P}.url: missing: the JSON document's URL")]
+        );
+        assert_eq!(
+            errors(
+                r#"type = "http_json"
+                url = "http://h/x"
+                pointer = "queue.depth""#
+            ),
+            vec![format!("{P}.pointer: a JSON pointer starts with \"/\" (like \"/queue/depth\"), got \"queue.depth\"")]
+        );
+        assert_eq!(
+            errors(r#"type = "prometheus""#),
+            vec![format!("{P}.query: missing: a PromQL expression")]
+        );
+        let SourceSpec::Haproxy(h) = spec(
+            r#"type = "haproxy"
+            url = "http://127.0.0.1:8404/stats;csv"
+            proxy = "web""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (h.server.as_str(), h.field.as_str()),
+            ("FRONTEND", "req_rate")
+        );
+        assert_eq!(errors(r#"type = "nginx""#).len(), 1);
+        let e = errors(
+            r#"type = "nats_jetstream"
+            stream = """#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.stream: must not be empty"),
+                format!("{P}.consumer: missing: the durable consumer's name"),
+            ]
+        );
+    }
+
+    #[test]
+    fn schedule_windows_parse_and_evaluate() {
+        let SourceSpec::Schedule(s) = spec(
+            r#"type = "schedule"
+            default = 1
+            utc_offset = "+02:00"
+            windows = [
+              { days = "mon-fri", from = "09:00", to = "17:00", value = 5 },
+              { days = "fri", from = "22:00", to = "02:00", value = 8 },
+              { days = "sat,sun", from = "10:00", to = "24:00", value = 2 },
+            ]"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.utc_offset_minutes, 120);
+        assert_eq!(s.windows[0].days, 0b001_1111);
+        assert_eq!(s.windows[2].days, 0b110_0000);
+        // 2024-01-01 was a Monday; 00:00 UTC is 02:00 at +02:00.
+        let monday = 1_704_067_200;
+        let at = |day: i64, h: i64, m: i64| monday + day * 86400 + (h - 2) * 3600 + m * 60;
+        assert_eq!(s.value_at(at(0, 8, 59)), 1.0);
+        assert_eq!(s.value_at(at(0, 9, 0)), 5.0);
+        assert_eq!(s.value_at(at(0, 16, 59)), 5.0);
+        assert_eq!(s.value_at(at(0, 17, 0)), 1.0);
+        // Friday night runs past midnight into Saturday.
+        assert_eq!(s.value_at(at(4, 23, 0)), 8.0);
+        assert_eq!(s.value_at(at(5, 1, 59)), 8.0);
+        assert_eq!(s.value_at(at(5, 2, 0)), 1.0);
+        assert_eq!(s.value_at(at(5, 12, 0)), 2.0);
+        assert_eq!(s.value_at(at(6, 23, 59)), 2.0);
+        // Thursday night: the Friday window has not opened.
+        assert_eq!(s.value_at(at(3, 23, 0)), 1.0);
+    }
+
+    #[test]
+    fn schedule_errors_have_paths() {
+        let e = errors(
+            r#"type = "schedule"
+            utc_offset = "CET"
+            windows = [
+              { days = "mon-fry", from = "9", to = "24:30", value = -1 },
+              { from = "09:00" },
+            ]"#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.utc_offset: \"CET\" is not a UTC offset: write it like \"+02:00\" or \"-05:30\""),
+                format!("{P}.windows[0].days: unknown day \"fry\": use mon, tue, wed, thu, fri, sat, sun"),
+                format!("{P}.windows[0].from: \"9\" is not a time of day: write it like \"09:30\""),
+                format!("{P}.windows[0].to: \"24:30\" is not a time of day: write it like \"09:30\""),
+                format!("{P}.windows[0].value: must be a finite number >= 0, got -1"),
+                format!("{P}.windows[1].to: missing: a time like \"09:00\""),
+                format!("{P}.windows[1].value: missing: the value while open"),
+            ]
+        );
+        assert_eq!(
+            errors(r#"type = "schedule""#),
+            vec![format!("{P}.windows: missing: at least one window, like {{ days = \"mon-fri\", from = \"09:00\", to = \"17:00\", value = 5 }}")]
+        );
+    }
+}
