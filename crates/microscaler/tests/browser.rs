@@ -155,6 +155,14 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// Ends the browser even when an assertion failed: killing chromedriver alone would leave
+    /// Chromium running.
+    fn drop(&mut self) {
+        http(self.port, "DELETE", &format!("/session/{}", self.id), None);
+    }
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => c - b'A',
@@ -362,6 +370,6 @@ fn dashboard_in_a_real_browser() {
     s.screenshot(&out_dir.join("dashboard-phone.png"));
     eprintln!("screenshots in {}", out_dir.display());
 
-    http(port, "DELETE", &format!("/session/{}", s.id), None);
+    drop(s);
     drop(demo);
 }
