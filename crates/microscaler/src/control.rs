@@ -64,10 +64,11 @@ impl std::fmt::Display for PrepareError {
 }
 
 impl std::error::Error for PrepareError {
+    // Each message already holds its error's text, so only deeper causes are chained.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PrepareError::Source { error, .. } => Some(error),
-            PrepareError::Backend(e) => Some(e),
+            PrepareError::Source { .. } => None,
+            PrepareError::Backend(e) => std::error::Error::source(e),
         }
     }
 }
