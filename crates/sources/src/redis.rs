@@ -167,7 +167,19 @@ impl RedisStreamSource {
         let v = self
             .conn
             .query(redis::cmd("XINFO").arg("GROUPS").arg(&self.stream))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                SourceError::Failed { source_name, reason } if reason.contains("no such key") => {
+                    SourceError::Failed {
+                        source_name,
+                        reason: format!(
+                            "stream {:?} does not exist (create it and its group with XGROUP CREATE {} {} $ MKSTREAM)",
+                            self.stream, self.stream, self.group
+                        ),
+                    }
+                }
+                e => e,
+            })?;
         let garbage = |reason: String| SourceError::Garbage {
             source_name: self.conn.name.clone(),
             reason,

@@ -156,6 +156,23 @@ async fn stream_lag_counts_undelivered_entries() {
     .unwrap();
     let e = other.check().await.unwrap_err().to_string();
     assert!(e.contains("has no consumer group \"nobody\""), "{e}");
+    let mut none = AnySource::build(
+        &SourceSpec::RedisStream(RedisStreamSpec {
+            url: URL.into(),
+            stream: unique("nostream"),
+            group: "g".into(),
+            include_pending: false,
+            net: net(),
+        }),
+        9,
+        1,
+    )
+    .unwrap();
+    let e = none.check().await.unwrap_err().to_string();
+    assert!(
+        e.contains("does not exist (create it and its group with XGROUP CREATE"),
+        "{e}"
+    );
     let _: () = redis::cmd("DEL")
         .arg(&stream)
         .query_async(&mut c)
