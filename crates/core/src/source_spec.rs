@@ -37,6 +37,8 @@ pub enum SourceSpec {
     NatsJetstream(NatsJetstreamSpec),
     /// A value by time of day and weekday.
     Schedule(ScheduleSpec),
+    /// CPU use of a service's own containers, from the Docker engine's stats.
+    DockerCpu(DockerCpuSpec),
 }
 
 impl SourceSpec {
@@ -54,6 +56,7 @@ impl SourceSpec {
             SourceSpec::Nginx(_) => "nginx",
             SourceSpec::NatsJetstream(_) => "nats_jetstream",
             SourceSpec::Schedule(_) => "schedule",
+            SourceSpec::DockerCpu(_) => "docker_cpu",
         }
     }
 
@@ -69,6 +72,7 @@ impl SourceSpec {
             SourceSpec::Haproxy(s) => Some(&s.net),
             SourceSpec::Nginx(s) => Some(&s.net),
             SourceSpec::NatsJetstream(s) => Some(&s.net),
+            SourceSpec::DockerCpu(s) => Some(&s.net),
         }
     }
 }
@@ -209,6 +213,31 @@ pub struct NatsJetstreamSpec {
     pub net: NetOptions,
 }
 
+/// CPU use of the containers of one microscaler service (labelled `io.microscaler.instance` and
+/// `io.microscaler.service`), from the Docker engine's stats, in percent of one CPU (100 = one
+/// full core): the average over the running containers, or their sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerCpuSpec {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); `None`: `DOCKER_HOST`
+    /// or the default socket.
+    pub docker_host: Option<String>,
+    /// The microscaler service whose containers are measured; `None`: the trigger's own.
+    pub service: Option<String>,
+    /// Average per container (default) or the sum.
+    pub aggregate: CpuAggregate,
+    /// Timeouts and start-up policy (the default timeout is 5 s: a stats read takes ~1 s).
+    pub net: NetOptions,
+}
+
+/// How the CPU use of several containers is combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuAggregate {
+    /// The mean over the running containers (for `rule = "utilisation"`).
+    Average,
+    /// The total.
+    Sum,
+}
+
 /// A value by weekday and time of day: the largest value of the windows open at the time, or
 /// `default` when none is.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,6 +325,7 @@ pub const SOURCE_TYPES: &[&str] = &[
     "nginx",
     "nats_jetstream",
     "schedule",
+    "docker_cpu",
 ];
 
 #[derive(Deserialize)]
@@ -368,6 +398,13 @@ struct RawNatsJetstream {
     stream: Option<String>,
     consumer: Option<String>,
     include_ack_pending: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawDockerCpu {
+    docker_host: Option<String>,
+    service: Option<String>,
+    aggregate: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -811,6 +848,44 @@ impl Validator {
                     net,
                 })
             }
+            "docker_cpu" => {
+                let mut rest = rest;
+                let has_timeout = rest.get("timeout").is_some();
+                let mut net = self.net_options(&mut rest, path);
+                if !has_timeout {
+                    net.timeout = Duration::from_secs(5);
+                }
+                let r: RawDockerCpu = self.part(rest, path)?;
+                if let Some(h) = &r.docker_host {
+                    let checked = match h.strip_prefix("unix://") {
+                        Some(p) if p.starts_with('/') => Ok(()),
+                        Some(_) => Err(format!(
+                            "{h:?}: a socket address is unix:// and an absolute path, like unix:///var/run/docker.sock"
+                        )),
+                        None => check_url(h, &["unix", "tcp", "http"]),
+                    };
+                    if let Err(e) = checked {
+                        self.err(format!("{path}.docker_host"), e);
+                    }
+                }
+                let aggregate = match r.aggregate.as_deref() {
+                    None | Some("average") => CpuAggregate::Average,
+                    Some("sum") => CpuAggregate::Sum,
+                    Some(other) => {
+                        self.err(
+                            format!("{path}.aggregate"),
+                            format!("must be \"average\" or \"sum\", got {other:?}"),
+                        );
+                        CpuAggregate::Average
+                    }
+                };
+                SourceSpec::DockerCpu(DockerCpuSpec {
+                    docker_host: r.docker_host,
+                    service: r.service,
+                    aggregate,
+                    net,
+                })
+            }
             "schedule" => {
                 let r: RawSchedule = self.part(rest, path)?;
                 SourceSpec::Schedule(self.schedule(r, path))
@@ -988,6 +1063,28 @@ mod tests {
             vec![
                 format!("{P}.stream: must not be empty"),
                 format!("{P}.consumer: missing: the durable consumer's name"),
+            ]
+        );
+    }
+
+    #[test]
+    fn docker_cpu_options() {
+        let SourceSpec::DockerCpu(d) = spec(r#"type = "docker_cpu""#) else {
+            panic!()
+        };
+        assert_eq!(d.aggregate, CpuAggregate::Average);
+        assert_eq!(d.net.timeout, Duration::from_secs(5));
+        assert_eq!((d.service, d.docker_host), (None, None));
+        let e = errors(
+            r#"type = "docker_cpu"
+            docker_host = "unix://docker.sock"
+            aggregate = "max""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.docker_host: \"unix://docker.sock\": a socket address is unix:// and an absolute path, like unix:///var/run/docker.sock"),
+                format!("{P}.aggregate: must be \"average\" or \"sum\", got \"max\""),
             ]
         );
     }

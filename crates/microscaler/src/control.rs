@@ -164,8 +164,13 @@ impl<B: Backend> Controller<B> {
             let mut live = Vec::new();
             if let ServiceKind::Triggered(ts) = &svc.kind {
                 for (i, t) in ts.iter().enumerate() {
-                    let source =
-                        AnySource::build_or_broken(&t.source, capacity, clock_seed ^ i as u64);
+                    let source = AnySource::build_or_broken(
+                        &t.source,
+                        capacity,
+                        clock_seed ^ i as u64,
+                        &cfg.instance,
+                        &svc.name.to_string(),
+                    );
                     let key = (svc.name.to_string(), t.name.clone());
                     match &source {
                         AnySource::Manual(m) => {

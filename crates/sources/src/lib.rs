@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use microscaler_core::SourceSpec;
 
+pub mod docker_cpu;
 pub mod haproxy;
 mod http;
 pub mod http_json;
@@ -25,6 +26,7 @@ pub mod random;
 pub mod redis;
 pub mod schedule;
 
+pub use docker_cpu::DockerCpuSource;
 pub use haproxy::HaproxySource;
 pub use http_json::HttpJsonSource;
 pub use manual::{ManualHandle, ManualSource};
@@ -91,6 +93,8 @@ pub enum AnySource {
     NatsJetstream(NatsJetstreamSource),
     /// Value by time of day.
     Schedule(ScheduleSource),
+    /// CPU use of a service's containers.
+    DockerCpu(DockerCpuSource),
     /// A source whose client could not be built: its check and every sample fail with the
     /// build error (see [`AnySource::build_or_broken`]).
     Broken(SourceError),
@@ -106,6 +110,18 @@ impl AnySource {
         capacity: u32,
         clock_seed: u64,
     ) -> Result<AnySource, SourceError> {
+        Self::build_in(spec, capacity, clock_seed, "", "")
+    }
+
+    /// [`AnySource::build`] for a trigger of `service` of microscaler `instance`: sources that
+    /// measure the service itself (`docker_cpu`) need to know which.
+    pub fn build_in(
+        spec: &SourceSpec,
+        capacity: u32,
+        clock_seed: u64,
+        instance: &str,
+        service: &str,
+    ) -> Result<AnySource, SourceError> {
         Ok(match spec {
             SourceSpec::Random(r) => AnySource::Random(RandomSource::new(r, capacity, clock_seed)),
             SourceSpec::Manual(m) => AnySource::Manual(ManualSource::new(m.initial)),
@@ -118,14 +134,24 @@ impl AnySource {
             SourceSpec::Nginx(s) => AnySource::Nginx(NginxSource::new(s)?),
             SourceSpec::NatsJetstream(s) => AnySource::NatsJetstream(NatsJetstreamSource::new(s)?),
             SourceSpec::Schedule(s) => AnySource::Schedule(ScheduleSource::new(s)),
+            SourceSpec::DockerCpu(s) => {
+                AnySource::DockerCpu(DockerCpuSource::new(s, instance, service)?)
+            }
         })
     }
 
     /// Like [`AnySource::build`], but a source that cannot be built becomes
     /// [`AnySource::Broken`], so the caller can report it at the start-up check (or keep running
     /// with the trigger failing when the source is not required).
-    pub fn build_or_broken(spec: &SourceSpec, capacity: u32, clock_seed: u64) -> AnySource {
-        Self::build(spec, capacity, clock_seed).unwrap_or_else(AnySource::Broken)
+    pub fn build_or_broken(
+        spec: &SourceSpec,
+        capacity: u32,
+        clock_seed: u64,
+        instance: &str,
+        service: &str,
+    ) -> AnySource {
+        Self::build_in(spec, capacity, clock_seed, instance, service)
+            .unwrap_or_else(AnySource::Broken)
     }
 
     /// The start-up health check: can the server be reached, and does the thing measured
@@ -143,6 +169,7 @@ impl AnySource {
             AnySource::Haproxy(s) => s.check().await,
             AnySource::Nginx(s) => s.check().await,
             AnySource::NatsJetstream(s) => s.check().await,
+            AnySource::DockerCpu(s) => s.check().await,
         }
     }
 }
@@ -161,6 +188,7 @@ impl Source for AnySource {
             AnySource::Nginx(s) => s.describe(),
             AnySource::NatsJetstream(s) => s.describe(),
             AnySource::Schedule(s) => s.describe(),
+            AnySource::DockerCpu(s) => s.describe(),
             AnySource::Broken(e) => match e {
                 SourceError::Garbage { source_name, .. }
                 | SourceError::Failed { source_name, .. } => source_name.clone(),
@@ -181,6 +209,7 @@ impl Source for AnySource {
             AnySource::Nginx(s) => s.sample(now).await,
             AnySource::NatsJetstream(s) => s.sample(now).await,
             AnySource::Schedule(s) => s.sample(now).await,
+            AnySource::DockerCpu(s) => s.sample(now).await,
             AnySource::Broken(e) => Err(e.clone()),
         }?;
         check_value(&self.describe(), v)
