@@ -162,9 +162,29 @@ start_nats() {
   wait_for nats 10 "$CI_STATE/nats.log" http_ok http://127.0.0.1:8222/healthz
 }
 
+start_moto() {
+  if http_ok http://127.0.0.1:5000/moto-api/; then
+    echo "moto: already running"
+    return
+  fi
+  local venv="$CI_STATE/moto-venv"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "moto: installing moto[server] into $venv (PyPI, about a minute)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]' >"$CI_STATE/moto-install.log" 2>&1 || {
+      tail -n 20 "$CI_STATE/moto-install.log" >&2
+      exit 1
+    }
+  fi
+  echo "moto: starting on 127.0.0.1:5000"
+  nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 >"$CI_STATE/moto.log" 2>&1 &
+  wait_for moto 30 "$CI_STATE/moto.log" http_ok http://127.0.0.1:5000/moto-api/
+}
+
 start_redis
 start_rabbitmq
 start_prometheus
 start_haproxy
 start_nginx
 start_nats
+start_moto

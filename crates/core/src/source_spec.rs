@@ -39,6 +39,8 @@ pub enum SourceSpec {
     Schedule(ScheduleSpec),
     /// CPU use of a service's own containers, from the Docker engine's stats.
     DockerCpu(DockerCpuSpec),
+    /// Messages in an AWS SQS queue.
+    Sqs(SqsSpec),
 }
 
 impl SourceSpec {
@@ -57,6 +59,7 @@ impl SourceSpec {
             SourceSpec::NatsJetstream(_) => "nats_jetstream",
             SourceSpec::Schedule(_) => "schedule",
             SourceSpec::DockerCpu(_) => "docker_cpu",
+            SourceSpec::Sqs(_) => "sqs",
         }
     }
 
@@ -73,6 +76,7 @@ impl SourceSpec {
             SourceSpec::Nginx(s) => Some(&s.net),
             SourceSpec::NatsJetstream(s) => Some(&s.net),
             SourceSpec::DockerCpu(s) => Some(&s.net),
+            SourceSpec::Sqs(s) => Some(&s.net),
         }
     }
 }
@@ -229,6 +233,23 @@ pub struct DockerCpuSpec {
     pub net: NetOptions,
 }
 
+/// Messages of an AWS SQS queue (`GetQueueAttributes`: `ApproximateNumberOfMessages`,
+/// optionally plus `ApproximateNumberOfMessagesNotVisible`), through the AWS SDK. Credentials
+/// come from the SDK's default chain (environment, profile, instance role).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqsSpec {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// The region (default: the SDK's, from `AWS_REGION` or the profile; else `us-east-1`).
+    pub region: Option<String>,
+    /// Endpoint override (a local emulator, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    /// Whether to add in-flight messages (received, not yet deleted).
+    pub include_in_flight: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
 /// How the CPU use of several containers is combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuAggregate {
@@ -326,6 +347,7 @@ pub const SOURCE_TYPES: &[&str] = &[
     "nats_jetstream",
     "schedule",
     "docker_cpu",
+    "sqs",
 ];
 
 #[derive(Deserialize)]
@@ -405,6 +427,14 @@ struct RawDockerCpu {
     docker_host: Option<String>,
     service: Option<String>,
     aggregate: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawSqs {
+    queue_url: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    include_in_flight: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -886,6 +916,41 @@ impl Validator {
                     net,
                 })
             }
+            "sqs" => {
+                let mut rest = rest;
+                let net = self.net_options(&mut rest, path);
+                let r: RawSqs = self.part(rest, path)?;
+                let queue_url = self.need(r.queue_url, path, "queue_url", "the queue's URL");
+                if !queue_url.is_empty() {
+                    if let Err(e) = check_url(&queue_url, HTTP) {
+                        self.err(format!("{path}.queue_url"), e);
+                    }
+                }
+                if let Some(e) = &r.endpoint_url {
+                    if let Err(e) = check_url(e, HTTP) {
+                        self.err(format!("{path}.endpoint_url"), e);
+                    }
+                }
+                if let Some(region) = &r.region {
+                    let ok = !region.is_empty()
+                        && region
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                    if !ok {
+                        self.err(
+                            format!("{path}.region"),
+                            format!("{region:?} is not a region name like \"eu-west-1\""),
+                        );
+                    }
+                }
+                SourceSpec::Sqs(SqsSpec {
+                    queue_url,
+                    region: r.region,
+                    endpoint_url: r.endpoint_url,
+                    include_in_flight: r.include_in_flight.unwrap_or(false),
+                    net,
+                })
+            }
             "schedule" => {
                 let r: RawSchedule = self.part(rest, path)?;
                 SourceSpec::Schedule(self.schedule(r, path))
@@ -1085,6 +1150,33 @@ mod tests {
             vec![
                 format!("{P}.docker_host: \"unix://docker.sock\": a socket address is unix:// and an absolute path, like unix:///var/run/docker.sock"),
                 format!("{P}.aggregate: must be \"average\" or \"sum\", got \"max\""),
+            ]
+        );
+    }
+
+    #[test]
+    fn sqs_options() {
+        let SourceSpec::Sqs(q) = spec(
+            r#"type = "sqs"
+            queue_url = "http://127.0.0.1:5000/123456789012/jobs"
+            endpoint_url = "http://127.0.0.1:5000"
+            region = "eu-west-1"
+            include_in_flight = true"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(q.region.as_deref(), Some("eu-west-1"));
+        assert!(q.include_in_flight);
+        let e = errors(
+            r#"type = "sqs"
+            queue_url = "jobs"
+            region = "EU West""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.queue_url: \"jobs\" is not a URL: write it like http://host:port"),
+                format!("{P}.region: \"EU West\" is not a region name like \"eu-west-1\""),
             ]
         );
     }

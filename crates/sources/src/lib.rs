@@ -25,6 +25,7 @@ pub mod rabbitmq;
 pub mod random;
 pub mod redis;
 pub mod schedule;
+pub mod sqs;
 
 pub use docker_cpu::DockerCpuSource;
 pub use haproxy::HaproxySource;
@@ -37,6 +38,7 @@ pub use rabbitmq::RabbitmqSource;
 pub use random::{RandomControl, RandomSource};
 pub use redis::{RedisListSource, RedisStreamSource};
 pub use schedule::ScheduleSource;
+pub use sqs::SqsSource;
 
 /// Errors of a source. Messages name the server and what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -95,6 +97,8 @@ pub enum AnySource {
     Schedule(ScheduleSource),
     /// CPU use of a service's containers.
     DockerCpu(DockerCpuSource),
+    /// AWS SQS queue backlog.
+    Sqs(SqsSource),
     /// A source whose client could not be built: its check and every sample fail with the
     /// build error (see [`AnySource::build_or_broken`]).
     Broken(SourceError),
@@ -134,6 +138,7 @@ impl AnySource {
             SourceSpec::Nginx(s) => AnySource::Nginx(NginxSource::new(s)?),
             SourceSpec::NatsJetstream(s) => AnySource::NatsJetstream(NatsJetstreamSource::new(s)?),
             SourceSpec::Schedule(s) => AnySource::Schedule(ScheduleSource::new(s)),
+            SourceSpec::Sqs(s) => AnySource::Sqs(SqsSource::new(s)),
             SourceSpec::DockerCpu(s) => {
                 AnySource::DockerCpu(DockerCpuSource::new(s, instance, service)?)
             }
@@ -170,6 +175,7 @@ impl AnySource {
             AnySource::Nginx(s) => s.check().await,
             AnySource::NatsJetstream(s) => s.check().await,
             AnySource::DockerCpu(s) => s.check().await,
+            AnySource::Sqs(s) => s.check().await,
         }
     }
 }
@@ -189,6 +195,7 @@ impl Source for AnySource {
             AnySource::NatsJetstream(s) => s.describe(),
             AnySource::Schedule(s) => s.describe(),
             AnySource::DockerCpu(s) => s.describe(),
+            AnySource::Sqs(s) => s.describe(),
             AnySource::Broken(e) => match e {
                 SourceError::Garbage { source_name, .. }
                 | SourceError::Failed { source_name, .. } => source_name.clone(),
@@ -210,6 +217,7 @@ impl Source for AnySource {
             AnySource::NatsJetstream(s) => s.sample(now).await,
             AnySource::Schedule(s) => s.sample(now).await,
             AnySource::DockerCpu(s) => s.sample(now).await,
+            AnySource::Sqs(s) => s.sample(now).await,
             AnySource::Broken(e) => Err(e.clone()),
         }?;
         check_value(&self.describe(), v)

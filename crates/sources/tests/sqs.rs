@@ -1,0 +1,122 @@
+//! The SQS source against moto server (an AWS emulator from PyPI, started on 127.0.0.1:5000 by
+//! scripts/source-services.sh): ApproximateNumberOfMessages and ...NotVisible behave as on AWS
+//! there. Fake credentials; the endpoint is overridden.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{absent, dead_port, net, unique};
+use microscaler_core::source_spec::{SourceSpec, SqsSpec};
+use microscaler_sources::{AnySource, Source};
+
+const ENDPOINT: &str = "http://127.0.0.1:5000";
+
+/// Fake credentials for moto, the same in every test (set before any client is made), and
+/// nothing from this machine's AWS profile or instance metadata.
+fn fake_credentials() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        std::env::set_var("AWS_CONFIG_FILE", "/nonexistent");
+        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+    });
+}
+
+fn source(queue_url: &str, endpoint: &str, include_in_flight: bool) -> AnySource {
+    AnySource::build(
+        &SourceSpec::Sqs(SqsSpec {
+            queue_url: queue_url.into(),
+            region: Some("eu-west-1".into()),
+            endpoint_url: Some(endpoint.into()),
+            include_in_flight,
+            net: net(),
+        }),
+        9,
+        1,
+    )
+    .unwrap()
+}
+
+async fn client() -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("eu-west-1"))
+        .endpoint_url(ENDPOINT)
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
+}
+
+#[tokio::test]
+async fn visible_and_in_flight_messages() {
+    fake_credentials();
+    if absent("moto server", 5000).await {
+        return;
+    }
+    let c = client().await;
+    let name = unique("jobs");
+    let url = c
+        .create_queue()
+        .queue_name(&name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut s = source(&url, ENDPOINT, false);
+    let mut all = source(&url, ENDPOINT, true);
+    s.check().await.unwrap();
+    assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 0.0);
+    for i in 0..3 {
+        c.send_message()
+            .queue_url(&url)
+            .message_body(format!("job {i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 3.0);
+    // A worker receives one: 2 visible, 1 in flight.
+    let got = c
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(1)
+        .visibility_timeout(300)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.messages().len(), 1);
+    assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 2.0);
+    assert_eq!(all.sample(Duration::ZERO).await.unwrap(), 3.0);
+    c.delete_queue().queue_url(&url).send().await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_queue_and_dead_endpoint_are_named() {
+    fake_credentials();
+    if absent("moto server", 5000).await {
+        return;
+    }
+    let mut s = source(
+        "http://127.0.0.1:5000/123456789012/no-such-queue",
+        ENDPOINT,
+        false,
+    );
+    let e = s.check().await.unwrap_err().to_string();
+    assert!(
+        e.contains("GetQueueAttributes failed") && e.contains("does the queue exist?"),
+        "{e}"
+    );
+
+    let port = dead_port();
+    let dead = format!("http://127.0.0.1:{port}");
+    let mut s = source(&format!("{dead}/123456789012/jobs"), &dead, false);
+    let e = s.check().await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("sqs queue {dead}/123456789012/jobs at {dead}")),
+        "{e}"
+    );
+    assert!(e.contains("is the endpoint reachable?"), "{e}");
+}
