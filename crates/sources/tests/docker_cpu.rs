@@ -113,7 +113,9 @@ async fn cpu_of_the_service_own_containers_only() {
     let mut burn = source(&instance, "burn", CpuAggregate::Average);
     burn.check().await.unwrap();
     let v = burn.sample(Duration::ZERO).await.unwrap();
-    assert!(v > 30.0, "a busy loop uses a core, got {v}%");
+    // A busy loop uses a whole core on an idle machine; tests running beside it on a small CI
+    // machine may take some, so the bound is loose.
+    assert!(v > 15.0, "a busy loop uses a core, got {v}%");
 
     let mut quiet = source(&instance, "idle", CpuAggregate::Sum);
     let v = quiet.sample(Duration::ZERO).await.unwrap();
