@@ -105,7 +105,7 @@ impl Default for NetOptions {
 /// `LLEN key` of a Redis server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisListSpec {
-    /// `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    /// `redis://[user:password@]host[:port][/db]` (TLS, `rediss://`, is not supported yet).
     pub url: String,
     /// The list's key.
     pub key: String,
@@ -117,7 +117,7 @@ pub struct RedisListSpec {
 /// (`XINFO GROUPS stream`, field `lag`, Redis >= 7).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisStreamSpec {
-    /// `redis://[user:password@]host[:port][/db]` (or `rediss://`).
+    /// `redis://[user:password@]host[:port][/db]` (TLS, `rediss://`, is not supported yet).
     pub url: String,
     /// The stream's key.
     pub stream: String,
@@ -453,7 +453,9 @@ struct RawWindow {
 }
 
 const HTTP: &[&str] = &["http", "https"];
-const REDIS: &[&str] = &["redis", "rediss"];
+/// Only plain Redis: the Redis client is built without TLS (`rediss://` is refused at load
+/// rather than failing at start-up).
+const REDIS: &[&str] = &["redis"];
 
 /// Checks the shape of a URL: `scheme://host[:port][/path...]` with one of `schemes`.
 /// (The core crate has no URL library; the sources crate parses it fully when it builds.)
@@ -1030,7 +1032,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                format!("{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, rediss, got \"http\""),
+                format!("{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, got \"http\""),
                 format!("{P}.group: missing: the consumer group"),
             ]
         );

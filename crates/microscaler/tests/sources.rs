@@ -98,3 +98,18 @@ fn unrequired_source_starts_and_reports_the_trigger_failing() {
         "no failing trigger reported in:\n{all}"
     );
 }
+
+#[test]
+fn the_queue_example_is_valid() {
+    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/queue.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["validate", f.to_str().unwrap()])
+        .output()
+        .expect("run microscaler");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
