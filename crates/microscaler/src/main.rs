@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use microscaler::control::{run_loop, Controller, Controls, TickReport};
-use microscaler::demo::{self, DemoBackend, DemoSettings};
+use microscaler::demo::{self, DemoBackend, DemoSettings, QueueSettings, RateShape, Scenario};
 use microscaler::report::TickLine;
 use microscaler::wiring::{build_backend, default_state_dir};
 use microscaler_backends::{AnyBackend, Backend};
@@ -52,6 +52,7 @@ enum LogFormat {
 enum Command {
     /// Run the seeds' demo: capacity 9, priority 1 on random demand (±3 every 3 s), priority 2
     /// fills the rest. Uses Docker if an engine answers, local processes otherwise.
+    /// `--scenario queue`: priority-1 workers consume a real Redis list fed at a varying rate.
     Demo(DemoArgs),
     /// Run the autoscaler from a configuration file.
     Run(RunArgs),
@@ -64,13 +65,16 @@ enum Command {
 
 #[derive(clap::Args)]
 struct DemoArgs {
+    /// Which demo: random priority-1 demand, or workers of a real Redis list.
+    #[arg(long, value_enum, default_value_t = Scenario::Random)]
+    scenario: Scenario,
     /// Where replicas run.
     #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
     backend: DemoBackend,
     /// Stop after this long (e.g. "60s"); default: run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Seed of the random demand, to replay a run.
+    /// Seed of the random demand (queue: of the producer's steps), to replay a run.
     #[arg(long)]
     seed: Option<u64>,
     /// Capacity in slots.
@@ -95,7 +99,38 @@ struct DemoArgs {
     #[arg(long)]
     state_dir: Option<PathBuf>,
     #[command(flatten)]
+    queue: QueueArgs,
+    #[command(flatten)]
     server: ServerArgs,
+}
+
+/// The queue scenario's flags.
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// Queue: the Redis server (redis://host[:port], no password; the workers connect to it too).
+    #[arg(long, default_value = "redis://127.0.0.1:6379", value_name = "URL")]
+    redis: String,
+    /// Queue: the list's key [default: <instance>:jobs]; deleted at start and on exit.
+    #[arg(long, value_name = "KEY")]
+    queue: Option<String>,
+    /// Queue: target jobs in the list per worker (the trigger's `target`, rule "average").
+    #[arg(long, default_value_t = 5.0, value_name = "JOBS")]
+    per_worker: f64,
+    /// Queue: time a worker spends on one job.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration, value_name = "TIME")]
+    job_time: Duration,
+    /// Queue: how the producer's rate moves.
+    #[arg(long, value_enum, default_value_t = RateShape::Sine)]
+    rate_shape: RateShape,
+    /// Queue: highest producer rate, jobs per second.
+    #[arg(long, default_value_t = 40.0, value_name = "JOBS_PER_S")]
+    rate_max: f64,
+    /// Queue: period of the sine (0 -> max -> 0).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "TIME")]
+    rate_period: Duration,
+    /// Queue: how long each level of the steps lasts.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "TIME")]
+    rate_step: Duration,
 }
 
 /// The HTTP server's flags (dashboard, API, /metrics, history).
@@ -281,10 +316,29 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&args.instance));
+    let queue = match args.scenario {
+        Scenario::Random => None,
+        Scenario::Queue => Some(queue_settings(&args, &settings)?),
+    };
+    // The queue's Redis is checked (and the list emptied) before any replica starts.
+    let mut redis = None;
+    if let Some(q) = &queue {
+        let (client, mut conn) = demo::connect_redis(&q.redis, Duration::from_secs(2))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        demo::delete_queue(&mut conn, &q.key)
+            .await
+            .with_context(|| format!("cannot delete the list {:?} at {}", q.key, q.redis))?;
+        redis = Some((client, conn));
+    }
+    let config_for = |backend: &str| match &queue {
+        Some(q) => demo_queue_config(&settings, q, backend),
+        None => demo_config(&settings, backend),
+    };
 
     let mut chosen = None;
     if matches!(args.backend, DemoBackend::Auto | DemoBackend::Docker) {
-        let cfg = demo_config(&settings, "docker")?;
+        let cfg = config_for("docker")?;
         match build_backend(&cfg, &state_dir).await {
             Ok(b) => chosen = Some((cfg, b)),
             Err(e) if args.backend == DemoBackend::Auto => {
@@ -296,27 +350,137 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
     let (cfg, backend) = match chosen {
         Some(c) => c,
         None => {
-            let cfg = demo_config(&settings, "process")?;
+            let cfg = config_for("process")?;
             let b = build_backend(&cfg, &state_dir).await?;
             (cfg, b)
         }
     };
-    println!(
-        "microscaler demo on {} | capacity {} | priority1: random demand ±{} every {} (seed {}) | priority2: remainder | tick {}",
-        backend.kind(),
-        settings.capacity,
-        settings.delta,
-        humantime::format_duration(settings.interval),
-        settings.seed.unwrap_or_default(),
-        humantime::format_duration(settings.tick),
-    );
-    println!("Success = priority1 running == demand AND priority1 + priority2 == {}. Ctrl-C stops and removes the demo's replicas.", settings.capacity);
+    match &queue {
+        None => {
+            println!(
+                "microscaler demo on {} | capacity {} | priority1: random demand ±{} every {} (seed {}) | priority2: remainder | tick {}",
+                backend.kind(),
+                settings.capacity,
+                settings.delta,
+                humantime::format_duration(settings.interval),
+                settings.seed.unwrap_or_default(),
+                humantime::format_duration(settings.tick),
+            );
+            println!("Success = priority1 running == demand AND priority1 + priority2 == {}. Ctrl-C stops and removes the demo's replicas.", settings.capacity);
+        }
+        Some(q) => {
+            let shape = match q.rate.shape {
+                RateShape::Sine => format!(
+                    "sine 0..{} jobs/s over {}",
+                    q.rate.max,
+                    humantime::format_duration(q.rate.period)
+                ),
+                RateShape::Steps => format!(
+                    "steps of 0..{} jobs/s every {} (seed {})",
+                    q.rate.max,
+                    humantime::format_duration(q.rate.step),
+                    q.rate.seed
+                ),
+            };
+            println!(
+                "microscaler queue demo on {} | capacity {} | producer: {shape} into Redis list {:?} at {} | workers P1: {} per job, target {} jobs per worker | batch P2: remainder | tick {}",
+                backend.kind(),
+                settings.capacity,
+                q.key,
+                q.redis,
+                humantime::format_duration(q.job),
+                q.per_replica,
+                humantime::format_duration(settings.tick),
+            );
+            println!("Success = the queue stays near {} x workers and drains when the rate drops AND workers + batch == {}. Ctrl-C stops, removes the demo's replicas and deletes the list.", q.per_replica, settings.capacity);
+        }
+    }
     let mut server = args.server;
     if server.token.is_none() {
         server.token = Some(generate_token()?);
     }
     let web = start_server(&server, &cfg, backend.kind(), true, &state_dir).await?;
-    drive(cfg, backend, args.duration, args.json, true, &[], web).await
+    let (Some(q), Some((client, mut conn))) = (queue, redis) else {
+        return drive(cfg, backend, args.duration, args.json, true, &[], web, None).await;
+    };
+    let (producer, stats) = demo::spawn_producer(client, conn.clone(), q.key.clone(), q.rate);
+    let view = demo::QueueView {
+        key: q.key.clone(),
+        target: q.per_replica,
+        stats,
+    };
+    let result = drive(
+        cfg,
+        backend,
+        args.duration,
+        args.json,
+        true,
+        &[],
+        web,
+        Some(&view),
+    )
+    .await;
+    producer.abort();
+    let _ = producer.await;
+    match demo::delete_queue(&mut conn, &q.key).await {
+        Ok(()) => eprintln!("deleted the list {:?}", q.key),
+        Err(e) => eprintln!(
+            "warning: cannot delete the list {:?} at {}: {e}",
+            q.key, q.redis
+        ),
+    }
+    result
+}
+
+/// The queue scenario's settings from the flags.
+fn queue_settings(args: &DemoArgs, settings: &DemoSettings) -> Result<QueueSettings, Failure> {
+    let a = &args.queue;
+    demo::worker_address(&a.redis).map_err(|e| usage(anyhow::anyhow!(e)))?;
+    if !(a.per_worker.is_finite() && a.per_worker > 0.0) {
+        return Err(usage(anyhow::anyhow!(
+            "--per-worker must be a number > 0, got {}",
+            a.per_worker
+        )));
+    }
+    if !(a.rate_max.is_finite() && (0.0..=100_000.0).contains(&a.rate_max)) {
+        return Err(usage(anyhow::anyhow!(
+            "--rate-max must be between 0 and 100000 jobs/s, got {}",
+            a.rate_max
+        )));
+    }
+    for (flag, d) in [
+        ("--rate-period", a.rate_period),
+        ("--rate-step", a.rate_step),
+    ] {
+        if d < Duration::from_secs(1) {
+            return Err(usage(anyhow::anyhow!("{flag} must be at least 1s")));
+        }
+    }
+    Ok(QueueSettings {
+        redis: a.redis.clone(),
+        key: a
+            .queue
+            .clone()
+            .unwrap_or_else(|| format!("{}:jobs", settings.instance)),
+        per_replica: a.per_worker,
+        job: a.job_time,
+        rate: demo::RateProfile {
+            shape: a.rate_shape,
+            max: a.rate_max,
+            period: a.rate_period,
+            step: a.rate_step,
+            seed: settings.seed.unwrap_or_default(),
+        },
+    })
+}
+
+fn demo_queue_config(
+    settings: &DemoSettings,
+    queue: &QueueSettings,
+    backend: &str,
+) -> Result<Config, Failure> {
+    Config::from_toml(&demo::queue_config_toml(settings, queue, backend))
+        .map_err(|e| usage(anyhow::anyhow!("invalid demo settings:\n{e}")))
 }
 
 fn demo_config(settings: &DemoSettings, backend: &str) -> Result<Config, Failure> {
@@ -565,11 +729,14 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         args.ticks,
         &manual,
         web,
+        None,
     )
     .await
 }
 
 /// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
+/// `queue` adds the queue demo's state to every tick line.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: Config,
     backend: AnyBackend,
@@ -578,6 +745,7 @@ async fn drive(
     text: bool,
     manual: &[(String, f64)],
     web: Option<Web>,
+    queue: Option<&demo::QueueView>,
 ) -> Result<(), Failure> {
     let mut ctl = Controller::new(cfg, backend, clock_seed());
     if let Some(w) = &web {
@@ -605,10 +773,26 @@ async fn drive(
             w.hub.record(tick_of(r, p));
         }
         let line = TickLine::from_report(r);
+        let queue = queue.map(|q| q.tick(r));
         let out = if json {
-            serde_json::to_string(&line).unwrap_or_default()
+            match &queue {
+                None => serde_json::to_string(&line).unwrap_or_default(),
+                Some(q) => {
+                    let mut v = serde_json::to_value(&line).unwrap_or_default();
+                    v["queue"] = serde_json::to_value(q).unwrap_or_default();
+                    v.to_string()
+                }
+            }
         } else if text {
-            line.text()
+            let t = line.text();
+            match &queue {
+                None => t,
+                // After the time: `[   12.5s] queue  37 (target 5/worker) in 20.3/s | workers ...`
+                Some(q) => match t.find(']') {
+                    Some(i) => format!("{} {} |{}", &t[..=i], q.text(), &t[i + 1..]),
+                    None => format!("{} | {t}", q.text()),
+                },
+            }
         } else {
             return;
         };
