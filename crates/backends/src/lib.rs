@@ -28,6 +28,10 @@ pub mod labels {
     pub const INSTANCE: &str = "io.microscaler.instance";
     /// The service a replica belongs to.
     pub const SERVICE: &str = "io.microscaler.service";
+    /// `warm` on containers created for a warm pool. Informational: labels cannot change, so
+    /// a container taken from the pool keeps it; whether a container is pooled now is decided
+    /// by its state (paused).
+    pub const POOL: &str = "io.microscaler.pool";
 }
 
 /// What a backend observed in one tick.
@@ -39,6 +43,10 @@ pub struct Observation {
     pub hosts: Vec<Host>,
     /// Every managed replica, for the per-host view.
     pub replicas: Vec<Replica>,
+    /// Per service, replicas that are paused: the warm pool and replicas preempted with
+    /// `preempt = "pause"`. They are in neither `running` nor `pending` of `services` (and not
+    /// in `replicas`). Services with none may be absent.
+    pub paused: BTreeMap<ServiceName, u32>,
 }
 
 /// State of one replica.
@@ -83,6 +91,11 @@ pub struct ScaleOutcome {
     pub stopped: u32,
     /// Starts that failed; the caller retries them with backoff on a later tick.
     pub failures: Vec<StartFailure>,
+    /// Of `started`, replicas that were paused (taken from the warm pool or resumed after a
+    /// preemption) and only unpaused.
+    pub resumed: u32,
+    /// Of `stopped`, replicas that were paused (kept, `preempt = "pause"`) instead of removed.
+    pub paused: u32,
 }
 
 /// Errors of a backend. Messages say what failed, on what, and what to do.

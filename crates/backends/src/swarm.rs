@@ -804,6 +804,7 @@ impl Backend for SwarmBackend {
                         started: target.saturating_sub(previous),
                         stopped: previous.saturating_sub(target),
                         failures: Vec::new(),
+                        ..ScaleOutcome::default()
                     });
                 }
                 Err(e) if is_out_of_sequence(&e) && !retried => {

@@ -218,6 +218,14 @@ struct RawService {
     env: BTreeMap<String, String>,
     stop_grace: Option<String>,
     scaling: Option<toml::Value>,
+    pool: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawPool {
+    size: Option<u32>,
+    preempt: Option<String>,
+    paused_takes_slot: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -684,6 +692,11 @@ impl Validator {
             }
         }
 
+        let pool = match s.pool {
+            None => PoolSpec::default(),
+            Some(raw) => self.pool(raw, &p("pool"), backend, max),
+        };
+
         let service = Service {
             name: name?,
             priority,
@@ -697,8 +710,63 @@ impl Validator {
                 env: s.env,
             },
             stop_grace,
+            pool,
         };
         Some((service, scaling))
+    }
+
+    /// `[services.pool]`: the warm pool and what a scale-down does.
+    fn pool(
+        &mut self,
+        raw: toml::Value,
+        path: &str,
+        backend: Option<&BackendSpec>,
+        max: u32,
+    ) -> PoolSpec {
+        let Some(r) = self.part::<RawPool>(raw, path) else {
+            return PoolSpec::default();
+        };
+        let p = |key: &str| format!("{path}.{key}");
+        let preempt = match r.preempt.as_deref() {
+            None | Some("stop") => Preempt::Stop,
+            Some("pause") => Preempt::Pause,
+            Some(other) => {
+                self.err(
+                    p("preempt"),
+                    format!("must be \"stop\" or \"pause\", got {other:?}"),
+                );
+                Preempt::Stop
+            }
+        };
+        let pool = PoolSpec {
+            size: r.size.unwrap_or(0),
+            preempt,
+            paused_takes_slot: r.paused_takes_slot.unwrap_or(false),
+        };
+        if pool.size > max {
+            self.err(
+                p("size"),
+                format!("must be <= max ({max}): a pool larger than the service can never be used, got {}", pool.size),
+            );
+        }
+        if pool.preempt == Preempt::Pause && pool.paused_takes_slot {
+            self.err(
+                p("paused_takes_slot"),
+                "with preempt = \"pause\" a paused replica would keep the slot it gives up, so preemption could never free capacity; set paused_takes_slot = false or preempt = \"stop\"",
+            );
+        }
+        match backend {
+            Some(BackendSpec::Swarm(_)) if pool.pauses() => self.err(
+                path,
+                "the swarm backend cannot pause replicas (Swarm has no pause): remove [services.pool] or use the docker backend",
+            ),
+            Some(BackendSpec::Process(_)) if pool.pauses() => self.err(
+                path,
+                "the process backend has no warm pool yet: remove [services.pool] or use the docker backend",
+            ),
+            _ => {}
+        }
+        pool
     }
 
     fn trigger(

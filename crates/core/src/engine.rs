@@ -52,6 +52,13 @@ pub struct EngineState {
     /// Per service, what the scaling rules remember (only for services whose rules need it:
     /// windows, rate limits, fallbacks, the PD controller).
     pub rules: BTreeMap<ServiceName, RuleMemory>,
+    /// Per service, the replicas the backend observed paused (its warm pool, and replicas
+    /// preempted with `preempt = "pause"`). They are neither running nor pending, so they never
+    /// count for demand or convergence; they take capacity slots only for services whose pool
+    /// sets `paused_takes_slot`. Set by the control loop from the observation before each tick
+    /// (like `paused`); `decide` carries it over unchanged. It lives here rather than in
+    /// [`Observed`] only because `Observed` is built with struct literals outside this crate.
+    pub paused_replicas: BTreeMap<ServiceName, u32>,
 }
 
 /// What the scaling rules of one service remember between ticks.
@@ -127,7 +134,15 @@ pub fn decide(
     memory: &EngineState,
     now: Duration,
 ) -> (Plan, EngineState) {
-    let capacity = cfg.capacity.slots(&observed.hosts);
+    // Paused replicas that take a slot (only where the service's pool says so) are capacity
+    // nobody can be given.
+    let held: u64 = cfg
+        .services
+        .iter()
+        .filter(|s| s.pool.paused_takes_slot)
+        .map(|s| memory.paused_replicas.get(&s.name).copied().unwrap_or(0) as u64)
+        .sum();
+    let capacity = (cfg.capacity.slots(&observed.hosts) as u64).saturating_sub(held) as u32;
     let hosts = observed.ready_hosts();
 
     let mut order: Vec<&Service> = cfg.services.iter().collect();
@@ -185,9 +200,10 @@ pub fn decide(
         used += t as u64;
     }
 
-    let plan = build_plan(&work, capacity, used);
+    let plan = build_plan(&work, capacity, used, &memory.paused_replicas);
     let mut next = EngineState {
         paused: memory.paused.clone(),
+        paused_replicas: memory.paused_replicas.clone(),
         ..EngineState::default()
     };
     for w in &mut work {
@@ -723,7 +739,12 @@ fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> Str
     }
 }
 
-fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
+fn build_plan(
+    work: &[Work],
+    capacity: u32,
+    allocated: u64,
+    paused: &BTreeMap<ServiceName, u32>,
+) -> Plan {
     // Who gave slots to whom, for the reasons: growers draw first on free slots, then on slots
     // given up voluntarily, then on slots taken from others, lowest priority first. What a
     // service lost that no grower took was lost because the capacity shrank.
@@ -782,6 +803,7 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
             current: w.current,
             running: w.obs.running,
             pending: w.obs.pending,
+            paused: paused.get(&w.svc.name).copied().unwrap_or(0),
             target: w.target,
             bound,
             reason,

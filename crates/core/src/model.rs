@@ -158,6 +158,44 @@ pub struct Service {
     pub run: RunSpec,
     /// Time between SIGTERM and SIGKILL when a replica is stopped.
     pub stop_grace: Duration,
+    /// The warm pool and what a scale-down does (`[services.pool]`); the default keeps no pool
+    /// and stops replicas.
+    pub pool: PoolSpec,
+}
+
+/// What a scale-down of a service does to the replicas it gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preempt {
+    /// Stop and remove them (their work is lost). The default.
+    #[default]
+    Stop,
+    /// Pause (freeze) them: their memory and work are kept and they resume, as they were, when
+    /// the service grows again.
+    Pause,
+}
+
+/// A service's warm pool: replicas created and paused ahead of demand, so that a scale-up is an
+/// unpause (~0.02 s on Docker) instead of a create + start (~0.3 s).
+///
+/// A paused replica (pooled, or preempted with [`Preempt::Pause`]) is neither running nor
+/// pending: the demand rule and convergence never count it. It keeps its memory but uses no
+/// CPU; with capacity in slots, it takes a slot only when `paused_takes_slot` says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolSpec {
+    /// Paused replicas kept ready to unpause (0: no pool).
+    pub size: u32,
+    /// What a scale-down does to the replicas given up.
+    pub preempt: Preempt,
+    /// Whether each paused replica of this service takes a capacity slot (default: no; a paused
+    /// replica holds memory, not CPU).
+    pub paused_takes_slot: bool,
+}
+
+impl PoolSpec {
+    /// True when the service keeps paused replicas at all (a pool, or pause on preemption).
+    pub fn pauses(&self) -> bool {
+        self.size > 0 || self.preempt == Preempt::Pause
+    }
 }
 
 impl Service {

@@ -96,6 +96,9 @@ pub struct ServicePlan {
     pub running: u32,
     /// Replicas pending, as observed.
     pub pending: u32,
+    /// Replicas paused (the warm pool, and replicas preempted with `preempt = "pause"`), as
+    /// observed: neither running nor pending.
+    pub paused: u32,
     /// The new target.
     pub target: u32,
     /// The rule that had the last word.
@@ -135,7 +138,8 @@ pub struct Action {
 /// The plan of one tick.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
-    /// Capacity in slots this tick.
+    /// Capacity in slots this tick that replicas can be given: the cluster's, less the slots
+    /// paused replicas hold (only those of services whose pool sets `paused_takes_slot`).
     pub capacity: u32,
     /// Sum of all targets (never above `capacity`, unless mins of validated config forbid it).
     pub allocated: u32,

@@ -50,6 +50,7 @@ fn service(n: &str, priority: u32, kind: ServiceKind) -> Service {
         kind,
         run: RunSpec::default(),
         stop_grace: Duration::from_secs(10),
+        pool: Default::default(),
     }
 }
 

@@ -96,6 +96,7 @@ fn service(i: usize) -> impl Strategy<Value = Service> {
             },
             run: RunSpec::default(),
             stop_grace: Duration::from_secs(10),
+            pool: Default::default(),
         })
 }
 

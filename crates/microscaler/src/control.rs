@@ -294,6 +294,7 @@ impl<B: Backend> Controller<B> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        self.memory.paused_replicas = observed.paused.clone();
         let engine_view = Observed {
             services: observed.services.clone(),
             hosts: observed.hosts.clone(),

@@ -55,6 +55,7 @@ impl Backend for Fake {
                 ..Default::default()
             }],
             replicas: vec![],
+            paused: Default::default(),
         })
     }
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
@@ -70,6 +71,7 @@ impl Backend for Fake {
                     service: service.name.clone(),
                     message: "exec failed".into(),
                 }],
+                ..ScaleOutcome::default()
             });
         }
         s.running.insert(name, target);
@@ -77,6 +79,7 @@ impl Backend for Fake {
             started: target.saturating_sub(cur),
             stopped: cur.saturating_sub(target),
             failures: vec![],
+            ..ScaleOutcome::default()
         })
     }
     async fn shutdown(&self, _services: &[Service], remove: bool) -> Result<(), BackendError> {

@@ -48,6 +48,7 @@ pub fn service(name: &str, command: Vec<String>) -> Service {
             env: Default::default(),
         },
         stop_grace: Duration::from_secs(5),
+        pool: Default::default(),
     }
 }
 
