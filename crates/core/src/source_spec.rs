@@ -1032,7 +1032,9 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                format!("{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, got \"http\""),
+                format!(
+                    "{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, got \"http\""
+                ),
                 format!("{P}.group: missing: the consumer group"),
             ]
         );
