@@ -2,7 +2,6 @@
 //! with `preempt = "pause"`) are neither running nor pending, and take capacity slots only for
 //! services whose pool sets `paused_takes_slot`. Table tests, then properties.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use microscaler_core::config::{BackendSpec, OnExit, ProcessSpec};
