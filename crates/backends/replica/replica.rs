@@ -148,7 +148,7 @@ impl Worker {
         }
     }
 
-    /// One connection: BLPOP until something fails.
+    /// One connection: BLPOP until something fails. `connected` tells whether Redis answered.
     fn session(&self, connected: &mut bool) -> std::io::Error {
         match self.session_inner(connected) {
             Ok(never) => match never {},
@@ -168,7 +168,6 @@ impl Worker {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
-        *connected = true;
         let cmd = format!(
             "*3\r\n$5\r\nBLPOP\r\n${}\r\n{}\r\n$1\r\n1\r\n",
             self.queue.len(),
@@ -176,7 +175,10 @@ impl Worker {
         );
         loop {
             stream.write_all(cmd.as_bytes())?;
-            match read_value(&mut reader, 0)? {
+            let reply = read_value(&mut reader, 0)?;
+            // A server that answers resets the backoff; one that hangs up at once does not.
+            *connected = true;
+            match reply {
                 Resp::Nil => {}
                 Resp::Array(items) if items.len() == 2 => {
                     std::thread::sleep(self.job);
