@@ -40,6 +40,9 @@ pub struct ServiceLine {
     pub running: u32,
     /// Observed pending at the start of the tick.
     pub pending: u32,
+    /// Observed paused at the start of the tick (the warm pool, and replicas preempted with
+    /// `preempt = "pause"`): neither running nor pending.
+    pub paused: u32,
     /// The rule that had the last word.
     pub bound: &'static str,
 }
@@ -72,6 +75,7 @@ impl TickLine {
                         target: s.target,
                         running: s.running,
                         pending: s.pending,
+                        paused: s.paused,
                         bound: s.bound.as_str(),
                     })
                     .collect(),
@@ -91,13 +95,18 @@ impl TickLine {
     }
 
     /// The human line: time, then per service `name running/target` (with demand for
-    /// triggered ones), free slots, and what changed.
+    /// triggered ones, and `pool N` when replicas are paused), free slots, and what changed.
     pub fn text(&self) -> String {
         let mut s = format!("[{:>7.1}s]", self.t_ms as f64 / 1000.0);
         for svc in &self.services {
+            let pool = if svc.paused > 0 {
+                format!(" pool {}", svc.paused)
+            } else {
+                String::new()
+            };
             match svc.demand {
                 Some(d) if !svc.remainder => s.push_str(&format!(
-                    " {} P{} demand {:>2} run {:>2}/{:<2}|",
+                    " {} P{} demand {:>2} run {:>2}/{:<2}{pool}|",
                     svc.name,
                     svc.priority,
                     fmt_num(d),
@@ -105,7 +114,7 @@ impl TickLine {
                     svc.target
                 )),
                 _ => s.push_str(&format!(
-                    " {} P{} run {:>2}/{:<2}|",
+                    " {} P{} run {:>2}/{:<2}{pool}|",
                     svc.name, svc.priority, svc.running, svc.target
                 )),
             }

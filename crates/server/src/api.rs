@@ -329,6 +329,7 @@ fn service_json(hub: &Hub, s: &ServiceInfo) -> Value {
         "max": s.max,
         "max_step": s.max_step,
         "triggers": s.triggers,
+        "pool": { "size": s.pool_size, "preempt": s.preempt },
         "paused": hub.control.paused(&s.name),
         "manual": hub.control.manual(&s.name),
         "random": hub.control.random(&s.name),

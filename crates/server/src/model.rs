@@ -29,6 +29,16 @@ pub struct ServiceInfo {
     pub max_step: Option<u32>,
     /// Its triggers.
     pub triggers: Vec<TriggerInfo>,
+    /// Its warm pool: paused replicas kept ready (0: none).
+    #[serde(default)]
+    pub pool_size: u32,
+    /// What a scale-down does: `stop` or `pause`.
+    #[serde(default = "default_preempt")]
+    pub preempt: String,
+}
+
+fn default_preempt() -> String {
+    "stop".into()
 }
 
 /// A trigger as configured.
@@ -88,6 +98,12 @@ impl Setup {
                             .collect(),
                         _ => Vec::new(),
                     },
+                    pool_size: s.pool.size,
+                    preempt: match s.pool.preempt {
+                        microscaler_core::Preempt::Stop => "stop",
+                        microscaler_core::Preempt::Pause => "pause",
+                    }
+                    .to_string(),
                 })
                 .collect(),
         }
@@ -111,6 +127,10 @@ pub struct ServiceTick {
     pub running: u32,
     /// Pending, observed at the start of the tick.
     pub pending: u32,
+    /// Paused (the warm pool, and replicas preempted with `preempt = "pause"`), observed at the
+    /// start of the tick: neither running nor pending.
+    #[serde(default)]
+    pub paused: u32,
     /// The rule with the last word (the plan's `Bound` name).
     pub bound: String,
     /// Why the target is what it is.
@@ -233,6 +253,7 @@ impl Tick {
                         target: s.target,
                         running: s.running,
                         pending: s.pending,
+                        paused: s.paused,
                         bound: s.bound.as_str().to_string(),
                         reason: s.reason.clone(),
                     })

@@ -125,6 +125,7 @@ fn tick(ts: i64, demand: f64, p1: u32, p2: u32, decisions: Vec<Decision>) -> Tic
         target: n,
         running: n,
         pending: 0,
+        paused: 0,
         bound: if remainder { "remainder" } else { "demand" }.into(),
         reason: "because".into(),
     };
