@@ -135,6 +135,27 @@ pub struct Config {
     /// [`Scaling::DEFAULT`]. Kept beside the services, keyed by name, so a [`Service`] built in
     /// code needs no scaling section.
     pub scaling: BTreeMap<ServiceName, Scaling>,
+    /// The HTTP server (dashboard, API, /metrics, history); command-line flags override it.
+    pub server: ServerSpec,
+}
+
+/// `[server]`: the dashboard, API, /metrics and history. Every key is optional; the command
+/// line (`--listen`, `--token` / `MICROSCALER_TOKEN`, `--open-read`, `--history`, `--retention`)
+/// overrides the file.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServerSpec {
+    /// Address to listen on (`127.0.0.1:8080` when unset), or `None` with `enabled = false`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// False when `listen = "off"`.
+    pub disabled: bool,
+    /// Bearer token for the API's changes.
+    pub token: Option<String>,
+    /// Let any client read without the token (default: loopback clients only).
+    pub open_read: bool,
+    /// SQLite file of the history (default: `<state dir>/history.sqlite`).
+    pub history: Option<String>,
+    /// How long the history keeps ticks and decisions (default 24 h when unset).
+    pub retention: Option<Duration>,
 }
 
 impl Config {
@@ -178,8 +199,19 @@ struct RawTop {
     on_exit: Option<String>,
     capacity: Option<toml::Value>,
     backend: Option<toml::Value>,
+    server: Option<toml::Value>,
     #[serde(default)]
     services: Vec<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawServer {
+    listen: Option<String>,
+    token: Option<String>,
+    #[serde(default)]
+    open_read: bool,
+    history: Option<String>,
+    retention: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +451,7 @@ impl Validator {
         };
         let capacity = self.capacity(top.capacity);
         let backend = self.backend(top.backend);
+        let server = self.server(top.server);
 
         if top.services.is_empty() {
             self.err("services", "at least one [[services]] entry is required");
@@ -460,7 +493,58 @@ impl Validator {
             backend: backend?,
             services,
             scaling,
+            server,
         })
+    }
+
+    fn server(&mut self, raw: Option<toml::Value>) -> ServerSpec {
+        let Some(raw) = raw else {
+            return ServerSpec::default();
+        };
+        let Some(r) = self.part::<RawServer>(raw, "server") else {
+            return ServerSpec::default();
+        };
+        let mut spec = ServerSpec {
+            open_read: r.open_read,
+            ..ServerSpec::default()
+        };
+        match r.listen.as_deref() {
+            None => {}
+            Some("off") => spec.disabled = true,
+            Some(a) => match a.parse() {
+                Ok(addr) => spec.listen = Some(addr),
+                Err(_) => self.err(
+                    "server.listen",
+                    format!("must be an address like \"127.0.0.1:8080\" or \"off\", got {a:?}"),
+                ),
+            },
+        }
+        if let Some(t) = r.token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.err(
+                    "server.token",
+                    "must be at least 16 characters with no spaces (prefer the MICROSCALER_TOKEN environment variable to a token in a file)",
+                );
+            } else {
+                spec.token = Some(t);
+            }
+        }
+        if let Some(h) = r.history {
+            if h.trim().is_empty() {
+                self.err("server.history", "must not be empty");
+            } else {
+                spec.history = Some(h);
+            }
+        }
+        if r.retention.is_some() {
+            spec.retention = Some(self.duration(
+                r.retention.as_deref(),
+                "server.retention",
+                Duration::from_secs(86400),
+                (Duration::from_secs(60), Duration::from_secs(366 * 86400)),
+            ));
+        }
+        spec
     }
 
     fn capacity(&mut self, raw: Option<toml::Value>) -> Option<Capacity> {
@@ -1240,6 +1324,45 @@ mod tests {
         );
         let e = errors("[capacity\nslots=1");
         assert!(e[0].starts_with("invalid TOML"), "{e:?}");
+    }
+
+    #[test]
+    fn server_section_is_validated() {
+        let c = Config::from_toml(&format!(
+            "{GOOD}\n[server]\nlisten = \"0.0.0.0:9000\"\ntoken = \"0123456789abcdef\"\nopen_read = true\nretention = \"2h\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.listen, Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(c.server.token.as_deref(), Some("0123456789abcdef"));
+        assert!(c.server.open_read && !c.server.disabled);
+        assert_eq!(c.server.retention, Some(Duration::from_secs(7200)));
+        let off = Config::from_toml(&format!("{GOOD}\n[server]\nlisten = \"off\"\n")).unwrap();
+        assert!(off.server.disabled);
+        assert_eq!(
+            Config::from_toml(GOOD).unwrap().server,
+            ServerSpec::default()
+        );
+
+        let e = errors(&format!(
+            "{GOOD}\n[server]\nlisten = \"localhost\"\ntoken = \"short\"\nretention = \"1s\"\nport = 1\n"
+        ));
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.contains(&"server.port: unknown key".to_string()), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("server.listen: must be an address")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("server.token: must be at least 16")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("server.retention: must be between 1m")),
+            "{e:?}"
+        );
     }
 
     #[test]

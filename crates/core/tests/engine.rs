@@ -104,6 +104,7 @@ fn config(capacity: Capacity, services: Vec<Service>) -> Config {
         backend: BackendSpec::Process(ProcessSpec::default()),
         services,
         scaling: Default::default(),
+        server: Default::default(),
     }
 }
 

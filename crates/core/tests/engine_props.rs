@@ -229,6 +229,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     backend: BackendSpec::Process(ProcessSpec::default()),
                     services,
                     scaling: Default::default(),
+                    server: Default::default(),
                 },
                 observed,
                 samples,

@@ -43,6 +43,7 @@ fn config(slots: u32, services: Vec<Service>) -> Config {
         backend: BackendSpec::Process(ProcessSpec::default()),
         services,
         scaling: Default::default(),
+        server: Default::default(),
     }
 }
 

@@ -151,9 +151,31 @@ struct ServerArgs {
     /// SQLite file of the history [default: <state dir>/history.sqlite].
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
-    /// How long the history keeps ticks and decisions.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    retention: Duration,
+    /// How long the history keeps ticks and decisions [default: 24h].
+    #[arg(long, value_parser = parse_duration)]
+    retention: Option<Duration>,
+}
+
+impl ServerArgs {
+    /// The flags over the configuration's `[server]` section: a flag wins over the file.
+    fn over(&self, spec: &microscaler_core::config::ServerSpec) -> ServerArgs {
+        ServerArgs {
+            listen: self.listen.clone().or_else(|| {
+                if spec.disabled {
+                    Some("off".into())
+                } else {
+                    spec.listen.map(|a| a.to_string())
+                }
+            }),
+            token: self.token.clone().or_else(|| spec.token.clone()),
+            open_read: self.open_read || spec.open_read,
+            history: self
+                .history
+                .clone()
+                .or_else(|| spec.history.as_ref().map(PathBuf::from)),
+            retention: self.retention.or(spec.retention),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -572,6 +594,7 @@ async fn start_server(
     demo: bool,
     state_dir: &Path,
 ) -> Result<Option<Web>, Failure> {
+    let args = &args.over(&cfg.server);
     let addr = args
         .listen
         .clone()
@@ -596,7 +619,7 @@ async fn start_server(
         .history
         .clone()
         .unwrap_or_else(|| state_dir.join("history.sqlite"));
-    let store = Store::open(&path, args.retention)?;
+    let store = Store::open(&path, args.retention.unwrap_or(Duration::from_secs(86400)))?;
     let controls_set = Arc::new(std::sync::OnceLock::new());
     let hub = Hub::new(
         Setup::from_config(cfg, backend, demo),

@@ -190,3 +190,83 @@ fn help_on_every_command() {
         );
     }
 }
+
+/// `run` takes the server's address and token from the configuration's `[server]` section.
+#[test]
+fn run_serves_on_the_configured_address_with_the_configured_token() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "config-token-0123456789";
+    let f = write(
+        &dir,
+        "s.toml",
+        &format!(
+            r#"
+            instance = "cli-server-{pid}"
+            on_exit = "stop"
+            [capacity]
+            slots = 2
+            [backend]
+            type = "process"
+            [server]
+            listen = "127.0.0.1:{port}"
+            token = "{token}"
+            [[services]]
+            name = "web"
+            [[services.triggers]]
+            type = "manual"
+            initial = 1
+            "#,
+            pid = std::process::id()
+        ),
+    );
+    let state = dir.path().join("state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["run", "-c", &f, "--duration", "4s", "--state-dir"])
+        .arg(&state)
+        .env_remove("MICROSCALER_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request = |req: String| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let put = |auth: &str| {
+        let body = r#"{"value": 2}"#;
+        request(format!(
+            "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    };
+    let mut status = None;
+    for _ in 0..50 {
+        status =
+            request("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into());
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = status.expect("the server listens on the configured address");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let denied = put("").unwrap();
+    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+    let allowed = put(&format!("Authorization: Bearer {token}\r\n")).unwrap();
+    assert!(allowed.starts_with("HTTP/1.1 2"), "{allowed}");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
