@@ -226,7 +226,7 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
         ),
     );
     let state = dir.path().join("state");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+    let child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
         .args(["run", "-c", &f, "--duration", "4s", "--state-dir"])
         .arg(&state)
         .env_remove("MICROSCALER_TOKEN")
