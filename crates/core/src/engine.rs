@@ -99,8 +99,116 @@ pub struct Commitment {
     pub changed_at: Duration,
 }
 
+/// What this tick's inputs hold for one service, resolved once per tick by walking the sorted
+/// maps side by side with the sorted service names (no per-service lookup by name).
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    obs: ServiceObservation,
+    committed: Option<&'a Commitment>,
+    prev: Option<&'a RuleMemory>,
+    samples: Option<&'a [TriggerSample]>,
+    scaling: &'a Scaling,
+    paused: bool,
+    paused_replicas: u32,
+}
+
+/// Calls `f(index, value)` for every service name of `names` (sorted by name, with the service's
+/// index) that `entries` (sorted by key, as a `BTreeMap` iterates) holds: a merge walk, or a
+/// binary search per entry when there are few entries.
+fn resolve<'m, V: Copy>(
+    names: &[(&str, usize)],
+    len: usize,
+    entries: impl Iterator<Item = (&'m ServiceName, V)>,
+    mut f: impl FnMut(usize, V),
+) {
+    if len == 0 {
+        return;
+    }
+    if len.saturating_mul(16) < names.len() {
+        for (k, v) in entries {
+            let k = k.as_str();
+            let from = names.partition_point(|(n, _)| *n < k);
+            for &(_, i) in names[from..].iter().take_while(|(n, _)| *n == k) {
+                f(i, v);
+            }
+        }
+        return;
+    }
+    let mut it = entries.peekable();
+    for &(name, i) in names {
+        while let Some((k, v)) = it.peek() {
+            match k.as_str().cmp(name) {
+                std::cmp::Ordering::Less => {
+                    it.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    f(i, *v);
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        if it.peek().is_none() {
+            break;
+        }
+    }
+}
+
+/// The scaling of services that set none.
+static DEFAULT_SCALING: Scaling = Scaling::DEFAULT;
+
+/// Buffers reused from service to service within one tick.
+#[derive(Default)]
+struct Scratch<'a> {
+    parts: Vec<Part<'a>>,
+    values: Vec<f64>,
+    /// Triggers at or below their activation, with their values.
+    inactive: Vec<(&'a Trigger, f64)>,
+}
+
+/// What a triggered service's triggers asked, worded only when a reason is written.
+#[derive(Debug, Clone, PartialEq)]
+enum Asks {
+    /// "no demand sample".
+    NoSample,
+    /// The default rules: "demand 4" (or "demand none").
+    Demand(Option<f64>),
+    /// Already in words.
+    Words(String),
+}
+
+impl Asks {
+    fn push_to(&self, s: &mut String) {
+        match self {
+            Asks::NoSample => s.push_str("no demand sample"),
+            Asks::Demand(v) => {
+                s.push_str("demand ");
+                match v {
+                    Some(v) => push_num(s, *v),
+                    None => s.push_str("none"),
+                }
+            }
+            Asks::Words(w) => s.push_str(w),
+        }
+    }
+}
+
+impl std::fmt::Display for Asks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Asks::Words(w) => f.write_str(w),
+            _ => {
+                let mut s = String::new();
+                self.push_to(&mut s);
+                f.write_str(&s)
+            }
+        }
+    }
+}
+
 struct Work<'a> {
     svc: &'a Service,
+    inputs: Inputs<'a>,
     obs: ServiceObservation,
     current: u32,
     demand: Option<f64>,
@@ -110,7 +218,7 @@ struct Work<'a> {
     asked: Option<u32>,
     /// What the triggers asked, in words ("demand 4", "queue 120 for target 10 per replica
     /// asks 12").
-    asks: String,
+    asks: Asks,
     /// The words of the rule that bound the want, for the rules' own bounds.
     detail: String,
     /// What the rules remember after this tick.
@@ -134,31 +242,83 @@ pub fn decide(
     memory: &EngineState,
     now: Duration,
 ) -> (Plan, EngineState) {
+    // One index per tick: the services sorted by name once, and every name-keyed input
+    // resolved by one walk over its (sorted) map.
+    let n = cfg.services.len();
+    let mut by_name: Vec<(&str, usize)> = cfg
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    by_name.sort_by(|a, b| a.0.cmp(b.0));
+    let mut inputs: Vec<Inputs> = vec![
+        Inputs {
+            obs: ServiceObservation::default(),
+            committed: None,
+            prev: None,
+            samples: None,
+            scaling: &DEFAULT_SCALING,
+            paused: false,
+            paused_replicas: 0,
+        };
+        n
+    ];
+    let o = &observed.services;
+    resolve(&by_name, o.len(), o.iter(), |i, v| inputs[i].obs = *v);
+    let m = &memory.services;
+    resolve(&by_name, m.len(), m.iter(), |i, v| {
+        inputs[i].committed = Some(v)
+    });
+    let r = &memory.rules;
+    resolve(&by_name, r.len(), r.iter(), |i, v| inputs[i].prev = Some(v));
+    let sm = &samples.services;
+    resolve(&by_name, sm.len(), sm.iter(), |i, v| {
+        inputs[i].samples = Some(&v[..])
+    });
+    let sc = &cfg.scaling;
+    resolve(&by_name, sc.len(), sc.iter(), |i, v| inputs[i].scaling = v);
+    let pa = &memory.paused;
+    resolve(&by_name, pa.len(), pa.iter().map(|k| (k, ())), |i, _| {
+        inputs[i].paused = true
+    });
+    let pr = &memory.paused_replicas;
+    resolve(&by_name, pr.len(), pr.iter(), |i, v| {
+        inputs[i].paused_replicas = *v
+    });
+
     // Paused replicas that take a slot (only where the service's pool says so) are capacity
     // nobody can be given.
     let held: u64 = cfg
         .services
         .iter()
-        .filter(|s| s.pool.paused_takes_slot)
-        .map(|s| memory.paused_replicas.get(&s.name).copied().unwrap_or(0) as u64)
+        .zip(&inputs)
+        .filter(|(s, _)| s.pool.paused_takes_slot)
+        .map(|(_, i)| i.paused_replicas as u64)
         .sum();
     let capacity = (cfg.capacity.slots(&observed.hosts) as u64).saturating_sub(held) as u32;
     let hosts = observed.ready_hosts();
 
-    let mut order: Vec<&Service> = cfg.services.iter().collect();
-    order.sort_by(|a, b| {
-        (a.is_remainder(), a.priority, &a.name).cmp(&(b.is_remainder(), b.priority, &b.name))
+    // Allocation order: remainder last, then priority, then name (a stable sort of the
+    // name order by the first two is the order by all three).
+    let mut order: Vec<usize> = by_name.iter().map(|&(_, i)| i).collect();
+    order.sort_by_key(|&i| {
+        let s = &cfg.services[i];
+        (s.is_remainder(), s.priority)
     });
+    let mut position = vec![0usize; n];
+    for (k, &i) in order.iter().enumerate() {
+        position[i] = k;
+    }
 
+    let mut scratch = Scratch::default();
     let mut work: Vec<Work> = order
-        .into_iter()
-        .map(|svc| {
+        .iter()
+        .map(|&i| {
             want(
-                svc,
-                cfg.scaling_of(&svc.name),
-                observed,
-                samples,
-                memory,
+                &cfg.services[i],
+                inputs[i],
+                &mut scratch,
                 hosts,
                 now,
                 cfg.converge_timeout,
@@ -200,15 +360,14 @@ pub fn decide(
         used += t as u64;
     }
 
-    let plan = build_plan(&work, capacity, used, &memory.paused_replicas);
-    let mut next = EngineState {
-        paused: memory.paused.clone(),
-        paused_replicas: memory.paused_replicas.clone(),
-        ..EngineState::default()
-    };
-    for w in &mut work {
+    let plan = build_plan(&work, capacity, used);
+    // The next memory, built in name order (a sorted build, no per-service insert).
+    let mut rules = Vec::new();
+    let mut services = Vec::with_capacity(n);
+    for &(_, i) in &by_name {
+        let w = &mut work[position[i]];
         if let Some(mut r) = w.rules.take() {
-            let scaling = cfg.scaling_of(&w.svc.name);
+            let scaling = w.inputs.scaling;
             if scaling.has_rate_limits() {
                 if w.target != w.current {
                     r.events.push((now, w.target as i64 - w.current as i64));
@@ -217,55 +376,61 @@ pub fn decide(
                 r.events.retain(|(t, _)| now.saturating_sub(*t) < keep);
             }
             if r != RuleMemory::default() {
-                next.rules.insert(w.svc.name.clone(), r);
+                rules.push((w.svc.name.clone(), r));
             }
         }
-    }
-    for w in &work {
-        let keep = memory
-            .services
-            .get(&w.svc.name)
-            .filter(|m| m.target == w.target)
-            .copied();
-        next.services.insert(
+        let keep = w.inputs.committed.filter(|m| m.target == w.target).copied();
+        services.push((
             w.svc.name.clone(),
             keep.unwrap_or(Commitment {
                 target: w.target,
                 changed_at: now,
             }),
-        );
+        ));
     }
+    let next = EngineState {
+        services: services.into_iter().collect(),
+        paused: memory.paused.clone(),
+        rules: rules.into_iter().collect(),
+        paused_replicas: memory.paused_replicas.clone(),
+    };
     (plan, next)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn want<'a>(
     svc: &'a Service,
-    scaling: &Scaling,
-    observed: &Observed,
-    samples: &Samples,
-    memory: &EngineState,
+    inputs: Inputs<'a>,
+    scratch: &mut Scratch<'a>,
     hosts: u32,
     now: Duration,
     converge_timeout: Duration,
 ) -> Work<'a> {
-    let obs = observed.service(&svc.name);
-    let committed = memory.services.get(&svc.name);
+    let obs = inputs.obs;
+    let scaling = inputs.scaling;
+    let committed = inputs.committed;
     let current = committed.map_or(obs.total(), |m| m.target);
     let converged = committed.is_none_or(|m| {
         (obs.running == m.target && obs.pending == 0)
             || now.saturating_sub(m.changed_at) >= converge_timeout
     });
     let step = svc.max_step.unwrap_or(u32::MAX);
-    let prev = memory.rules.get(&svc.name);
+    let prev = inputs.prev;
 
     let mut missing = Vec::new();
-    let mut asks = String::new();
+    let mut asks = Asks::NoSample;
     let mut detail = String::new();
     let mut rule_memory = None;
     let (mut wish, mut bound, demand, asked) = match &svc.kind {
         ServiceKind::Triggered(triggers) => {
-            let t = triggered(svc, triggers, scaling, samples, prev, current, now);
+            let t = triggered(
+                triggers,
+                scaling,
+                inputs.samples,
+                scratch,
+                prev,
+                current,
+                now,
+            );
             missing = t.missing;
             asks = t.asks;
             detail = t.detail;
@@ -398,7 +563,7 @@ fn want<'a>(
             bound = Bound::MaxStep;
         }
     }
-    if memory.paused.contains(&svc.name) {
+    if inputs.paused {
         wish = current;
         bound = Bound::Paused;
     }
@@ -410,6 +575,7 @@ fn want<'a>(
     let keep = floor.max(wish.min(current));
     Work {
         svc,
+        inputs,
         obs,
         current,
         demand,
@@ -434,7 +600,7 @@ struct TriggeredWish<'a> {
     demand: Option<f64>,
     asked: Option<u32>,
     missing: Vec<&'a str>,
-    asks: String,
+    asks: Asks,
     detail: String,
     memory: BTreeMap<String, TriggerMemory>,
 }
@@ -450,30 +616,65 @@ enum Use {
 }
 
 fn num(v: f64) -> String {
-    format!("{}", (v * 1000.0).round() / 1000.0)
+    let mut s = String::new();
+    push_num(&mut s, v);
+    s
+}
+
+/// Appends `v` rounded to three decimals, as `format!("{}", ..)` writes it (integers without
+/// the formatting machinery).
+fn push_num(s: &mut String, v: f64) {
+    let x = (v * 1000.0).round() / 1000.0;
+    if x.fract() == 0.0 && x.abs() < 1e15 && !(x == 0.0 && x.is_sign_negative()) {
+        let i = x as i64;
+        if i < 0 {
+            s.push('-');
+        }
+        push_u64(s, i.unsigned_abs());
+    } else {
+        use std::fmt::Write;
+        let _ = write!(s, "{x}");
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 /// The triggers' rules: each trigger's value (live, kept or fallback) becomes replicas by its
 /// rule; they combine by max or the formula; activation gates zero.
 fn triggered<'a>(
-    svc: &Service,
     triggers: &'a [Trigger],
     scaling: &Scaling,
-    samples: &Samples,
+    got: Option<&[TriggerSample]>,
+    scratch: &mut Scratch<'a>,
     prev: Option<&RuleMemory>,
     current: u32,
     now: Duration,
 ) -> TriggeredWish<'a> {
-    let got = samples.services.get(&svc.name);
     let mut memory = BTreeMap::new();
     let mut missing = Vec::new();
     // Worded only when the reason needs them (not on the default rules' path).
-    let mut parts: Vec<Part> = Vec::new();
+    let parts = &mut scratch.parts;
+    parts.clear();
     // Plain: the default rules only, worded as before ("demand 4").
     let mut plain = scaling.formula.is_none();
-    let mut values: Vec<f64> = Vec::with_capacity(triggers.len() + 1);
+    let values = &mut scratch.values;
+    values.clear();
     let mut active = false;
-    let mut inactive: Vec<String> = Vec::new();
+    let inactive = &mut scratch.inactive;
+    inactive.clear();
     // The max over the triggers: (replicas, raw, bound).
     let mut best: Option<(u32, f64, Bound)> = None;
     // A fallback with replicas or current, which a formula cannot use.
@@ -520,12 +721,7 @@ fn triggered<'a>(
                 if v > t.activation {
                     active = true;
                 } else {
-                    inactive.push(format!(
-                        "{} {} <= activation {}",
-                        t.name,
-                        num(v),
-                        num(t.activation)
-                    ));
+                    inactive.push((t, v));
                 }
                 let pd_prev = m.pd.map(|(at, e)| (at, f64::from_bits(e)));
                 let rec = rules::recommend(&t.rule, v, current, t.tolerance, pd_prev, now);
@@ -590,7 +786,7 @@ fn triggered<'a>(
         Some(_) if forced.is_some() => forced.map(|r| (r, r as f64, Bound::Fallback)),
         Some(f) => {
             values.push(current as f64);
-            let raw = f.eval(&values);
+            let raw = f.eval(values);
             if raw.is_nan() {
                 missing.push("formula");
                 None
@@ -600,9 +796,9 @@ fn triggered<'a>(
         }
     };
     let asks = if plain && !missing.is_empty() && parts.is_empty() {
-        "no demand sample".to_string()
-    } else if triggers.iter().all(|t| t.rule == Rule::Value) && plain {
-        format!("demand {}", max_value.map_or("none".into(), num))
+        Asks::NoSample
+    } else if plain && triggers.iter().all(|t| t.rule == Rule::Value) {
+        Asks::Demand(max_value)
     } else {
         let mut a = parts
             .iter()
@@ -617,9 +813,9 @@ fn triggered<'a>(
             _ => {}
         }
         if a.is_empty() {
-            "no demand sample".to_string()
+            Asks::NoSample
         } else {
-            a
+            Asks::Words(a)
         }
     };
     let demand = if plain {
@@ -640,9 +836,15 @@ fn triggered<'a>(
             if !active && missing.is_empty() {
                 // KEDA's activation: no trigger above its activation, the service goes to zero.
                 if r > 0 {
+                    let inactive = inactive
+                        .iter()
+                        .map(|(t, v)| {
+                            format!("{} {} <= activation {}", t.name, num(*v), num(t.activation))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     detail = format!(
-                        "{asks}, but no trigger is above its activation ({}): scales to 0",
-                        inactive.join(", ")
+                        "{asks}, but no trigger is above its activation ({inactive}): scales to 0"
                     );
                     (0, Bound::Activation, Some(r))
                 } else {
@@ -655,7 +857,7 @@ fn triggered<'a>(
                 if b == Bound::Tolerance && r == current {
                     detail = format!("{asks}: within the tolerance band; holding at {current}");
                 } else if b == Bound::Fallback {
-                    detail = asks.clone();
+                    detail = asks.to_string();
                 }
                 (r, b, Some(r))
             }
@@ -739,12 +941,7 @@ fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> Str
     }
 }
 
-fn build_plan(
-    work: &[Work],
-    capacity: u32,
-    allocated: u64,
-    paused: &BTreeMap<ServiceName, u32>,
-) -> Plan {
+fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
     // Who gave slots to whom, for the reasons: growers draw first on free slots, then on slots
     // given up voluntarily, then on slots taken from others, lowest priority first. What a
     // service lost that no grower took was lost because the capacity shrank.
@@ -760,6 +957,9 @@ fn build_plan(
         .collect();
     let mut took: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
     let mut gave: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
+    // Growers take from the last service that still has lost slots; what is left of `lost`
+    // only shrinks, so everything after `last` stays empty and is never scanned again.
+    let mut last = work.len();
     for (i, w) in work.iter().enumerate() {
         let mut need = w.target.saturating_sub(w.current) as u64;
         let from_free = need.min(free);
@@ -768,9 +968,11 @@ fn build_plan(
         let from_vol = need.min(voluntary);
         voluntary -= from_vol;
         need -= from_vol;
-        for v in (0..work.len()).rev() {
-            if need == 0 {
-                break;
+        while need > 0 && last > 0 {
+            let v = last - 1;
+            if lost[v] == 0 {
+                last -= 1;
+                continue;
             }
             let n = (lost[v] as u64).min(need) as u32;
             if n > 0 {
@@ -803,7 +1005,7 @@ fn build_plan(
             current: w.current,
             running: w.obs.running,
             pending: w.obs.pending,
-            paused: paused.get(&w.svc.name).copied().unwrap_or(0),
+            paused: w.inputs.paused_replicas,
             target: w.target,
             bound,
             reason,
@@ -900,13 +1102,6 @@ fn plural(n: u32) -> &'static str {
     }
 }
 
-fn fmt_demand(d: Option<f64>) -> String {
-    match d {
-        Some(v) => format!("{}", (v * 1000.0).round() / 1000.0),
-        None => "none".into(),
-    }
-}
-
 /// What a reason needs to know beyond the service itself.
 struct Ctx<'a> {
     capacity: u32,
@@ -919,19 +1114,42 @@ struct Ctx<'a> {
     work: &'a [Work<'a>],
 }
 
+/// What the service asked for, in words.
+fn push_asks(s: &mut String, w: &Work) {
+    match &w.svc.kind {
+        ServiceKind::Triggered(_) => w.asks.push_to(s),
+        ServiceKind::PerHost => {
+            match w.demand {
+                Some(v) => push_num(s, v),
+                None => s.push_str("none"),
+            }
+            s.push_str(" ready hosts");
+        }
+        ServiceKind::Remainder => s.push_str("free capacity"),
+    }
+}
+
 fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
-    let d = fmt_demand(w.demand);
-    let capacity = ctx.capacity;
     let cmp = |a: u32, b: u32| match a.cmp(&b) {
         std::cmp::Ordering::Greater => ">",
         std::cmp::Ordering::Less => "<",
         std::cmp::Ordering::Equal => "=",
     };
-    // What the service asked for, in words.
-    let asks = match &w.svc.kind {
-        ServiceKind::Triggered(_) => w.asks.clone(),
-        ServiceKind::PerHost => format!("{d} ready hosts"),
-        ServiceKind::Remainder => "free capacity".to_string(),
+    if bound == Bound::Demand {
+        // The common case, written without the formatting machinery: "{asks} {cmp} {current}".
+        let mut s = String::with_capacity(24);
+        push_asks(&mut s, w);
+        s.push(' ');
+        s.push_str(cmp(w.asked.unwrap_or(0), w.current));
+        s.push(' ');
+        push_u64(&mut s, w.current as u64);
+        return s;
+    }
+    let capacity = ctx.capacity;
+    let asks = {
+        let mut s = String::new();
+        push_asks(&mut s, w);
+        s
     };
     // The replicas it asked for, before limits.
     let asked = w.asked;
