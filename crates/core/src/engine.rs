@@ -112,11 +112,59 @@ struct Inputs<'a> {
     paused_replicas: u32,
 }
 
+/// A name with its first 16 bytes as a number, so most comparisons of names never read the
+/// strings: the order is the strings' (names hold no NUL, so the zero padding sorts first).
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    head: u128,
+    name: &'a str,
+}
+
+impl<'a> Key<'a> {
+    fn new(name: &'a str) -> Self {
+        let b = name.as_bytes();
+        let mut a = [0u8; 16];
+        let k = b.len().min(16);
+        a[..k].copy_from_slice(&b[..k]);
+        Key {
+            head: u128::from_be_bytes(a),
+            name,
+        }
+    }
+
+    /// A copy of the name, from the head when it holds all of it (no read of the string,
+    /// which is usually cold by then).
+    fn to_name(self) -> ServiceName {
+        let len = self.name.len();
+        let copy = if len <= 16 {
+            let bytes = self.head.to_be_bytes();
+            match std::str::from_utf8(&bytes[..len]) {
+                Ok(s) => s.to_string(),
+                Err(_) => self.name.to_string(),
+            }
+        } else {
+            self.name.to_string()
+        };
+        ServiceName::from_checked(copy)
+    }
+
+    fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        self.head.cmp(&other.head).then_with(|| {
+            if self.name.len() <= 16 && other.name.len() <= 16 {
+                // Same head, both within it: the same bytes, the longer has a NUL-free tail.
+                self.name.len().cmp(&other.name.len())
+            } else {
+                self.name.cmp(other.name)
+            }
+        })
+    }
+}
+
 /// Calls `f(index, value)` for every service name of `names` (sorted by name, with the service's
 /// index) that `entries` (sorted by key, as a `BTreeMap` iterates) holds: a merge walk, or a
 /// binary search per entry when there are few entries.
 fn resolve<'m, V: Copy>(
-    names: &[(&str, usize)],
+    names: &[(Key, usize)],
     len: usize,
     entries: impl Iterator<Item = (&'m ServiceName, V)>,
     mut f: impl FnMut(usize, V),
@@ -126,18 +174,19 @@ fn resolve<'m, V: Copy>(
     }
     if len.saturating_mul(16) < names.len() {
         for (k, v) in entries {
-            let k = k.as_str();
-            let from = names.partition_point(|(n, _)| *n < k);
-            for &(_, i) in names[from..].iter().take_while(|(n, _)| *n == k) {
+            let k = Key::new(k.as_str());
+            let from = names.partition_point(|(n, _)| n.cmp(&k).is_lt());
+            for &(_, i) in names[from..].iter().take_while(|(n, _)| n.cmp(&k).is_eq()) {
                 f(i, v);
             }
         }
         return;
     }
-    let mut it = entries.peekable();
-    for &(name, i) in names {
+    let mut it = entries.map(|(k, v)| (Key::new(k.as_str()), v)).peekable();
+    for (name, i) in names {
+        let i = *i;
         while let Some((k, v)) = it.peek() {
-            match k.as_str().cmp(name) {
+            match k.cmp(name) {
                 std::cmp::Ordering::Less => {
                     it.next();
                 }
@@ -208,6 +257,8 @@ impl std::fmt::Display for Asks {
 
 struct Work<'a> {
     svc: &'a Service,
+    /// The service's index in the configuration.
+    index: usize,
     inputs: Inputs<'a>,
     obs: ServiceObservation,
     current: u32,
@@ -245,13 +296,13 @@ pub fn decide(
     // One index per tick: the services sorted by name once, and every name-keyed input
     // resolved by one walk over its (sorted) map.
     let n = cfg.services.len();
-    let mut by_name: Vec<(&str, usize)> = cfg
+    let keys: Vec<Key> = cfg
         .services
         .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
+        .map(|s| Key::new(s.name.as_str()))
         .collect();
-    by_name.sort_by(|a, b| a.0.cmp(b.0));
+    let mut by_name: Vec<(Key, usize)> = keys.iter().copied().zip(0..).collect();
+    by_name.sort_by(|a, b| a.0.cmp(&b.0));
     let mut inputs: Vec<Inputs> = vec![
         Inputs {
             obs: ServiceObservation::default(),
@@ -314,8 +365,9 @@ pub fn decide(
     let mut scratch = Scratch::default();
     let mut work: Vec<Work> = order
         .iter()
-        .map(|&i| {
-            want(
+        .map(|&i| Work {
+            index: i,
+            ..want(
                 &cfg.services[i],
                 inputs[i],
                 &mut scratch,
@@ -360,7 +412,7 @@ pub fn decide(
         used += t as u64;
     }
 
-    let plan = build_plan(&work, capacity, used);
+    let plan = build_plan(&work, &keys, capacity, used);
     // The next memory, built in name order (a sorted build, no per-service insert).
     let mut rules = Vec::new();
     let mut services = Vec::with_capacity(n);
@@ -376,12 +428,12 @@ pub fn decide(
                 r.events.retain(|(t, _)| now.saturating_sub(*t) < keep);
             }
             if r != RuleMemory::default() {
-                rules.push((w.svc.name.clone(), r));
+                rules.push((keys[i].to_name(), r));
             }
         }
         let keep = w.inputs.committed.filter(|m| m.target == w.target).copied();
         services.push((
-            w.svc.name.clone(),
+            keys[i].to_name(),
             keep.unwrap_or(Commitment {
                 target: w.target,
                 changed_at: now,
@@ -575,6 +627,7 @@ fn want<'a>(
     let keep = floor.max(wish.min(current));
     Work {
         svc,
+        index: 0,
         inputs,
         obs,
         current,
@@ -941,7 +994,7 @@ fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> Str
     }
 }
 
-fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
+fn build_plan(work: &[Work], keys: &[Key], capacity: u32, allocated: u64) -> Plan {
     // Who gave slots to whom, for the reasons: growers draw first on free slots, then on slots
     // given up voluntarily, then on slots taken from others, lowest priority first. What a
     // service lost that no grower took was lost because the capacity shrank.
@@ -998,7 +1051,7 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
         };
         let reason = service_reason(w, bound, &ctx);
         services.push(ServicePlan {
-            service: w.svc.name.clone(),
+            service: keys[w.index].to_name(),
             priority: w.svc.priority,
             remainder: w.svc.is_remainder(),
             demand: w.demand,
@@ -1018,7 +1071,7 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
             let sp = &services[i];
             actions.push(Action {
                 kind: ActionKind::Stop,
-                service: w.svc.name.clone(),
+                service: sp.service.clone(),
                 count: w.current - w.target,
                 from: w.current,
                 to: w.target,
@@ -1052,7 +1105,7 @@ fn build_plan(work: &[Work], capacity: u32, allocated: u64) -> Plan {
             }
             actions.push(Action {
                 kind: ActionKind::Start,
-                service: w.svc.name.clone(),
+                service: sp.service.clone(),
                 count: w.target - w.current,
                 from: w.current,
                 to: w.target,

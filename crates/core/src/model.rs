@@ -41,6 +41,12 @@ impl ServiceName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Wraps a copy of a name that was already checked (the engine's copies of configured
+    /// names), without checking it again.
+    pub(crate) fn from_checked(name: String) -> Self {
+        Self(name)
+    }
 }
 
 impl fmt::Display for ServiceName {
