@@ -19,6 +19,7 @@ use crate::Opts;
 const P1: &str = "priority1";
 const P2: &str = "priority2";
 const BASE: &str = "baseline";
+const BASE_POOL: &str = "baseline-pool";
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// A unique instance name for one scenario of this run.
@@ -26,7 +27,9 @@ fn instance(tag: &str) -> String {
     format!("bench-{}-{tag}", std::process::id())
 }
 
-/// The seeds' shape: a manual priority-1 service and, optionally, a priority-2 remainder.
+/// The seeds' shape: a manual priority-1 service and, optionally, a priority-2 remainder. With
+/// `--pool N`, priority 1 keeps a warm pool of N; with `--preempt pause`, the remainder is
+/// paused instead of stopped when it gives up capacity.
 fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool) -> Config {
     let mut t = format!(
         "instance = \"{inst}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n[capacity]\nslots = {capacity}\n\
@@ -36,10 +39,16 @@ fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool)
         o.tick.as_millis(),
         o.parallelism,
     );
+    if o.pool > 0 {
+        t.push_str(&format!("[services.pool]\nsize = {}\n", o.pool));
+    }
     if remainder {
         t.push_str(&format!(
             "[[services]]\nname = \"{P2}\"\npriority = 2\nremainder = true\nstop_grace = \"2s\"\n"
         ));
+        if o.preempt != "stop" {
+            t.push_str(&format!("[services.pool]\npreempt = \"{}\"\n", o.preempt));
+        }
     }
     Config::from_toml(&t).expect("the benchmark's configuration is valid")
 }
@@ -57,6 +66,76 @@ fn jitter(o: &Opts, i: usize) -> Duration {
     o.tick.mul_f64(((i * 37) % 100) as f64 / 100.0)
 }
 
+/// Waits until the backend's `observe` reports `n` paused replicas of priority 1 (the warm pool
+/// full); returns how long that took. `probe` is a second backend of the same instance, never
+/// prepared, so its observe starts no refill of its own.
+async fn wait_pool(probe: &DockerBackend, n: u32) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let obs = probe.observe().await?;
+        let paused = obs
+            .paused
+            .iter()
+            .find(|(s, _)| s.as_str() == P1)
+            .map_or(0, |(_, n)| *n);
+        if paused == n {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > LIMIT {
+            anyhow::bail!("timed out waiting for the warm pool: {paused} of {n} paused");
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Where the time of each step went: from the demand change to the start of the tick that
+/// scaled up (the wait for the tick, including the sample), that tick (observe + decide +
+/// scale), and from the end of that tick to the engine's event. Signed ms: the event may
+/// arrive before the tick has returned.
+fn phases(steps: &[(Instant, Instant)], ups: &[(Instant, Duration, u32, u32)]) -> Value {
+    let mut wait = Vec::new();
+    let mut tick = Vec::new();
+    let mut event = Vec::new();
+    let mut from_pool = 0;
+    for (t0, at) in steps {
+        let Some((end, took, _, resumed)) = ups.iter().find(|u| u.0 > *t0) else {
+            continue;
+        };
+        let start = *end - *took;
+        let signed = |a: Instant, b: Instant| {
+            if a >= b {
+                ms(a - b)
+            } else {
+                -ms(b - a)
+            }
+        };
+        wait.push(signed(start, *t0));
+        tick.push(ms(*took));
+        event.push(signed(*at, *end));
+        if *resumed > 0 {
+            from_pool += 1;
+        }
+    }
+    let (w, t, e) = (
+        Dist::from_ms(&wait),
+        Dist::from_ms(&tick),
+        Dist::from_ms(&event),
+    );
+    json!({ "wait_for_tick_ms": w.json(), "scaling_tick_ms": t.json(),
+            "tick_end_to_event_ms": e.json(), "steps_served_by_unpause": from_pool })
+}
+
+fn phase_text(p: &Value) -> String {
+    let g = |k: &str| p[k]["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "p50: wait for tick {:.0} + tick {:.0} + to event {:.0} ms; {} of the steps by unpause",
+        g("wait_for_tick_ms"),
+        g("scaling_tick_ms"),
+        g("tick_end_to_event_ms"),
+        p["steps_served_by_unpause"]
+    )
+}
+
 /// Reaction (free capacity and preempting a remainder) and release, with their baselines.
 pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let raw = Raw::new(&instance("base-react")).await?;
@@ -69,20 +148,35 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let cfg = config(o, &inst, 10, 1, false);
     let inst_probe = inst.clone();
     let steps = o.steps;
+    let pool = o.pool;
     let r = with_controller(cfg, |c| {
         let rx = &mut rx;
         let base_rx = &mut base_rx;
         let raw = &raw;
         async move {
             wait_until(rx, LIMIT, "the first replica", |c| c.of(P1) == 1).await?;
+            let probe = DockerBackend::connect(&probe_spec(o), &inst_probe).await?;
+            // The pool's own floor: one raw paused container, unpaused and paused again.
+            let frozen = if pool > 0 {
+                Some(raw.create_paused(BASE_POOL).await?)
+            } else {
+                None
+            };
             let mut react = Vec::new();
             let mut base = Vec::new();
+            let mut unpause = Vec::new();
+            let mut pool_wait = Vec::new();
+            let mut steps_at = Vec::new();
             for i in 0..steps {
+                if pool > 0 {
+                    pool_wait.push(wait_pool(&probe, pool).await?);
+                }
                 sleep(settle + jitter(o, i)).await;
                 let t0 = Instant::now();
                 set_demand(&c, P1, 2)?;
                 let at = wait_until(rx, LIMIT, "the second replica", |c| c.of(P1) >= 2).await?;
                 react.push(at - t0);
+                steps_at.push((t0, at));
                 set_demand(&c, P1, 1)?;
                 wait_until(rx, LIMIT, "the scale-down", |c| c.of(P1) == 1).await?;
 
@@ -96,10 +190,25 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 .await?;
                 base.push(at - t0);
                 raw.stop_remove(&id).await?;
+
+                if let Some(frozen) = &frozen {
+                    sleep(settle).await;
+                    let n = base_rx.borrow().unpauses_of(BASE_POOL);
+                    let t0 = Instant::now();
+                    raw.unpause(frozen).await?;
+                    let at = wait_until(base_rx, LIMIT, "the baseline unpause", |c| {
+                        c.unpauses_of(BASE_POOL) > n
+                    })
+                    .await?;
+                    unpause.push(at - t0);
+                    raw.pause(frozen).await?;
+                }
+            }
+            if let Some(frozen) = &frozen {
+                raw.stop_remove(frozen).await?;
             }
             // Profile: what one observe (list our containers + the engine's info) costs here,
             // the first phase of every tick, timed on a second backend of the same instance.
-            let probe = DockerBackend::connect(&probe_spec(o), &inst_probe).await?;
             let mut observe = Vec::new();
             for _ in 0..20 {
                 let t0 = Instant::now();
@@ -107,12 +216,13 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 observe.push(t0.elapsed());
                 sleep(Duration::from_millis(20)).await;
             }
-            Ok((react, base, observe))
+            Ok((react, base, observe, unpause, pool_wait, steps_at))
         }
     })
     .await;
     cleanup(&raw.docker, &inst).await?;
-    let ((react, base, observe), stats_free) = r?;
+    let ((react, base, observe, unpause, pool_wait, steps_free), stats_free) = r?;
+    let phases_free = phases(&steps_free, &stats_free.scale_ups);
 
     // 2. Full capacity: 4 slots, priority 1 at 1 and the remainder at 3. A step up stops a
     //    remainder replica and starts a priority-1 one; a step down is the release.
@@ -120,6 +230,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let mut rx = watch_instance(&raw.docker, &inst).await;
     let cfg = config(o, &inst, 4, 1, true);
     let victim = raw.create_start(BASE).await?;
+    let inst_probe = inst.clone();
     let r = with_controller(cfg, |c| {
         let rx = &mut rx;
         let base_rx = &mut base_rx;
@@ -129,16 +240,22 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 c.of(P1) == 1 && c.of(P2) == 3
             })
             .await?;
+            let probe = DockerBackend::connect(&probe_spec(o), &inst_probe).await?;
             let mut preempt = Vec::new();
             let mut release = Vec::new();
             let mut base = Vec::new();
+            let mut steps_at = Vec::new();
             let mut victim = victim;
             for i in 0..steps {
+                if pool > 0 {
+                    wait_pool(&probe, pool).await?;
+                }
                 sleep(settle + jitter(o, i)).await;
                 let t0 = Instant::now();
                 set_demand(&c, P1, 2)?;
                 let at = wait_until(rx, LIMIT, "priority 1 at 2", |c| c.of(P1) >= 2).await?;
                 preempt.push(at - t0);
+                steps_at.push((t0, at));
                 wait_until(rx, LIMIT, "priority 2 at 2", |c| c.of(P2) == 2).await?;
 
                 sleep(settle + jitter(o, i + 50)).await;
@@ -164,33 +281,50 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 base.push(at - t0);
             }
             raw.stop_remove(&victim).await?;
-            Ok((preempt, release, base))
+            Ok((preempt, release, base, steps_at))
         }
     })
     .await;
     cleanup(&raw.docker, &inst).await?;
     cleanup(&raw.docker, &raw.instance).await?;
-    let ((preempt, release, swap), stats_full) = r?;
+    let ((preempt, release, swap, steps_full), stats_full) = r?;
+    let phases_full = phases(&steps_full, &stats_full.scale_ups);
 
-    let (react, base, preempt, release, swap) = (
+    let (react, base, preempt, release, swap, unpause, pool_wait) = (
         Dist::new(&react),
         Dist::new(&base),
         Dist::new(&preempt),
         Dist::new(&release),
         Dist::new(&swap),
+        Dist::new(&unpause),
+        Dist::new(&pool_wait),
     );
+    let with = if pool > 0 {
+        format!(", pool {pool}")
+    } else {
+        String::new()
+    };
     let tick_free = Dist::from_ms(&stats_free.tick_ms);
     let observe = Dist::new(&observe);
     let tick_full = Dist::from_ms(&stats_full.tick_ms);
-    let rows = vec![
+    let mut rows = vec![
         Row::dist(
-            "reaction, free capacity",
+            &format!("reaction, free capacity{with}"),
             &react,
             &base,
-            "p50 <= 1.2x create+start",
+            if pool > 0 {
+                "p50 < 60 ms (pool)"
+            } else {
+                "p50 <= 1.2x create+start"
+            },
         ),
-        Row::dist("reaction, preempting remainder", &preempt, &swap, ""),
-        Row::dist("release to remainder", &release, &swap, ""),
+        Row::dist(
+            &format!("reaction, preempting remainder{with}"),
+            &preempt,
+            &swap,
+            "",
+        ),
+        Row::dist(&format!("release to remainder{with}"), &release, &swap, ""),
         Row::text(
             "profile: one observe (list + info)",
             format!("p50 {:.1} / max {:.1} ms", observe.p50, observe.max),
@@ -206,15 +340,44 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
             ),
         ),
     ];
+    if pool > 0 {
+        rows.insert(
+            1,
+            Row::dist(
+                &format!("reaction, free capacity{with}, vs raw unpause"),
+                &react,
+                &unpause,
+                "",
+            ),
+        );
+        rows.push(Row::text(
+            "profile: reaction with pool, phases",
+            phase_text(&phases_free),
+        ));
+        rows.push(Row::text(
+            "profile: waiting for the pool to refill",
+            format!(
+                "p50 {:.0} / p95 {:.0} / max {:.0} ms after each step",
+                pool_wait.p50, pool_wait.p95, pool_wait.max
+            ),
+        ));
+    }
     let v = json!({
         "tick_ms": ms(o.tick),
         "steps": steps,
+        "pool": pool,
+        "preempt": o.preempt,
         "reaction_free": { "microscaler": react.json(), "baseline_create_start": base.json(),
                            "ratio_p50": ratio(react.p50, base.p50), "ratio_p95": ratio(react.p95, base.p95),
-                           "loop_tick_ms": tick_free.json(), "observe_ms": observe.json() },
+                           "loop_tick_ms": tick_free.json(), "observe_ms": observe.json(),
+                           "baseline_unpause": (pool > 0).then(|| unpause.json()),
+                           "ratio_p50_unpause": ratio(react.p50, unpause.p50),
+                           "pool_refill_wait_ms": (pool > 0).then(|| pool_wait.json()),
+                           "phases": phases_free, "resumed": stats_free.resumed },
         "reaction_preempt": { "microscaler": preempt.json(), "baseline_stop_remove_create_start": swap.json(),
                               "ratio_p50": ratio(preempt.p50, swap.p50),
-                              "loop_tick_ms": tick_full.json() },
+                              "loop_tick_ms": tick_full.json(), "phases": phases_full,
+                              "resumed": stats_full.resumed },
         "release": { "microscaler": release.json(), "baseline_stop_remove_create_start": swap.json(),
                      "ratio_p50": ratio(release.p50, swap.p50) },
     });
@@ -368,12 +531,25 @@ pub async fn tracking(
     let started =
         (last.starts_of(P1) + last.starts_of(P2)) - (first.starts_of(P1) + first.starts_of(P2));
     let stopped = (last.dies_of(P1) + last.dies_of(P2)) - (first.dies_of(P1) + first.dies_of(P2));
+    let delta = |f: fn(&crate::engine::Counts, &str) -> u64| {
+        (f(&last, P1) + f(&last, P2)) - (f(&first, P1) + f(&first, P2))
+    };
+    let (unpaused, paused) = (
+        delta(crate::engine::Counts::unpauses_of),
+        delta(crate::engine::Counts::pauses_of),
+    );
     let met_share = met / total;
     let full_share = full / total;
     // The cold-start floor: even a controller that started every change in the raw create +
     // start time (measured in this run) would miss demand for that long after each change.
     let floor = floor_ms.map(|f| (1.0 - f64::from(changes) * f / 1e3 / total).max(0.0));
-    let name = format!("tracking ±3 every {}", humantime::format_duration(interval));
+    let mut name = format!("tracking ±3 every {}", humantime::format_duration(interval));
+    if o.pool > 0 {
+        name.push_str(&format!(", pool {}", o.pool));
+    }
+    if o.preempt != "stop" {
+        name.push_str(&format!(", P2 preempt {}", o.preempt));
+    }
     let rows = vec![
         Row::share(
             &format!("{name}: demand met"),
@@ -390,9 +566,11 @@ pub async fn tracking(
         Row::text(
             &format!("{name}: churn"),
             format!(
-                "{:.1} started/min, {:.1} stopped/min",
+                "{:.1} started/min, {:.1} stopped/min, {:.1} unpaused/min, {:.1} paused/min",
                 started as f64 / minutes,
-                stopped as f64 / minutes
+                stopped as f64 / minutes,
+                unpaused as f64 / minutes,
+                paused as f64 / minutes
             ),
         ),
     ];
@@ -402,6 +580,8 @@ pub async fn tracking(
         "demand_met_share": met_share, "full_capacity_share": full_share,
         "cold_start_floor_met_share": floor,
         "started_per_minute": started as f64 / minutes, "stopped_per_minute": stopped as f64 / minutes,
+        "unpaused_per_minute": unpaused as f64 / minutes, "paused_per_minute": paused as f64 / minutes,
+        "pool": o.pool, "preempt": o.preempt, "resumed_by_backend": stats.resumed,
         "loop_ticks": stats.ticks, "loop_tick_ms": Dist::from_ms(&stats.tick_ms).json(),
     });
     Ok((v, rows))

@@ -22,41 +22,115 @@ use microscaler_core::Config;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Running replicas per service of one instance, as the engine's event stream reports them.
+/// Where one container is, as far as the event stream says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Started, not paused: a running replica.
+    Running,
+    /// Started for the warm pool (label `io.microscaler.pool=warm`) and not yet paused: being
+    /// filled, counted nowhere (as the backend counts it).
+    Filling,
+    /// Paused: pooled, or preempted with `preempt = "pause"`.
+    Paused,
+}
+
+/// Running and paused replicas per service of one instance, as the engine's event stream
+/// reports them: `start` (running, or filling for a pool container), `pause`, `unpause`, `die`.
 #[derive(Debug, Clone)]
 pub struct Counts {
-    /// Running containers per service label (start +1, die -1).
+    /// Running containers per service label (started or unpaused, not paused, not dead; a
+    /// pool container being filled is not running).
     pub running: BTreeMap<String, i64>,
+    /// Paused containers per service label.
+    pub paused: BTreeMap<String, i64>,
     /// Start events per service since the watcher began.
     pub starts: BTreeMap<String, u64>,
     /// Die events per service since the watcher began.
     pub dies: BTreeMap<String, u64>,
+    /// Pause events per service.
+    pub pauses: BTreeMap<String, u64>,
+    /// Unpause events per service.
+    pub unpauses: BTreeMap<String, u64>,
     /// When the last event arrived.
     pub at: Instant,
+    /// Each container seen: its service and state.
+    containers: HashMap<String, (String, State)>,
+}
+
+fn get<T: Copy + Default>(m: &BTreeMap<String, T>, service: &str) -> T {
+    m.get(service).copied().unwrap_or_default()
 }
 
 impl Counts {
     /// Running replicas of `service`.
     pub fn of(&self, service: &str) -> i64 {
-        self.running.get(service).copied().unwrap_or(0)
+        get(&self.running, service)
     }
     /// Start events of `service`.
     pub fn starts_of(&self, service: &str) -> u64 {
-        self.starts.get(service).copied().unwrap_or(0)
+        get(&self.starts, service)
     }
     /// Die events of `service`.
     pub fn dies_of(&self, service: &str) -> u64 {
-        self.dies.get(service).copied().unwrap_or(0)
+        get(&self.dies, service)
+    }
+    /// Pause events of `service`.
+    pub fn pauses_of(&self, service: &str) -> u64 {
+        get(&self.pauses, service)
+    }
+    /// Unpause events of `service`.
+    pub fn unpauses_of(&self, service: &str) -> u64 {
+        get(&self.unpauses, service)
+    }
+
+    fn apply(&mut self, id: String, service: String, action: &str, pool: bool) {
+        let before = self.containers.get(&id).map(|(_, s)| *s);
+        let after = match (action, before) {
+            ("start", _) if pool => Some(State::Filling),
+            ("start", _) => Some(State::Running),
+            ("pause", _) => Some(State::Paused),
+            ("unpause", _) => Some(State::Running),
+            ("die", _) => None,
+            (_, b) => b,
+        };
+        let counter = match action {
+            "start" => &mut self.starts,
+            "die" => &mut self.dies,
+            "pause" => &mut self.pauses,
+            "unpause" => &mut self.unpauses,
+            _ => return,
+        };
+        *counter.entry(service.clone()).or_default() += 1;
+        let mut adjust = |s: Option<State>, by: i64| match s {
+            Some(State::Running) => *self.running.entry(service.clone()).or_default() += by,
+            Some(State::Paused) => *self.paused.entry(service.clone()).or_default() += by,
+            _ => {}
+        };
+        adjust(before, -1);
+        adjust(after, 1);
+        match after {
+            Some(s) => {
+                self.containers.insert(id, (service, s));
+            }
+            None => {
+                self.containers.remove(&id);
+            }
+        }
     }
 }
 
-/// Watches the engine's `start` and `die` events of containers labelled with `instance`.
+/// Watches the engine's `start`, `pause`, `unpause` and `die` events of containers labelled
+/// with `instance`.
 pub async fn watch_instance(docker: &Docker, instance: &str) -> watch::Receiver<Counts> {
     let (tx, rx) = watch::channel(Counts {
         running: BTreeMap::new(),
+        paused: BTreeMap::new(),
         starts: BTreeMap::new(),
         dies: BTreeMap::new(),
+        pauses: BTreeMap::new(),
+        unpauses: BTreeMap::new(),
         at: Instant::now(),
+        containers: HashMap::new(),
     });
     // The client's timeout bounds the whole request, and an event stream is one long request.
     let docker = docker.clone().with_timeout(Duration::from_secs(24 * 3600));
@@ -64,7 +138,12 @@ pub async fn watch_instance(docker: &Docker, instance: &str) -> watch::Receiver<
     let filters = HashMap::from([
         ("type", vec!["container".to_string()]),
         ("label", vec![label]),
-        ("event", vec!["start".to_string(), "die".to_string()]),
+        (
+            "event",
+            ["start", "die", "pause", "unpause"]
+                .map(String::from)
+                .to_vec(),
+        ),
     ]);
     let opts = EventsOptionsBuilder::new().filters(&filters).build();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
@@ -74,25 +153,16 @@ pub async fn watch_instance(docker: &Docker, instance: &str) -> watch::Receiver<
         while let Some(ev) = stream.next().await {
             let Ok(ev) = ev else { break };
             let at = Instant::now();
-            let service = ev
+            let (id, mut attrs) = ev
                 .actor
-                .and_then(|a| a.attributes)
-                .and_then(|mut a| a.remove(labels::SERVICE))
+                .map(|a| (a.id.unwrap_or_default(), a.attributes.unwrap_or_default()))
                 .unwrap_or_default();
+            let service = attrs.remove(labels::SERVICE).unwrap_or_default();
+            let pool = attrs.contains_key(labels::POOL);
             let action = ev.action.unwrap_or_default();
             tx.send_modify(|c| {
                 c.at = at;
-                match action.as_str() {
-                    "start" => {
-                        *c.running.entry(service.clone()).or_default() += 1;
-                        *c.starts.entry(service).or_default() += 1;
-                    }
-                    "die" => {
-                        *c.running.entry(service.clone()).or_default() -= 1;
-                        *c.dies.entry(service).or_default() += 1;
-                    }
-                    _ => {}
-                }
+                c.apply(id, service, &action, pool);
             });
         }
     });
@@ -149,17 +219,21 @@ impl Raw {
         })
     }
 
-    fn body(&self, service: &str) -> ContainerCreateBody {
+    fn body(&self, service: &str, pool: bool) -> ContainerCreateBody {
+        let mut labels = HashMap::from([
+            (labels::INSTANCE.to_string(), self.instance.clone()),
+            (labels::SERVICE.to_string(), service.to_string()),
+        ]);
+        if pool {
+            labels.insert(labels::POOL.to_string(), "warm".to_string());
+        }
         ContainerCreateBody {
             image: Some(self.image.clone()),
             env: Some(vec![
                 format!("MICROSCALER_INSTANCE={}", self.instance),
                 format!("MICROSCALER_SERVICE={service}"),
             ]),
-            labels: Some(HashMap::from([
-                (labels::INSTANCE.to_string(), self.instance.clone()),
-                (labels::SERVICE.to_string(), service.to_string()),
-            ])),
+            labels: Some(labels),
             stop_timeout: Some(2),
             host_config: Some(HostConfig {
                 network_mode: Some("none".into()),
@@ -176,12 +250,40 @@ impl Raw {
 
     /// Creates and starts one container of `service`; returns its id.
     pub async fn create_start(&self, service: &str) -> Result<String> {
+        self.create_start_as(service, false).await
+    }
+
+    /// Creates, starts and pauses one container of `service`, as the Docker backend fills its
+    /// warm pool (with the pool label); returns its id.
+    pub async fn create_paused(&self, service: &str) -> Result<String> {
+        let id = self.create_start_as(service, true).await?;
+        self.pause(&id).await?;
+        Ok(id)
+    }
+
+    /// Pauses a container.
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        self.docker
+            .pause_container(id)
+            .await
+            .with_context(|| format!("pause {id}"))
+    }
+
+    /// Unpauses a container.
+    pub async fn unpause(&self, id: &str) -> Result<()> {
+        self.docker
+            .unpause_container(id)
+            .await
+            .with_context(|| format!("unpause {id}"))
+    }
+
+    async fn create_start_as(&self, service: &str, pool: bool) -> Result<String> {
         let n = self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("ms-{}-{service}-{n}", self.instance);
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = self
             .docker
-            .create_container(Some(opts), self.body(service))
+            .create_container(Some(opts), self.body(service, pool))
             .await
             .with_context(|| format!("create {name}"))?;
         self.docker
@@ -249,17 +351,30 @@ pub struct LoopStats {
     pub started: u64,
     /// Replicas stopped.
     pub stopped: u64,
+    /// Replicas unpaused (from the pool, or resumed after a pause).
+    pub resumed: u64,
+    /// Ticks that started or resumed replicas: when the tick ended (as the loop reported it),
+    /// how long it took, and how many it started (of which resumed).
+    pub scale_ups: Vec<(Instant, Duration, u32, u32)>,
 }
 
 impl LoopStats {
     fn record(&mut self, r: &TickReport) {
         self.ticks += 1;
         self.tick_ms.push(r.took.as_secs_f64() * 1e3);
+        let (mut started, mut resumed) = (0, 0);
         for ex in &r.executions {
             if let Ok(o) = &ex.result {
                 self.started += u64::from(o.started);
                 self.stopped += u64::from(o.stopped);
+                self.resumed += u64::from(o.resumed);
+                started += o.started;
+                resumed += o.resumed;
             }
+        }
+        if started > 0 {
+            self.scale_ups
+                .push((Instant::now(), r.took, started, resumed));
         }
     }
 }

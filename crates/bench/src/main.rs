@@ -77,6 +77,19 @@ pub struct Opts {
     /// The microscaler binary for the memory figure (default: next to this one).
     #[arg(long, global = true)]
     microscaler: Option<PathBuf>,
+    /// Warm pool of priority 1 in the Docker figures (`[services.pool] size = N`); every
+    /// reaction step then waits until the pool is full, and reaction adds a raw unpause
+    /// baseline. 0: no pool.
+    #[arg(long, global = true, default_value_t = 0)]
+    pool: u32,
+    /// What a scale-down does to the remainder (priority 2) in the figures that have one:
+    /// "stop" (remove) or "pause" (`[services.pool] preempt = "pause"`).
+    #[arg(long, global = true, default_value = "stop", value_parser = ["stop", "pause"])]
+    preempt: String,
+    /// Tracking scenarios to run: the interval between demand changes, comma-separated.
+    #[arg(long, global = true, default_value = "3s,1s", value_delimiter = ',',
+          value_parser = parse_duration)]
+    intervals: Vec<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -111,8 +124,8 @@ async fn main() -> Result<()> {
     let mut floor_ms = None;
     if all || cli.cmd == Cmd::Reaction {
         eprintln!(
-            "bench: reaction and release ({} steps, tick {:?})",
-            o.steps, o.tick
+            "bench: reaction and release ({} steps, tick {:?}, pool {}, preempt {})",
+            o.steps, o.tick, o.pool, o.preempt
         );
         let r = docker::reaction(&o).await;
         if let Ok((v, _)) = &r {
@@ -125,11 +138,14 @@ async fn main() -> Result<()> {
         record("burst", docker::burst(&o).await, &mut rows);
     }
     if all || cli.cmd == Cmd::Tracking {
-        for secs in [3, 1] {
-            let interval = Duration::from_secs(secs);
-            eprintln!("bench: tracking ±3 every {secs}s for {:?}", o.tracking);
+        for &interval in &o.intervals {
+            let every = humantime::format_duration(interval);
+            eprintln!(
+                "bench: tracking ±3 every {every} for {:?} (pool {}, preempt {})",
+                o.tracking, o.pool, o.preempt
+            );
             let r = docker::tracking(&o, interval, floor_ms).await;
-            record(&format!("tracking_{secs}s"), r, &mut rows);
+            record(&format!("tracking_{every}"), r, &mut rows);
         }
     }
     if all || cli.cmd == Cmd::Memory {
@@ -162,7 +178,8 @@ async fn main() -> Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": { "tick_ms": report::ms(o.tick), "steps": o.steps, "burst": o.burst,
                          "parallelism": o.parallelism, "tracking_s": o.tracking.as_secs_f64(),
-                         "replicas": o.replicas },
+                         "replicas": o.replicas, "pool": o.pool, "preempt": o.preempt,
+                         "intervals_ms": o.intervals.iter().map(|d| report::ms(*d)).collect::<Vec<_>>() },
             "table": rows.iter().map(report::Row::json).collect::<Vec<_>>(),
             "results": Value::Object(out),
             "failed": failed,
