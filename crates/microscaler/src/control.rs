@@ -82,6 +82,9 @@ pub struct Controls {
     pub random: BTreeMap<(String, String), RandomControl>,
     /// Paused services: held at their count, neither scaled by demand nor preempted.
     pub paused: Arc<Mutex<BTreeSet<ServiceName>>>,
+    /// Woken when a pushed value changes (a manual source, through the CLI or the API), so the
+    /// loop ticks at once instead of at its next period.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl Controls {
@@ -174,6 +177,7 @@ impl<B: Backend> Controller<B> {
                     let key = (svc.name.to_string(), t.name.clone());
                     match &source {
                         AnySource::Manual(m) => {
+                            m.wake_on_change(controls.wake.clone());
                             controls.manual.insert(key, m.handle());
                         }
                         AnySource::Random(r) => {
@@ -458,18 +462,20 @@ pub async fn run_loop<B: Backend>(
 ) {
     let mut interval = tokio::time::interval(ctl.cfg.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let wake = ctl.controls.wake.clone();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            _ = interval.tick() => {
-                let report = ctl.tick().await;
-                if report.took > ctl.cfg.tick {
-                    tracing::warn!(took = ?report.took, tick = ?ctl.cfg.tick, "tick took longer than the tick period");
-                }
-                record(&report);
-            }
+            _ = interval.tick() => {}
+            // A pushed demand change is acted on at once; the period restarts from here.
+            _ = wake.notified() => interval.reset(),
         }
+        let report = ctl.tick().await;
+        if report.took > ctl.cfg.tick {
+            tracing::warn!(took = ?report.took, tick = ?ctl.cfg.tick, "tick took longer than the tick period");
+        }
+        record(&report);
     }
 }

@@ -251,3 +251,30 @@ async fn pause_holds_a_service_until_resumed() {
     assert_eq!(fake.0.lock().unwrap().running["web"], 7);
     assert_eq!(fake.0.lock().unwrap().running["batch"], 2);
 }
+
+/// A pushed demand change (a manual source, set through the CLI or the API) is acted on at once,
+/// not at the next tick: with a 60 s tick, a change made 50 ms after the first tick is applied
+/// well within a second.
+#[tokio::test]
+async fn a_manual_change_wakes_the_loop_at_once() {
+    let fake = Fake::default();
+    let cfg = Config {
+        tick: Duration::from_secs(60),
+        ..config("")
+    };
+    let mut ctl = Controller::new(cfg, fake.clone(), 1);
+    let handle = ctl.controls().manual_of("web").unwrap().clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handle.set(7.0).unwrap();
+    });
+    let mut ticks = 0;
+    microscaler::control::run_loop(
+        &mut ctl,
+        tokio::time::sleep(Duration::from_millis(800)),
+        |_| ticks += 1,
+    )
+    .await;
+    assert_eq!(ticks, 2, "the first tick, then one woken by the change");
+    assert_eq!(fake.0.lock().unwrap().running["web"], 7);
+}

@@ -1,35 +1,53 @@
 //! A value set by hand: from the CLI at start-up now, from the API later.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use crate::{check_value, Source, SourceError};
+
+#[derive(Debug)]
+struct Shared {
+    value: Mutex<f64>,
+    /// Woken when the value changes, so the control loop can act at once instead of at its
+    /// next tick (a pushed value need not wait to be polled).
+    waker: OnceLock<Arc<Notify>>,
+}
 
 /// A manual source; its value changes only when its [`ManualHandle`] sets it.
 #[derive(Debug)]
 pub struct ManualSource {
-    value: Arc<Mutex<f64>>,
+    shared: Arc<Shared>,
 }
 
 /// Sets the value of a [`ManualSource`] from elsewhere (CLI, API). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ManualHandle {
-    value: Arc<Mutex<f64>>,
+    shared: Arc<Shared>,
 }
 
 impl ManualSource {
     /// A source starting at `initial`.
     pub fn new(initial: f64) -> Self {
         Self {
-            value: Arc::new(Mutex::new(initial)),
+            shared: Arc::new(Shared {
+                value: Mutex::new(initial),
+                waker: OnceLock::new(),
+            }),
         }
     }
 
     /// A handle that sets this source's value.
     pub fn handle(&self) -> ManualHandle {
         ManualHandle {
-            value: self.value.clone(),
+            shared: self.shared.clone(),
         }
+    }
+
+    /// Wakes `waker` whenever a handle changes the value (set once; later calls are ignored).
+    pub fn wake_on_change(&self, waker: Arc<Notify>) {
+        let _ = self.shared.waker.set(waker);
     }
 }
 
@@ -37,13 +55,23 @@ impl ManualHandle {
     /// Sets the value; NaN, infinite and negative values are refused and change nothing.
     pub fn set(&self, v: f64) -> Result<(), SourceError> {
         let v = check_value("manual", v)?;
-        *self.value.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        let changed = {
+            let mut value = self.shared.value.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *value != v;
+            *value = v;
+            changed
+        };
+        if changed {
+            if let Some(w) = self.shared.waker.get() {
+                w.notify_one();
+            }
+        }
         Ok(())
     }
 
     /// The current value.
     pub fn get(&self) -> f64 {
-        *self.value.lock().unwrap_or_else(|e| e.into_inner())
+        *self.shared.value.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -53,7 +81,7 @@ impl Source for ManualSource {
     }
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
-        Ok(*self.value.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(*self.shared.value.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -72,5 +100,20 @@ mod tests {
         assert!(h.set(-1.0).is_err());
         assert!(h.set(f64::INFINITY).is_err());
         assert_eq!(h.get(), 5.0, "refused values change nothing");
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_the_waker_and_a_repeat_does_not() {
+        let src = ManualSource::new(1.0);
+        let waker = Arc::new(Notify::new());
+        src.wake_on_change(waker.clone());
+        let h = src.handle();
+        h.set(1.0).unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(20), waker.notified()).await;
+        assert!(quiet.is_err(), "setting the same value wakes nobody");
+        h.set(2.0).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waker.notified())
+            .await
+            .expect("a change wakes the loop");
     }
 }
