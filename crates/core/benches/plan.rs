@@ -13,7 +13,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use microscaler_core::{decide, Config, EngineState, Host, Observed, Samples, ServiceObservation};
+use microscaler_core::{
+    decide, Config, EngineState, Host, Observed, Samples, ServiceKind, ServiceObservation,
+    TriggerSample,
+};
 
 const SERVICES: usize = 10_000;
 const REMAINDER: usize = 10;
@@ -58,10 +61,21 @@ fn demand(i: usize, round: usize) -> f64 {
     ((i + moved) % 4) as f64
 }
 
+/// The samples of round `round` as the control loop builds them: one per trigger, in the
+/// trigger's order, carrying a clone of the trigger's shared name.
 fn samples(cfg: &Config, round: usize) -> Samples {
     let mut s = Samples::default();
-    for (i, svc) in cfg.services.iter().enumerate().take(SERVICES - REMAINDER) {
-        s.set(&svc.name, "manual", Some(demand(i, round)));
+    for (i, svc) in cfg.services.iter().enumerate() {
+        if let ServiceKind::Triggered(triggers) = &svc.kind {
+            let values = triggers
+                .iter()
+                .map(|t| TriggerSample {
+                    trigger: t.name.clone(),
+                    value: Some(demand(i, round)),
+                })
+                .collect();
+            s.services.insert(svc.name.clone(), values);
+        }
     }
     s
 }

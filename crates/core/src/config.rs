@@ -1016,7 +1016,7 @@ impl Validator {
         };
         let source = self.source(&kind, toml::Value::Table(table), path, capacity)?;
         Some(Trigger {
-            name: head.name.unwrap_or_else(|| kind.clone()),
+            name: head.name.unwrap_or_else(|| kind.clone()).into(),
             source,
             rule,
             tolerance,
@@ -1034,7 +1034,7 @@ impl Validator {
     ) -> Option<Scaling> {
         let s: RawScaling = self.part(raw, path)?;
         let formula = s.formula.and_then(|text| {
-            let mut names: Vec<&str> = triggers.iter().map(|t| t.name.as_str()).collect();
+            let mut names: Vec<&str> = triggers.iter().map(|t| &*t.name).collect();
             names.push(crate::rules::CURRENT);
             match Formula::parse(&text, &names) {
                 Ok(f) => {
@@ -1180,7 +1180,7 @@ mod tests {
         assert_eq!(c.services[0].max_step, Some(3));
         match &c.services[0].kind {
             ServiceKind::Triggered(t) => {
-                assert_eq!(t[0].name, "random");
+                assert_eq!(&*t[0].name, "random");
                 assert_eq!(
                     t[0].source,
                     SourceSpec::Random(RandomSpec {

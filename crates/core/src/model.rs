@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::rules::{
@@ -15,13 +16,22 @@ pub use crate::source_spec::{ManualSpec, RandomSpec, SourceSpec};
 /// The name of a service: a DNS label (1 to 63 characters of `a-z`, `0-9` and `-`, starting and
 /// ending with a letter or digit), so it is valid as a Docker label value, a Swarm service name, a
 /// Kubernetes object name and a file name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceName(String);
+///
+/// Held inline (64 bytes, no heap): the engine copies every name into its plan and memory each
+/// tick, and a copy of an inline name is a move of one cache line instead of an allocation.
+/// Names order as their strings do.
+#[derive(Clone, Eq)]
+pub struct ServiceName {
+    /// The name's bytes, zero-padded; the last byte holds the length. Names hold no NUL, so
+    /// comparing the whole array compares the strings (a shorter name's padding sorts first),
+    /// and two equal arrays are equal names.
+    bytes: [u8; 64],
+}
 
 impl ServiceName {
     /// Checks `name` and wraps it.
-    pub fn try_new(name: impl Into<String>) -> Result<Self, String> {
-        let name = name.into();
+    pub fn try_new(name: impl AsRef<str>) -> Result<Self, String> {
+        let name = name.as_ref();
         let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
         if name.is_empty() || name.len() > 63 {
             return Err(format!(
@@ -34,24 +44,71 @@ impl ServiceName {
                 "must contain only a-z, 0-9 and '-' and start and end with a letter or digit, got {name:?}"
             ));
         }
-        Ok(Self(name))
+        let mut bytes = [0u8; 64];
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        bytes[63] = name.len() as u8;
+        Ok(Self { bytes })
     }
 
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
-        &self.0
+        let len = self.bytes[63] as usize;
+        // SAFETY: only `try_new` builds a name, from a checked ASCII string of `len` <= 63
+        // bytes copied to the start of the array, so those bytes are valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.bytes[..len]) }
     }
 
-    /// Wraps a copy of a name that was already checked (the engine's copies of configured
-    /// names), without checking it again.
-    pub(crate) fn from_checked(name: String) -> Self {
-        Self(name)
+    /// The name's 64 bytes as four numbers that order as the names do: the first 16 bytes,
+    /// the next 16, and so on (the last byte is the length).
+    pub(crate) fn words(&self) -> [u128; 4] {
+        let word = |k: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&self.bytes[16 * k..16 * (k + 1)]);
+            u128::from_be_bytes(a)
+        };
+        [word(0), word(1), word(2), word(3)]
+    }
+
+    /// The length of the name in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes[63] as usize
+    }
+}
+
+impl PartialEq for ServiceName {
+    fn eq(&self, other: &Self) -> bool {
+        // Compared as numbers, without a call to `memcmp` for 64 bytes.
+        self.words() == other.words()
+    }
+}
+
+impl std::hash::Hash for ServiceName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialOrd for ServiceName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServiceName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.words().cmp(&other.words())
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ServiceName").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -98,8 +155,10 @@ pub enum ServiceKind {
 /// A demand signal of a service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trigger {
-    /// The trigger's name, unique within its service (defaults to the source type).
-    pub name: String,
+    /// The trigger's name, unique within its service (defaults to the source type). Shared
+    /// (`Arc`): the control loop hands a clone to each [`TriggerSample`], and the engine
+    /// matches a sample to its trigger by pointer before it compares the strings.
+    pub name: Arc<str>,
     /// Where the value comes from.
     pub source: SourceSpec,
     /// How the value becomes replicas (default: the value is the replica count).
@@ -120,7 +179,7 @@ impl Trigger {
 
     /// A trigger with the default rules: the value is the replica count, activation 0, no
     /// fallback.
-    pub fn new(name: impl Into<String>, source: SourceSpec) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, source: SourceSpec) -> Self {
         Trigger {
             name: name.into(),
             source,
@@ -290,8 +349,9 @@ impl Observed {
 /// One trigger's value in one tick: `None` when the sample failed or timed out.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TriggerSample {
-    /// Name of the trigger.
-    pub trigger: String,
+    /// Name of the trigger: best a clone of [`Trigger::name`], which the engine matches
+    /// without reading the string.
+    pub trigger: Arc<str>,
     /// The value, or `None` when missing.
     pub value: Option<f64>,
 }
@@ -309,7 +369,7 @@ impl Samples {
         self.services.insert(
             service.clone(),
             vec![TriggerSample {
-                trigger: trigger.to_string(),
+                trigger: trigger.into(),
                 value,
             }],
         );

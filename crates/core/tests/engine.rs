@@ -1057,3 +1057,90 @@ fn paused_service_is_frozen_until_resumed() {
         microscaler_core::decide(&cfg, &observed, &samples, &mem, Duration::from_secs(2));
     assert_eq!((plan.target("web"), plan.target("batch")), (7, 2));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The memory's name-order hint: a tick reuses the last tick's order of the services by name
+// only while it still sorts the configuration it is given.
+
+/// The public part of a memory, without the hint a tick leaves for the next.
+fn without_hint(m: &EngineState) -> EngineState {
+    let mut fresh = EngineState::default();
+    fresh.services = m.services.clone();
+    fresh.paused = m.paused.clone();
+    fresh.rules = m.rules.clone();
+    fresh.paused_replicas = m.paused_replicas.clone();
+    fresh
+}
+
+#[test]
+fn a_memory_from_another_configuration_gives_the_same_plan_as_without_its_hint() {
+    let names = ["api", "batch", "cache", "db", "edge", "feed"];
+    let build = |order: &[usize], rename: Option<(usize, &str)>| {
+        let services = order
+            .iter()
+            .map(|&k| {
+                let n = match rename {
+                    Some((r, to)) if r == k => to,
+                    _ => names[k],
+                };
+                if k == names.len() - 1 {
+                    remainder(n, 9)
+                } else {
+                    triggered(n, 1 + k as u32 % 3).max(4)
+                }
+            })
+            .collect();
+        config(Capacity::Slots(10), services)
+    };
+    let samples = |cfg: &Config, round: u32| {
+        let mut s = Samples::default();
+        for (i, svc) in cfg.services.iter().enumerate() {
+            if !svc.is_remainder() {
+                s.set(&svc.name, LOAD, Some(((i as u32 + round) % 5) as f64));
+            }
+        }
+        s
+    };
+    let first = build(&[0, 1, 2, 3, 4, 5], None);
+    let (_, memory) = decide(
+        &first,
+        &Observed::default(),
+        &samples(&first, 0),
+        &EngineState::default(),
+        Duration::from_secs(1),
+    );
+    // The same services in another order, one renamed so the old order no longer sorts them,
+    // and one where it still would if the indices were taken as names.
+    let others = [
+        build(&[5, 4, 3, 2, 1, 0], None),
+        build(&[0, 1, 2, 3, 4, 5], Some((0, "zeta"))),
+        build(&[2, 0, 1, 5, 3, 4], Some((3, "aaa"))),
+        build(&[0, 1, 2, 3, 4, 5], None),
+    ];
+    for (k, cfg) in others.iter().enumerate() {
+        for round in 1..4 {
+            let at = Duration::from_secs(1 + round as u64);
+            let s = samples(cfg, round);
+            let with = decide(cfg, &Observed::default(), &s, &memory, at);
+            let plain = decide(cfg, &Observed::default(), &s, &without_hint(&memory), at);
+            assert_eq!(
+                with.0, plain.0,
+                "configuration {k}, round {round}: plans differ"
+            );
+            assert_eq!(
+                with.1, plain.1,
+                "configuration {k}, round {round}: memories differ"
+            );
+            // The plan lists services in allocation order, ties broken by name.
+            let order: Vec<(bool, u32, String)> = with
+                .0
+                .services
+                .iter()
+                .map(|sp| (sp.remainder, sp.priority.get(), sp.service.to_string()))
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(order, sorted, "configuration {k}: allocation order");
+        }
+    }
+}

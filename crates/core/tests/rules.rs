@@ -99,7 +99,7 @@ impl Run {
             values
                 .iter()
                 .map(|(t, v)| TriggerSample {
-                    trigger: t.to_string(),
+                    trigger: (*t).into(),
                     value: *v,
                 })
                 .collect(),

@@ -25,7 +25,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A live trigger of a service.
 struct LiveTrigger {
-    name: String,
+    /// The configured trigger's name (shared: every sample carries a clone).
+    name: std::sync::Arc<str>,
     source: AnySource,
     /// Whether its server must answer the start-up check.
     required: bool,
@@ -174,7 +175,7 @@ impl<B: Backend> Controller<B> {
                         &cfg.instance,
                         &svc.name.to_string(),
                     );
-                    let key = (svc.name.to_string(), t.name.clone());
+                    let key = (svc.name.to_string(), t.name.to_string());
                     match &source {
                         AnySource::Manual(m) => {
                             m.wake_on_change(controls.wake.clone());
@@ -226,7 +227,7 @@ impl<B: Backend> Controller<B> {
             .iter()
             .flat_map(|(s, ts)| {
                 ts.iter()
-                    .map(move |t| (s.to_string(), t.name.clone(), t.source.describe()))
+                    .map(move |t| (s.to_string(), t.name.to_string(), t.source.describe()))
             })
             .collect()
     }
@@ -241,7 +242,7 @@ impl<B: Backend> Controller<B> {
             ts.iter_mut().map(move |t| async move {
                 (
                     svc.to_string(),
-                    t.name.clone(),
+                    t.name.to_string(),
                     t.required,
                     t.source.check().await,
                 )

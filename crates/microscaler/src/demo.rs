@@ -403,7 +403,7 @@ impl QueueView {
             .services
             .iter()
             .find(|(s, _)| s.as_str() == "workers")
-            .and_then(|(_, ts)| ts.iter().find(|t| t.trigger == "queue"))
+            .and_then(|(_, ts)| ts.iter().find(|t| &*t.trigger == "queue"))
             .and_then(|t| t.value);
         QueueTick {
             key: self.key.clone(),

@@ -92,7 +92,7 @@ impl Setup {
                         ServiceKind::Triggered(ts) => ts
                             .iter()
                             .map(|t| TriggerInfo {
-                                name: t.name.clone(),
+                                name: t.name.to_string(),
                                 source: t.source.type_name().to_string(),
                             })
                             .collect(),
@@ -317,7 +317,7 @@ impl Tick {
             .flat_map(|(svc, ts)| {
                 ts.iter().map(move |t| SampleTick {
                     service: svc.to_string(),
-                    trigger: t.trigger.clone(),
+                    trigger: t.trigger.to_string(),
                     value: t.value,
                 })
             })
