@@ -12,7 +12,9 @@ use microscaler_core::Config;
 use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::engine::{cleanup, set_demand, wait_until, watch_instance, with_controller, Raw};
+use crate::engine::{
+    cleanup, set_demand, wait_until, watch_instance, with_controller, Raw, TickLog,
+};
 use crate::report::{ms, ratio, Dist, Row};
 use crate::Opts;
 
@@ -486,12 +488,17 @@ pub async fn tracking(
             let mut next = start + interval;
             // (time, p1 running, p2 running, demand)
             let mut timeline = vec![(start, 4i64, 5i64, demand)];
+            let mut log = Vec::new();
             loop {
                 tokio::select! {
                     _ = sleep_until(end) => break,
                     _ = sleep_until(next) => {
                         let d = walk.step(demand, 3, CAP);
-                        if d != demand { changes += 1; }
+                        let at = Instant::now();
+                        if d != demand {
+                            changes += 1;
+                            log.push(Change { idx: timeline.len(), at, from: demand, to: d });
+                        }
                         demand = d;
                         set_demand(&c, P1, demand)?;
                         let (p1, p2) = { let b = rx.borrow(); (b.of(P1), b.of(P2)) };
@@ -506,12 +513,13 @@ pub async fn tracking(
                 }
             }
             let last = rx.borrow().clone();
-            Ok((timeline, end, first, last, changes))
+            Ok((timeline, end, first, last, changes, log))
         }
     })
     .await;
     cleanup(&docker, &inst).await?;
-    let ((timeline, end, first, last, changes), stats) = r?;
+    let ((timeline, end, first, last, changes, log), stats) = r?;
+    let per_change = unmet_after_changes(&timeline, &log, end, &stats.scaling_ticks);
 
     let mut met = 0.0;
     let mut full = 0.0;
@@ -550,7 +558,9 @@ pub async fn tracking(
     if o.preempt != "stop" {
         name.push_str(&format!(", P2 preempt {}", o.preempt));
     }
-    let rows = vec![
+    let unmet_total = total - met;
+    let (unmet_json, unmet_rows) = unmet_figures(&name, &per_change, unmet_total);
+    let mut rows = vec![
         Row::share(
             &format!("{name}: demand met"),
             met_share,
@@ -574,6 +584,7 @@ pub async fn tracking(
             ),
         ),
     ];
+    rows.extend(unmet_rows);
     let v = json!({
         "capacity": CAP, "delta": 3, "interval_ms": ms(interval), "tick_ms": ms(o.tick),
         "seconds": total, "demand_changes": changes,
@@ -583,6 +594,190 @@ pub async fn tracking(
         "unpaused_per_minute": unpaused as f64 / minutes, "paused_per_minute": paused as f64 / minutes,
         "pool": o.pool, "preempt": o.preempt, "resumed_by_backend": stats.resumed,
         "loop_ticks": stats.ticks, "loop_tick_ms": Dist::from_ms(&stats.tick_ms).json(),
+        "unmet": unmet_json,
     });
     Ok((v, rows))
+}
+
+/// One change of priority 1's demand in the tracking scenario.
+struct Change {
+    /// Its entry in the timeline.
+    idx: usize,
+    /// When the bench set it.
+    at: Instant,
+    from: u32,
+    to: u32,
+}
+
+/// The phases of a tick that acted on a demand change, in ms: the wait from the change to the
+/// tick's start (signed: a tick already under way may have sampled the change), the tick's
+/// observe, sample + decide, scale-downs and scale-ups, and from the tick's end to the moment
+/// demand was met (signed: the engine's event may arrive before the tick returns).
+const PHASES: [&str; 6] = [
+    "wait_for_tick",
+    "observe",
+    "sample_decide",
+    "stops",
+    "starts",
+    "tick_end_to_met",
+];
+
+/// How long demand stayed unmet after one change.
+struct Unmet {
+    /// Seconds from the scenario's start.
+    at_s: f64,
+    from: u32,
+    to: u32,
+    /// An increase (else a decrease).
+    up: bool,
+    /// From the change to the first moment priority 1 ran exactly the new demand, or to the
+    /// next change (or the end) if it never did.
+    unmet: Duration,
+    /// Whether it was met before the next change.
+    met: bool,
+    /// The phases of the tick that scaled priority 1 to the new demand (see [`PHASES`]), if
+    /// demand was met and that tick was found.
+    phases: Option<[f64; 6]>,
+}
+
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        ms(a - b)
+    } else {
+        -ms(b - a)
+    }
+}
+
+/// Per demand change: how long it stayed unmet, and where that time went (from the loop's
+/// tick reports).
+fn unmet_after_changes(
+    timeline: &[(Instant, i64, i64, u32)],
+    changes: &[Change],
+    end: Instant,
+    ticks: &[TickLog],
+) -> Vec<Unmet> {
+    let mut out = Vec::new();
+    for (k, c) in changes.iter().enumerate() {
+        let (next_idx, next_at) = changes
+            .get(k + 1)
+            .map_or((timeline.len(), end), |n| (n.idx, n.at.min(end)));
+        let met_at = timeline[c.idx..next_idx]
+            .iter()
+            .find(|e| e.1 == i64::from(c.to))
+            .map(|e| e.0.max(c.at).min(next_at));
+        let unmet = met_at.unwrap_or(next_at).saturating_duration_since(c.at);
+        let phases = met_at.and_then(|met_at| {
+            let t = ticks.iter().find(|t| {
+                t.end > c.at
+                    && t.start() < next_at
+                    && t.scaled.iter().any(|(s, n)| s == P1 && *n == c.to)
+            })?;
+            let p = &t.phases;
+            Some([
+                signed_ms(t.start(), c.at),
+                ms(p.observe),
+                ms(p.sample + p.decide),
+                ms(p.stops),
+                ms(p.starts),
+                signed_ms(met_at, t.end),
+            ])
+        });
+        out.push(Unmet {
+            at_s: c.at.saturating_duration_since(timeline[0].0).as_secs_f64(),
+            from: c.from,
+            to: c.to,
+            up: c.to > c.from,
+            unmet,
+            met: met_at.is_some(),
+            phases,
+        });
+    }
+    out
+}
+
+/// The rows and JSON of the unmet-demand breakdown: per direction, the distribution and total
+/// of unmet time after each change and the mean and p50 of each phase; and the unmet time not
+/// following a change (a replica lost between changes). `unmet_total_s` is the scenario's.
+fn unmet_figures(name: &str, per: &[Unmet], unmet_total_s: f64) -> (Value, Vec<Row>) {
+    let mut rows = Vec::new();
+    let mut v = serde_json::Map::new();
+    let mut after_changes = 0.0;
+    for (up, dir) in [(true, "increases"), (false, "decreases")] {
+        let these: Vec<&Unmet> = per.iter().filter(|u| u.up == up).collect();
+        let unmet: Vec<f64> = these.iter().map(|u| ms(u.unmet)).collect();
+        let total: f64 = unmet.iter().sum::<f64>() / 1e3;
+        after_changes += total;
+        let d = Dist::from_ms(&unmet);
+        let not_met = these.iter().filter(|u| !u.met).count();
+        let phased: Vec<&[f64; 6]> = these.iter().filter_map(|u| u.phases.as_ref()).collect();
+        let mut phases = serde_json::Map::new();
+        let mut means = Vec::new();
+        for (i, p) in PHASES.iter().enumerate() {
+            let xs: Vec<f64> = phased.iter().map(|a| a[i]).collect();
+            let mean = if xs.is_empty() {
+                f64::NAN
+            } else {
+                xs.iter().sum::<f64>() / xs.len() as f64
+            };
+            means.push(mean);
+            phases.insert(
+                format!("{p}_ms"),
+                json!({ "mean": mean, "p50": Dist::from_ms(&xs).p50 }),
+            );
+        }
+        rows.push(Row::text(
+            &format!("{name}: unmet after {dir}"),
+            format!(
+                "{} changes: p50 {:.0} / p95 {:.0} / max {:.0} ms, total {:.2} s ({} not met before the next change)",
+                these.len(),
+                d.p50,
+                d.p95,
+                d.max,
+                total,
+                not_met
+            ),
+        ));
+        rows.push(Row::text(
+            &format!("{name}: {dir}, phases (mean ms)"),
+            format!(
+                "wait {:.1} + observe {:.1} + decide {:.1} + stops {:.1} + starts {:.1} + tick end to met {:.1} ({} of {} changes)",
+                means[0],
+                means[1],
+                means[2],
+                means[3],
+                means[4],
+                means[5],
+                phased.len(),
+                these.len()
+            ),
+        ));
+        v.insert(
+            dir.to_string(),
+            json!({ "changes": these.len(), "unmet_ms": d.json(), "unmet_total_s": total,
+                    "not_met_before_next_change": not_met, "phased": phased.len(),
+                    "phases": phases }),
+        );
+    }
+    let other = unmet_total_s - after_changes;
+    rows.push(Row::text(
+        &format!("{name}: unmet in total"),
+        format!(
+            "{unmet_total_s:.2} s, of which {after_changes:.2} s after changes and {other:.2} s otherwise"
+        ),
+    ));
+    v.insert("unmet_total_s".into(), json!(unmet_total_s));
+    v.insert("unmet_after_changes_s".into(), json!(after_changes));
+    v.insert("unmet_otherwise_s".into(), json!(other));
+    let each: Vec<Value> = per
+        .iter()
+        .map(|u| {
+            json!({ "at_s": u.at_s, "from": u.from, "to": u.to, "unmet_ms": ms(u.unmet),
+                    "met": u.met, "phases_ms": u.phases.map(|p| {
+                        PHASES.iter().zip(p).map(|(k, x)| (k.to_string(), json!(x)))
+                            .collect::<serde_json::Map<_, _>>()
+                    }) })
+        })
+        .collect();
+    v.insert("changes".into(), Value::Array(each));
+    (Value::Object(v), rows)
 }

@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use microscaler::control::{run_loop, Controller, Controls, TickReport};
+use microscaler::control::{run_loop, Controller, Controls, TickPhases, TickReport};
 use microscaler_backends::docker::DockerBackend;
 use microscaler_backends::labels;
 use microscaler_core::config::{BackendSpec, DockerSpec};
@@ -356,12 +356,47 @@ pub struct LoopStats {
     /// Ticks that started or resumed replicas: when the tick ended (as the loop reported it),
     /// how long it took, and how many it started (of which resumed).
     pub scale_ups: Vec<(Instant, Duration, u32, u32)>,
+    /// Every tick that scaled something, in order.
+    pub scaling_ticks: Vec<TickLog>,
+}
+
+/// One tick that scaled, as the loop reported it.
+#[derive(Debug, Clone)]
+pub struct TickLog {
+    /// When the loop reported the tick (its end).
+    pub end: Instant,
+    /// How long it took.
+    pub took: Duration,
+    /// Where its time went.
+    pub phases: TickPhases,
+    /// The services it scaled, with their targets.
+    pub scaled: Vec<(String, u32)>,
+}
+
+impl TickLog {
+    /// When the tick started.
+    pub fn start(&self) -> Instant {
+        self.end - self.took
+    }
 }
 
 impl LoopStats {
     fn record(&mut self, r: &TickReport) {
+        let end = Instant::now();
         self.ticks += 1;
         self.tick_ms.push(r.took.as_secs_f64() * 1e3);
+        if !r.executions.is_empty() {
+            self.scaling_ticks.push(TickLog {
+                end,
+                took: r.took,
+                phases: r.phases,
+                scaled: r
+                    .executions
+                    .iter()
+                    .map(|e| (e.service.to_string(), e.target))
+                    .collect(),
+            });
+        }
         let (mut started, mut resumed) = (0, 0);
         for ex in &r.executions {
             if let Ok(o) = &ex.result {
@@ -373,8 +408,7 @@ impl LoopStats {
             }
         }
         if started > 0 {
-            self.scale_ups
-                .push((Instant::now(), r.took, started, resumed));
+            self.scale_ups.push((end, r.took, started, resumed));
         }
     }
 }

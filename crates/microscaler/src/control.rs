@@ -142,6 +142,23 @@ pub struct TickReport {
     pub errors: Vec<String>,
     /// How long the tick took.
     pub took: Duration,
+    /// Where the tick's time went.
+    pub phases: TickPhases,
+}
+
+/// How long each phase of a tick took (zero for phases the tick did not reach).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickPhases {
+    /// The backend's observe.
+    pub observe: Duration,
+    /// Sampling every trigger.
+    pub sample: Duration,
+    /// The engine's decide.
+    pub decide: Duration,
+    /// The scale-downs (stops and pauses), all of them.
+    pub stops: Duration,
+    /// The scale-ups (starts and unpauses), all of them, after the scale-downs.
+    pub starts: Duration,
 }
 
 /// The controller: configuration, backend, live sources and the engine's memory.
@@ -275,7 +292,10 @@ impl<B: Backend> Controller<B> {
         let now = t0.duration_since(self.started);
         let mut errors = Vec::new();
 
-        let observed = match self.backend.observe().await {
+        let mut phases = TickPhases::default();
+        let observed = self.backend.observe().await;
+        phases.observe = t0.elapsed();
+        let observed = match observed {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, kind = e.kind(), "observe failed; skipping this tick");
@@ -288,11 +308,15 @@ impl<B: Backend> Controller<B> {
                     executions: Vec::new(),
                     errors,
                     took: t0.elapsed(),
+                    phases,
                 };
             }
         };
 
+        let t = Instant::now();
         let samples = self.sample(now, &mut errors).await;
+        phases.sample = t.elapsed();
+        let t = Instant::now();
         self.memory.paused = self
             .controls
             .paused
@@ -309,7 +333,8 @@ impl<B: Backend> Controller<B> {
         for a in &plan.actions {
             tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
         }
-        let executions = self.execute(&plan, &observed, now).await;
+        phases.decide = t.elapsed();
+        let executions = self.execute(&plan, &observed, now, &mut phases).await;
 
         TickReport {
             now,
@@ -319,6 +344,7 @@ impl<B: Backend> Controller<B> {
             executions,
             errors,
             took: t0.elapsed(),
+            phases,
         }
     }
 
@@ -368,6 +394,7 @@ impl<B: Backend> Controller<B> {
         plan: &Plan,
         observed: &Observation,
         now: Duration,
+        phases: &mut TickPhases,
     ) -> Vec<Execution> {
         let mut downs = Vec::new();
         let mut ups = Vec::new();
@@ -395,8 +422,12 @@ impl<B: Backend> Controller<B> {
         }
 
         // Free capacity before using it.
+        let t = Instant::now();
         let mut executions = scale_all(&self.backend, downs).await;
+        phases.stops = t.elapsed();
+        let t = Instant::now();
         executions.extend(scale_all(&self.backend, ups).await);
+        phases.starts = t.elapsed();
 
         for ex in &executions {
             let failed = match &ex.result {
