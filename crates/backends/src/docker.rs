@@ -23,6 +23,14 @@
 //! its size after `scale` and whenever `observe` finds it short or over. Containers being filled
 //! (created, not yet paused) are counted nowhere, so a refill never shows up as a running
 //! replica. After a restart, paused containers of this instance are adopted as the pool.
+//!
+//! # One listing per tick
+//! `observe` lists every container of ours; a `scale` right after it (the same tick) reuses that
+//! listing for its service instead of listing again, if the listing is under 0.5 s old and this
+//! backend began no change of the service's containers since it was requested (a scale, a
+//! refill's fill or trim; each bumps a per-service generation when it begins and when it ends).
+//! A listing serves one scale per service; anything else lists. The engine's host facts
+//! (`GET /info`) are read by the first observe and refreshed in the background every 10 s.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -75,6 +83,104 @@ pub struct DockerBackend {
     replica_image: Arc<OnceCell<String>>,
     /// The warm pool's state.
     pool: Arc<PoolState>,
+    /// The last observe's listing (reused by the same tick's `scale`) and the engine's host.
+    cache: Arc<Cache>,
+}
+
+/// How long an observe's listing may serve a `scale` of a service this backend did not change
+/// since: long enough for one tick (observe, sample, decide, act). What changes behind our back
+/// in between (a replica exiting, a container removed by hand) is not in it; like a change
+/// just after a fresh listing, it is seen and acted on by the next tick.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// How often the engine's host facts (name, id, CPUs, memory) are read again. They change only
+/// when the engine is reconfigured; reading them (`GET /info`, ~10 ms) on every observe was
+/// most of its cost. Refreshed in the background; the listing still fails if the engine is gone.
+const HOST_REFRESH: Duration = Duration::from_secs(10);
+
+/// Changes of one service's containers by this backend: a generation bumped when a change
+/// begins and again when it ends, and how many are under way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Changes {
+    generation: u64,
+    under_way: u32,
+}
+
+/// One `observe`'s listing of our containers, with what had changed when it was requested.
+struct Snapshot {
+    /// When the listing was requested.
+    at: std::time::Instant,
+    /// [`Cache::changes`] when the listing was requested.
+    changes: HashMap<ServiceName, Changes>,
+    /// Our live containers (finished ones are swept by observe and left out).
+    containers: Vec<Owned>,
+}
+
+/// What one tick's `observe` learned that its `scale` calls may reuse, and the host facts.
+#[derive(Default)]
+struct Cache {
+    /// Per service, the changes this backend made to its containers (scale, refill, trim).
+    changes: Mutex<HashMap<ServiceName, Changes>>,
+    /// The last observe's listing.
+    snapshot: Mutex<Option<Snapshot>>,
+    /// The host, and when it was read.
+    host: Mutex<Option<(Host, std::time::Instant)>>,
+    /// A background host refresh is under way.
+    host_refreshing: AtomicBool,
+    /// Listings asked of the engine (for tests and profiling).
+    lists: AtomicU64,
+}
+
+impl Cache {
+    /// Marks a change of `service`'s containers as begun; it ends when the guard drops.
+    fn begin(self: &Arc<Self>, service: &ServiceName) -> Changing {
+        let mut changes = lock(&self.changes);
+        let c = changes.entry(service.clone()).or_default();
+        c.generation += 1;
+        c.under_way += 1;
+        Changing {
+            cache: self.clone(),
+            service: service.clone(),
+        }
+    }
+
+    /// Begins a change of `service` (a scale) and returns the last observe's containers of
+    /// `service` if that listing is still true for it: taken less than [`SNAPSHOT_MAX_AGE`]
+    /// ago, with no change of the service begun, under way or ended since it was requested.
+    /// A snapshot serves at most one scale: the change begun here makes it stale.
+    fn begin_scale(self: &Arc<Self>, service: &ServiceName) -> (Changing, Option<Vec<Owned>>) {
+        let changes = lock(&self.changes);
+        let now = changes.get(service).copied().unwrap_or_default();
+        let fresh = lock(&self.snapshot).as_ref().and_then(|snap| {
+            let then = snap.changes.get(service).copied().unwrap_or_default();
+            (now == then && now.under_way == 0 && snap.at.elapsed() <= SNAPSHOT_MAX_AGE).then(
+                || {
+                    snap.containers
+                        .iter()
+                        .filter(|c| &c.service == service)
+                        .cloned()
+                        .collect()
+                },
+            )
+        });
+        drop(changes);
+        (self.begin(service), fresh)
+    }
+}
+
+/// A change of one service's containers under way (see [`Cache::begin`]).
+struct Changing {
+    cache: Arc<Cache>,
+    service: ServiceName,
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        let mut changes = lock(&self.cache.changes);
+        let c = changes.entry(self.service.clone()).or_default();
+        c.generation += 1;
+        c.under_way = c.under_way.saturating_sub(1);
+    }
 }
 
 /// What the warm pool's background refill shares with the backend.
@@ -200,6 +306,7 @@ impl DockerBackend {
             network,
             replica_image: Arc::new(OnceCell::new()),
             pool: Arc::new(PoolState::default()),
+            cache: Arc::new(Cache::default()),
         })
     }
 
@@ -211,6 +318,13 @@ impl DockerBackend {
     /// The instance name whose containers this backend owns.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// How many container listings this backend and its clones have asked the engine for
+    /// (observe, a scale that could not reuse observe's listing, the pool's refill). For tests
+    /// and profiling.
+    pub fn listings(&self) -> u64 {
+        self.cache.lists.load(Ordering::Relaxed)
     }
 
     /// Turns a bollard error into ours: an answer from the engine is an API error carrying the
@@ -245,6 +359,7 @@ impl DockerBackend {
             Some(s) => format!("list containers of service {s}"),
             None => format!("list containers of instance {}", self.instance),
         };
+        self.cache.lists.fetch_add(1, Ordering::Relaxed);
         let summaries = self
             .docker
             .list_containers(Some(opts))
@@ -311,6 +426,36 @@ impl DockerBackend {
             cpus: info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
             memory_bytes: info.mem_total.and_then(|m| u64::try_from(m).ok()),
         })
+    }
+
+    /// The host, read at most every [`HOST_REFRESH`]: the first call reads it, later ones
+    /// return what was read and refresh it in the background when it is older.
+    async fn cached_host(&self) -> Result<Host, BackendError> {
+        let cached = lock(&self.cache.host).clone();
+        match cached {
+            Some((host, at)) => {
+                if at.elapsed() >= HOST_REFRESH
+                    && !self.cache.host_refreshing.swap(true, Ordering::SeqCst)
+                {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        match me.host().await {
+                            Ok(h) => *lock(&me.cache.host) = Some((h, std::time::Instant::now())),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "cannot refresh the engine's info; keeping the last")
+                            }
+                        }
+                        me.cache.host_refreshing.store(false, Ordering::SeqCst);
+                    });
+                }
+                Ok(host)
+            }
+            None => {
+                let host = self.host().await?;
+                *lock(&self.cache.host) = Some((host.clone(), std::time::Instant::now()));
+                Ok(host)
+            }
+        }
     }
 
     /// Removes (force) a container; one that is already gone or already being removed counts
@@ -588,6 +733,7 @@ impl DockerBackend {
         let mut paused: Vec<Owned> = ours.into_iter().filter(Owned::is_paused).collect();
         let limit = paused_limit(service, running) as usize;
         if paused.len() > limit {
+            let _changing = self.cache.begin(&service.name);
             paused.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
             let extra = &paused[..paused.len() - limit];
             tracing::info!(service = %service.name, paused = paused.len(), keep = limit, "removing paused replicas beyond the pool");
@@ -607,6 +753,7 @@ impl DockerBackend {
         let image = self.image_for(service).await?;
         let body = self.container_body(service, &image, true);
         tracing::debug!(service = %service.name, have = paused.len(), size = service.pool.size, filling = missing, "refilling the warm pool");
+        let _changing = self.cache.begin(&service.name);
         let results: Vec<Result<(), String>> = futures::stream::iter(0..missing)
             .map(|_| async {
                 if self.pool.closed.load(Ordering::SeqCst) {
@@ -771,7 +918,17 @@ impl Backend for DockerBackend {
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
-        let (ours, host) = futures::try_join!(self.list(None), self.host())?;
+        // What had changed when the listing was asked for: `scale` reuses the listing only
+        // for services that have not changed since.
+        let changes = lock(&self.cache.changes).clone();
+        let at = std::time::Instant::now();
+        let (ours, host) = futures::try_join!(self.list(None), self.cached_host())?;
+        let live: Vec<Owned> = ours.iter().filter(|c| !c.is_finished()).cloned().collect();
+        *lock(&self.cache.snapshot) = Some(Snapshot {
+            at,
+            changes,
+            containers: live,
+        });
         let mut obs = Observation::default();
         let mut finished = Vec::new();
         for c in ours {
@@ -820,7 +977,13 @@ impl Backend for DockerBackend {
     }
 
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
-        let ours = self.list(Some(&service.name)).await?;
+        // The same tick's observe listed every container of ours a few ms ago: reuse that
+        // listing if nothing of this service changed since, else list again.
+        let (_changing, fresh) = self.cache.begin_scale(&service.name);
+        let ours = match fresh {
+            Some(ours) => ours,
+            None => self.list(Some(&service.name)).await?,
+        };
         let (finished, mut live): (Vec<Owned>, Vec<Owned>) =
             ours.into_iter().partition(|c| c.is_finished());
         self.sweep(&finished).await;

@@ -131,15 +131,10 @@ async fn process_of(docker: &Docker, id: &str) -> (i64, String) {
 async fn pool_fills_scale_up_unpauses_and_refills() {
     let instance = unique("pool");
     let _cleanup = Cleanup(instance.clone());
-    let Some(backend) = connect(&instance).await else {
+    let svc = service("web", 2, Preempt::Stop);
+    let Some((backend, docker)) = prepared(&instance, &svc).await else {
         return;
     };
-    let docker = raw().await;
-    let svc = service("web", 2, Preempt::Stop);
-    backend
-        .prepare(std::slice::from_ref(&svc))
-        .await
-        .expect("prepare");
 
     // The first observe starts the refill; observe never waits for it.
     let obs = wait_for(&backend, SETTLE, |o| paused(o, &svc) == 2).await;
@@ -333,4 +328,116 @@ async fn restarted_daemon_adopts_the_pool() {
 
     second.shutdown(services, true).await.expect("shutdown");
     assert!(ids(&docker, &instance, None).await.is_empty());
+}
+
+/// A backend of `instance` prepared for `svc`, and a raw client; `None` without an engine.
+async fn prepared(instance: &str, svc: &Service) -> Option<(DockerBackend, Docker)> {
+    let backend = connect(instance).await?;
+    backend
+        .prepare(std::slice::from_ref(svc))
+        .await
+        .expect("prepare");
+    Some((backend, raw().await))
+}
+
+/// A prepared backend of a fresh instance whose service `web` has a settled pool of 2 (filled,
+/// and the refill that filled it finished); the ids of the pooled containers. `None` without
+/// an engine.
+async fn settled_pool(
+    instance: &str,
+) -> Option<(DockerBackend, Docker, Service, BTreeSet<String>)> {
+    let svc = service("web", 2, Preempt::Stop);
+    let (backend, docker) = prepared(instance, &svc).await?;
+    let obs = wait_for(&backend, SETTLE, |o| paused(o, &svc) == 2).await;
+    assert_eq!(paused(&obs, &svc), 2, "pool filled: {obs:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pooled = ids(&docker, instance, Some("paused")).await;
+    Some((backend, docker, svc, pooled))
+}
+
+/// Shuts `backend` down with removal and checks that nothing of `instance` is left.
+async fn removed_on_shutdown(
+    backend: &DockerBackend,
+    docker: &Docker,
+    instance: &str,
+    svc: &Service,
+) {
+    backend
+        .shutdown(std::slice::from_ref(svc), true)
+        .await
+        .expect("shutdown");
+    assert!(ids(docker, instance, None).await.is_empty());
+}
+
+/// `scale` reuses the listing of the `observe` just before it (no second listing), once: a
+/// second scale of the same service lists again, so the replica the first one unpaused is
+/// never counted as pooled twice.
+#[tokio::test]
+async fn scale_reuses_the_observed_listing_once() {
+    let instance = unique("poolsnap");
+    let _cleanup = Cleanup(instance.clone());
+    let Some((backend, docker, svc, pooled)) = settled_pool(&instance).await else {
+        return;
+    };
+
+    backend.observe().await.expect("observe");
+    let listed = backend.listings();
+    let out = backend.scale(&svc, 1).await.expect("scale to 1");
+    assert_eq!((out.started, out.resumed), (1, 1), "{out:?}");
+    assert_eq!(
+        backend.listings(),
+        listed,
+        "the scale right after observe reused its listing"
+    );
+
+    // No observe in between: the listing is stale for this service now.
+    let out = backend.scale(&svc, 2).await.expect("scale to 2");
+    assert_eq!((out.started, out.resumed), (1, 1), "{out:?}");
+    assert!(out.failures.is_empty(), "{out:?}");
+    assert!(backend.listings() > listed, "the second scale listed again");
+    let now_running = ids(&docker, &instance, Some("running")).await;
+    assert_eq!(
+        now_running, pooled,
+        "both pooled replicas unpaused, each once, nothing created"
+    );
+
+    removed_on_shutdown(&backend, &docker, &instance, &svc).await;
+}
+
+/// A pooled replica removed behind microscaler's back between `observe` and `scale` (the
+/// listing `scale` reuses still shows it): its unpause fails and a new replica is started
+/// instead; the service ends at its target, nothing counted twice.
+#[tokio::test]
+async fn a_pooled_replica_gone_since_observe_is_replaced_by_a_start() {
+    let instance = unique("poolgone");
+    let _cleanup = Cleanup(instance.clone());
+    let Some((backend, docker, svc, pooled)) = settled_pool(&instance).await else {
+        return;
+    };
+    let pooled: Vec<String> = pooled.into_iter().collect();
+
+    backend.observe().await.expect("observe");
+    let listed = backend.listings();
+    let opts = RemoveContainerOptionsBuilder::new().force(true).build();
+    docker
+        .remove_container(&pooled[0], Some(opts))
+        .await
+        .expect("remove a pooled replica behind the backend's back");
+    let out = backend.scale(&svc, 2).await.expect("scale up");
+    assert_eq!((out.started, out.resumed), (2, 1), "{out:?}");
+    assert!(out.failures.is_empty(), "{out:?}");
+    if backend.listings() == listed {
+        // The usual case: the listing was reused (the removal took well under its 500 ms).
+        eprintln!("scale reused observe's listing");
+    }
+    let obs = wait_for(&backend, SETTLE, |o| running(o, &svc) == 2).await;
+    assert_eq!(running(&obs, &svc), 2, "{obs:?}");
+    let now_running = ids(&docker, &instance, Some("running")).await;
+    assert!(
+        now_running.contains(&pooled[1]),
+        "the other one was unpaused"
+    );
+    assert!(!now_running.contains(&pooled[0]));
+
+    removed_on_shutdown(&backend, &docker, &instance, &svc).await;
 }
