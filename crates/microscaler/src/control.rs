@@ -1,9 +1,11 @@
 //! The control loop: every tick, observe -> sample -> decide -> act -> record.
 //!
 //! The engine decides; this module only executes. Execution reconciles each service to its
-//! target against what was observed: all scale-downs first (concurrently) so capacity is free
-//! before it is used, then all scale-ups (concurrently). A service whose last start failed is
-//! retried with exponential backoff; its failure never holds up the other services.
+//! target against what was observed: all scale-downs that stop replicas first (concurrently) so
+//! capacity is free before it is used, then all scale-ups (concurrently), together with the
+//! scale-downs of `preempt = "pause"` services (a pause frees no memory, only CPU, so waiting
+//! for it would only delay the scale-up; see [`Controller::tick`]). A service whose last start
+//! failed is retried with exponential backoff; its failure never holds up the other services.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -13,8 +15,8 @@ use futures::future::join_all;
 use microscaler_backends::{Backend, BackendError, Observation, ScaleOutcome};
 use microscaler_core::config::OnExit;
 use microscaler_core::{
-    decide, Config, EngineState, Observed, Plan, Samples, Service, ServiceKind, ServiceName,
-    TriggerSample,
+    decide, Config, EngineState, Observed, Plan, Preempt, Samples, Service, ServiceKind,
+    ServiceName, TriggerSample,
 };
 use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, SourceError};
 use tokio::time::Instant;
@@ -155,9 +157,10 @@ pub struct TickPhases {
     pub sample: Duration,
     /// The engine's decide.
     pub decide: Duration,
-    /// The scale-downs (stops and pauses), all of them.
+    /// The scale-downs that stop replicas, all of them, before the scale-ups.
     pub stops: Duration,
-    /// The scale-ups (starts and unpauses), all of them, after the scale-downs.
+    /// The scale-ups (starts and unpauses), all of them, with the scale-downs of
+    /// `preempt = "pause"` services running alongside.
     pub starts: Duration,
 }
 
@@ -287,6 +290,13 @@ impl<B: Backend> Controller<B> {
     }
 
     /// One tick: observe, sample, decide, act.
+    ///
+    /// Acting, scale-downs that stop replicas run first and are waited for, so the capacity
+    /// they free is free before a scale-up uses it. Scale-downs of services with
+    /// `preempt = "pause"` only freeze their replicas (the memory stays taken either way), so
+    /// they run concurrently with the scale-ups: a higher priority's unpause or start does not
+    /// wait for a remainder's pause, and for the few milliseconds both take, the replicas
+    /// running may exceed the slots by what is being paused.
     pub async fn tick(&mut self) -> TickReport {
         let t0 = Instant::now();
         let now = t0.duration_since(self.started);
@@ -397,6 +407,7 @@ impl<B: Backend> Controller<B> {
         phases: &mut TickPhases,
     ) -> Vec<Execution> {
         let mut downs = Vec::new();
+        let mut pauses = Vec::new();
         let mut ups = Vec::new();
         for sp in &plan.services {
             let have = observed
@@ -409,7 +420,9 @@ impl<B: Backend> Controller<B> {
             if matches!(svc.kind, ServiceKind::PerHost) && self.backend.kind() == "swarm" {
                 continue; // Swarm's global mode keeps one per node by itself.
             }
-            if sp.target < have {
+            if sp.target < have && svc.pool.preempt == Preempt::Pause {
+                pauses.push((svc, sp.target));
+            } else if sp.target < have {
                 downs.push((svc, sp.target));
             } else if sp.target > have {
                 match self.backoff.get(&sp.service) {
@@ -421,12 +434,17 @@ impl<B: Backend> Controller<B> {
             }
         }
 
-        // Free capacity before using it.
+        // Free capacity before using it; pauses go along with the scale-ups (see `tick`).
         let t = Instant::now();
         let mut executions = scale_all(&self.backend, downs).await;
         phases.stops = t.elapsed();
         let t = Instant::now();
-        executions.extend(scale_all(&self.backend, ups).await);
+        let (paused, started) = futures::join!(
+            scale_all(&self.backend, pauses),
+            scale_all(&self.backend, ups)
+        );
+        executions.extend(paused);
+        executions.extend(started);
         phases.starts = t.elapsed();
 
         for ex in &executions {

@@ -20,6 +20,10 @@ struct FakeState {
     broken: Vec<String>,
     /// Log of (service, target) calls in order.
     calls: Vec<(String, u32)>,
+    /// How long each scale takes (none by default).
+    delay: Duration,
+    /// `begin <service>` and `end <service>` of every scale, in order.
+    spans: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -59,8 +63,17 @@ impl Backend for Fake {
         })
     }
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
-        let mut s = self.0.lock().unwrap();
         let name = service.name.to_string();
+        let delay = {
+            let mut s = self.0.lock().unwrap();
+            s.spans.push(format!("begin {name}"));
+            s.delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = self.0.lock().unwrap();
+        s.spans.push(format!("end {name}"));
         s.calls.push((name.clone(), target));
         let cur = *s.running.get(&name).unwrap_or(&0);
         if target > cur && s.broken.contains(&name) {
@@ -91,13 +104,18 @@ impl Backend for Fake {
 }
 
 fn config(extra: &str) -> Config {
+    config_on("process", extra)
+}
+
+/// Web (priority 1, manual, 4) and a batch remainder on 9 slots; `extra` ends batch's table.
+fn config_on(backend: &str, extra: &str) -> Config {
     Config::from_toml(&format!(
         r#"
         tick = "500ms"
         [capacity]
         slots = 9
         [backend]
-        type = "process"
+        type = "{backend}"
         [[services]]
         name = "web"
         priority = 1
@@ -277,4 +295,43 @@ async fn a_manual_change_wakes_the_loop_at_once() {
     .await;
     assert_eq!(ticks, 2, "the first tick, then one woken by the change");
     assert_eq!(fake.0.lock().unwrap().running["web"], 7);
+}
+
+/// Scale-downs that stop replicas finish before any scale-up begins; the scale-down of a
+/// `preempt = "pause"` service (a pause frees no memory) runs alongside the scale-ups instead.
+#[tokio::test(start_paused = true)]
+async fn pauses_run_alongside_starts_stops_before_them() {
+    for (preempt, together) in [("stop", false), ("pause", true)] {
+        // `preempt = "pause"` is refused on the process backend; the fake stands for docker.
+        let cfg = config_on(
+            "docker",
+            &format!("[services.pool]\npreempt = \"{preempt}\""),
+        );
+        let fake = Fake::default();
+        let mut ctl = Controller::new(cfg, fake.clone(), 1);
+        ctl.tick().await;
+        {
+            let mut s = fake.0.lock().unwrap();
+            s.delay = Duration::from_millis(10);
+            s.spans.clear();
+        }
+        ctl.controls().manual_of("web").unwrap().set(7.0).unwrap();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let report = ctl.tick().await;
+        let spans = fake.0.lock().unwrap().spans.clone();
+        let expected = if together {
+            ["begin batch", "begin web", "end batch", "end web"]
+        } else {
+            ["begin batch", "end batch", "begin web", "end web"]
+        };
+        assert_eq!(spans, expected, "preempt = {preempt}");
+        let s = fake.0.lock().unwrap();
+        assert_eq!((s.running["web"], s.running["batch"]), (7, 2));
+        assert!(report.phases.starts >= Duration::from_millis(10));
+        if together {
+            assert_eq!(report.phases.stops, Duration::ZERO, "nothing stopped first");
+        } else {
+            assert!(report.phases.stops >= Duration::from_millis(10));
+        }
+    }
 }
