@@ -192,9 +192,14 @@ impl<'a> Key<'a> {
         }
     }
 
-    /// A copy of the name (inline: no allocation).
+    /// A copy of the name (inline: no allocation), from the two numbers when they hold all of
+    /// it, without reading the name (by then usually out of cache).
     fn to_name(self) -> ServiceName {
-        self.name.clone()
+        if self.short {
+            ServiceName::from_short([self.head, self.second])
+        } else {
+            self.name.clone()
+        }
     }
 
     fn cmp(&self, other: &Key) -> std::cmp::Ordering {
@@ -439,15 +444,13 @@ pub fn decide(
 
     // Allocation order: remainder last, then priority, then name (a stable sort of the
     // name order by the first two is the order by all three).
+    let class: Vec<u64> = cfg
+        .services
+        .iter()
+        .map(|s| (u64::from(s.is_remainder()) << 32) | u64::from(s.priority.get()))
+        .collect();
     let mut order: Vec<usize> = by_name.iter().map(|&(_, i)| i).collect();
-    order.sort_by_key(|&i| {
-        let s = &cfg.services[i];
-        (s.is_remainder(), s.priority)
-    });
-    let mut position = vec![0usize; n];
-    for (k, &i) in order.iter().enumerate() {
-        position[i] = k;
-    }
+    order.sort_by_key(|&i| class[i]);
 
     let mut scratch = Scratch::default();
     // Each service's configuration, triggers, samples and memory live in allocations of their
@@ -511,11 +514,13 @@ pub fn decide(
     }
 
     let plan = build_plan(&work, &keys, capacity, used);
-    // The next memory, built in name order (a sorted build, no per-service insert).
+    // The next memory. First what each service ends with, gathered in allocation order (the
+    // order of `work`, read front to back), then the commitments built in name order (a
+    // sorted build, no per-service insert) from the index-ordered inputs.
+    let mut targets = vec![0u32; n];
     let mut rules = Vec::new();
-    let mut services = Vec::with_capacity(n);
-    for &(_, i) in &by_name {
-        let w = &mut work[position[i]];
+    for w in &mut work {
+        targets[w.index] = w.target;
         if let Some(mut r) = w.rules.take() {
             let scaling = w.inputs.scaling;
             if scaling.has_rate_limits() {
@@ -526,14 +531,18 @@ pub fn decide(
                 r.events.retain(|(t, _)| now.saturating_sub(*t) < keep);
             }
             if r != RuleMemory::default() {
-                rules.push((keys[i].to_name(), r));
+                rules.push((keys[w.index].to_name(), r));
             }
         }
-        let keep = w.inputs.committed.filter(|m| m.target == w.target).copied();
+    }
+    let mut services = Vec::with_capacity(n);
+    for &(key, i) in &by_name {
+        let target = targets[i];
+        let keep = inputs[i].committed.filter(|m| m.target == target).copied();
         services.push((
-            keys[i].to_name(),
+            key.to_name(),
             keep.unwrap_or(Commitment {
-                target: w.target,
+                target,
                 changed_at: now,
             }),
         ));
