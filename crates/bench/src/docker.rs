@@ -31,7 +31,8 @@ fn instance(tag: &str) -> String {
 
 /// The seeds' shape: a manual priority-1 service and, optionally, a priority-2 remainder. With
 /// `--pool N`, priority 1 keeps a warm pool of N; with `--preempt pause`, the remainder is
-/// paused instead of stopped when it gives up capacity.
+/// paused instead of stopped when it gives up capacity; with `--preempt-p1 pause`, priority 1's
+/// surplus too.
 fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool) -> Config {
     let mut t = format!(
         "instance = \"{inst}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n[capacity]\nslots = {capacity}\n\
@@ -41,8 +42,14 @@ fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool)
         o.tick.as_millis(),
         o.parallelism,
     );
+    if o.pool > 0 || o.preempt_p1 != "stop" {
+        t.push_str("[services.pool]\n");
+    }
     if o.pool > 0 {
-        t.push_str(&format!("[services.pool]\nsize = {}\n", o.pool));
+        t.push_str(&format!("size = {}\n", o.pool));
+    }
+    if o.preempt_p1 != "stop" {
+        t.push_str(&format!("preempt = \"{}\"\n", o.preempt_p1));
     }
     if remainder {
         t.push_str(&format!(
@@ -302,11 +309,14 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
         Dist::new(&unpause),
         Dist::new(&pool_wait),
     );
-    let with = if pool > 0 {
+    let mut with = if pool > 0 {
         format!(", pool {pool}")
     } else {
         String::new()
     };
+    if o.preempt_p1 != "stop" {
+        with.push_str(&format!(", P1 preempt {}", o.preempt_p1));
+    }
     let tick_free = Dist::from_ms(&stats_free.tick_ms);
     let observe = Dist::new(&observe);
     let tick_full = Dist::from_ms(&stats_full.tick_ms);
@@ -370,6 +380,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
         "steps": steps,
         "pool": pool,
         "preempt": o.preempt,
+        "preempt_p1": o.preempt_p1,
         "reaction_free": { "microscaler": react.json(), "baseline_create_start": base.json(),
                            "ratio_p50": ratio(react.p50, base.p50), "ratio_p95": ratio(react.p95, base.p95),
                            "loop_tick_ms": tick_free.json(), "observe_ms": observe.json(),
@@ -556,6 +567,9 @@ pub async fn tracking(
     if o.pool > 0 {
         name.push_str(&format!(", pool {}", o.pool));
     }
+    if o.preempt_p1 != "stop" {
+        name.push_str(&format!(", P1 preempt {}", o.preempt_p1));
+    }
     if o.preempt != "stop" {
         name.push_str(&format!(", P2 preempt {}", o.preempt));
     }
@@ -593,7 +607,8 @@ pub async fn tracking(
         "cold_start_floor_met_share": floor,
         "started_per_minute": started as f64 / minutes, "stopped_per_minute": stopped as f64 / minutes,
         "unpaused_per_minute": unpaused as f64 / minutes, "paused_per_minute": paused as f64 / minutes,
-        "pool": o.pool, "preempt": o.preempt, "resumed_by_backend": stats.resumed,
+        "pool": o.pool, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
+        "resumed_by_backend": stats.resumed,
         "loop_ticks": stats.ticks, "loop_tick_ms": Dist::from_ms(&stats.tick_ms).json(),
         "unmet": unmet_json,
     });

@@ -86,6 +86,11 @@ pub struct Opts {
     /// "stop" (remove) or "pause" (`[services.pool] preempt = "pause"`).
     #[arg(long, global = true, default_value = "stop", value_parser = ["stop", "pause"])]
     preempt: String,
+    /// What a scale-down does to priority 1's replicas given up: "stop" (remove, the seeds'
+    /// scenario) or "pause" (`preempt = "pause"` on priority 1 too: its surplus is frozen and
+    /// kept, up to its max, for the next increase). Reported in the figures' names.
+    #[arg(long, global = true, default_value = "stop", value_parser = ["stop", "pause"])]
+    preempt_p1: String,
     /// Tracking scenarios to run: the interval between demand changes, comma-separated.
     #[arg(long, global = true, default_value = "3s,1s", value_delimiter = ',',
           value_parser = parse_duration)]
@@ -124,8 +129,8 @@ async fn main() -> Result<()> {
     let mut floor_ms = None;
     if all || cli.cmd == Cmd::Reaction {
         eprintln!(
-            "bench: reaction and release ({} steps, tick {:?}, pool {}, preempt {})",
-            o.steps, o.tick, o.pool, o.preempt
+            "bench: reaction and release ({} steps, tick {:?}, pool {}, preempt {}, P1 preempt {})",
+            o.steps, o.tick, o.pool, o.preempt, o.preempt_p1
         );
         let r = docker::reaction(&o).await;
         if let Ok((v, _)) = &r {
@@ -141,8 +146,8 @@ async fn main() -> Result<()> {
         for &interval in &o.intervals {
             let every = humantime::format_duration(interval);
             eprintln!(
-                "bench: tracking ±3 every {every} for {:?} (pool {}, preempt {})",
-                o.tracking, o.pool, o.preempt
+                "bench: tracking ±3 every {every} for {:?} (pool {}, preempt {}, P1 preempt {})",
+                o.tracking, o.pool, o.preempt, o.preempt_p1
             );
             let r = docker::tracking(&o, interval, floor_ms).await;
             record(&format!("tracking_{every}"), r, &mut rows);
@@ -178,7 +183,7 @@ async fn main() -> Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": { "tick_ms": report::ms(o.tick), "steps": o.steps, "burst": o.burst,
                          "parallelism": o.parallelism, "tracking_s": o.tracking.as_secs_f64(),
-                         "replicas": o.replicas, "pool": o.pool, "preempt": o.preempt,
+                         "replicas": o.replicas, "pool": o.pool, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
                          "intervals_ms": o.intervals.iter().map(|d| report::ms(*d)).collect::<Vec<_>>() },
             "table": rows.iter().map(report::Row::json).collect::<Vec<_>>(),
             "results": Value::Object(out),
