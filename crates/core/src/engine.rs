@@ -356,7 +356,10 @@ struct Work<'a> {
     svc: &'a Service,
     /// The service's index in the configuration.
     index: usize,
-    inputs: Inputs<'a>,
+    /// The service's scaling behaviour.
+    scaling: &'a Scaling,
+    /// Replicas observed paused.
+    paused_replicas: u32,
     obs: ServiceObservation,
     current: u32,
     demand: Option<f64>,
@@ -369,8 +372,10 @@ struct Work<'a> {
     asks: Asks,
     /// The words of the rule that bound the want, for the rules' own bounds.
     detail: String,
-    /// What the rules remember after this tick.
-    rules: Option<RuleMemory>,
+    /// What the rules remember after this tick: only when there is something, or rate limits
+    /// that will record this tick's change (boxed: most services have none, and `Work` is
+    /// written and read once per service per tick).
+    rules: Option<Box<RuleMemory>>,
     want: u32,
     want_bound: Bound,
     /// Reserved before anyone keeps or grows: `min(min, want)`.
@@ -521,8 +526,9 @@ pub fn decide(
     let mut rules = Vec::new();
     for w in &mut work {
         targets[w.index] = w.target;
-        if let Some(mut r) = w.rules.take() {
-            let scaling = w.inputs.scaling;
+        if let Some(r) = w.rules.take() {
+            let mut r = *r;
+            let scaling = w.scaling;
             if scaling.has_rate_limits() {
                 if w.target != w.current {
                     r.events.push((now, w.target as i64 - w.current as i64));
@@ -736,7 +742,8 @@ fn want<'a>(
     Work {
         svc,
         index: 0,
-        inputs,
+        scaling,
+        paused_replicas: inputs.paused_replicas,
         obs,
         current,
         demand,
@@ -744,7 +751,9 @@ fn want<'a>(
         asked,
         asks,
         detail,
-        rules: rule_memory,
+        rules: rule_memory
+            .filter(|r| scaling.has_rate_limits() || *r != RuleMemory::default())
+            .map(Box::new),
         want: wish,
         want_bound: bound,
         min,
@@ -1166,7 +1175,7 @@ fn build_plan(work: &[Work], keys: &[Key], capacity: u32, allocated: u64) -> Pla
             current: w.current,
             running: w.obs.running,
             pending: w.obs.pending,
-            paused: w.inputs.paused_replicas,
+            paused: w.paused_replicas,
             target: w.target,
             bound,
             reason,
