@@ -42,7 +42,8 @@ enum Cmd {
     Tracking,
     /// Plan time of the engine alone, 10,000 services on 1,000 hosts.
     Plan,
-    /// Resident memory of `microscaler run` managing N replicas (process backend).
+    /// Resident memory of `microscaler run` managing N replicas (process backend, or Docker
+    /// with `--memory-backend docker`).
     Memory,
 }
 
@@ -71,6 +72,10 @@ pub struct Opts {
     /// Replicas for the memory figure.
     #[arg(long, global = true, default_value_t = 1000)]
     replicas: u32,
+    /// Where the memory figure's replicas run: local processes, or containers on the local
+    /// Docker engine (every container a containerd shim: 1,000 need several GiB).
+    #[arg(long, global = true, value_enum, default_value = "process")]
+    memory_backend: memory::MemoryBackend,
     /// Iterations of the in-binary plan timing.
     #[arg(long, global = true, default_value_t = 200)]
     plan_iterations: usize,
@@ -161,12 +166,14 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("microscaler"))
         });
         eprintln!(
-            "bench: resident memory with {} replicas ({})",
+            "bench: resident memory with {} replicas ({:?} backend, {})",
             o.replicas,
+            o.memory_backend,
             bin.display()
         );
+        let backend = o.memory_backend;
         let r = tokio::task::spawn_blocking(move || {
-            memory::run(&bin, o.replicas, Duration::from_millis(500))
+            memory::run(&bin, backend, o.replicas, Duration::from_millis(500))
         })
         .await?;
         record("memory", r, &mut rows);

@@ -1,6 +1,8 @@
-//! Resident memory of the real `microscaler run` binary while it manages N replicas on the
-//! process backend (1,000 containers would not fit this 2-core machine next to the other
-//! engineers' tests), against the same daemon managing none.
+//! Resident memory of the real `microscaler run` binary while it manages N replicas, against the
+//! same daemon managing none: on the process backend (the default: N processes of the built-in
+//! replica), or on the Docker engine (`--memory-backend docker`: N containers of the built-in
+//! replica image, `network = "none"`; every one a containerd shim, so it needs several GiB).
+//! The daemon runs with its HTTP server on (`--listen 127.0.0.1:0`), as in production.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,24 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::report::{ratio, Row};
+
+/// Where the daemon's replicas run in the memory figure.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Local processes of the built-in replica.
+    Process,
+    /// Containers of the built-in replica image on the local Docker engine.
+    Docker,
+}
+
+impl MemoryBackend {
+    fn name(self) -> &'static str {
+        match self {
+            MemoryBackend::Process => "process",
+            MemoryBackend::Docker => "docker",
+        }
+    }
+}
 
 /// The issue's target, in MiB.
 const TARGET_MB: f64 = 30.0;
@@ -39,6 +59,8 @@ fn children(pid: u32) -> usize {
 struct Daemon {
     child: Child,
     dir: std::path::PathBuf,
+    backend: MemoryBackend,
+    instance: String,
 }
 
 impl Drop for Daemon {
@@ -46,7 +68,7 @@ impl Drop for Daemon {
         // SIGTERM: the daemon finishes its tick and, with on_exit = "stop", removes its replicas.
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
@@ -55,20 +77,57 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.backend == MemoryBackend::Docker {
+            // Whatever the daemon did not remove in time (1,000 containers take a while).
+            let ids = docker_ids(&self.instance, false);
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn start(bin: &Path, replicas: u32, tick: Duration) -> Result<Daemon> {
-    let dir = std::env::temp_dir().join(format!("bench-mem-{}-{replicas}", std::process::id()));
+/// The ids of the containers of microscaler instance `instance` (only running ones with
+/// `running`), through the docker command line.
+fn docker_ids(instance: &str, running: bool) -> Vec<String> {
+    let mut cmd = Command::new("docker");
+    cmd.args(["ps", "-aq", "--no-trunc", "--filter"])
+        .arg(format!("label=io.microscaler.instance={instance}"));
+    if running {
+        cmd.args(["--filter", "status=running"]);
+    }
+    match cmd.stderr(Stdio::null()).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> Result<Daemon> {
+    let instance = format!("bench-mem-{}-{replicas}", std::process::id());
+    let dir = std::env::temp_dir().join(&instance);
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join("bench.toml");
     let slots = replicas.max(1);
+    let backend_section = match backend {
+        MemoryBackend::Process => "[backend]\ntype = \"process\"\n".to_string(),
+        MemoryBackend::Docker => {
+            "[backend]\ntype = \"docker\"\nstart_parallelism = 8\nnetwork = \"none\"\n".to_string()
+        }
+    };
     std::fs::write(
         &cfg,
         format!(
-            "instance = \"bench-mem-{replicas}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n\
-             [capacity]\nslots = {slots}\n[backend]\ntype = \"process\"\n\
+            "instance = \"{instance}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n\
+             [capacity]\nslots = {slots}\n{backend_section}\
              [[services]]\nname = \"worker\"\npriority = 1\nmax = {slots}\nstop_grace = \"2s\"\n\
              [[services.triggers]]\ntype = \"manual\"\ninitial = {replicas}\n",
             tick.as_millis()
@@ -80,36 +139,51 @@ fn start(bin: &Path, replicas: u32, tick: Duration) -> Result<Daemon> {
         .arg(&cfg)
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot run {}", bin.display()))?;
-    Ok(Daemon { child, dir })
+    Ok(Daemon {
+        child,
+        dir,
+        backend,
+        instance,
+    })
 }
 
 /// Runs the daemon with `replicas`, waits until they all run, then samples VmRSS for `hold`.
 /// Returns (max VmRSS, VmHWM) in KiB and the time to reach the count.
 fn measure(
     bin: &Path,
+    backend: MemoryBackend,
     replicas: u32,
     tick: Duration,
     hold: Duration,
 ) -> Result<(u64, u64, Duration)> {
-    let mut d = start(bin, replicas, tick)?;
+    let mut d = start(bin, backend, replicas, tick)?;
     let pid = d.child.id();
     let t0 = Instant::now();
     loop {
         if let Ok(Some(st)) = d.child.try_wait() {
             bail!("microscaler exited early ({st}) with {replicas} replicas");
         }
-        if children(pid) >= replicas as usize {
+        let running = match backend {
+            MemoryBackend::Process => children(pid),
+            MemoryBackend::Docker => docker_ids(&d.instance, true).len(),
+        };
+        if running >= replicas as usize {
             break;
         }
-        if t0.elapsed() > Duration::from_secs(300) {
-            bail!("{} of {replicas} replicas after 300 s", children(pid));
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("{running} of {replicas} replicas after 600 s");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(match backend {
+            MemoryBackend::Process => 100,
+            MemoryBackend::Docker => 500,
+        }));
     }
     let ready = t0.elapsed();
     let mut rss = 0;
@@ -123,7 +197,12 @@ fn measure(
 }
 
 /// Resident memory at `replicas` and at 0.
-pub fn run(bin: &Path, replicas: u32, tick: Duration) -> Result<(Value, Vec<Row>)> {
+pub fn run(
+    bin: &Path,
+    backend: MemoryBackend,
+    replicas: u32,
+    tick: Duration,
+) -> Result<(Value, Vec<Row>)> {
     if !bin.exists() {
         bail!(
             "{} not found: build it first (cargo build --release -p microscaler) or pass --microscaler",
@@ -131,18 +210,21 @@ pub fn run(bin: &Path, replicas: u32, tick: Duration) -> Result<(Value, Vec<Row>
         );
     }
     let hold = Duration::from_secs(10);
-    let (idle_rss, idle_hwm, _) = measure(bin, 0, tick, hold)?;
-    let (rss, hwm, ready) = measure(bin, replicas, tick, hold)?;
+    let (idle_rss, idle_hwm, _) = measure(bin, backend, 0, tick, hold)?;
+    let (rss, hwm, ready) = measure(bin, backend, replicas, tick, hold)?;
     let mb = |kb: u64| kb as f64 / 1024.0;
     let rows = vec![Row::values(
-        &format!("resident memory, {replicas} replicas (process backend)"),
+        &format!(
+            "resident memory, {replicas} replicas ({} backend)",
+            backend.name()
+        ),
         format!("{:.1} MiB (peak {:.1})", mb(rss), mb(hwm)),
         format!("{:.1} MiB with 0 replicas", mb(idle_rss)),
         ratio(mb(rss), mb(idle_rss)),
         "< 30 MiB",
     )];
     let v = json!({
-        "binary": bin.display().to_string(), "backend": "process", "replicas": replicas,
+        "binary": bin.display().to_string(), "backend": backend.name(), "replicas": replicas,
         "tick_ms": tick.as_secs_f64() * 1e3,
         "vm_rss_mib": mb(rss), "vm_hwm_mib": mb(hwm), "idle_vm_rss_mib": mb(idle_rss),
         "idle_vm_hwm_mib": mb(idle_hwm), "ratio_to_idle": ratio(mb(rss), mb(idle_rss)),
