@@ -49,14 +49,91 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use microscaler_core::config::DockerSpec;
-use microscaler_core::{Host, Preempt, Service, ServiceName, ServiceObservation};
+use microscaler_core::plugin::{Capabilities, ServiceContext};
+use microscaler_core::validate::join;
+use microscaler_core::{Host, Preempt, ServiceName, ServiceObservation, Validator};
+use serde::Deserialize;
 use tokio::sync::OnceCell;
 
+use crate::config::{RunSpec, Service, Workload};
 use crate::docker_api;
 use crate::{
-    labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, StartFailure,
+    labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+    StartFailure,
 };
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: `[backend] type = "docker"` and what a service gives it.
+
+/// `[backend] type = "docker"`: a single Docker Engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerConfig {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); `None` means
+    /// `DOCKER_HOST` or the default socket.
+    pub host: Option<String>,
+    /// How many containers are created and started at once (1 to 256, default 8).
+    pub start_parallelism: usize,
+    /// Network mode of the replicas (`none`, the default, `host`, `bridge` or a network name).
+    pub network: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            host: None,
+            start_parallelism: 8,
+            network: "none".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawDocker {
+    host: Option<String>,
+    start_parallelism: Option<u32>,
+    network: Option<String>,
+}
+
+/// What the docker backend can do: it pauses (warm pools), reports the engine's CPUs and
+/// memory, and its stops are done when `scale` returns.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    pause: true,
+    host_resources: true,
+    ..Capabilities::CONTAINER_LEVEL
+};
+
+impl DockerConfig {
+    /// Validates the `[backend]` section (without `type`) at `path`.
+    pub fn validate(options: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawDocker = v.part(options, path)?;
+        let start_parallelism = match r.start_parallelism {
+            None => 8,
+            Some(n @ 1..=256) => n as usize,
+            Some(n) => {
+                v.err(
+                    join(path, "start_parallelism"),
+                    format!("must be between 1 and 256, got {n}"),
+                );
+                8
+            }
+        };
+        Some(DockerConfig {
+            host: r.host,
+            start_parallelism,
+            network: r.network.unwrap_or_else(|| "none".into()),
+        })
+    }
+
+    /// Validates a service's own keys for this backend: `image`, `command` and `env`.
+    pub fn workload(
+        options: toml::Table,
+        _: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        RunSpec::validate(options, v, path).map(Workload::Managed)
+    }
+}
 
 /// Environment variable telling a replica which service it belongs to.
 pub const ENV_SERVICE: &str = "MICROSCALER_SERVICE";
@@ -284,7 +361,10 @@ impl DockerBackend {
     /// Connects to the engine named by `spec.host` (or `DOCKER_HOST`, or the default socket)
     /// and checks that it answers. `instance` is this microscaler's name: only containers
     /// labelled with it are ever touched.
-    pub async fn connect(spec: &DockerSpec, instance: &str) -> Result<DockerBackend, BackendError> {
+    pub async fn connect(
+        spec: &DockerConfig,
+        instance: &str,
+    ) -> Result<DockerBackend, BackendError> {
         if let Err(e) = ServiceName::try_new(instance) {
             return Err(BackendError::Unsupported(format!(
                 "instance name {instance:?} cannot be used in container names and labels: it {e}"
@@ -331,15 +411,13 @@ impl DockerBackend {
     /// engine's message; anything else means the engine could not be reached.
     fn error(&self, op: impl Into<String>, e: bollard::errors::Error) -> BackendError {
         let op = op.into();
-        match e {
-            bollard::errors::Error::DockerResponseServerError { message, .. } => {
-                BackendError::Api { op, message }
-            }
-            other => BackendError::Unreachable {
-                what: format!("the Docker engine at {} (to {op})", self.address),
-                hint: format!("{other}; is dockerd running? set DOCKER_HOST or [backend] host"),
-                source: Some(Box::new(other)),
-            },
+        if let Some(answered) = docker_api::answered(op.clone(), &e) {
+            return answered;
+        }
+        BackendError::Unreachable {
+            what: format!("the Docker engine at {} (to {op})", self.address),
+            hint: format!("{e}; is dockerd running? set DOCKER_HOST or [backend] host"),
+            source: Some(Box::new(e)),
         }
     }
 
@@ -569,7 +647,7 @@ impl DockerBackend {
 
     /// The image a service's replicas run, importing the built-in one on first use.
     async fn image_for(&self, service: &Service) -> Result<String, BackendError> {
-        match &service.run.image {
+        match &managed(service).image {
             Some(image) => Ok(image.clone()),
             None => self
                 .replica_image
@@ -583,8 +661,7 @@ impl DockerBackend {
     fn container_body(&self, service: &Service, image: &str, pooled: bool) -> ContainerCreateBody {
         // Exactly the service's environment plus ours: the daemon's own (credentials) never
         // reaches a replica. Ours win over a same-named service variable.
-        let mut env: BTreeMap<&str, &str> = service
-            .run
+        let mut env: BTreeMap<&str, &str> = managed(service)
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -601,7 +678,7 @@ impl DockerBackend {
         }
         ContainerCreateBody {
             image: Some(image.to_string()),
-            cmd: (!service.run.command.is_empty()).then(|| service.run.command.clone()),
+            cmd: Some(managed(service).command.clone()).filter(|c| !c.is_empty()),
             env: Some(env),
             labels: Some(labels),
             stop_timeout: Some(i64::from(grace_secs(service.stop_grace))),
@@ -851,6 +928,10 @@ impl Backend for DockerBackend {
         "docker"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
         *lock(&self.pool.services) = services
             .iter()
@@ -861,7 +942,7 @@ impl Backend for DockerBackend {
         // not an option. Report every missing image at once.
         let mut missing = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
-        for image in services.iter().filter_map(|s| s.run.image.as_deref()) {
+        for image in services.iter().filter_map(|s| managed(s).image.as_deref()) {
             if !seen.insert(image) {
                 continue;
             }
@@ -889,7 +970,7 @@ impl Backend for DockerBackend {
                 ),
             });
         }
-        if services.iter().any(|s| s.run.image.is_none()) {
+        if services.iter().any(|s| managed(s).image.is_none()) {
             let image = self
                 .replica_image
                 .get_or_try_init(|| docker_api::ensure_replica_image(&self.docker))

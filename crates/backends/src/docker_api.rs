@@ -134,3 +134,30 @@ fn replica_rootfs_tar() -> std::io::Result<Vec<u8>> {
     builder.append_data(&mut header, "replica", REPLICA_BINARY)?;
     builder.into_inner()
 }
+
+/// A Docker Engine's error answer as a typed error, by its HTTP status: 404 is
+/// [`BackendError::NotFound`], 409 [`BackendError::Conflict`], 400 [`BackendError::Invalid`],
+/// 429 [`BackendError::Throttled`], the rest [`BackendError::Api`]. Swarm's "update out of
+/// sequence" (a 500 carrying no other code) is a conflict too: the service changed since it
+/// was read. `None` when the engine did not answer (the caller says it is unreachable).
+pub(crate) fn answered(op: String, e: &bollard::errors::Error) -> Option<BackendError> {
+    let bollard::errors::Error::DockerResponseServerError {
+        status_code,
+        message,
+    } = e
+    else {
+        return None;
+    };
+    let message = format!("{} (HTTP {status_code})", message.trim());
+    Some(match status_code {
+        404 => BackendError::NotFound {
+            what: op,
+            hint: message,
+        },
+        409 => BackendError::Conflict { op, message },
+        400 => BackendError::Invalid { op, message },
+        429 => BackendError::Throttled { op, message },
+        _ if message.contains("update out of sequence") => BackendError::Conflict { op, message },
+        _ => BackendError::Api { op, message },
+    })
+}

@@ -14,12 +14,28 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use microscaler_core::{Host, Service, ServiceName, ServiceObservation};
+use microscaler_core::{Capabilities, Host, ServiceName, ServiceObservation};
 
+pub mod config;
 pub mod docker;
 pub mod docker_api;
 pub mod process;
 pub mod swarm;
+
+pub use config::{BackendConfig, Config, Plugins, RunSpec, Service, Workload};
+
+/// What a managed service's replicas run. The container-level backends accept no
+/// `[services.reference]` at load time (their workload validation does not know the key), so
+/// every service they are given is managed; a service that is not gets the built-in replica's
+/// empty spec rather than a panic.
+pub(crate) fn managed(service: &Service) -> &RunSpec {
+    static BUILT_IN: RunSpec = RunSpec {
+        image: None,
+        command: Vec::new(),
+        env: std::collections::BTreeMap::new(),
+    };
+    service.workload.run().unwrap_or(&BUILT_IN)
+}
 
 /// Label keys put on everything microscaler creates. Only objects carrying both the instance
 /// and the service label are ever counted, stopped or removed.
@@ -98,7 +114,8 @@ pub struct ScaleOutcome {
     pub paused: u32,
 }
 
-/// Errors of a backend. Messages say what failed, on what, and what to do.
+/// Errors of a backend. Messages say what failed, on what, and what to do. Each has a
+/// [`ErrorClass`] that decides how it is retried; nothing downstream reads the text.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The orchestrator cannot be reached at all.
@@ -112,7 +129,41 @@ pub enum BackendError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// A call to the orchestrator failed.
+    /// An object the configuration names does not exist (a referenced service, an image).
+    #[error("{what} not found: {hint}")]
+    NotFound {
+        /// The object, with where it was looked for.
+        what: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The orchestrator refused a change because the object changed or is busy (Kubernetes'
+    /// resourceVersion conflict, Marathon's deployment lock, Swarm's "update out of
+    /// sequence"). Retried on a later tick with what is observed then, never forced.
+    #[error("{op}: conflict: {message}")]
+    Conflict {
+        /// The operation, with its object.
+        op: String,
+        /// The orchestrator's message.
+        message: String,
+    },
+    /// The orchestrator asked us to slow down (AWS' ThrottlingException, HTTP 429).
+    #[error("{op}: throttled: {message}")]
+    Throttled {
+        /// The operation, with its object.
+        op: String,
+        /// The orchestrator's message.
+        message: String,
+    },
+    /// The orchestrator refused the request as invalid (a bad image name, a spec it rejects).
+    #[error("{op}: refused as invalid: {message}")]
+    Invalid {
+        /// The operation, with its object.
+        op: String,
+        /// The orchestrator's message.
+        message: String,
+    },
+    /// A call to the orchestrator failed otherwise.
     #[error("{op} failed: {message}")]
     Api {
         /// The operation, with its object (`start container web-3`).
@@ -125,14 +176,90 @@ pub enum BackendError {
     Unsupported(String),
 }
 
-impl BackendError {
-    /// Short stable kind, for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+/// How a failed backend call is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorClass {
+    /// The orchestrator is away: retried with backoff, reported until it answers.
+    Unreachable,
+    /// Something the configuration names is missing: a person must act; retried slowly.
+    NotFound,
+    /// The object changed under us: retried at the next tick, on a fresh observation.
+    Conflict,
+    /// Slow down: retried with a longer backoff and jitter.
+    Throttled,
+    /// The request was refused as invalid: a person must act; retried slowly.
+    Invalid,
+    /// The backend cannot do this at all: retried slowly.
+    Unsupported,
+    /// Any other failure (a start that failed, an API error): retried with backoff.
+    Failed,
+}
+
+impl ErrorClass {
+    /// Short stable name, for metrics and logs.
+    pub fn as_str(self) -> &'static str {
         match self {
-            BackendError::Unreachable { .. } => "unreachable",
-            BackendError::Api { .. } => "api",
-            BackendError::Unsupported(_) => "unsupported",
+            ErrorClass::Unreachable => "unreachable",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Conflict => "conflict",
+            ErrorClass::Throttled => "throttled",
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::Failed => "failed",
         }
+    }
+
+    /// The wait before retrying after the `failures`-th failure in a row (1 for the first),
+    /// before any jitter: a conflict is retried at once (the next tick), a throttle from 1 s
+    /// doubling to 60 s, what needs a person from 5 s doubling to 5 min, the rest from 0.5 s
+    /// doubling to 30 s.
+    pub fn backoff(self, failures: u32) -> std::time::Duration {
+        use std::time::Duration;
+        let (first, max) = match self {
+            ErrorClass::Conflict => return Duration::ZERO,
+            ErrorClass::Throttled => (Duration::from_secs(1), Duration::from_secs(60)),
+            ErrorClass::NotFound | ErrorClass::Invalid | ErrorClass::Unsupported => {
+                (Duration::from_secs(5), Duration::from_secs(300))
+            }
+            ErrorClass::Unreachable | ErrorClass::Failed => {
+                (Duration::from_millis(500), Duration::from_secs(30))
+            }
+        };
+        first
+            .saturating_mul(1 << failures.saturating_sub(1).min(10))
+            .min(max)
+    }
+
+    /// Whether the retry wait is spread by jitter, so many services throttled together do not
+    /// come back together.
+    pub fn jitter(self) -> bool {
+        matches!(self, ErrorClass::Throttled)
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl BackendError {
+    /// How this error is retried.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BackendError::Unreachable { .. } => ErrorClass::Unreachable,
+            BackendError::NotFound { .. } => ErrorClass::NotFound,
+            BackendError::Conflict { .. } => ErrorClass::Conflict,
+            BackendError::Throttled { .. } => ErrorClass::Throttled,
+            BackendError::Invalid { .. } => ErrorClass::Invalid,
+            BackendError::Api { .. } => ErrorClass::Failed,
+            BackendError::Unsupported(_) => ErrorClass::Unsupported,
+        }
+    }
+
+    /// Short stable kind, for metrics and logs (the class's name).
+    pub fn kind(&self) -> &'static str {
+        self.class().as_str()
     }
 }
 
@@ -141,8 +268,12 @@ impl BackendError {
 /// Implementations must only ever count, stop or remove objects carrying both of microscaler's
 /// labels with this instance's value, and must leave no stopped replicas behind.
 pub trait Backend: Send + Sync {
-    /// Short name (`docker`, `swarm`, `process`).
+    /// Short name (`docker`, `swarm`, `process`), for logs and the dashboard. Never compared:
+    /// what a backend can do is in [`Backend::capabilities`].
     fn kind(&self) -> &'static str;
+
+    /// What this backend can do; the control loop acts on these.
+    fn capabilities(&self) -> Capabilities;
 
     /// Checks that the orchestrator answers and prepares what the services need (images, Swarm
     /// services). Replicas already running with this instance's labels are adopted, not
@@ -196,6 +327,9 @@ macro_rules! dispatch {
 impl Backend for AnyBackend {
     fn kind(&self) -> &'static str {
         dispatch!(self, b => b.kind())
+    }
+    fn capabilities(&self) -> Capabilities {
+        dispatch!(self, b => b.capabilities())
     }
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
         dispatch!(self, b => b.prepare(services).await)

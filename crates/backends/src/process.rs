@@ -31,17 +31,74 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use microscaler_core::config::ProcessSpec;
-use microscaler_core::{Host, Service, ServiceName, ServiceObservation};
+use microscaler_core::plugin::{Capabilities, ServiceContext};
+use microscaler_core::validate::join;
+use microscaler_core::{Host, ServiceName, ServiceObservation, Validator};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use serde::Deserialize;
 use tracing::{debug, info, warn};
 
+use crate::config::{RunSpec, Service, Workload};
 use crate::docker_api::REPLICA_BINARY;
 use crate::{
-    Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, StartFailure,
+    managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, StartFailure,
 };
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: `[backend] type = "process"` and what a service gives it.
+
+/// `[backend] type = "process"`: replicas are local child processes.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProcessConfig {
+    /// Working directory of the replicas; `None` means the daemon's.
+    pub work_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawProcess {
+    work_dir: Option<String>,
+}
+
+/// What the process backend can do: it stops its replicas itself, and nothing more (no pause
+/// yet, no host resources).
+pub const CAPABILITIES: Capabilities = Capabilities::CONTAINER_LEVEL;
+
+impl ProcessConfig {
+    /// Validates the `[backend]` section (without `type`) at `path`. Whether `work_dir` exists
+    /// is checked when the backend is built, not here (validation touches no file).
+    pub fn validate(options: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawProcess = v.part(options, path)?;
+        if r.work_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            v.err(join(path, "work_dir"), "must not be empty");
+        }
+        Some(ProcessConfig {
+            work_dir: r.work_dir,
+        })
+    }
+
+    /// Validates a service's own keys for this backend: `command` and `env` (a process runs
+    /// no image).
+    pub fn workload(
+        mut options: toml::Table,
+        _: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        if options.remove("image").is_some() {
+            v.err(
+                join(path, "image"),
+                "not used by the process backend; set command = [program, args...] instead",
+            );
+        }
+        let run = RunSpec::validate(options, v, path)?;
+        if run.command.first().is_some_and(|c| c.is_empty()) {
+            v.err(join(path, "command[0]"), "the program must not be empty");
+        }
+        Some(Workload::Managed(run))
+    }
+}
 
 /// Grace used by `shutdown(remove = true)` for replicas of a service that is no longer
 /// configured (adopted from an earlier run's records).
@@ -110,7 +167,7 @@ impl ProcessBackend {
     /// replica, so only this instance's replicas are adopted); `state_dir` holds the replica
     /// records, the per-service logs and the built-in replica binary, and is created if missing.
     pub fn new(
-        spec: &ProcessSpec,
+        spec: &ProcessConfig,
         instance: &str,
         state_dir: PathBuf,
     ) -> Result<ProcessBackend, BackendError> {
@@ -177,8 +234,12 @@ impl Backend for ProcessBackend {
         "process"
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-        if services.iter().any(|s| s.run.command.is_empty()) {
+        if services.iter().any(|s| managed(s).command.is_empty()) {
             self.inner.ensure_replica()?;
         }
         self.inner.adopt(services)
@@ -490,7 +551,7 @@ impl Inner {
                 });
             }
         };
-        let (program, args): (PathBuf, &[String]) = match service.run.command.split_first() {
+        let (program, args): (PathBuf, &[String]) = match managed(service).command.split_first() {
             Some((program, args)) => (PathBuf::from(program), args),
             None => match self.ensure_replica() {
                 Ok(path) => (path, &[]),
@@ -552,12 +613,12 @@ impl Inner {
         let mut attempt = 0;
         let mut child = loop {
             let mut cmd = tokio::process::Command::new(program);
-            cmd.args(args).env_clear().envs(&service.run.env);
+            cmd.args(args).env_clear().envs(&managed(service).env);
             // A bare program name is looked up on PATH, and the lookup uses the child's PATH:
             // pass the daemon's PATH (a list of directories, no secret) only then, and only
             // when the service does not set its own. An absolute or relative path gets no PATH.
             let bare = !program.as_os_str().as_encoded_bytes().contains(&b'/');
-            if bare && !service.run.env.contains_key("PATH") {
+            if bare && !managed(service).env.contains_key("PATH") {
                 if let Some(path) = std::env::var_os("PATH") {
                     cmd.env("PATH", path);
                 }

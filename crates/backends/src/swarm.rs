@@ -40,12 +40,66 @@ use bollard::query_parameters::{
     UpdateServiceOptions,
 };
 use bollard::Docker;
-use microscaler_core::config::SwarmSpec;
-use microscaler_core::{Host, Service, ServiceKind, ServiceName, ServiceObservation};
+use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
+use microscaler_core::{Host, ServiceKind, ServiceName, ServiceObservation, Validator};
+use serde::Deserialize;
 use tracing::{debug, info, warn};
 
+use crate::config::{RunSpec, Service, Workload};
 use crate::docker_api;
-use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
+use crate::{
+    labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: `[backend] type = "swarm"` and what a service gives it.
+
+/// `[backend] type = "swarm"`: a Docker Swarm, through one of its managers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SwarmConfig {
+    /// Address of a manager's engine; `None` means `DOCKER_HOST` or the default socket.
+    pub host: Option<String>,
+    /// Network the services' tasks attach to; `None` means Swarm's default (ingress-less, no
+    /// published ports).
+    pub network: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawSwarm {
+    host: Option<String>,
+    network: Option<String>,
+}
+
+/// What the swarm backend can do: Swarm keeps per-host services itself (global mode), has no
+/// pause, reports its nodes' CPUs and memory, and stops tasks after the update returns.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    native_per_host: true,
+    pause: false,
+    host_resources: true,
+    stops: StopCompletion::Converges,
+    references: false,
+};
+
+impl SwarmConfig {
+    /// Validates the `[backend]` section (without `type`) at `path`.
+    pub fn validate(options: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawSwarm = v.part(options, path)?;
+        Some(SwarmConfig {
+            host: r.host,
+            network: r.network,
+        })
+    }
+
+    /// Validates a service's own keys for this backend: `image`, `command` and `env`.
+    pub fn workload(
+        options: toml::Table,
+        _: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        RunSpec::validate(options, v, path).map(Workload::Managed)
+    }
+}
 
 /// Service label holding the image as configured (`built-in` for the built-in replica), since
 /// the task template may refer to the image by its ID.
@@ -233,10 +287,11 @@ fn engine_message(e: &DockerError) -> String {
 }
 
 fn api(op: impl Into<String>, e: &DockerError) -> BackendError {
-    BackendError::Api {
-        op: op.into(),
+    let op = op.into();
+    docker_api::answered(op.clone(), e).unwrap_or_else(|| BackendError::Api {
+        op,
         message: engine_message(e),
-    }
+    })
 }
 
 /// Swarm's answer when an update was based on an outdated version of the service.
@@ -292,7 +347,7 @@ impl SwarmBackend {
     /// Connects to the manager's engine named by `spec.host` (else `DOCKER_HOST`, else the
     /// default socket) and checks that it is an active swarm manager. `instance` is the owning
     /// microscaler instance (`Config::instance`).
-    pub async fn connect(spec: &SwarmSpec, instance: &str) -> Result<SwarmBackend, BackendError> {
+    pub async fn connect(spec: &SwarmConfig, instance: &str) -> Result<SwarmBackend, BackendError> {
         let address = docker_api::engine_address(spec.host.as_deref());
         let docker = docker_api::connect(spec.host.as_deref()).await?;
         let system = docker.info().await.map_err(|e| BackendError::Unreachable {
@@ -437,7 +492,7 @@ impl SwarmBackend {
 
     /// The image tasks of `service` refer to, and the [`IMAGE_LABEL`] value.
     async fn image_for(&self, service: &Service) -> Result<(String, String), BackendError> {
-        let Some(image) = service.run.image.as_deref() else {
+        let Some(image) = managed(service).image.as_deref() else {
             let reference = docker_api::ensure_replica_image(&self.docker).await?;
             let id = self
                 .docker
@@ -509,14 +564,14 @@ impl SwarmBackend {
         image: (String, String),
         network: Option<(String, String)>,
     ) -> Template {
-        let mut env = service.run.env.clone();
+        let mut env = managed(service).env.clone();
         env.insert("MICROSCALER_SERVICE".into(), service.name.to_string());
         env.insert("MICROSCALER_INSTANCE".into(), self.instance.clone());
         let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
         Template {
             image: image.0,
             image_label: image.1,
-            command: (!service.run.command.is_empty()).then(|| service.run.command.clone()),
+            command: Some(managed(service).command.clone()).filter(|c| !c.is_empty()),
             env,
             labels: self.labels(&service.name),
             stop_grace_ns: i64::try_from(service.stop_grace.as_nanos()).unwrap_or(i64::MAX),
@@ -668,6 +723,10 @@ impl SwarmBackend {
 impl Backend for SwarmBackend {
     fn kind(&self) -> &'static str {
         "swarm"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {

@@ -15,16 +15,16 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::docker::DockerConfig;
+use microscaler_backends::Service;
 use microscaler_backends::{docker_api, labels, Backend, BackendError};
-use microscaler_core::config::DockerSpec;
-use microscaler_core::Service;
 
 use common::{running, service, unique, wait_for};
 
 const SETTLE: Duration = Duration::from_secs(20);
 
-fn spec() -> DockerSpec {
-    DockerSpec {
+fn spec() -> DockerConfig {
+    DockerConfig {
         host: None,
         start_parallelism: 4,
         network: "none".into(),
@@ -320,7 +320,7 @@ async fn a_failed_start_is_reported_and_the_rest_goes_on() {
     let good = service(&unique("good"), vec![]);
     let bad_cmd = service(&unique("badcmd"), vec!["/nonexistent".into()]);
     let mut bad_image = service(&unique("badimg"), vec![]);
-    bad_image.run.image = Some("microscaler-test-no-such-image:1".into());
+    bad_image.workload.run_mut().unwrap().image = Some("microscaler-test-no-such-image:1".into());
 
     // prepare names the missing image and says what to do.
     let err = backend
@@ -417,7 +417,11 @@ async fn the_daemon_environment_does_not_leak() {
     let _cleanup = Cleanup::new(&instance);
     let docker = raw().await;
     let mut svc = service(&unique("env"), vec![]);
-    svc.run.env.insert("GREETING".into(), "hello world".into());
+    svc.workload
+        .run_mut()
+        .unwrap()
+        .env
+        .insert("GREETING".into(), "hello world".into());
     svc.stop_grace = Duration::from_millis(2500);
     backend.prepare(std::slice::from_ref(&svc)).await.unwrap();
     let out = backend.scale(&svc, 1).await.unwrap();
@@ -495,7 +499,7 @@ async fn observe_removes_replicas_that_exited_on_their_own() {
 
 #[tokio::test]
 async fn an_unreachable_engine_gives_a_clear_error() {
-    let spec = DockerSpec {
+    let spec = DockerConfig {
         host: Some("unix:///nonexistent.sock".into()),
         ..spec()
     };

@@ -14,16 +14,17 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::docker::DockerConfig;
+use microscaler_backends::Service;
 use microscaler_backends::{docker_api, labels, Backend, Observation};
-use microscaler_core::config::DockerSpec;
-use microscaler_core::{PoolSpec, Preempt, Service};
+use microscaler_core::{PoolSpec, Preempt};
 
 use common::{running, unique, wait_for};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn spec() -> DockerSpec {
-    DockerSpec {
+fn spec() -> DockerConfig {
+    DockerConfig {
         host: None,
         start_parallelism: 4,
         network: "none".into(),

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::{contract, running, service, unique, wait_for};
 use microscaler_backends::process::ProcessBackend;
+use microscaler_backends::process::ProcessConfig;
+use microscaler_backends::Service;
 use microscaler_backends::{Backend, Observation};
-use microscaler_core::config::ProcessSpec;
-use microscaler_core::Service;
 
 const SETTLE: Duration = Duration::from_secs(10);
 
 fn backend(state_dir: &Path, instance: &str) -> ProcessBackend {
-    ProcessBackend::new(&ProcessSpec::default(), instance, state_dir.to_path_buf())
+    ProcessBackend::new(&ProcessConfig::default(), instance, state_dir.to_path_buf())
         .expect("process backend")
 }
 
@@ -229,7 +229,7 @@ async fn the_daemon_environment_never_reaches_a_replica() {
             &format!("env > '{}'; exec sleep 60", file.display()),
         ]),
     );
-    svc.run.env = BTreeMap::from([
+    svc.workload.run_mut().unwrap().env = BTreeMap::from([
         ("APP_MODE".to_string(), "demo".to_string()),
         ("GREETING".to_string(), "hello world".to_string()),
     ]);
@@ -250,7 +250,7 @@ async fn the_daemon_environment_never_reaches_a_replica() {
     // A shell adds a few variables of its own: PWD (dash, bash), SHLVL and _ (bash). They come
     // from the shell, not from the daemon, so they are allowed; nothing else is.
     let shell_added = ["PWD", "SHLVL", "_"];
-    let mut expected: BTreeMap<String, String> = svc.run.env.clone();
+    let mut expected: BTreeMap<String, String> = svc.workload.run_mut().unwrap().env.clone();
     expected.insert("MICROSCALER_SERVICE".into(), svc.name.to_string());
     expected.insert("MICROSCALER_INSTANCE".into(), instance.clone());
     let from_replica: BTreeMap<String, String> = seen
@@ -495,7 +495,7 @@ async fn each_replica_leads_its_own_process_group() {
 async fn work_dir_and_path_lookup() {
     let dir = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let spec = ProcessSpec {
+    let spec = ProcessConfig {
         work_dir: Some(work.path().to_string_lossy().into_owned()),
     };
     let b = ProcessBackend::new(&spec, &unique("workdir"), dir.path().to_path_buf()).unwrap();
@@ -527,7 +527,7 @@ async fn work_dir_and_path_lookup() {
     assert_eq!(path.trim(), std::env::var("PATH").unwrap());
     b.shutdown(std::slice::from_ref(&svc), true).await.unwrap();
 
-    let missing = ProcessSpec {
+    let missing = ProcessConfig {
         work_dir: Some("/nonexistent/work".into()),
     };
     let err = ProcessBackend::new(&missing, "x", dir.path().to_path_buf())

@@ -13,16 +13,17 @@ use bollard::models::{
 };
 use bollard::query_parameters::{ListContainersOptions, ListServicesOptions};
 use bollard::Docker;
+use microscaler_backends::swarm::SwarmConfig;
 use microscaler_backends::swarm::{check_manager, swarm_service_name, SwarmBackend};
+use microscaler_backends::Service;
 use microscaler_backends::{docker_api, labels, Backend, BackendError, ReplicaState};
-use microscaler_core::config::SwarmSpec;
-use microscaler_core::{Service, ServiceKind};
+use microscaler_core::ServiceKind;
 
 /// Swarm starts a task in about a second; a minute covers a loaded machine.
 const SETTLE: Duration = Duration::from_secs(60);
 
-fn spec() -> SwarmSpec {
-    SwarmSpec {
+fn spec() -> SwarmConfig {
+    SwarmConfig {
         host: None,
         network: None,
     }
@@ -254,7 +255,11 @@ async fn adopts_existing_services_with_their_replica_count() {
         networks: vec![],
     };
     let mut svc = common::service("web", vec![]);
-    svc.run.env.insert("GREETING".into(), "hello".into());
+    svc.workload
+        .run_mut()
+        .unwrap()
+        .env
+        .insert("GREETING".into(), "hello".into());
     first
         .prepare(std::slice::from_ref(&svc))
         .await
@@ -327,7 +332,11 @@ async fn adopts_existing_services_with_their_replica_count() {
     assert_eq!((out.started, out.stopped), (0, 0));
 
     // A changed configuration updates the task template and keeps the replica count.
-    svc.run.env.insert("GREETING".into(), "bonjour".into());
+    svc.workload
+        .run_mut()
+        .unwrap()
+        .env
+        .insert("GREETING".into(), "bonjour".into());
     let third = connect(&instance).await.expect("connect a third time");
     third
         .prepare(std::slice::from_ref(&svc))
@@ -471,7 +480,7 @@ async fn tasks_join_the_configured_network() {
         networks: vec![net.clone()],
     };
     let svc = common::service("api", vec![]);
-    let with_network = |network: String| SwarmSpec {
+    let with_network = |network: String| SwarmConfig {
         host: None,
         network: Some(network),
     };
@@ -592,7 +601,7 @@ fn not_a_manager_error_says_what_to_run() {
 
 #[tokio::test]
 async fn unreachable_engine_is_named() {
-    let spec = SwarmSpec {
+    let spec = SwarmConfig {
         host: Some("unix:///nonexistent.sock".into()),
         network: None,
     };

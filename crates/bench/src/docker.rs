@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::docker::DockerConfig;
 use microscaler_backends::Backend;
-use microscaler_core::config::DockerSpec;
-use microscaler_core::Config;
+use microscaler_backends::Config;
 use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -62,8 +62,8 @@ fn config(o: &Opts, inst: &str, capacity: u32, p1_initial: u32, remainder: bool)
     Config::from_toml(&t).expect("the benchmark's configuration is valid")
 }
 
-fn probe_spec(o: &Opts) -> DockerSpec {
-    DockerSpec {
+fn probe_spec(o: &Opts) -> DockerConfig {
+    DockerConfig {
         host: None,
         start_parallelism: o.parallelism,
         network: "none".into(),

@@ -16,9 +16,9 @@ use bollard::Docker;
 use futures::StreamExt;
 use microscaler::control::{run_loop, Controller, Controls, TickPhases, TickReport};
 use microscaler_backends::docker::DockerBackend;
+use microscaler_backends::docker::DockerConfig;
 use microscaler_backends::labels;
-use microscaler_core::config::{BackendSpec, DockerSpec};
-use microscaler_core::Config;
+use microscaler_backends::{BackendConfig, Config};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -423,8 +423,8 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let spec = match &cfg.backend {
-        BackendSpec::Docker(d) => d.clone(),
-        _ => DockerSpec {
+        BackendConfig::Docker(d) => d.clone(),
+        _ => DockerConfig {
             host: None,
             start_parallelism: 8,
             network: "none".into(),

@@ -5,9 +5,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use microscaler_backends::Config;
 use microscaler_core::{
-    decide, Config, EngineState, Host, Observed, Samples, ServiceKind, ServiceObservation,
-    TriggerSample,
+    decide, EngineState, Host, Observed, Samples, ServiceKind, ServiceObservation, TriggerSample,
 };
 use serde_json::{json, Value};
 

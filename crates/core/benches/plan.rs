@@ -14,9 +14,13 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use microscaler_core::{
-    decide, Config, EngineState, Host, Observed, Samples, ServiceKind, ServiceObservation,
-    TriggerSample,
+    decide, EngineState, Host, Observed, Samples, ServiceObservation, TriggerSample,
 };
+
+use microscaler_core::plugin::opaque::{self, Opaque};
+
+type Config = microscaler_core::Config<Opaque>;
+type ServiceKind = microscaler_core::ServiceKind<opaque::Source>;
 
 const SERVICES: usize = 10_000;
 const REMAINDER: usize = 10;

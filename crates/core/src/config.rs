@@ -1,55 +1,23 @@
 //! Configuration: TOML text -> raw structures -> validated, typed [`Config`].
 //!
-//! Parsing and validation are separate passes, as in Vector: the raw pass rejects unknown keys
+//! The core validates what the engine uses; each plugin validates its own tables (see
+//! [`crate::plugin`]): a trigger's source keys, the `[backend]` section and the keys of a
+//! service the core does not know. Parsing and validation are separate passes, as in Vector: the raw pass rejects unknown keys
 //! and wrong types, the validation pass checks meaning. Both collect every error they find, each
 //! with its path (`services[2].max: must be >= min (3), got 1`), so a user fixes a file in one go.
 //! Parts of the document are deserialized one by one, so a type error in one service does not
 //! hide the errors of the others.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::model::*;
-pub use crate::source_spec::SOURCE_TYPES;
-
-/// One configuration error with the path of the offending value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted path, `services[2].max`; empty for the document itself.
-    pub path: String,
-    /// What is wrong, lowercase.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// All errors of a configuration, in document order.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
+use crate::plugin::{
+    BackendPlugins, Capabilities, Plugins, ServiceContext, SourceContext, SourcePlugins,
+};
+pub use crate::validate::{check_url, join, ConfigError, ConfigErrors, Validator};
 
 /// What happens to managed replicas when the daemon stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,60 +28,10 @@ pub enum OnExit {
     Stop,
 }
 
-/// Docker Engine backend settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DockerSpec {
-    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); `None` means
-    /// `DOCKER_HOST` or the default socket.
-    pub host: Option<String>,
-    /// How many containers are created and started at once.
-    pub start_parallelism: usize,
-    /// Network mode of the replicas (`none`, `host`, `bridge` or a network name).
-    pub network: String,
-}
-
-/// Docker Swarm backend settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SwarmSpec {
-    /// Address of a manager's engine; `None` means `DOCKER_HOST` or the default socket.
-    pub host: Option<String>,
-    /// Network the services' tasks attach to; `None` means Swarm's default (ingress-less, no
-    /// published ports).
-    pub network: Option<String>,
-}
-
-/// Local process backend settings.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ProcessSpec {
-    /// Working directory of the replicas; `None` means the daemon's.
-    pub work_dir: Option<String>,
-}
-
-/// The orchestrator microscaler drives.
-#[derive(Debug, Clone, PartialEq)]
-pub enum BackendSpec {
-    /// A single Docker Engine: microscaler creates and removes containers itself.
-    Docker(DockerSpec),
-    /// Docker Swarm: microscaler sets each Swarm service's replica count.
-    Swarm(SwarmSpec),
-    /// Local child processes, where no container engine runs.
-    Process(ProcessSpec),
-}
-
-impl BackendSpec {
-    /// The backend's type name, as written in the configuration.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            BackendSpec::Docker(_) => "docker",
-            BackendSpec::Swarm(_) => "swarm",
-            BackendSpec::Process(_) => "process",
-        }
-    }
-}
-
 /// A validated configuration. Every value in it has been checked; nothing downstream re-checks.
+/// `P` is the plugin set whose options it holds ([`Plugins`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct Config<P: Plugins> {
     /// Identifies this microscaler; its replicas carry it as a label so two instances on one
     /// engine never touch each other's replicas.
     pub instance: String,
@@ -127,10 +45,10 @@ pub struct Config {
     pub on_exit: OnExit,
     /// The cluster's capacity.
     pub capacity: Capacity,
-    /// The orchestrator.
-    pub backend: BackendSpec,
+    /// The orchestrator: the backend's validated options.
+    pub backend: P::Backend,
     /// The services, in file order.
-    pub services: Vec<Service>,
+    pub services: Vec<Service<P>>,
     /// Scaling behaviour (`[services.scaling]`) of the services that set one; the others use
     /// [`Scaling::DEFAULT`]. Kept beside the services, keyed by name, so a [`Service`] built in
     /// code needs no scaling section.
@@ -158,9 +76,9 @@ pub struct ServerSpec {
     pub retention: Option<Duration>,
 }
 
-impl Config {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+impl<P: Plugins> Config<P> {
+    /// Parses and validates TOML text: every error of the file at once, each with its path.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
         let doc: toml::Table = toml::from_str(text).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
@@ -168,15 +86,17 @@ impl Config {
             }])
         })?;
         let mut v = Validator::default();
-        let cfg = v.config(doc);
-        match cfg {
-            Some(cfg) if v.errors.is_empty() => Ok(cfg),
-            _ => Err(ConfigErrors(v.errors)),
-        }
+        let cfg = v.config::<P>(doc);
+        v.finish(cfg)
+    }
+
+    /// What the configured backend can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities()
     }
 
     /// The service called `name`.
-    pub fn service(&self, name: &str) -> Option<&Service> {
+    pub fn service(&self, name: &str) -> Option<&Service<P>> {
         self.services.iter().find(|s| s.name.as_str() == name)
     }
 
@@ -220,16 +140,8 @@ struct RawCapacity {
     slots_per_host: Option<u32>,
 }
 
-#[derive(Deserialize)]
-struct RawBackend {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    host: Option<String>,
-    start_parallelism: Option<u32>,
-    network: Option<String>,
-    work_dir: Option<String>,
-}
-
+/// The keys of a service the core reads; the others belong to the backend
+/// ([`BackendPlugins::workload`]).
 #[derive(Deserialize)]
 struct RawService {
     name: Option<String>,
@@ -243,15 +155,25 @@ struct RawService {
     per_host: bool,
     #[serde(default)]
     triggers: Vec<toml::Value>,
-    image: Option<String>,
-    #[serde(default)]
-    command: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
     stop_grace: Option<String>,
     scaling: Option<toml::Value>,
     pool: Option<toml::Value>,
 }
+
+/// The keys of [`RawService`], split off before the backend's own.
+const SERVICE_KEYS: &[&str] = &[
+    "name",
+    "priority",
+    "min",
+    "max",
+    "max_step",
+    "remainder",
+    "per_host",
+    "triggers",
+    "stop_grace",
+    "scaling",
+    "pool",
+];
 
 #[derive(Deserialize)]
 struct RawPool {
@@ -324,96 +246,11 @@ static DEFAULT_SCALING: Scaling = Scaling::DEFAULT;
 /// The longest stabilisation window or rate-limit period.
 const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
-/// Backend types, listed in errors.
-pub const BACKEND_TYPES: &[&str] = &["docker", "swarm", "process"];
-
 const MIN_TICK: Duration = Duration::from_millis(100);
 const MAX_TICK: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-pub(crate) struct Validator {
-    errors: Vec<ConfigError>,
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
 impl Validator {
-    pub(crate) fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Deserializes one part of the document, reporting unknown keys and type errors with paths.
-    /// Unknown keys are errors, but the part is still returned so its other values get checked.
-    pub(crate) fn part<T: DeserializeOwned>(
-        &mut self,
-        value: toml::Value,
-        path: &str,
-    ) -> Option<T> {
-        let mut unknown = Vec::new();
-        let mut track = serde_path_to_error::Track::new();
-        let de = serde_path_to_error::Deserializer::new(value, &mut track);
-        let result = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
-        for key in unknown {
-            self.err(join(path, &key), "unknown key");
-        }
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let inner = track.path().to_string();
-                let at = if inner == "." || inner.is_empty() {
-                    path.to_string()
-                } else {
-                    join(path, &inner)
-                };
-                self.err(at, e.to_string());
-                None
-            }
-        }
-    }
-
-    pub(crate) fn duration(
-        &mut self,
-        raw: Option<&str>,
-        path: &str,
-        default: Duration,
-        range: (Duration, Duration),
-    ) -> Duration {
-        let Some(raw) = raw else { return default };
-        match humantime::parse_duration(raw) {
-            Ok(d) if d < range.0 || d > range.1 => {
-                self.err(
-                    path,
-                    format!(
-                        "must be between {} and {}, got {raw:?}",
-                        humantime::format_duration(range.0),
-                        humantime::format_duration(range.1)
-                    ),
-                );
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.err(
-                    path,
-                    format!(
-                        "invalid duration {raw:?} ({e}); write it like \"500ms\", \"3s\" or \"1m\""
-                    ),
-                );
-                default
-            }
-        }
-    }
-
-    fn config(&mut self, doc: toml::Table) -> Option<Config> {
+    fn config<P: Plugins>(&mut self, doc: toml::Table) -> Option<Config<P>> {
         let top: RawTop = self.part(toml::Value::Table(doc), "")?;
 
         let instance = top.instance.unwrap_or_else(|| "default".into());
@@ -450,7 +287,7 @@ impl Validator {
             }
         };
         let capacity = self.capacity(top.capacity);
-        let backend = self.backend(top.backend);
+        let backend = self.backend::<P::Backend>(top.backend);
         let server = self.server(top.server);
 
         if top.services.is_empty() {
@@ -461,7 +298,7 @@ impl Validator {
         let mut names = BTreeSet::new();
         for (i, raw) in top.services.into_iter().enumerate() {
             let path = format!("services[{i}]");
-            if let Some((s, sc)) = self.service(raw, &path, capacity, backend.as_ref()) {
+            if let Some((s, sc)) = self.service::<P>(raw, &path, capacity, backend.as_ref()) {
                 if !names.insert(s.name.clone()) {
                     self.err(
                         format!("{path}.name"),
@@ -574,91 +411,80 @@ impl Validator {
         }
     }
 
-    fn backend(&mut self, raw: Option<toml::Value>) -> Option<BackendSpec> {
+    fn backend<B: BackendPlugins>(&mut self, raw: Option<toml::Value>) -> Option<B> {
         let Some(raw) = raw else {
             self.err(
                 "backend",
                 format!(
                     "missing: set [backend] type = one of {}",
-                    BACKEND_TYPES.join(", ")
+                    B::TYPES.join(", ")
                 ),
             );
             return None;
         };
-        let b: RawBackend = self.part(raw, "backend")?;
-        let kind = b.kind.as_deref().unwrap_or("");
-        let not_for = |v: &mut Validator, key: &str, present: bool| {
-            if present {
-                v.err(
-                    format!("backend.{key}"),
-                    format!("not used by the {kind} backend"),
-                );
-            }
-        };
-        match kind {
-            "docker" => {
-                not_for(self, "work_dir", b.work_dir.is_some());
-                let start_parallelism = match b.start_parallelism {
-                    None => 8,
-                    Some(n @ 1..=256) => n as usize,
-                    Some(n) => {
-                        self.err(
-                            "backend.start_parallelism",
-                            format!("must be between 1 and 256, got {n}"),
-                        );
-                        8
-                    }
-                };
-                Some(BackendSpec::Docker(DockerSpec {
-                    host: b.host,
-                    start_parallelism,
-                    network: b.network.unwrap_or_else(|| "none".into()),
-                }))
-            }
-            "swarm" => {
-                not_for(self, "work_dir", b.work_dir.is_some());
-                not_for(self, "start_parallelism", b.start_parallelism.is_some());
-                Some(BackendSpec::Swarm(SwarmSpec {
-                    host: b.host,
-                    network: b.network,
-                }))
-            }
-            "process" => {
-                not_for(self, "host", b.host.is_some());
-                not_for(self, "start_parallelism", b.start_parallelism.is_some());
-                not_for(self, "network", b.network.is_some());
-                Some(BackendSpec::Process(ProcessSpec {
-                    work_dir: b.work_dir,
-                }))
-            }
-            "" => {
-                self.err(
-                    "backend.type",
-                    format!("missing: must be one of {}", BACKEND_TYPES.join(", ")),
-                );
-                None
-            }
+        let mut table = match raw {
+            toml::Value::Table(t) => t,
             other => {
                 self.err(
-                    "backend.type",
-                    format!(
-                        "unknown backend {other:?}: valid types are {}",
-                        BACKEND_TYPES.join(", ")
-                    ),
+                    "backend",
+                    format!("must be a table, got {}", other.type_str()),
                 );
-                None
+                return None;
             }
+        };
+        let kind = match table.remove("type") {
+            Some(toml::Value::String(k)) => k,
+            Some(other) => {
+                self.err(
+                    "backend.type",
+                    format!("must be a string, got {}", other.type_str()),
+                );
+                return None;
+            }
+            None => {
+                self.err(
+                    "backend.type",
+                    format!("missing: must be one of {}", B::TYPES.join(", ")),
+                );
+                return None;
+            }
+        };
+        if !B::TYPES.contains(&kind.as_str()) {
+            self.err(
+                "backend.type",
+                format!(
+                    "unknown backend {kind:?}: valid types are {}",
+                    B::TYPES.join(", ")
+                ),
+            );
+            return None;
         }
+        B::validate(&kind, table, self, "backend")
     }
 
-    fn service(
+    fn service<P: Plugins>(
         &mut self,
         raw: toml::Value,
         path: &str,
         capacity: Option<Capacity>,
-        backend: Option<&BackendSpec>,
-    ) -> Option<(Service, Option<Scaling>)> {
-        let s: RawService = self.part(raw, path)?;
+        backend: Option<&P::Backend>,
+    ) -> Option<(Service<P>, Option<Scaling>)> {
+        let mut rest = match raw {
+            toml::Value::Table(t) => t,
+            other => {
+                self.err(path, format!("must be a table, got {}", other.type_str()));
+                return None;
+            }
+        };
+        // Split the core's keys from the backend's, so the backend rejects keys it does not
+        // know and the core never reads them.
+        let mut own = toml::Table::new();
+        for &key in SERVICE_KEYS {
+            if let Some(v) = rest.remove(key) {
+                own.insert(key.into(), v);
+            }
+        }
+        let s: RawService = self.part(toml::Value::Table(own), path)?;
         let p = |key: &str| format!("{path}.{key}");
         let name = match s.name {
             None => {
@@ -721,7 +547,11 @@ impl Validator {
             let mut seen = BTreeSet::new();
             for (j, t) in s.triggers.into_iter().enumerate() {
                 let tp = format!("{path}.triggers[{j}]");
-                if let Some(t) = self.trigger(t, &tp, capacity) {
+                let cx = SourceContext {
+                    capacity,
+                    service: name.as_ref(),
+                };
+                if let Some(t) = self.trigger::<P::Source>(t, &tp, &cx) {
                     if !seen.insert(t.name.clone()) {
                         self.err(
                             format!("{tp}.name"),
@@ -748,37 +578,18 @@ impl Validator {
             }
         };
 
-        for key in s.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                self.err(
-                    format!("{path}.env"),
-                    format!("invalid variable name {key:?}"),
-                );
-            }
-        }
-        if let Some(image) = &s.image {
-            if image.trim().is_empty() {
-                self.err(p("image"), "must not be empty");
-            }
-            if let Some(BackendSpec::Process(_)) = backend {
-                self.err(
-                    p("image"),
-                    "not used by the process backend; set command = [program, args...] instead",
-                );
-            }
-        }
-        if s.command.iter().any(|c| c.contains('\0')) {
-            self.err(p("command"), "must not contain NUL characters");
-        }
-        if let (Some(BackendSpec::Process(_)), Some(first)) = (backend, s.command.first()) {
-            if first.is_empty() {
-                self.err(p("command[0]"), "the program must not be empty");
-            }
-        }
+        let caps = backend.map(BackendPlugins::capabilities);
+        let workload = backend.and_then(|b| {
+            let cx = ServiceContext {
+                name: name.as_ref(),
+                per_host: s.per_host,
+            };
+            b.workload(rest, &cx, self, path)
+        });
 
         let pool = match s.pool {
             None => PoolSpec::default(),
-            Some(raw) => self.pool(raw, &p("pool"), backend, max),
+            Some(raw) => self.pool(raw, &p("pool"), backend.map(|b| (b.type_name(), caps)), max),
         };
 
         let service = Service {
@@ -788,11 +599,7 @@ impl Validator {
             max,
             max_step: s.max_step,
             kind,
-            run: RunSpec {
-                image: s.image,
-                command: s.command,
-                env: s.env,
-            },
+            workload: workload?,
             stop_grace,
             pool,
         };
@@ -804,7 +611,7 @@ impl Validator {
         &mut self,
         raw: toml::Value,
         path: &str,
-        backend: Option<&BackendSpec>,
+        backend: Option<(&str, Option<Capabilities>)>,
         max: u32,
     ) -> PoolSpec {
         let Some(r) = self.part::<RawPool>(raw, path) else {
@@ -839,26 +646,23 @@ impl Validator {
                 "with preempt = \"pause\" a paused replica would keep the slot it gives up, so preemption could never free capacity; set paused_takes_slot = false or preempt = \"stop\"",
             );
         }
-        match backend {
-            Some(BackendSpec::Swarm(_)) if pool.pauses() => self.err(
-                path,
-                "the swarm backend cannot pause replicas (Swarm has no pause): remove [services.pool] or use the docker backend",
-            ),
-            Some(BackendSpec::Process(_)) if pool.pauses() => self.err(
-                path,
-                "the process backend has no warm pool yet: remove [services.pool] or use the docker backend",
-            ),
-            _ => {}
+        if let Some((kind, Some(caps))) = backend {
+            if pool.pauses() && !caps.pause {
+                self.err(
+                    path,
+                    format!("the {kind} backend cannot pause replicas: remove [services.pool] or use a backend that can (docker)"),
+                );
+            }
         }
         pool
     }
 
-    fn trigger(
+    fn trigger<S: SourcePlugins>(
         &mut self,
         raw: toml::Value,
         path: &str,
-        capacity: Option<Capacity>,
-    ) -> Option<Trigger> {
+        cx: &SourceContext<'_>,
+    ) -> Option<Trigger<S>> {
         let mut table = match raw {
             toml::Value::Table(t) => t,
             other => {
@@ -878,10 +682,20 @@ impl Validator {
         let Some(kind) = head.kind else {
             self.err(
                 format!("{path}.type"),
-                format!("missing: must be one of {}", SOURCE_TYPES.join(", ")),
+                format!("missing: must be one of {}", S::TYPES.join(", ")),
             );
             return None;
         };
+        if !S::TYPES.contains(&kind.as_str()) {
+            self.err(
+                format!("{path}.type"),
+                format!(
+                    "unknown source type {kind:?}: valid types are {}",
+                    S::TYPES.join(", ")
+                ),
+            );
+            return None;
+        }
         let p = |key: &str| format!("{path}.{key}");
         let positive = |v: &mut Validator, key: &str, x: Option<f64>| -> Option<f64> {
             match x {
@@ -949,7 +763,7 @@ impl Validator {
             }
         }
         let tolerance = match head.tolerance {
-            None => Trigger::DEFAULT_TOLERANCE,
+            None => DEFAULT_TOLERANCE,
             Some(t) if t.is_finite() && (0.0..1.0).contains(&t) => {
                 if !matches!(rule, Rule::Average { .. } | Rule::Utilisation { .. }) {
                     self.err(
@@ -961,7 +775,7 @@ impl Validator {
             }
             Some(t) => {
                 self.err(p("tolerance"), format!("must be >= 0 and < 1, got {t}"));
-                Trigger::DEFAULT_TOLERANCE
+                DEFAULT_TOLERANCE
             }
         };
         let activation = match head.activation {
@@ -1014,7 +828,7 @@ impl Validator {
             }
             (None, None) => None,
         };
-        let source = self.source(&kind, toml::Value::Table(table), path, capacity)?;
+        let source = S::validate(&kind, table, cx, self, path)?;
         Some(Trigger {
             name: head.name.unwrap_or_else(|| kind.clone()).into(),
             source,
@@ -1025,11 +839,11 @@ impl Validator {
         })
     }
 
-    fn scaling(
+    fn scaling<S>(
         &mut self,
         raw: toml::Value,
         path: &str,
-        triggers: &[Trigger],
+        triggers: &[Trigger<S>],
         service_path: &str,
     ) -> Option<Scaling> {
         let s: RawScaling = self.part(raw, path)?;
@@ -1137,6 +951,9 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plugin::opaque::{self, Opaque};
+
+    type Config = super::Config<Opaque>;
 
     const GOOD: &str = r#"
         instance = "demo"
@@ -1181,15 +998,11 @@ mod tests {
         match &c.services[0].kind {
             ServiceKind::Triggered(t) => {
                 assert_eq!(&*t[0].name, "random");
+                // The source's own keys reach the source's plugin, and only those.
+                let keys: Vec<&str> = t[0].source.options.keys().map(|k| k.as_str()).collect();
                 assert_eq!(
-                    t[0].source,
-                    SourceSpec::Random(RandomSpec {
-                        delta: 3,
-                        interval: Duration::from_secs(3),
-                        seed: Some(7),
-                        initial: None,
-                        max: None
-                    })
+                    (t[0].source.kind.as_str(), keys),
+                    ("random", vec!["delta", "interval", "seed"])
                 );
             }
             k => panic!("unexpected kind {k:?}"),
@@ -1235,19 +1048,11 @@ mod tests {
         );
         assert!(
             e.iter()
-                .any(|m| m
-                    .starts_with("services[0].triggers[0].interval: invalid duration \"soon\"")),
-            "{e:?}"
-        );
-        assert!(
-            e.iter()
                 .any(|m| m.starts_with("services[1].name: must contain only")),
             "{e:?}"
         );
-        assert!(
-            e.contains(&"services[1].colour: unknown key".to_string()),
-            "{e:?}"
-        );
+        // A source's keys (`interval`) and a service's backend keys (`colour`) are checked by
+        // their plugins, with the same paths: see the sources' and backends' own tests.
         assert!(
             e.iter()
                 .any(|m| m.starts_with("services[2].max: invalid type")),
@@ -1262,22 +1067,13 @@ mod tests {
             e,
             vec![format!(
                 "services[0].triggers[0].type: unknown source type \"kafka\": valid types are {}",
-                SOURCE_TYPES.join(", ")
+                <opaque::Source as SourcePlugins>::TYPES.join(", ")
             )]
         );
         let e = errors(&GOOD.replace("type = \"docker\"", "type = \"k8s\""));
         assert_eq!(
             e,
             vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process"]
-        );
-    }
-
-    #[test]
-    fn source_rejects_keys_of_other_sources() {
-        let e = errors(&GOOD.replace("seed = 7", "seed = 7\ninitial_value = 2"));
-        assert_eq!(
-            e,
-            vec!["services[0].triggers[0].initial_value: unknown key"]
         );
     }
 
@@ -1366,14 +1162,29 @@ mod tests {
     }
 
     #[test]
-    fn process_backend_rejects_image() {
-        let text = GOOD
-            .replace("type = \"docker\"", "type = \"process\"")
-            .replace("remainder = true", "remainder = true\nimage = \"x\"");
-        let e = errors(&text);
+    fn service_keys_the_core_does_not_know_go_to_the_backend() {
+        let c = Config::from_toml(&GOOD.replace(
+            "remainder = true",
+            "remainder = true\nimage = \"nginx\"\n[services.reference]\nservice = \"web\"",
+        ))
+        .unwrap();
+        let keys: Vec<&str> = c.services[1].workload.keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, vec!["image", "reference"]);
+        assert!(c.services[0].workload.is_empty());
+    }
+
+    #[test]
+    fn a_pool_needs_a_backend_that_pauses() {
+        let pool = "remainder = true\n[services.pool]\nsize = 1";
+        assert!(Config::from_toml(&GOOD.replace("remainder = true", pool)).is_ok());
+        let e = errors(
+            &GOOD
+                .replace("type = \"docker\"", "type = \"swarm\"")
+                .replace("remainder = true", pool),
+        );
         assert_eq!(
             e,
-            vec!["services[1].image: not used by the process backend; set command = [program, args...] instead"]
+            vec!["services[1].pool: the swarm backend cannot pause replicas: remove [services.pool] or use a backend that can (docker)"]
         );
     }
 }

@@ -39,6 +39,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::model::*;
 use crate::plan::*;
+use crate::plugin::Plugins;
 use crate::rules::{self, replicas_for, Recommendation};
 
 /// What the engine remembers between ticks, per service.
@@ -281,7 +282,7 @@ fn prefetch<T>(p: *const T) {
 /// Prefetches what [`want`] reads of a service beyond its configuration: its first triggers,
 /// its samples, its commitment and its rules' memory.
 #[inline(always)]
-fn prefetch_inputs(svc: &Service, inputs: &Inputs) {
+fn prefetch_inputs<P: Plugins>(svc: &Service<P>, inputs: &Inputs) {
     if let ServiceKind::Triggered(triggers) = &svc.kind {
         for t in triggers.iter().take(2) {
             prefetch(&t.name);
@@ -304,12 +305,21 @@ fn prefetch_inputs(svc: &Service, inputs: &Inputs) {
 static DEFAULT_SCALING: Scaling = Scaling::DEFAULT;
 
 /// Buffers reused from service to service within one tick.
-#[derive(Default)]
-struct Scratch<'a> {
-    parts: Vec<Part<'a>>,
+struct Scratch<'a, S> {
+    parts: Vec<Part<'a, S>>,
     values: Vec<f64>,
     /// Triggers at or below their activation, with their values.
-    inactive: Vec<(&'a Trigger, f64)>,
+    inactive: Vec<(&'a Trigger<S>, f64)>,
+}
+
+impl<S> Default for Scratch<'_, S> {
+    fn default() -> Self {
+        Scratch {
+            parts: Vec::new(),
+            values: Vec::new(),
+            inactive: Vec::new(),
+        }
+    }
 }
 
 /// What a triggered service's triggers asked, worded only when a reason is written.
@@ -352,8 +362,8 @@ impl std::fmt::Display for Asks {
     }
 }
 
-struct Work<'a> {
-    svc: &'a Service,
+struct Work<'a, P: Plugins> {
+    svc: &'a Service<P>,
     /// The service's index in the configuration.
     index: usize,
     /// The service's scaling behaviour.
@@ -388,8 +398,8 @@ struct Work<'a> {
 }
 
 /// Decides one tick. See the module documentation for the rules.
-pub fn decide(
-    cfg: &Config,
+pub fn decide<P: Plugins>(
+    cfg: &Config<P>,
     observed: &Observed,
     samples: &Samples,
     memory: &EngineState,
@@ -462,7 +472,7 @@ pub fn decide(
     // own, visited here in allocation order: ask for them a few services ahead, so the misses
     // overlap instead of stalling one after another.
     let ahead = |k: usize, d: usize| order.get(k + d).map(|&j| (&cfg.services[j], &inputs[j]));
-    let mut work: Vec<Work> = Vec::with_capacity(n);
+    let mut work: Vec<Work<P>> = Vec::with_capacity(n);
     for (k, &i) in order.iter().enumerate() {
         if let Some((svc, _)) = ahead(k, 2 * AHEAD) {
             prefetch(&svc.kind);
@@ -563,14 +573,14 @@ pub fn decide(
     (plan, next)
 }
 
-fn want<'a>(
-    svc: &'a Service,
+fn want<'a, P: Plugins>(
+    svc: &'a Service<P>,
     inputs: Inputs<'a>,
-    scratch: &mut Scratch<'a>,
+    scratch: &mut Scratch<'a, P::Source>,
     hosts: u32,
     now: Duration,
     converge_timeout: Duration,
-) -> Work<'a> {
+) -> Work<'a, P> {
     let obs = inputs.obs;
     let scaling = inputs.scaling;
     let committed = inputs.committed;
@@ -824,11 +834,11 @@ fn push_u64(s: &mut String, mut n: u64) {
 
 /// The triggers' rules: each trigger's value (live, kept or fallback) becomes replicas by its
 /// rule; they combine by max or the formula; activation gates zero.
-fn triggered<'a>(
-    triggers: &'a [Trigger],
+fn triggered<'a, S>(
+    triggers: &'a [Trigger<S>],
     scaling: &Scaling,
     got: Option<&[TriggerSample]>,
-    scratch: &mut Scratch<'a>,
+    scratch: &mut Scratch<'a, S>,
     prev: Option<&RuleMemory>,
     current: u32,
     now: Duration,
@@ -1051,14 +1061,14 @@ fn triggered<'a>(
 }
 
 /// One trigger's part of the reason, worded only when needed.
-enum Part<'a> {
+enum Part<'a, S> {
     /// A value (kept after `n` failures, or live) and what its rule made of it.
-    Value(&'a Trigger, f64, Recommendation, Option<u32>),
+    Value(&'a Trigger<S>, f64, Recommendation, Option<u32>),
     /// Already in words.
     Words(String),
 }
 
-impl Part<'_> {
+impl<S> Part<'_, S> {
     fn words(&self, current: u32) -> String {
         match self {
             Part::Words(w) => w.clone(),
@@ -1078,7 +1088,7 @@ impl Part<'_> {
 }
 
 /// One trigger's recommendation in words.
-fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> String {
+fn trigger_words<S>(t: &Trigger<S>, v: f64, current: u32, rec: &Recommendation) -> String {
     let n = &t.name;
     let r = rec.replicas;
     if rec.within_tolerance {
@@ -1111,7 +1121,7 @@ fn trigger_words(t: &Trigger, v: f64, current: u32, rec: &Recommendation) -> Str
     }
 }
 
-fn build_plan(work: &[Work], keys: &[Key], capacity: u32, allocated: u64) -> Plan {
+fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocated: u64) -> Plan {
     // Who gave slots to whom, for the reasons: growers draw first on free slots, then on slots
     // given up voluntarily, then on slots taken from others, lowest priority first. What a
     // service lost that no grower took was lost because the capacity shrank.
@@ -1242,7 +1252,7 @@ fn build_plan(work: &[Work], keys: &[Key], capacity: u32, allocated: u64) -> Pla
 
 /// The rule with the last word on `w`'s target. `taken`: a grower took slots from it; `left`:
 /// slots nobody was given.
-fn final_bound(w: &Work, taken: bool, left: u64) -> Bound {
+fn final_bound<P: Plugins>(w: &Work<P>, taken: bool, left: u64) -> Bound {
     if w.target == w.want {
         // A remainder service at its max while slots stay free was bound by its max.
         if w.want_bound == Bound::Remainder && w.want == w.svc.max && left > 0 {
@@ -1273,7 +1283,7 @@ fn plural(n: u32) -> &'static str {
 }
 
 /// What a reason needs to know beyond the service itself.
-struct Ctx<'a> {
+struct Ctx<'a, P: Plugins> {
     capacity: u32,
     committed: u64,
     /// To whom the service gave slots.
@@ -1281,11 +1291,11 @@ struct Ctx<'a> {
     /// Slots it lost that no grower took (the capacity shrank).
     shed: u32,
     index: usize,
-    work: &'a [Work<'a>],
+    work: &'a [Work<'a, P>],
 }
 
 /// What the service asked for, in words.
-fn push_asks(s: &mut String, w: &Work) {
+fn push_asks<P: Plugins>(s: &mut String, w: &Work<P>) {
     match &w.svc.kind {
         ServiceKind::Triggered(_) => w.asks.push_to(s),
         ServiceKind::PerHost => {
@@ -1299,7 +1309,7 @@ fn push_asks(s: &mut String, w: &Work) {
     }
 }
 
-fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
+fn service_reason<P: Plugins>(w: &Work<P>, bound: Bound, ctx: &Ctx<P>) -> String {
     let cmp = |a: u32, b: u32| match a.cmp(&b) {
         std::cmp::Ordering::Greater => ">",
         std::cmp::Ordering::Less => "<",
@@ -1419,7 +1429,7 @@ fn service_reason(w: &Work, bound: Bound, ctx: &Ctx) -> String {
     }
 }
 
-fn trigger_count(svc: &Service) -> usize {
+fn trigger_count<P: Plugins>(svc: &Service<P>) -> usize {
     match &svc.kind {
         ServiceKind::Triggered(t) => t.len(),
         _ => 0,

@@ -8,10 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::plugin::{Plugins, WorkloadOf};
 pub use crate::rules::{
     Amount, Direction, FailurePolicy, Fallback, Formula, PdSpec, RatePolicy, Rule, Scaling, Select,
 };
-pub use crate::source_spec::{ManualSpec, RandomSpec, SourceSpec};
 
 /// The name of a service: a DNS label (1 to 63 characters of `a-z`, `0-9` and `-`, starting and
 /// ending with a letter or digit), so it is valid as a Docker label value, a Swarm service name, a
@@ -159,26 +159,27 @@ impl fmt::Display for Priority {
     }
 }
 
-/// How a service's wanted replica count is decided.
+/// How a service's wanted replica count is decided. `S` is the sources' options type
+/// ([`SourcePlugins`](crate::plugin::SourcePlugins)).
 #[derive(Debug, Clone, PartialEq)]
-pub enum ServiceKind {
+pub enum ServiceKind<S> {
     /// Demand-driven: the service wants what its triggers ask for (combined by max).
-    Triggered(Vec<Trigger>),
+    Triggered(Vec<Trigger<S>>),
     /// A remainder service: it wants all capacity that is left and never evicts anyone.
     Remainder,
     /// One replica on every ready host (Swarm global mode, a Kubernetes DaemonSet).
     PerHost,
 }
 
-/// A demand signal of a service.
+/// A demand signal of a service. `S` is the sources' options type; the engine never reads it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Trigger {
+pub struct Trigger<S> {
     /// The trigger's name, unique within its service (defaults to the source type). Shared
     /// (`Arc`): the control loop hands a clone to each [`TriggerSample`], and the engine
     /// matches a sample to its trigger by pointer before it compares the strings.
     pub name: Arc<str>,
-    /// Where the value comes from.
-    pub source: SourceSpec,
+    /// Where the value comes from: the source's validated options.
+    pub source: S,
     /// How the value becomes replicas (default: the value is the replica count).
     pub rule: Rule,
     /// No change while `|value / target - 1| <= tolerance` (average and utilisation rules).
@@ -191,13 +192,16 @@ pub struct Trigger {
     pub failure: Option<FailurePolicy>,
 }
 
-impl Trigger {
+/// The default tolerance band of a trigger (the HPA's).
+pub const DEFAULT_TOLERANCE: f64 = 0.1;
+
+impl<S> Trigger<S> {
     /// The default tolerance band (the HPA's).
-    pub const DEFAULT_TOLERANCE: f64 = 0.1;
+    pub const DEFAULT_TOLERANCE: f64 = DEFAULT_TOLERANCE;
 
     /// A trigger with the default rules: the value is the replica count, activation 0, no
     /// fallback.
-    pub fn new(name: impl Into<Arc<str>>, source: SourceSpec) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, source: S) -> Self {
         Trigger {
             name: name.into(),
             source,
@@ -209,22 +213,10 @@ impl Trigger {
     }
 }
 
-/// What a replica runs.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct RunSpec {
-    /// Container image (container backends). `None` means the built-in replica image.
-    pub image: Option<String>,
-    /// Command: the container's command, or the program and its arguments for the process
-    /// backend. Empty means the image's default (containers) or the built-in replica (processes).
-    pub command: Vec<String>,
-    /// Environment given to each replica. Nothing else is passed: the daemon's own environment
-    /// never reaches a replica.
-    pub env: BTreeMap<String, String>,
-}
-
-/// A validated service.
+/// A validated service. `P` is the plugin set ([`Plugins`]): its sources' options sit in the
+/// triggers, its backend's part in `workload`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Service {
+pub struct Service<P: Plugins> {
     /// Unique name.
     pub name: ServiceName,
     /// 1 is the highest.
@@ -236,9 +228,10 @@ pub struct Service {
     /// Largest change of the replica count in one tick; `None` means unlimited.
     pub max_step: Option<u32>,
     /// How the wanted count is decided.
-    pub kind: ServiceKind,
-    /// What each replica runs.
-    pub run: RunSpec,
+    pub kind: ServiceKind<P::Source>,
+    /// The backend's part of the service: what each replica runs, or which existing
+    /// orchestrator object it is.
+    pub workload: WorkloadOf<P>,
     /// Time between SIGTERM and SIGKILL when a replica is stopped.
     pub stop_grace: Duration,
     /// The warm pool and what a scale-down does (`[services.pool]`); the default keeps no pool
@@ -281,7 +274,7 @@ impl PoolSpec {
     }
 }
 
-impl Service {
+impl<P: Plugins> Service<P> {
     /// True for a remainder service.
     pub fn is_remainder(&self) -> bool {
         matches!(self.kind, ServiceKind::Remainder)

@@ -3,9 +3,16 @@
 
 use std::time::Duration;
 
-use microscaler_core::config::{BackendSpec, OnExit, ProcessSpec};
+use microscaler_core::config::OnExit;
 use microscaler_core::engine::Commitment;
 use microscaler_core::*;
+
+use microscaler_core::plugin::opaque::{self, Opaque};
+
+type Config = microscaler_core::Config<Opaque>;
+type Service = microscaler_core::Service<Opaque>;
+type ServiceKind = microscaler_core::ServiceKind<opaque::Source>;
+type Trigger = microscaler_core::Trigger<opaque::Source>;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: configs, a world that remembers the engine's memory, and short plan summaries.
@@ -48,14 +55,14 @@ fn service(n: &str, priority: u32, kind: ServiceKind) -> Service {
         max: u32::MAX,
         max_step: None,
         kind,
-        run: RunSpec::default(),
+        workload: Default::default(),
         stop_grace: Duration::from_secs(10),
         pool: Default::default(),
     }
 }
 
 fn trigger(n: &str) -> Trigger {
-    Trigger::new(n, SourceSpec::Manual(ManualSpec { initial: 0.0 }))
+    Trigger::new(n, opaque::Source::of("manual"))
 }
 
 /// A service driven by one trigger called [`LOAD`].
@@ -101,7 +108,7 @@ fn config(capacity: Capacity, services: Vec<Service>) -> Config {
         converge_timeout: Duration::from_secs(30),
         on_exit: OnExit::Leave,
         capacity,
-        backend: BackendSpec::Process(ProcessSpec::default()),
+        backend: opaque::Backend::of("process"),
         services,
         scaling: Default::default(),
         server: Default::default(),
@@ -998,7 +1005,7 @@ fn demo_run_with_slow_starts_converges_within_each_demand_period() {
 #[test]
 fn paused_service_is_frozen_until_resumed() {
     use microscaler_core::{Bound, EngineState, ServiceName};
-    let cfg = microscaler_core::Config::from_toml(
+    let cfg = Config::from_toml(
         r#"
         [capacity]
         slots = 9

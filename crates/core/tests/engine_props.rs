@@ -18,11 +18,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use microscaler_core::config::{BackendSpec, OnExit, ProcessSpec};
+use microscaler_core::config::OnExit;
 use microscaler_core::engine::Commitment;
 use microscaler_core::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
+
+use microscaler_core::plugin::opaque::{self, Opaque};
+
+type Config = microscaler_core::Config<Opaque>;
+type Service = microscaler_core::Service<Opaque>;
+type ServiceKind = microscaler_core::ServiceKind<opaque::Source>;
+type Trigger = microscaler_core::Trigger<opaque::Source>;
 
 const NAMES: &[&str] = &["api", "batch", "cache", "db", "etl", "feed", "gc", "hub"];
 const TRIGGERS: &[&str] = &["queue", "rps"];
@@ -88,13 +95,13 @@ fn service(i: usize) -> impl Strategy<Value = Service> {
                 Kind::Triggered(n) => ServiceKind::Triggered(
                     TRIGGERS[..n]
                         .iter()
-                        .map(|t| Trigger::new(*t, SourceSpec::Manual(ManualSpec { initial: 0.0 })))
+                        .map(|t| Trigger::new(*t, opaque::Source::of("manual")))
                         .collect(),
                 ),
                 Kind::Remainder => ServiceKind::Remainder,
                 Kind::PerHost => ServiceKind::PerHost,
             },
-            run: RunSpec::default(),
+            workload: Default::default(),
             stop_grace: Duration::from_secs(10),
             pool: Default::default(),
         })
@@ -226,7 +233,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     converge_timeout: CONVERGE,
                     on_exit: OnExit::Leave,
                     capacity,
-                    backend: BackendSpec::Process(ProcessSpec::default()),
+                    backend: opaque::Backend::of("process"),
                     services,
                     scaling: Default::default(),
                     server: Default::default(),

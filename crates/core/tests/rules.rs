@@ -6,6 +6,10 @@ use std::time::Duration;
 use microscaler_core::rules::{self, Formula};
 use microscaler_core::*;
 
+use microscaler_core::plugin::opaque::Opaque;
+
+type Config = microscaler_core::Config<Opaque>;
+
 /// One triggered service `web` (capacity 100) with `trigger` keys added to its manual trigger
 /// `q` and `scaling` as its `[services.scaling]` body.
 fn cfg(trigger: &str, scaling: &str) -> Config {

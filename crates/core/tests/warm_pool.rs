@@ -4,10 +4,17 @@
 
 use std::time::Duration;
 
-use microscaler_core::config::{BackendSpec, OnExit, ProcessSpec};
+use microscaler_core::config::OnExit;
 use microscaler_core::engine::Commitment;
 use microscaler_core::*;
 use proptest::prelude::*;
+
+use microscaler_core::plugin::opaque::{self, Opaque};
+
+type Config = microscaler_core::Config<Opaque>;
+type Service = microscaler_core::Service<Opaque>;
+type ServiceKind = microscaler_core::ServiceKind<opaque::Source>;
+type Trigger = microscaler_core::Trigger<opaque::Source>;
 
 fn name(s: &str) -> ServiceName {
     ServiceName::try_new(s).unwrap()
@@ -21,14 +28,14 @@ fn svc(n: &str, priority: u32, kind: ServiceKind, pool: PoolSpec) -> Service {
         max: u32::MAX,
         max_step: None,
         kind,
-        run: RunSpec::default(),
+        workload: Default::default(),
         stop_grace: Duration::from_secs(10),
         pool,
     }
 }
 
 fn triggered(n: &str, priority: u32, pool: PoolSpec) -> Service {
-    let t = Trigger::new("load", SourceSpec::Manual(ManualSpec { initial: 0.0 }));
+    let t = Trigger::new("load", opaque::Source::of("manual"));
     svc(n, priority, ServiceKind::Triggered(vec![t]), pool)
 }
 
@@ -40,7 +47,7 @@ fn config(slots: u32, services: Vec<Service>) -> Config {
         converge_timeout: Duration::from_secs(30),
         on_exit: OnExit::Leave,
         capacity: Capacity::Slots(slots),
-        backend: BackendSpec::Process(ProcessSpec::default()),
+        backend: opaque::Backend::of("process"),
         services,
         scaling: Default::default(),
         server: Default::default(),
@@ -248,11 +255,11 @@ fn pool_config_is_validated_with_paths() {
     );
     assert_eq!(
         errors("swarm", "size = 1"),
-        vec!["services[0].pool: the swarm backend cannot pause replicas (Swarm has no pause): remove [services.pool] or use the docker backend"]
+        vec!["services[0].pool: the swarm backend cannot pause replicas: remove [services.pool] or use a backend that can (docker)"]
     );
     assert_eq!(
         errors("process", "preempt = \"pause\""),
-        vec!["services[0].pool: the process backend has no warm pool yet: remove [services.pool] or use the docker backend"]
+        vec!["services[0].pool: the process backend cannot pause replicas: remove [services.pool] or use a backend that can (docker)"]
     );
     assert!(
         errors("swarm", "size = 0\npreempt = \"stop\"").is_empty(),

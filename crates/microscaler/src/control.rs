@@ -1,29 +1,32 @@
-//! The control loop: every tick, observe -> sample -> decide -> act -> record.
+//! The control loop: every tick, observe -> sample -> decide -> dispatch -> record.
 //!
-//! The engine decides; this module only executes. Execution reconciles each service to its
-//! target against what was observed: all scale-downs that stop replicas first (concurrently) so
-//! capacity is free before it is used, then all scale-ups (concurrently), together with the
-//! scale-downs of `preempt = "pause"` services (a pause frees no memory, only CPU, so waiting
-//! for it would only delay the scale-up; see [`Controller::tick`]). A service whose last start
-//! failed is retried with exponential backoff; its failure never holds up the other services.
+//! The engine decides; this module only executes. Each service's change runs in a task of its
+//! own (at most [`MAX_CONCURRENT_CHANGES`] at once, never two for one service), in the seeds'
+//! order: the scale-downs that stop replicas are dispatched first, and the scale-ups (with the
+//! scale-downs of `preempt = "pause"` services, which free no memory) follow once those are
+//! done, or after half a tick period at the latest, so a replica that takes its whole
+//! `stop_grace` to stop never delays another service by more than half a tick. A tick waits for its changes until
+//! its period is over; a change still running then goes on in the background, its service is
+//! left alone until it finishes, and its result is reported by the tick that sees it end. A
+//! failed change is retried with a backoff that follows its error's class (see
+//! [`ErrorClass::backoff`]); it never holds up the other services.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use microscaler_backends::{Backend, BackendError, Observation, ScaleOutcome};
+use microscaler_backends::{Backend, BackendError, Config, ErrorClass, Observation, ScaleOutcome};
 use microscaler_core::config::OnExit;
 use microscaler_core::{
-    decide, Config, EngineState, Observed, Plan, Preempt, Samples, Service, ServiceKind,
-    ServiceName, TriggerSample,
+    decide, EngineState, Observed, Plan, Preempt, Samples, ServiceKind, ServiceName, TriggerSample,
 };
 use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, SourceError};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
-/// Backoff after failed starts: 0.5 s, doubling, at most 30 s.
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How many services' changes run at once.
+pub const MAX_CONCURRENT_CHANGES: usize = 64;
 
 /// A live trigger of a service.
 struct LiveTrigger {
@@ -116,6 +119,23 @@ struct Backoff {
     until: Duration,
 }
 
+/// Which part of a tick's dispatch a change belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A scale-down that stops replicas: dispatched first.
+    Stop,
+    /// A scale-up, or a scale-down that only pauses: dispatched once the stops are done.
+    Start,
+}
+
+/// A change that finished, sent back by its task.
+struct Done {
+    execution: Execution,
+    phase: Phase,
+    /// The tick that dispatched it.
+    tick: u64,
+}
+
 /// One service's execution result in a tick.
 #[derive(Debug)]
 pub struct Execution {
@@ -124,7 +144,75 @@ pub struct Execution {
     /// The target it was scaled to.
     pub target: u32,
     /// What the backend did, or why it could not.
-    pub result: Result<ScaleOutcome, String>,
+    pub result: Result<ScaleOutcome, ScaleError>,
+}
+
+/// Why a scale failed, kept with how it is retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleError {
+    /// How it is retried.
+    pub class: ErrorClass,
+    /// The backend's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for ScaleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<BackendError> for ScaleError {
+    fn from(e: BackendError) -> Self {
+        ScaleError {
+            class: e.class(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// An error of a tick outside the scaling of a service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TickError {
+    /// The backend could not be observed; the tick was skipped.
+    Observe {
+        /// How it is retried.
+        class: ErrorClass,
+        /// The backend's message.
+        message: String,
+    },
+    /// A trigger gave no sample (failed, timed out or rejected).
+    Sample {
+        /// The service.
+        service: ServiceName,
+        /// The trigger.
+        trigger: Arc<str>,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl TickError {
+    /// `observe` or `sample`, for metrics and the dashboard.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TickError::Observe { .. } => "observe",
+            TickError::Sample { .. } => "sample",
+        }
+    }
+}
+
+impl std::fmt::Display for TickError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TickError::Observe { message, .. } => write!(f, "observe: {message}"),
+            TickError::Sample {
+                service,
+                trigger,
+                message,
+            } => write!(f, "{service}/{trigger}: {message}"),
+        }
+    }
 }
 
 /// Everything that happened in one tick.
@@ -140,8 +228,8 @@ pub struct TickReport {
     pub plan: Option<Plan>,
     /// What was executed.
     pub executions: Vec<Execution>,
-    /// Errors of the tick (observe failures, sample failures), human-readable.
-    pub errors: Vec<String>,
+    /// Errors of the tick outside scaling (observe and sample failures).
+    pub errors: Vec<TickError>,
     /// How long the tick took.
     pub took: Duration,
     /// Where the tick's time went.
@@ -164,18 +252,27 @@ pub struct TickPhases {
     pub starts: Duration,
 }
 
-/// The controller: configuration, backend, live sources and the engine's memory.
-pub struct Controller<B: Backend> {
-    cfg: Config,
-    backend: B,
+/// The controller: configuration, backend, live sources, the engine's memory and the changes
+/// in flight.
+pub struct Controller<B: Backend + 'static> {
+    cfg: Arc<Config>,
+    /// Each service's position in `cfg.services`, built once.
+    index: HashMap<ServiceName, usize>,
+    backend: Arc<B>,
     triggers: Vec<(ServiceName, Vec<LiveTrigger>)>,
     memory: EngineState,
     backoff: BTreeMap<ServiceName, Backoff>,
     started: Instant,
     controls: Controls,
+    /// Services with a change running, and the target it was asked for.
+    in_flight: HashMap<ServiceName, u32>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    permits: Arc<Semaphore>,
+    ticks: u64,
 }
 
-impl<B: Backend> Controller<B> {
+impl<B: Backend + 'static> Controller<B> {
     /// Builds the live sources of `cfg`. `clock_seed` seeds random sources that have no seed.
     pub fn new(cfg: Config, backend: B, clock_seed: u64) -> Self {
         let capacity = match cfg.capacity {
@@ -215,15 +312,33 @@ impl<B: Backend> Controller<B> {
             }
             triggers.push((svc.name.clone(), live));
         }
+        let index = cfg
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
-            cfg,
-            backend,
+            cfg: Arc::new(cfg),
+            index,
+            backend: Arc::new(backend),
             triggers,
             memory: EngineState::default(),
             backoff: BTreeMap::new(),
             started: Instant::now(),
             controls,
+            in_flight: HashMap::new(),
+            done_tx,
+            done_rx,
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHANGES)),
+            ticks: 0,
         }
+    }
+
+    /// Services whose change is still running (dispatched by an earlier tick or this one).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// The configuration.
@@ -289,18 +404,33 @@ impl<B: Backend> Controller<B> {
             .map_err(PrepareError::Backend)
     }
 
-    /// One tick: observe, sample, decide, act.
+    /// One tick: observe, sample, decide, dispatch.
     ///
-    /// Acting, scale-downs that stop replicas run first and are waited for, so the capacity
-    /// they free is free before a scale-up uses it. Scale-downs of services with
+    /// Dispatching, scale-downs that stop replicas go first, so the capacity they free is free
+    /// before a scale-up uses it; the scale-ups follow when they are done, or half a tick
+    /// period after the tick began at the latest (a replica that ignores SIGTERM holds its
+    /// capacity for its `stop_grace`; no one else waits that long). A stop gives up its slots
+    /// when it is requested; a scale-up gets no more slots than are free by that count, so one
+    /// whose capacity a failed stop did not free waits for a later tick. Scale-downs of services with
     /// `preempt = "pause"` only freeze their replicas (the memory stays taken either way), so
-    /// they run concurrently with the scale-ups: a higher priority's unpause or start does not
-    /// wait for a remainder's pause, and for the few milliseconds both take, the replicas
-    /// running may exceed the slots by what is being paused.
+    /// they go with the scale-ups: a higher priority's unpause or start does not wait for a
+    /// remainder's pause, and for the few milliseconds both take, the replicas running may
+    /// exceed the slots by what is being paused. The tick then waits for its changes until its
+    /// period is over; those still running go on in the background.
     pub async fn tick(&mut self) -> TickReport {
         let t0 = Instant::now();
         let now = t0.duration_since(self.started);
+        self.ticks += 1;
         let mut errors = Vec::new();
+        let mut executions = Vec::new();
+        // Changes of earlier ticks that ended meanwhile (a yield first lets a task that has
+        // just been woken send its result).
+        if !self.in_flight.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        while let Ok(done) = self.done_rx.try_recv() {
+            executions.push(self.finished(done, now));
+        }
 
         let mut phases = TickPhases::default();
         let observed = self.backend.observe().await;
@@ -309,13 +439,16 @@ impl<B: Backend> Controller<B> {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, kind = e.kind(), "observe failed; skipping this tick");
-                errors.push(format!("observe: {e}"));
+                errors.push(TickError::Observe {
+                    class: e.class(),
+                    message: e.to_string(),
+                });
                 return TickReport {
                     now,
                     observed: None,
                     samples: Samples::default(),
                     plan: None,
-                    executions: Vec::new(),
+                    executions,
                     errors,
                     took: t0.elapsed(),
                     phases,
@@ -344,7 +477,8 @@ impl<B: Backend> Controller<B> {
             tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
         }
         phases.decide = t.elapsed();
-        let executions = self.execute(&plan, &observed, now, &mut phases).await;
+        self.dispatch(&plan, &observed, now, t0, &mut phases, &mut executions)
+            .await;
 
         TickReport {
             now,
@@ -358,30 +492,43 @@ impl<B: Backend> Controller<B> {
         }
     }
 
-    async fn sample(&mut self, now: Duration, errors: &mut Vec<String>) -> Samples {
+    async fn sample(&mut self, now: Duration, errors: &mut Vec<TickError>) -> Samples {
         let timeout = self.cfg.sample_timeout;
         let mut samples = Samples::default();
         let futs = self.triggers.iter_mut().map(|(svc, ts)| async move {
             let mut out = Vec::new();
             let mut errs = Vec::new();
-            for t in ts.iter_mut() {
-                let value = match tokio::time::timeout(timeout, t.source.sample(now)).await {
+            // Every trigger of every service at once, each bounded by the timeout.
+            let sampled = join_all(ts.iter_mut().map(|t| async move {
+                let value = tokio::time::timeout(timeout, t.source.sample(now)).await;
+                (t.name.clone(), value)
+            }))
+            .await;
+            for (name, value) in sampled {
+                let value = match value {
                     Ok(Ok(v)) => Some(v),
                     Ok(Err(e)) => {
-                        errs.push(format!("{svc}/{}: {e}", t.name));
+                        errs.push(TickError::Sample {
+                            service: svc.clone(),
+                            trigger: name.clone(),
+                            message: e.to_string(),
+                        });
                         None
                     }
                     Err(_) => {
-                        errs.push(format!(
-                            "{svc}/{}: no sample within {}",
-                            t.name,
-                            humantime::format_duration(timeout)
-                        ));
+                        errs.push(TickError::Sample {
+                            service: svc.clone(),
+                            trigger: name.clone(),
+                            message: format!(
+                                "no sample within {}",
+                                humantime::format_duration(timeout)
+                            ),
+                        });
                         None
                     }
                 };
                 out.push(TriggerSample {
-                    trigger: t.name.clone(),
+                    trigger: name,
                     value,
                 });
             }
@@ -399,68 +546,215 @@ impl<B: Backend> Controller<B> {
         samples
     }
 
-    async fn execute(
+    /// Dispatches the plan: one task per service that must change (see [`Controller::tick`]),
+    /// then waits for them until the tick's period is over. Results that arrive go to
+    /// `executions`.
+    async fn dispatch(
         &mut self,
         plan: &Plan,
         observed: &Observation,
         now: Duration,
+        t0: Instant,
         phases: &mut TickPhases,
-    ) -> Vec<Execution> {
-        let mut downs = Vec::new();
-        let mut pauses = Vec::new();
-        let mut ups = Vec::new();
+        executions: &mut Vec<Execution>,
+    ) {
+        let native_per_host = self.backend.capabilities().native_per_host;
+        let mut stops = Vec::new();
+        let mut starts = Vec::new();
+        // Slots free now; what the stops give up is added as they are requested.
+        let mut available = i64::from(plan.capacity);
         for sp in &plan.services {
             let have = observed
                 .services
                 .get(&sp.service)
                 .map_or(0, |o| o.running + o.pending);
-            let Some(svc) = self.cfg.services.iter().find(|s| s.name == sp.service) else {
+            // A service whose change runs counts as what it was asked: a stop in flight gave
+            // its slots up when it was requested, a start in flight is taking its own.
+            available -= i64::from(self.in_flight.get(&sp.service).copied().unwrap_or(have));
+            let Some(&index) = self.index.get(&sp.service) else {
                 continue;
             };
-            if matches!(svc.kind, ServiceKind::PerHost) && self.backend.kind() == "swarm" {
-                continue; // Swarm's global mode keeps one per node by itself.
+            let svc = &self.cfg.services[index];
+            if sp.target == have {
+                continue;
             }
-            if sp.target < have && svc.pool.preempt == Preempt::Pause {
-                pauses.push((svc, sp.target));
-            } else if sp.target < have {
-                downs.push((svc, sp.target));
-            } else if sp.target > have {
-                match self.backoff.get(&sp.service) {
-                    Some(b) if b.until > now => {
-                        tracing::debug!(service = %sp.service, "start held back by backoff");
-                    }
-                    _ => ups.push((svc, sp.target)),
+            if matches!(svc.kind, ServiceKind::PerHost) && native_per_host {
+                continue; // The orchestrator keeps one per host by itself.
+            }
+            if self.in_flight.contains_key(&sp.service) {
+                tracing::debug!(service = %sp.service, "a change is still running; not dispatching another");
+                continue;
+            }
+            if let Some(b) = self.backoff.get(&sp.service) {
+                if b.until > now {
+                    tracing::debug!(service = %sp.service, "change held back by backoff");
+                    continue;
                 }
+            }
+            if sp.target < have && svc.pool.preempt != Preempt::Pause {
+                stops.push((index, sp.target, have));
+            } else {
+                starts.push((index, sp.target, have));
+            }
+        }
+        // Pauses free their slots as they are requested (a paused replica takes none unless
+        // its pool says so, and then the plan's capacity already left it out).
+        for &(index, target, have) in &starts {
+            if target < have && !self.cfg.services[index].pool.paused_takes_slot {
+                available += i64::from(have - target);
             }
         }
 
-        // Free capacity before using it; pauses go along with the scale-ups (see `tick`).
+        let tick = self.ticks;
+        let period_end = t0 + self.cfg.tick;
+        // The scale-ups wait for the stops half a period at most, so they have the other half.
+        let stops_end = t0 + self.cfg.tick / 2;
+        // Free capacity before using it: the stops first, then the rest once they are done
+        // (or the tick's period is over).
         let t = Instant::now();
-        let mut executions = scale_all(&self.backend, downs).await;
-        phases.stops = t.elapsed();
-        let t = Instant::now();
-        let (paused, started) = futures::join!(
-            scale_all(&self.backend, pauses),
-            scale_all(&self.backend, ups)
-        );
-        executions.extend(paused);
-        executions.extend(started);
-        phases.starts = t.elapsed();
+        let batch: Vec<(usize, u32)> = stops.iter().map(|&(i, t, _)| (i, t)).collect();
+        let mut waiting = self.spawn_all(&batch, Phase::Stop);
+        let giving_up: HashMap<ServiceName, i64> = stops
+            .iter()
+            .map(|&(i, t, h)| (self.cfg.services[i].name.clone(), i64::from(h - t)))
+            .collect();
+        // A stop gives up its slots when it is requested: one still running after the wait
+        // (a replica that ignores SIGTERM) has been told to go. One that failed gives up none.
+        available += stops.iter().map(|&(_, t, h)| i64::from(h - t)).sum::<i64>();
+        while waiting > 0 {
+            match tokio::time::timeout_at(stops_end, self.done_rx.recv()).await {
+                Ok(Some(done)) => {
+                    if done.tick == tick && done.phase == Phase::Stop {
+                        waiting -= 1;
+                        if let Some(&asked) = giving_up.get(&done.execution.service) {
+                            let stopped = match &done.execution.result {
+                                Ok(o) => i64::from(o.stopped),
+                                Err(_) => 0,
+                            };
+                            available -= asked - stopped.min(asked);
+                        }
+                    }
+                    executions.push(self.finished(done, now));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        phases.stops = if stops.is_empty() {
+            Duration::ZERO
+        } else {
+            t.elapsed()
+        };
+        if waiting > 0 {
+            tracing::info!(
+                stopping = waiting,
+                "stops still running after half a tick period; the scale-ups go ahead"
+            );
+        }
 
-        for ex in &executions {
-            let failed = match &ex.result {
-                Ok(o) => !o.failures.is_empty(),
-                Err(_) => true,
-            };
-            if failed {
+        // The scale-ups, highest priority first (the plan's order), within the slots free:
+        // a scale-up whose capacity a failed stop did not free waits for the next tick.
+        // Pauses go first: they free the CPU the scale-ups are about to use.
+        let mut batch: Vec<(usize, u32)> = starts
+            .iter()
+            .filter(|&&(_, target, have)| target < have)
+            .map(|&(index, target, _)| (index, target))
+            .collect();
+        for &(index, target, have) in &starts {
+            if target < have {
+                continue;
+            }
+            let grant = i64::from(target - have).min(available.max(0));
+            if grant < i64::from(target - have) {
+                tracing::info!(service = %self.cfg.services[index].name, target, granted = have as i64 + grant, "scale-up limited to the slots free: a stop did not free its capacity");
+            }
+            if grant > 0 {
+                available -= grant;
+                batch.push((index, have + grant as u32));
+            }
+        }
+        let t = Instant::now();
+        let mut waiting = self.spawn_all(&batch, Phase::Start) + waiting;
+        while waiting > 0 {
+            match tokio::time::timeout_at(period_end, self.done_rx.recv()).await {
+                Ok(Some(done)) => {
+                    if done.tick == tick {
+                        waiting -= 1;
+                    }
+                    executions.push(self.finished(done, now));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        phases.starts = if starts.is_empty() {
+            Duration::ZERO
+        } else {
+            t.elapsed()
+        };
+    }
+
+    /// Spawns one task per `(service index, target)`; returns how many.
+    fn spawn_all(&mut self, batch: &[(usize, u32)], phase: Phase) -> usize {
+        for &(index, target) in batch {
+            let cfg = Arc::clone(&self.cfg);
+            let backend = Arc::clone(&self.backend);
+            let permits = Arc::clone(&self.permits);
+            let tx = self.done_tx.clone();
+            let tick = self.ticks;
+            self.in_flight
+                .insert(cfg.services[index].name.clone(), target);
+            tokio::spawn(async move {
+                let svc = &cfg.services[index];
+                // The semaphore is never closed; a failed acquire would only skip the bound.
+                let _permit = permits.acquire_owned().await;
+                let result = backend.scale(svc, target).await.map_err(ScaleError::from);
+                let execution = Execution {
+                    service: svc.name.clone(),
+                    target,
+                    result,
+                };
+                // The receiver lives as long as the controller; after it, no one listens.
+                let _ = tx.send(Done {
+                    execution,
+                    phase,
+                    tick,
+                });
+            });
+        }
+        batch.len()
+    }
+
+    /// Records a finished change: the service may change again, and a failure backs off by
+    /// its class.
+    fn finished(&mut self, done: Done, now: Duration) -> Execution {
+        let ex = done.execution;
+        self.in_flight.remove(&ex.service);
+        let failed = match &ex.result {
+            Ok(o) if o.failures.is_empty() => None,
+            Ok(_) => Some(ErrorClass::Failed),
+            Err(e) => Some(e.class),
+        };
+        match failed {
+            None => {
+                self.backoff.remove(&ex.service);
+            }
+            Some(class) => {
                 let b = self.backoff.entry(ex.service.clone()).or_insert(Backoff {
                     failures: 0,
                     until: now,
                 });
                 b.failures += 1;
-                let wait = BACKOFF_FIRST
-                    .saturating_mul(1 << (b.failures - 1).min(10))
-                    .min(BACKOFF_MAX);
+                let mut wait = class.backoff(b.failures);
+                if class.jitter() {
+                    // Up to a quarter more, spread by the service's name and the attempt.
+                    let h = ex
+                        .service
+                        .as_str()
+                        .bytes()
+                        .fold(u64::from(b.failures), |h, c| {
+                            h.wrapping_mul(31).wrapping_add(u64::from(c))
+                        });
+                    wait += wait.mul_f64((h % 1000) as f64 / 4000.0);
+                }
                 b.until = now + wait;
                 match &ex.result {
                     Ok(o) => {
@@ -469,20 +763,48 @@ impl<B: Backend> Controller<B> {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(service = %ex.service, failures = b.failures, retry_in = ?wait, "scale failed: {e}");
+                        tracing::error!(service = %ex.service, class = %e.class, failures = b.failures, retry_in = ?wait, "scale failed: {e}");
                     }
                 }
-            } else {
-                self.backoff.remove(&ex.service);
             }
         }
-        executions
+        ex
+    }
+
+    /// Waits for every change in flight to finish (at most `limit`), recording the results.
+    pub async fn drain(&mut self, limit: Duration) -> Vec<Execution> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + limit;
+        let now = self.started.elapsed();
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(done)) => out.push(self.finished(done, now)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        out
     }
 
     /// Stops the controller: removes the replicas if `on_exit = "stop"`, else leaves them for
     /// the next start to adopt.
-    pub async fn shutdown(self) -> Result<OnExit, BackendError> {
+    pub async fn shutdown(mut self) -> Result<OnExit, BackendError> {
         let on_exit = self.cfg.on_exit;
+        // Let the changes in flight end first (a stop within its grace), so none races the
+        // shutdown.
+        let grace = self
+            .cfg
+            .services
+            .iter()
+            .map(|s| s.stop_grace)
+            .max()
+            .unwrap_or_default();
+        if !self.in_flight.is_empty() {
+            tracing::info!(
+                changes = self.in_flight.len(),
+                "waiting for the changes in flight"
+            );
+            self.drain(grace + Duration::from_secs(30)).await;
+        }
         self.backend
             .shutdown(&self.cfg.services, on_exit == OnExit::Stop)
             .await?;
@@ -490,22 +812,9 @@ impl<B: Backend> Controller<B> {
     }
 }
 
-/// Scales every `(service, target)` of `batch` concurrently.
-async fn scale_all<B: Backend>(backend: &B, batch: Vec<(&Service, u32)>) -> Vec<Execution> {
-    join_all(batch.into_iter().map(|(svc, target)| async move {
-        let result = backend.scale(svc, target).await.map_err(|e| e.to_string());
-        Execution {
-            service: svc.name.clone(),
-            target,
-            result,
-        }
-    }))
-    .await
-}
-
 /// Runs ticks until `stop` resolves, calling `record` after each tick. A tick in progress is
 /// always finished (never cancelled half-way through starting replicas).
-pub async fn run_loop<B: Backend>(
+pub async fn run_loop<B: Backend + 'static>(
     ctl: &mut Controller<B>,
     stop: impl std::future::Future<Output = ()>,
     mut record: impl FnMut(&TickReport),

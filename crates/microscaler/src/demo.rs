@@ -496,12 +496,18 @@ mod tests {
         };
         for backend in ["docker", "process"] {
             let toml = queue_config_toml(&s, &q, backend);
-            let cfg = microscaler_core::Config::from_toml(&toml)
+            let cfg = microscaler_backends::Config::from_toml(&toml)
                 .unwrap_or_else(|e| panic!("{backend}: {e}\n{toml}"));
             let w = cfg.service("workers").unwrap();
-            assert_eq!(w.run.env["MICROSCALER_WORK_REDIS"], "127.0.0.1:6379");
-            assert_eq!(w.run.env["MICROSCALER_WORK_QUEUE"], "demo:jobs");
-            assert_eq!(w.run.env["MICROSCALER_WORK_MS"], "200");
+            assert_eq!(
+                w.workload.run().unwrap().env["MICROSCALER_WORK_REDIS"],
+                "127.0.0.1:6379"
+            );
+            assert_eq!(
+                w.workload.run().unwrap().env["MICROSCALER_WORK_QUEUE"],
+                "demo:jobs"
+            );
+            assert_eq!(w.workload.run().unwrap().env["MICROSCALER_WORK_MS"], "200");
         }
         assert!(queue_config_toml(&s, &q, "docker").contains("network = \"host\""));
     }

@@ -15,9 +15,10 @@ use microscaler::control::{run_loop, Controller, Controls, TickReport};
 use microscaler::demo::{self, DemoBackend, DemoSettings, QueueSettings, RateShape, Scenario};
 use microscaler::report::TickLine;
 use microscaler::wiring::{build_backend, default_state_dir};
+use microscaler_backends::Config;
 use microscaler_backends::{AnyBackend, Backend};
 use microscaler_core::config::OnExit;
-use microscaler_core::Config;
+use microscaler_core::BackendPlugins;
 use microscaler_server::{Hub, ServerOptions, Setup, Store, Tick, TickError, TickParts};
 
 /// Real-time, priority-aware container autoscaler.
@@ -671,13 +672,8 @@ fn tick_of(r: &TickReport, paused: Vec<String>) -> Tick {
         .errors
         .iter()
         .map(|e| TickError {
-            kind: if e.starts_with("observe:") {
-                "observe"
-            } else {
-                "sample"
-            }
-            .into(),
-            message: e.clone(),
+            kind: e.kind().into(),
+            message: e.to_string(),
         })
         .collect();
     for ex in &r.executions {
@@ -727,7 +723,7 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         let has_manual = cfg.service(svc).is_some_and(|s| match &s.kind {
             microscaler_core::ServiceKind::Triggered(ts) => ts
                 .iter()
-                .any(|t| matches!(t.source, microscaler_core::SourceSpec::Manual(_))),
+                .any(|t| matches!(t.source, microscaler_sources::SourceConfig::Manual(_))),
             _ => false,
         });
         if !has_manual {

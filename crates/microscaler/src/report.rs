@@ -50,7 +50,7 @@ pub struct ServiceLine {
 impl TickLine {
     /// Builds the line of `r`.
     pub fn from_report(r: &TickReport) -> TickLine {
-        let mut errors = r.errors.clone();
+        let mut errors: Vec<String> = r.errors.iter().map(ToString::to_string).collect();
         for ex in &r.executions {
             match &ex.result {
                 Ok(o) => errors.extend(

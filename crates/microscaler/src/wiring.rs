@@ -5,19 +5,19 @@ use std::path::{Path, PathBuf};
 use microscaler_backends::docker::DockerBackend;
 use microscaler_backends::process::ProcessBackend;
 use microscaler_backends::swarm::SwarmBackend;
-use microscaler_backends::{AnyBackend, BackendError};
-use microscaler_core::config::BackendSpec;
-use microscaler_core::Config;
+use microscaler_backends::{AnyBackend, BackendConfig, BackendError, Config};
 
 /// Connects to (or sets up) the backend `cfg` names. Fails with a message that names the
 /// orchestrator's address and what to do when it does not answer.
 pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend, BackendError> {
     Ok(match &cfg.backend {
-        BackendSpec::Docker(d) => {
+        BackendConfig::Docker(d) => {
             AnyBackend::Docker(DockerBackend::connect(d, &cfg.instance).await?)
         }
-        BackendSpec::Swarm(s) => AnyBackend::Swarm(SwarmBackend::connect(s, &cfg.instance).await?),
-        BackendSpec::Process(p) => AnyBackend::Process(ProcessBackend::new(
+        BackendConfig::Swarm(s) => {
+            AnyBackend::Swarm(SwarmBackend::connect(s, &cfg.instance).await?)
+        }
+        BackendConfig::Process(p) => AnyBackend::Process(ProcessBackend::new(
             p,
             &cfg.instance,
             state_dir.to_path_buf(),

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use microscaler::control::Controller;
 use microscaler_backends::{Backend, BackendError, Observation, ScaleOutcome, StartFailure};
-use microscaler_core::{Config, Host, Service, ServiceName, ServiceObservation};
+use microscaler_backends::{Config, Service};
+use microscaler_core::{Host, ServiceName, ServiceObservation};
 
 #[derive(Default)]
 struct FakeState {
@@ -32,6 +33,9 @@ struct Fake(Arc<Mutex<FakeState>>);
 impl Backend for Fake {
     fn kind(&self) -> &'static str {
         "fake"
+    }
+    fn capabilities(&self) -> microscaler_core::Capabilities {
+        microscaler_core::Capabilities::CONTAINER_LEVEL
     }
     async fn prepare(&self, _services: &[Service]) -> Result<(), BackendError> {
         Ok(())

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use microscaler_backends::{Observation, ReplicaState};
-use microscaler_core::{Config, Plan, Samples, ServiceKind};
+use microscaler_backends::{Config, Observation, ReplicaState};
+use microscaler_core::{Plan, Samples, ServiceKind, SourcePlugins};
 use serde::{Deserialize, Serialize};
 
 /// A service as configured.

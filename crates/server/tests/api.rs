@@ -58,7 +58,7 @@ impl Control for FakeControl {
 }
 
 fn setup() -> Setup {
-    let cfg = microscaler_core::Config::from_toml(
+    let cfg = microscaler_backends::Config::from_toml(
         r#"
 instance = "t"
 [capacity]

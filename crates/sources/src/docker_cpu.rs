@@ -12,9 +12,91 @@ use std::time::Duration;
 use bollard::query_parameters::{ListContainersOptionsBuilder, StatsOptionsBuilder};
 use bollard::Docker;
 use futures::StreamExt;
-use microscaler_core::source_spec::{CpuAggregate, DockerCpuSpec};
+use microscaler_core::validate::{check_url, join};
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions};
 use crate::{Source, SourceError};
+
+/// CPU use of the containers of one microscaler service (labelled `io.microscaler.instance` and
+/// `io.microscaler.service`), from the Docker engine's stats, in percent of one CPU (100 = one
+/// full core): the average over the running containers, or their sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerCpuConfig {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); `None`: `DOCKER_HOST`
+    /// or the default socket.
+    pub docker_host: Option<String>,
+    /// The microscaler service whose containers are measured; `None`: the trigger's own.
+    pub service: Option<String>,
+    /// Average per container (default) or the sum.
+    pub aggregate: CpuAggregate,
+    /// Timeouts and start-up policy (the default timeout is 5 s: a stats read takes ~1 s).
+    pub net: NetOptions,
+}
+
+/// How the CPU use of several containers is combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuAggregate {
+    /// The mean over the running containers (for `rule = "utilisation"`).
+    Average,
+    /// The total.
+    Sum,
+}
+
+#[derive(Deserialize)]
+struct RawDockerCpu {
+    docker_host: Option<String>,
+    service: Option<String>,
+    aggregate: Option<String>,
+}
+
+impl DockerCpuConfig {
+    /// Validates a `type = "docker_cpu"` trigger's options (`docker_host`, `service`,
+    /// `aggregate`, `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<DockerCpuConfig> {
+        let has_timeout = options.contains_key("timeout");
+        let mut net = net_options(v, &mut options, path);
+        if !has_timeout {
+            net.timeout = Duration::from_secs(5);
+        }
+        let r: RawDockerCpu = v.part(toml::Value::Table(options), path)?;
+        if let Some(h) = &r.docker_host {
+            let checked = match h.strip_prefix("unix://") {
+                Some(p) if p.starts_with('/') => Ok(()),
+                Some(_) => Err(format!(
+                    "{h:?}: a socket address is unix:// and an absolute path, like unix:///var/run/docker.sock"
+                )),
+                None => check_url(h, &["unix", "tcp", "http"]),
+            };
+            if let Err(e) = checked {
+                v.err(join(path, "docker_host"), e);
+            }
+        }
+        let aggregate = match r.aggregate.as_deref() {
+            None | Some("average") => CpuAggregate::Average,
+            Some("sum") => CpuAggregate::Sum,
+            Some(other) => {
+                v.err(
+                    join(path, "aggregate"),
+                    format!("must be \"average\" or \"sum\", got {other:?}"),
+                );
+                CpuAggregate::Average
+            }
+        };
+        Some(DockerCpuConfig {
+            docker_host: r.docker_host,
+            service: r.service,
+            aggregate,
+            net,
+        })
+    }
+}
 
 /// The labels microscaler puts on its replicas (as the Docker backend does).
 const LABEL_INSTANCE: &str = "io.microscaler.instance";
@@ -34,10 +116,17 @@ pub struct DockerCpuSource {
 
 impl DockerCpuSource {
     /// Builds the source for `service` of `instance` (no I/O; connects on first use). The
-    /// spec's `service`, when set, overrides `service`.
-    pub fn new(spec: &DockerCpuSpec, instance: &str, service: &str) -> Result<Self, SourceError> {
-        let service = spec.service.clone().unwrap_or_else(|| service.to_string());
-        let address = spec
+    /// config's `service`, when set, overrides `service`.
+    pub fn new(
+        config: &DockerCpuConfig,
+        instance: &str,
+        service: &str,
+    ) -> Result<Self, SourceError> {
+        let service = config
+            .service
+            .clone()
+            .unwrap_or_else(|| service.to_string());
+        let address = config
             .docker_host
             .clone()
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
@@ -54,8 +143,8 @@ impl DockerCpuSource {
             docker: None,
             instance: instance.to_string(),
             service,
-            aggregate: spec.aggregate,
-            timeout: spec.net.timeout,
+            aggregate: config.aggregate,
+            timeout: config.net.timeout,
             name,
         })
     }
@@ -204,5 +293,48 @@ impl Source for DockerCpuSource {
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
         self.read().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::CpuAggregate;
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn docker_cpu_options() {
+        let SourceConfig::DockerCpu(d) = config(r#"type = "docker_cpu""#) else {
+            panic!()
+        };
+        assert_eq!(d.aggregate, CpuAggregate::Average);
+        assert_eq!(d.net.timeout, Duration::from_secs(5));
+        assert_eq!((d.service, d.docker_host), (None, None));
+        let SourceConfig::DockerCpu(d) = config(
+            r#"type = "docker_cpu"
+            docker_host = "tcp://127.0.0.1:2375"
+            service = "web"
+            aggregate = "sum"
+            timeout = "1s""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(d.aggregate, CpuAggregate::Sum);
+        assert_eq!(d.net.timeout, Duration::from_secs(1));
+        assert_eq!(d.service.as_deref(), Some("web"));
+        let e = errors(
+            r#"type = "docker_cpu"
+            docker_host = "unix://docker.sock"
+            aggregate = "max""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.docker_host: \"unix://docker.sock\": a socket address is unix:// and an absolute path, like unix:///var/run/docker.sock"),
+                format!("{P}.aggregate: must be \"average\" or \"sum\", got \"max\""),
+            ]
+        );
     }
 }

@@ -3,10 +3,64 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::HaproxySpec;
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions, HTTP};
 use crate::http::Http;
 use crate::{Source, SourceError};
+
+/// One field of one row of HAProxy's stats CSV (`/stats;csv`), by default the frontend's
+/// `req_rate` (HTTP requests per second over the last second).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaproxyConfig {
+    /// URL of the stats page in CSV (`http://127.0.0.1:8404/stats;csv`).
+    pub url: String,
+    /// Proxy name (`pxname` column): the frontend or backend.
+    pub proxy: String,
+    /// Server name (`svname` column; default `FRONTEND`; `BACKEND` for a backend's total).
+    pub server: String,
+    /// The column (default `req_rate`; `rate` for sessions per second, `scur`, `qcur`, ...).
+    pub field: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawHaproxy {
+    url: Option<String>,
+    proxy: Option<String>,
+    server: Option<String>,
+    field: Option<String>,
+}
+
+impl HaproxyConfig {
+    /// Validates a `type = "haproxy"` trigger's options (`url`, `proxy`, `server`, `field`,
+    /// `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<HaproxyConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawHaproxy = v.part(toml::Value::Table(options), path)?;
+        Some(HaproxyConfig {
+            url: v.url(
+                r.url,
+                None,
+                path,
+                "url",
+                HTTP,
+                "the stats page in CSV, like \"http://127.0.0.1:8404/stats;csv\"",
+            ),
+            proxy: v.need(r.proxy, path, "proxy", "the frontend or backend (pxname)"),
+            server: r.server.unwrap_or_else(|| "FRONTEND".into()),
+            field: r.field.unwrap_or_else(|| "req_rate".into()),
+            net,
+        })
+    }
+}
 
 /// One field of one stats row.
 #[derive(Debug)]
@@ -20,17 +74,17 @@ pub struct HaproxySource {
 
 impl HaproxySource {
     /// Builds the source (no I/O).
-    pub fn new(spec: &HaproxySpec) -> Result<Self, SourceError> {
+    pub fn new(config: &HaproxyConfig) -> Result<Self, SourceError> {
         let name = format!(
             "haproxy {}/{} {} at {}",
-            spec.proxy, spec.server, spec.field, spec.url
+            config.proxy, config.server, config.field, config.url
         );
         Ok(HaproxySource {
-            http: Http::new(name, spec.net.timeout)?,
-            url: spec.url.clone(),
-            proxy: spec.proxy.clone(),
-            server: spec.server.clone(),
-            field: spec.field.clone(),
+            http: Http::new(name, config.net.timeout)?,
+            url: config.url.clone(),
+            proxy: config.proxy.clone(),
+            server: config.server.clone(),
+            field: config.field.clone(),
         })
     }
 
@@ -105,6 +159,30 @@ impl Source for HaproxySource {
 #[cfg(test)]
 mod tests {
     use super::find_cell;
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn haproxy_defaults_and_required_keys() {
+        let SourceConfig::Haproxy(h) = config(
+            r#"type = "haproxy"
+            url = "http://127.0.0.1:8404/stats;csv"
+            proxy = "web""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (h.server.as_str(), h.field.as_str()),
+            ("FRONTEND", "req_rate")
+        );
+        assert_eq!(
+            errors(r#"type = "haproxy""#),
+            vec![
+                format!("{P}.url: missing: the stats page in CSV, like \"http://127.0.0.1:8404/stats;csv\""),
+                format!("{P}.proxy: missing: the frontend or backend (pxname)"),
+            ]
+        );
+    }
 
     const CSV: &str = "# pxname,svname,scur,req_rate,\nweb,FRONTEND,1,12,\nweb,BACKEND,1,,\n";
 

@@ -1,18 +1,35 @@
 //! Demand sources: where a trigger's value comes from.
 //!
-//! One module per source, one variant of [`AnySource`] each. A source is built once from its
-//! validated spec (options are never parsed per tick) and sampled every tick with the tick's
-//! time as an input, so time-driven sources (random, later schedule) are deterministic under
-//! test. Network sources (queues, load balancers, Prometheus) are built without I/O and checked
-//! once at start-up ([`AnySource::check`]); every request they make has connect and read
-//! timeouts of its own, besides the control loop's bound on a whole sample.
+//! Each source owns its configuration, Vector-style: its module holds its options (`XConfig`,
+//! every field documented), the raw form they are read from, their validation
+//! (`XConfig::validate`, reporting every error with its path through the core's shared
+//! [`Validator`](microscaler_core::Validator)), the live source built from them, and the
+//! tests of both. [`SourceConfig`] (in [`config`]) is the closed set of the sources' options,
+//! one variant each; it is the core's [`SourcePlugins`](microscaler_core::SourcePlugins), so
+//! the core validates a configuration without knowing any source's options. [`NetOptions`]
+//! are the keys every network source shares (`timeout`, `required`).
+//!
+//! A source is built once from its validated configuration ([`AnySource::build`]; options are
+//! never parsed per tick) and sampled every tick with the tick's time as an input, so
+//! time-driven sources (random, schedule) are deterministic under test. Network sources
+//! (queues, load balancers, Prometheus) are built without I/O and checked once at start-up
+//! ([`AnySource::check`]); every request they make has connect and read timeouts of its own,
+//! besides the control loop's bound on a whole sample.
+//!
+//! Adding a source means: one module file (its `XConfig`, raw struct, `validate`, source and
+//! unit tests); one variant in [`SourceConfig`], its name in `TYPES` and its arm in the one
+//! `match` of `SourceConfig::validate` (and in `type_name` and [`SourceConfig::net`]); one
+//! variant of [`AnySource`] and its arms; tests against a real server under `tests/`; and a
+//! section in `docs/sources.md`.
+//!
+//! The `sqs` source needs the AWS SDK and is behind the cargo feature `sqs` (on by default).
+//! Without it, a `type = "sqs"` trigger is refused at load with a message saying so.
 #![deny(missing_docs)]
 
 use std::future::Future;
 use std::time::Duration;
 
-use microscaler_core::SourceSpec;
-
+pub mod config;
 pub mod docker_cpu;
 pub mod haproxy;
 mod http;
@@ -25,20 +42,23 @@ pub mod rabbitmq;
 pub mod random;
 pub mod redis;
 pub mod schedule;
+#[cfg(feature = "sqs")]
 pub mod sqs;
 
-pub use docker_cpu::DockerCpuSource;
-pub use haproxy::HaproxySource;
-pub use http_json::HttpJsonSource;
-pub use manual::{ManualHandle, ManualSource};
-pub use nats::NatsJetstreamSource;
-pub use nginx::NginxSource;
-pub use prometheus::PrometheusSource;
-pub use rabbitmq::RabbitmqSource;
-pub use random::{RandomControl, RandomSource};
-pub use redis::{RedisListSource, RedisStreamSource};
-pub use schedule::ScheduleSource;
-pub use sqs::SqsSource;
+pub use config::{NetOptions, SourceConfig};
+pub use docker_cpu::{CpuAggregate, DockerCpuConfig, DockerCpuSource};
+pub use haproxy::{HaproxyConfig, HaproxySource};
+pub use http_json::{HttpJsonConfig, HttpJsonSource};
+pub use manual::{ManualConfig, ManualHandle, ManualSource};
+pub use nats::{NatsJetstreamConfig, NatsJetstreamSource};
+pub use nginx::{NginxConfig, NginxSource};
+pub use prometheus::{PrometheusConfig, PrometheusSource};
+pub use rabbitmq::{RabbitmqConfig, RabbitmqSource};
+pub use random::{RandomConfig, RandomControl, RandomSource};
+pub use redis::{RedisListConfig, RedisListSource, RedisStreamConfig, RedisStreamSource};
+pub use schedule::{ScheduleConfig, ScheduleSource, ScheduleWindow};
+#[cfg(feature = "sqs")]
+pub use sqs::{SqsConfig, SqsSource};
 
 /// Errors of a source. Messages name the server and what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -97,7 +117,8 @@ pub enum AnySource {
     Schedule(ScheduleSource),
     /// CPU use of a service's containers.
     DockerCpu(DockerCpuSource),
-    /// AWS SQS queue backlog.
+    /// AWS SQS queue backlog (cargo feature `sqs`).
+    #[cfg(feature = "sqs")]
     Sqs(SqsSource),
     /// A source whose client could not be built: its check and every sample fail with the
     /// build error (see [`AnySource::build_or_broken`]).
@@ -105,41 +126,47 @@ pub enum AnySource {
 }
 
 impl AnySource {
-    /// Builds a source from its validated spec, without I/O. `capacity` bounds the random walk
-    /// when its spec gives no max; `clock_seed` seeds it when its spec gives no seed. Fails only
-    /// when a client cannot be built from options the configuration accepted (a URL the
-    /// client library rejects), with a message naming the source.
+    /// Builds a source from its validated configuration, without I/O. `capacity` bounds the
+    /// random walk when its configuration gives no max; `clock_seed` seeds it when its
+    /// configuration gives no seed. Fails only when a client cannot be built from options the
+    /// configuration accepted (a URL the client library rejects), with a message naming the
+    /// source.
     pub fn build(
-        spec: &SourceSpec,
+        config: &SourceConfig,
         capacity: u32,
         clock_seed: u64,
     ) -> Result<AnySource, SourceError> {
-        Self::build_in(spec, capacity, clock_seed, "", "")
+        Self::build_in(config, capacity, clock_seed, "", "")
     }
 
     /// [`AnySource::build`] for a trigger of `service` of microscaler `instance`: sources that
     /// measure the service itself (`docker_cpu`) need to know which.
     pub fn build_in(
-        spec: &SourceSpec,
+        config: &SourceConfig,
         capacity: u32,
         clock_seed: u64,
         instance: &str,
         service: &str,
     ) -> Result<AnySource, SourceError> {
-        Ok(match spec {
-            SourceSpec::Random(r) => AnySource::Random(RandomSource::new(r, capacity, clock_seed)),
-            SourceSpec::Manual(m) => AnySource::Manual(ManualSource::new(m.initial)),
-            SourceSpec::RedisList(s) => AnySource::RedisList(RedisListSource::new(s)?),
-            SourceSpec::RedisStream(s) => AnySource::RedisStream(RedisStreamSource::new(s)?),
-            SourceSpec::Rabbitmq(s) => AnySource::Rabbitmq(RabbitmqSource::new(s)?),
-            SourceSpec::Prometheus(s) => AnySource::Prometheus(PrometheusSource::new(s)?),
-            SourceSpec::HttpJson(s) => AnySource::HttpJson(HttpJsonSource::new(s)?),
-            SourceSpec::Haproxy(s) => AnySource::Haproxy(HaproxySource::new(s)?),
-            SourceSpec::Nginx(s) => AnySource::Nginx(NginxSource::new(s)?),
-            SourceSpec::NatsJetstream(s) => AnySource::NatsJetstream(NatsJetstreamSource::new(s)?),
-            SourceSpec::Schedule(s) => AnySource::Schedule(ScheduleSource::new(s)),
-            SourceSpec::Sqs(s) => AnySource::Sqs(SqsSource::new(s)),
-            SourceSpec::DockerCpu(s) => {
+        Ok(match config {
+            SourceConfig::Random(r) => {
+                AnySource::Random(RandomSource::new(r, capacity, clock_seed))
+            }
+            SourceConfig::Manual(m) => AnySource::Manual(ManualSource::new(m.initial)),
+            SourceConfig::RedisList(s) => AnySource::RedisList(RedisListSource::new(s)?),
+            SourceConfig::RedisStream(s) => AnySource::RedisStream(RedisStreamSource::new(s)?),
+            SourceConfig::Rabbitmq(s) => AnySource::Rabbitmq(RabbitmqSource::new(s)?),
+            SourceConfig::Prometheus(s) => AnySource::Prometheus(PrometheusSource::new(s)?),
+            SourceConfig::HttpJson(s) => AnySource::HttpJson(HttpJsonSource::new(s)?),
+            SourceConfig::Haproxy(s) => AnySource::Haproxy(HaproxySource::new(s)?),
+            SourceConfig::Nginx(s) => AnySource::Nginx(NginxSource::new(s)?),
+            SourceConfig::NatsJetstream(s) => {
+                AnySource::NatsJetstream(NatsJetstreamSource::new(s)?)
+            }
+            SourceConfig::Schedule(s) => AnySource::Schedule(ScheduleSource::new(s)),
+            #[cfg(feature = "sqs")]
+            SourceConfig::Sqs(s) => AnySource::Sqs(SqsSource::new(s)),
+            SourceConfig::DockerCpu(s) => {
                 AnySource::DockerCpu(DockerCpuSource::new(s, instance, service)?)
             }
         })
@@ -149,13 +176,13 @@ impl AnySource {
     /// [`AnySource::Broken`], so the caller can report it at the start-up check (or keep running
     /// with the trigger failing when the source is not required).
     pub fn build_or_broken(
-        spec: &SourceSpec,
+        config: &SourceConfig,
         capacity: u32,
         clock_seed: u64,
         instance: &str,
         service: &str,
     ) -> AnySource {
-        Self::build_in(spec, capacity, clock_seed, instance, service)
+        Self::build_in(config, capacity, clock_seed, instance, service)
             .unwrap_or_else(AnySource::Broken)
     }
 
@@ -175,6 +202,7 @@ impl AnySource {
             AnySource::Nginx(s) => s.check().await,
             AnySource::NatsJetstream(s) => s.check().await,
             AnySource::DockerCpu(s) => s.check().await,
+            #[cfg(feature = "sqs")]
             AnySource::Sqs(s) => s.check().await,
         }
     }
@@ -195,6 +223,7 @@ impl Source for AnySource {
             AnySource::NatsJetstream(s) => s.describe(),
             AnySource::Schedule(s) => s.describe(),
             AnySource::DockerCpu(s) => s.describe(),
+            #[cfg(feature = "sqs")]
             AnySource::Sqs(s) => s.describe(),
             AnySource::Broken(e) => match e {
                 SourceError::Garbage { source_name, .. }
@@ -217,6 +246,7 @@ impl Source for AnySource {
             AnySource::NatsJetstream(s) => s.sample(now).await,
             AnySource::Schedule(s) => s.sample(now).await,
             AnySource::DockerCpu(s) => s.sample(now).await,
+            #[cfg(feature = "sqs")]
             AnySource::Sqs(s) => s.sample(now).await,
             AnySource::Broken(e) => Err(e.clone()),
         }?;

@@ -3,9 +3,44 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use microscaler_core::validate::join;
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::{check_value, Source, SourceError};
+
+/// A value set by hand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManualConfig {
+    /// The value at start-up.
+    pub initial: f64,
+}
+
+#[derive(Deserialize)]
+struct RawManual {
+    initial: Option<f64>,
+}
+
+impl ManualConfig {
+    /// Validates a `type = "manual"` trigger's options (`initial`, default 0).
+    pub fn validate(
+        options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<ManualConfig> {
+        let m: RawManual = v.part(toml::Value::Table(options), path)?;
+        let initial = m.initial.unwrap_or(0.0);
+        if !initial.is_finite() || initial < 0.0 {
+            v.err(
+                join(path, "initial"),
+                format!("must be a finite number >= 0, got {initial}"),
+            );
+        }
+        Some(ManualConfig { initial })
+    }
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -88,6 +123,30 @@ impl Source for ManualSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn initial_value_is_checked() {
+        assert_eq!(
+            config(r#"type = "manual""#),
+            SourceConfig::Manual(ManualConfig { initial: 0.0 })
+        );
+        assert_eq!(
+            config(
+                r#"type = "manual"
+                initial = 2.5"#
+            ),
+            SourceConfig::Manual(ManualConfig { initial: 2.5 })
+        );
+        assert_eq!(
+            errors(
+                r#"type = "manual"
+                initial = -1"#
+            ),
+            vec![format!("{P}.initial: must be a finite number >= 0, got -1")]
+        );
+    }
 
     #[test]
     fn handle_sets_value_and_refuses_garbage() {

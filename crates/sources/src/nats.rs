@@ -4,11 +4,62 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::NatsJetstreamSpec;
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::{net_options, NetOptions, HTTP};
 use crate::http::{json_number, Http};
 use crate::{Source, SourceError};
+
+/// Pending messages of a JetStream consumer, from the NATS monitoring endpoint
+/// (`GET /jsz?consumers=true`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NatsJetstreamConfig {
+    /// Base URL of the monitoring endpoint (default `http://127.0.0.1:8222`).
+    pub url: String,
+    /// Account (default: any account that has the stream).
+    pub account: Option<String>,
+    /// The stream.
+    pub stream: String,
+    /// The durable consumer.
+    pub consumer: String,
+    /// Whether to add messages delivered but not yet acknowledged (`num_ack_pending`).
+    pub include_ack_pending: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawNatsJetstream {
+    url: Option<String>,
+    account: Option<String>,
+    stream: Option<String>,
+    consumer: Option<String>,
+    include_ack_pending: Option<bool>,
+}
+
+impl NatsJetstreamConfig {
+    /// Validates a `type = "nats_jetstream"` trigger's options (`url`, `account`, `stream`,
+    /// `consumer`, `include_ack_pending`, `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<NatsJetstreamConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawNatsJetstream = v.part(toml::Value::Table(options), path)?;
+        Some(NatsJetstreamConfig {
+            url: v.url(r.url, Some("http://127.0.0.1:8222"), path, "url", HTTP, ""),
+            account: r.account,
+            stream: v.need(r.stream, path, "stream", "the stream's name"),
+            consumer: v.need(r.consumer, path, "consumer", "the durable consumer's name"),
+            include_ack_pending: r.include_ack_pending.unwrap_or(false),
+            net,
+        })
+    }
+}
 
 /// One consumer's backlog.
 #[derive(Debug)]
@@ -23,29 +74,29 @@ pub struct NatsJetstreamSource {
 
 impl NatsJetstreamSource {
     /// Builds the source (no I/O).
-    pub fn new(spec: &NatsJetstreamSpec) -> Result<Self, SourceError> {
+    pub fn new(config: &NatsJetstreamConfig) -> Result<Self, SourceError> {
         let name = format!(
             "nats jetstream {}/{} at {}",
-            spec.stream, spec.consumer, spec.url
+            config.stream, config.consumer, config.url
         );
-        let http = Http::new(name, spec.net.timeout)?;
-        let mut url = url::Url::parse(&spec.url)
-            .map_err(|e| http.failed(format!("invalid URL {:?}: {e}", spec.url)))?;
+        let http = Http::new(name, config.net.timeout)?;
+        let mut url = url::Url::parse(&config.url)
+            .map_err(|e| http.failed(format!("invalid URL {:?}: {e}", config.url)))?;
         url.path_segments_mut()
-            .map_err(|_| http.failed(format!("{:?} cannot be a base URL", spec.url)))?
+            .map_err(|_| http.failed(format!("{:?} cannot be a base URL", config.url)))?
             .pop_if_empty()
             .push("jsz");
         url.query_pairs_mut().append_pair("consumers", "true");
-        if let Some(a) = &spec.account {
+        if let Some(a) = &config.account {
             url.query_pairs_mut().append_pair("acc", a);
         }
         Ok(NatsJetstreamSource {
             http,
             url: url.to_string(),
-            account: spec.account.clone(),
-            stream: spec.stream.clone(),
-            consumer: spec.consumer.clone(),
-            include_ack_pending: spec.include_ack_pending,
+            account: config.account.clone(),
+            stream: config.stream.clone(),
+            consumer: config.consumer.clone(),
+            include_ack_pending: config.include_ack_pending,
         })
     }
 
@@ -139,5 +190,35 @@ impl Source for NatsJetstreamSource {
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
         self.read().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn nats_needs_a_stream_and_a_consumer() {
+        let e = errors(
+            r#"type = "nats_jetstream"
+            stream = """#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.stream: must not be empty"),
+                format!("{P}.consumer: missing: the durable consumer's name"),
+            ]
+        );
+        let SourceConfig::NatsJetstream(n) = config(
+            r#"type = "nats_jetstream"
+            stream = "jobs"
+            consumer = "workers""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(n.url, "http://127.0.0.1:8222");
+        assert_eq!((n.account, n.include_ack_pending), (None, false));
     }
 }

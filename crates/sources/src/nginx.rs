@@ -4,10 +4,44 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::NginxSpec;
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions, HTTP};
 use crate::http::Http;
 use crate::{Source, SourceError};
+
+/// Requests per second from nginx's `stub_status` page: the difference of successive request
+/// totals over the time between them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NginxConfig {
+    /// URL of the `stub_status` page.
+    pub url: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawNginx {
+    url: Option<String>,
+}
+
+impl NginxConfig {
+    /// Validates a `type = "nginx"` trigger's options (`url`, `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<NginxConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawNginx = v.part(toml::Value::Table(options), path)?;
+        Some(NginxConfig {
+            url: v.url(r.url, None, path, "url", HTTP, "the stub_status page's URL"),
+            net,
+        })
+    }
+}
 
 /// Request rate of one nginx.
 #[derive(Debug)]
@@ -20,13 +54,13 @@ pub struct NginxSource {
 
 impl NginxSource {
     /// Builds the source (no I/O).
-    pub fn new(spec: &NginxSpec) -> Result<Self, SourceError> {
+    pub fn new(config: &NginxConfig) -> Result<Self, SourceError> {
         Ok(NginxSource {
             http: Http::new(
-                format!("nginx stub_status at {}", spec.url),
-                spec.net.timeout,
+                format!("nginx stub_status at {}", config.url),
+                config.net.timeout,
             )?,
-            url: spec.url.clone(),
+            url: config.url.clone(),
             last: None,
         })
     }
@@ -90,6 +124,23 @@ impl Source for NginxSource {
 #[cfg(test)]
 mod tests {
     use super::parse_requests;
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn nginx_needs_its_url() {
+        assert_eq!(
+            errors(r#"type = "nginx""#),
+            vec![format!("{P}.url: missing: the stub_status page's URL")]
+        );
+        let SourceConfig::Nginx(n) = config(
+            r#"type = "nginx"
+            url = "http://127.0.0.1:8080/status""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(n.url, "http://127.0.0.1:8080/status");
+    }
 
     #[test]
     fn parses_the_requests_total() {

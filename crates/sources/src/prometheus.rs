@@ -3,10 +3,49 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::PrometheusSpec;
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions, HTTP};
 use crate::http::{json_number, Http};
 use crate::{Source, SourceError};
+
+/// A PromQL instant query (`GET /api/v1/query`) whose result must be a scalar or a vector of
+/// exactly one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrometheusConfig {
+    /// Base URL of the server (default `http://127.0.0.1:9090`).
+    pub url: String,
+    /// The PromQL expression.
+    pub query: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawPrometheus {
+    url: Option<String>,
+    query: Option<String>,
+}
+
+impl PrometheusConfig {
+    /// Validates a `type = "prometheus"` trigger's options (`url`, `query`, `timeout`,
+    /// `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<PrometheusConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawPrometheus = v.part(toml::Value::Table(options), path)?;
+        Some(PrometheusConfig {
+            url: v.url(r.url, Some("http://127.0.0.1:9090"), path, "url", HTTP, ""),
+            query: v.need(r.query, path, "query", "a PromQL expression"),
+            net,
+        })
+    }
+}
 
 /// One PromQL expression.
 #[derive(Debug)]
@@ -17,16 +56,16 @@ pub struct PrometheusSource {
 
 impl PrometheusSource {
     /// Builds the source (no I/O).
-    pub fn new(spec: &PrometheusSpec) -> Result<Self, SourceError> {
-        let name = format!("prometheus query {:?} at {}", spec.query, spec.url);
-        let http = Http::new(name, spec.net.timeout)?;
-        let mut url = url::Url::parse(&spec.url)
-            .map_err(|e| http.failed(format!("invalid URL {:?}: {e}", spec.url)))?;
+    pub fn new(config: &PrometheusConfig) -> Result<Self, SourceError> {
+        let name = format!("prometheus query {:?} at {}", config.query, config.url);
+        let http = Http::new(name, config.net.timeout)?;
+        let mut url = url::Url::parse(&config.url)
+            .map_err(|e| http.failed(format!("invalid URL {:?}: {e}", config.url)))?;
         url.path_segments_mut()
-            .map_err(|_| http.failed(format!("{:?} cannot be a base URL", spec.url)))?
+            .map_err(|_| http.failed(format!("{:?} cannot be a base URL", config.url)))?
             .pop_if_empty()
             .extend(["api", "v1", "query"]);
-        url.query_pairs_mut().append_pair("query", &spec.query);
+        url.query_pairs_mut().append_pair("query", &config.query);
         Ok(PrometheusSource {
             http,
             url: url.to_string(),
@@ -106,5 +145,29 @@ impl Source for PrometheusSource {
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
         self.read().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn prometheus_needs_a_query() {
+        assert_eq!(
+            errors(r#"type = "prometheus""#),
+            vec![format!("{P}.query: missing: a PromQL expression")]
+        );
+        let SourceConfig::Prometheus(p) = config(
+            r#"type = "prometheus"
+            query = "sum(up)""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (p.url.as_str(), p.query.as_str()),
+            ("http://127.0.0.1:9090", "sum(up)")
+        );
     }
 }

@@ -6,9 +6,83 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microscaler_core::RandomSpec;
+use microscaler_core::validate::join;
+use microscaler_core::{Capacity, SourceContext, Validator};
+use serde::Deserialize;
 
 use crate::{Source, SourceError};
+
+/// Random demand: every `interval`, the value moves by a random amount in `[-delta, +delta]`,
+/// kept within `[0, max]`. The same seed gives the same sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomConfig {
+    /// Largest move per interval.
+    pub delta: u32,
+    /// Time between moves.
+    pub interval: Duration,
+    /// Seed for replayable runs; `None` means seeded from the clock at start-up.
+    pub seed: Option<u64>,
+    /// Starting value; `None` means half of `max`.
+    pub initial: Option<u32>,
+    /// Upper bound; `None` means the cluster's capacity.
+    pub max: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawRandom {
+    delta: Option<u32>,
+    interval: Option<String>,
+    seed: Option<u64>,
+    initial: Option<u32>,
+    max: Option<u32>,
+}
+
+impl RandomConfig {
+    /// Validates a `type = "random"` trigger's options (`delta`, `interval`, `seed`,
+    /// `initial`, `max`). Without `max` the bound is the cluster's capacity, so a capacity per
+    /// host needs `max`.
+    pub fn validate(
+        options: toml::Table,
+        cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<RandomConfig> {
+        let r: RawRandom = v.part(toml::Value::Table(options), path)?;
+        let interval = v.duration(
+            r.interval.as_deref(),
+            &join(path, "interval"),
+            Duration::from_secs(3),
+            (Duration::from_millis(10), Duration::from_secs(86400)),
+        );
+        let cap = match cx.capacity {
+            Some(Capacity::Slots(n)) => Some(n),
+            _ => None,
+        };
+        if let (Some(initial), Some(max)) = (r.initial, r.max.or(cap)) {
+            if initial > max {
+                v.err(
+                    join(path, "initial"),
+                    format!("must be <= max ({max}), got {initial}"),
+                );
+            }
+        }
+        if r.max.is_none() && cap.is_none() {
+            if let Some(Capacity::SlotsPerHost(_)) = cx.capacity {
+                v.err(
+                    join(path, "max"),
+                    "required when capacity is per host (the random walk needs a fixed bound)",
+                );
+            }
+        }
+        Some(RandomConfig {
+            delta: r.delta.unwrap_or(3),
+            interval,
+            seed: r.seed,
+            initial: r.initial,
+            max: r.max,
+        })
+    }
+}
 
 /// SplitMix64: tiny, fast, and stable forever (a library RNG's stream may change between
 /// versions, which would break replaying a seed).
@@ -71,20 +145,20 @@ pub struct RandomSource {
 }
 
 impl RandomSource {
-    /// Builds the walk; `capacity` is the bound when the spec has no `max`, `clock_seed` the
-    /// seed when the spec has none.
-    pub fn new(spec: &RandomSpec, capacity: u32, clock_seed: u64) -> Self {
-        let max = spec.max.unwrap_or(capacity);
-        let seed = spec.seed.unwrap_or(clock_seed);
+    /// Builds the walk; `capacity` is the bound when the config has no `max`, `clock_seed` the
+    /// seed when the config has none.
+    pub fn new(config: &RandomConfig, capacity: u32, clock_seed: u64) -> Self {
+        let max = config.max.unwrap_or(capacity);
+        let seed = config.seed.unwrap_or(clock_seed);
         let settings = RandomSettings {
-            delta: spec.delta,
-            interval: spec.interval,
+            delta: config.delta,
+            interval: config.interval,
         };
         Self {
-            value: spec.initial.unwrap_or(max / 2).min(max),
+            value: config.initial.unwrap_or(max / 2).min(max),
             max,
             rng: SplitMix64(seed),
-            next_move: spec.interval,
+            next_move: config.interval,
             settings: Arc::new(Mutex::new(settings)),
             seed,
         }
@@ -141,9 +215,105 @@ fn humantime_ms(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::testing::{config, errors, validate_with, P};
+    use crate::SourceConfig;
 
-    fn spec(seed: u64) -> RandomSpec {
-        RandomSpec {
+    #[test]
+    fn defaults_and_options() {
+        let SourceConfig::Random(r) = config(r#"type = "random""#) else {
+            panic!()
+        };
+        assert_eq!(
+            r,
+            RandomConfig {
+                delta: 3,
+                interval: Duration::from_secs(3),
+                seed: None,
+                initial: None,
+                max: None,
+            }
+        );
+        let SourceConfig::Random(r) = config(
+            r#"type = "random"
+            delta = 1
+            interval = "500ms"
+            seed = 7
+            initial = 2
+            max = 4"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (r.delta, r.interval, r.seed, r.initial, r.max),
+            (1, Duration::from_millis(500), Some(7), Some(2), Some(4))
+        );
+    }
+
+    #[test]
+    fn source_rejects_keys_of_other_sources() {
+        assert_eq!(
+            errors(
+                r#"type = "random"
+                seed = 7
+                initial_value = 2"#
+            ),
+            vec![format!("{P}.initial_value: unknown key")]
+        );
+    }
+
+    #[test]
+    fn interval_must_be_a_duration() {
+        let e = errors(
+            r#"type = "random"
+            interval = "soon""#,
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(&format!("{P}.interval: invalid duration \"soon\"")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bounds_depend_on_the_capacity() {
+        // Without max, the bound is the cluster's slots.
+        assert_eq!(
+            errors(
+                r#"type = "random"
+                initial = 10"#
+            ),
+            vec![format!("{P}.initial: must be <= max (9), got 10")]
+        );
+        assert_eq!(
+            errors(
+                r#"type = "random"
+                initial = 5
+                max = 4"#
+            ),
+            vec![format!("{P}.initial: must be <= max (4), got 5")]
+        );
+        // Per host, the walk needs a fixed bound.
+        let (source, e) = validate_with(r#"type = "random""#, Some(Capacity::SlotsPerHost(4)));
+        assert!(source.is_some());
+        assert_eq!(
+            e,
+            vec![format!(
+                "{P}.max: required when capacity is per host (the random walk needs a fixed bound)"
+            )]
+        );
+        let (_, e) = validate_with(
+            r#"type = "random"
+            max = 20"#,
+            Some(Capacity::SlotsPerHost(4)),
+        );
+        assert!(e.is_empty(), "{e:?}");
+        // An invalid capacity section reports its own errors: no more here.
+        let (_, e) = validate_with(r#"type = "random""#, None);
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    fn spec(seed: u64) -> RandomConfig {
+        RandomConfig {
             delta: 3,
             interval: Duration::from_secs(3),
             seed: Some(seed),
@@ -188,7 +358,7 @@ mod tests {
     fn every_step_size_occurs() {
         // Unbounded walk (max large, start mid) so clamping does not hide steps.
         let mut s = RandomSource::new(
-            &RandomSpec {
+            &RandomConfig {
                 initial: Some(1_000_000),
                 max: Some(2_000_000),
                 ..spec(1)

@@ -6,11 +6,97 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::{RedisListSpec, RedisStreamSpec};
+use microscaler_core::{SourceContext, Validator};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions, REDIS};
 use crate::{Source, SourceError};
+
+/// The server both Redis sources read when no `url` is given.
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// `LLEN key` of a Redis server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisListConfig {
+    /// `redis://[user:password@]host[:port][/db]` (TLS, `rediss://`, is not supported yet).
+    pub url: String,
+    /// The list's key.
+    pub key: String,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+/// Consumer-group lag of a Redis stream: entries not yet delivered to the group
+/// (`XINFO GROUPS stream`, field `lag`, Redis >= 7).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisStreamConfig {
+    /// `redis://[user:password@]host[:port][/db]` (TLS, `rediss://`, is not supported yet).
+    pub url: String,
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// Whether to add the group's pending (delivered, not acknowledged) entries.
+    pub include_pending: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawRedisList {
+    url: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawRedisStream {
+    url: Option<String>,
+    stream: Option<String>,
+    group: Option<String>,
+    include_pending: Option<bool>,
+}
+
+impl RedisListConfig {
+    /// Validates a `type = "redis_list"` trigger's options (`url`, `key`, `timeout`,
+    /// `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<RedisListConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawRedisList = v.part(toml::Value::Table(options), path)?;
+        Some(RedisListConfig {
+            url: v.url(r.url, Some(DEFAULT_URL), path, "url", REDIS, ""),
+            key: v.need(r.key, path, "key", "the list's key"),
+            net,
+        })
+    }
+}
+
+impl RedisStreamConfig {
+    /// Validates a `type = "redis_stream"` trigger's options (`url`, `stream`, `group`,
+    /// `include_pending`, `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<RedisStreamConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawRedisStream = v.part(toml::Value::Table(options), path)?;
+        Some(RedisStreamConfig {
+            url: v.url(r.url, Some(DEFAULT_URL), path, "url", REDIS, ""),
+            stream: v.need(r.stream, path, "stream", "the stream's key"),
+            group: v.need(r.group, path, "group", "the consumer group"),
+            include_pending: r.include_pending.unwrap_or(false),
+            net,
+        })
+    }
+}
 
 /// The connection part both Redis sources share.
 #[derive(Debug)]
@@ -95,11 +181,11 @@ pub struct RedisListSource {
 
 impl RedisListSource {
     /// Builds the source; connects on the first sample or check.
-    pub fn new(spec: &RedisListSpec) -> Result<Self, SourceError> {
-        let name = format!("redis list {:?} at {}", spec.key, redact(&spec.url));
+    pub fn new(config: &RedisListConfig) -> Result<Self, SourceError> {
+        let name = format!("redis list {:?} at {}", config.key, redact(&config.url));
         Ok(RedisListSource {
-            conn: Conn::new(&spec.url, spec.net.timeout, name)?,
-            key: spec.key.clone(),
+            conn: Conn::new(&config.url, config.net.timeout, name)?,
+            key: config.key.clone(),
         })
     }
 
@@ -143,18 +229,18 @@ pub struct RedisStreamSource {
 
 impl RedisStreamSource {
     /// Builds the source; connects on the first sample or check.
-    pub fn new(spec: &RedisStreamSpec) -> Result<Self, SourceError> {
+    pub fn new(config: &RedisStreamConfig) -> Result<Self, SourceError> {
         let name = format!(
             "redis stream {:?} group {:?} at {}",
-            spec.stream,
-            spec.group,
-            redact(&spec.url)
+            config.stream,
+            config.group,
+            redact(&config.url)
         );
         Ok(RedisStreamSource {
-            conn: Conn::new(&spec.url, spec.net.timeout, name)?,
-            stream: spec.stream.clone(),
-            group: spec.group.clone(),
-            include_pending: spec.include_pending,
+            conn: Conn::new(&config.url, config.net.timeout, name)?,
+            stream: config.stream.clone(),
+            group: config.group.clone(),
+            include_pending: config.include_pending,
         })
     }
 
@@ -268,6 +354,56 @@ impl Source for RedisStreamSource {
 #[cfg(test)]
 mod tests {
     use super::redact;
+    use crate::config::testing::{config, errors, P};
+    use crate::{NetOptions, SourceConfig};
+
+    #[test]
+    fn redis_defaults_and_required_keys() {
+        let SourceConfig::RedisList(s) = config(
+            r#"type = "redis_list"
+            key = "jobs""#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.net, NetOptions::default());
+        assert_eq!(
+            errors(r#"type = "redis_list""#),
+            vec![format!("{P}.key: missing: the list's key")]
+        );
+        let e = errors(
+            r#"type = "redis_stream"
+            url = "http://127.0.0.1:6379"
+            stream = "s""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!(
+                    "{P}.url: \"http://127.0.0.1:6379\": scheme must be one of redis, got \"http\""
+                ),
+                format!("{P}.group: missing: the consumer group"),
+            ]
+        );
+        let SourceConfig::RedisStream(s) = config(
+            r#"type = "redis_stream"
+            url = "redis://app:pw@10.0.0.1:6380/2"
+            stream = "s"
+            group = "g"
+            include_pending = true"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                s.url.as_str(),
+                s.stream.as_str(),
+                s.group.as_str(),
+                s.include_pending
+            ),
+            ("redis://app:pw@10.0.0.1:6380/2", "s", "g", true)
+        );
+    }
 
     #[test]
     fn passwords_never_reach_messages() {

@@ -11,27 +11,99 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::QueueAttributeName;
-use microscaler_core::source_spec::SqsSpec;
+use microscaler_core::validate::{check_url, join};
+use microscaler_core::{SourceContext, Validator};
+use serde::Deserialize;
 
+use crate::config::{net_options, NetOptions, HTTP};
 use crate::{Source, SourceError};
+
+/// Messages of an AWS SQS queue (`GetQueueAttributes`: `ApproximateNumberOfMessages`,
+/// optionally plus `ApproximateNumberOfMessagesNotVisible`), through the AWS SDK. Credentials
+/// come from the SDK's default chain (environment, profile, instance role).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqsConfig {
+    /// The queue's URL.
+    pub queue_url: String,
+    /// The region (default: the SDK's, from `AWS_REGION` or the profile; else `us-east-1`).
+    pub region: Option<String>,
+    /// Endpoint override (a local emulator, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    /// Whether to add in-flight messages (received, not yet deleted).
+    pub include_in_flight: bool,
+    /// Timeouts and start-up policy.
+    pub net: NetOptions,
+}
+
+#[derive(Deserialize)]
+struct RawSqs {
+    queue_url: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    include_in_flight: Option<bool>,
+}
+
+impl SqsConfig {
+    /// Validates a `type = "sqs"` trigger's options (`queue_url`, `region`, `endpoint_url`,
+    /// `include_in_flight`, `timeout`, `required`).
+    pub fn validate(
+        mut options: toml::Table,
+        _cx: &SourceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<SqsConfig> {
+        let net = net_options(v, &mut options, path);
+        let r: RawSqs = v.part(toml::Value::Table(options), path)?;
+        let queue_url = v.need(r.queue_url, path, "queue_url", "the queue's URL");
+        if !queue_url.is_empty() {
+            if let Err(e) = check_url(&queue_url, HTTP) {
+                v.err(join(path, "queue_url"), e);
+            }
+        }
+        if let Some(e) = &r.endpoint_url {
+            if let Err(e) = check_url(e, HTTP) {
+                v.err(join(path, "endpoint_url"), e);
+            }
+        }
+        if let Some(region) = &r.region {
+            let ok = !region.is_empty()
+                && region
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                v.err(
+                    join(path, "region"),
+                    format!("{region:?} is not a region name like \"eu-west-1\""),
+                );
+            }
+        }
+        Some(SqsConfig {
+            queue_url,
+            region: r.region,
+            endpoint_url: r.endpoint_url,
+            include_in_flight: r.include_in_flight.unwrap_or(false),
+            net,
+        })
+    }
+}
 
 /// One queue's backlog.
 #[derive(Debug)]
 pub struct SqsSource {
-    spec: SqsSpec,
+    config: SqsConfig,
     client: Option<aws_sdk_sqs::Client>,
     name: String,
 }
 
 impl SqsSource {
     /// Builds the source (no I/O).
-    pub fn new(spec: &SqsSpec) -> Self {
-        let name = match &spec.endpoint_url {
-            Some(e) => format!("sqs queue {} at {e}", spec.queue_url),
-            None => format!("sqs queue {}", spec.queue_url),
+    pub fn new(config: &SqsConfig) -> Self {
+        let name = match &config.endpoint_url {
+            Some(e) => format!("sqs queue {} at {e}", config.queue_url),
+            None => format!("sqs queue {}", config.queue_url),
         };
         SqsSource {
-            spec: spec.clone(),
+            config: config.clone(),
             client: None,
             name,
         }
@@ -48,8 +120,8 @@ impl SqsSource {
         if let Some(c) = &self.client {
             return c.clone();
         }
-        let t = self.spec.net.timeout;
-        let region = RegionProviderChain::first_try(self.spec.region.clone().map(Region::new))
+        let t = self.config.net.timeout;
+        let region = RegionProviderChain::first_try(self.config.region.clone().map(Region::new))
             .or_default_provider()
             .or_else(Region::new("us-east-1"));
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -64,7 +136,7 @@ impl SqsSource {
             )
             // One retry at most: the control loop samples again next tick anyway.
             .retry_config(RetryConfig::standard().with_max_attempts(2));
-        if let Some(e) = &self.spec.endpoint_url {
+        if let Some(e) = &self.config.endpoint_url {
             loader = loader.endpoint_url(e);
         }
         let conf = loader.load().await;
@@ -82,7 +154,7 @@ impl SqsSource {
         let client = self.client().await;
         let out = client
             .get_queue_attributes()
-            .queue_url(&self.spec.queue_url)
+            .queue_url(&self.config.queue_url)
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
             .send()
@@ -114,7 +186,7 @@ impl SqsSource {
             })
         };
         let mut n = get(&QueueAttributeName::ApproximateNumberOfMessages)?;
-        if self.spec.include_in_flight {
+        if self.config.include_in_flight {
             n += get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?;
         }
         Ok(n)
@@ -128,5 +200,42 @@ impl Source for SqsSource {
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
         self.read().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{config, errors, P};
+    use crate::SourceConfig;
+
+    #[test]
+    fn sqs_options() {
+        let SourceConfig::Sqs(q) = config(
+            r#"type = "sqs"
+            queue_url = "http://127.0.0.1:5000/123456789012/jobs"
+            endpoint_url = "http://127.0.0.1:5000"
+            region = "eu-west-1"
+            include_in_flight = true"#,
+        ) else {
+            panic!()
+        };
+        assert_eq!(q.region.as_deref(), Some("eu-west-1"));
+        assert!(q.include_in_flight);
+        let e = errors(
+            r#"type = "sqs"
+            queue_url = "jobs"
+            region = "EU West""#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                format!("{P}.queue_url: \"jobs\" is not a URL: write it like http://host:port"),
+                format!("{P}.region: \"EU West\" is not a region name like \"eu-west-1\""),
+            ]
+        );
+        assert_eq!(
+            errors(r#"type = "sqs""#),
+            vec![format!("{P}.queue_url: missing: the queue's URL")]
+        );
     }
 }

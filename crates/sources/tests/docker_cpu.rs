@@ -9,8 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{missing_service, unique};
-use microscaler_core::source_spec::{CpuAggregate, DockerCpuSpec, NetOptions, SourceSpec};
-use microscaler_sources::{AnySource, Source, SourceError};
+use microscaler_sources::{
+    AnySource, CpuAggregate, DockerCpuConfig, NetOptions, Source, SourceConfig, SourceError,
+};
 
 const IMAGE: &str = "microscaler-test-busybox:1";
 
@@ -76,7 +77,7 @@ fn run(instance: &str, service: &str, script: &str) -> String {
 
 fn source(instance: &str, service: &str, aggregate: CpuAggregate) -> AnySource {
     AnySource::build_in(
-        &SourceSpec::DockerCpu(DockerCpuSpec {
+        &SourceConfig::DockerCpu(DockerCpuConfig {
             docker_host: None,
             service: None,
             aggregate,
@@ -133,7 +134,7 @@ async fn cpu_of_the_service_own_containers_only() {
 #[tokio::test]
 async fn unreachable_engine_is_named() {
     let mut s = AnySource::build_in(
-        &SourceSpec::DockerCpu(DockerCpuSpec {
+        &SourceConfig::DockerCpu(DockerCpuConfig {
             docker_host: Some("unix:///nonexistent/docker.sock".into()),
             service: None,
             aggregate: CpuAggregate::Average,

@@ -6,12 +6,11 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, dead_port, net};
-use microscaler_core::source_spec::{HttpJsonSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source, SourceError};
+use microscaler_sources::{AnySource, HttpJsonConfig, Source, SourceConfig, SourceError};
 
 fn json(url: &str, pointer: &str) -> AnySource {
     AnySource::build(
-        &SourceSpec::HttpJson(HttpJsonSpec {
+        &SourceConfig::HttpJson(HttpJsonConfig {
             url: url.into(),
             pointer: pointer.into(),
             net: net(),

@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, net};
-use microscaler_core::source_spec::{HaproxySpec, NginxSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source, SourceError};
+use microscaler_sources::{
+    AnySource, HaproxyConfig, NginxConfig, Source, SourceConfig, SourceError,
+};
 
 async fn hit(url: &str, n: usize) {
     let c = reqwest::Client::new();
@@ -19,7 +20,7 @@ async fn hit(url: &str, n: usize) {
 
 fn haproxy(proxy: &str, server: &str, field: &str) -> AnySource {
     AnySource::build(
-        &SourceSpec::Haproxy(HaproxySpec {
+        &SourceConfig::Haproxy(HaproxyConfig {
             url: "http://127.0.0.1:8404/stats;csv".into(),
             proxy: proxy.into(),
             server: server.into(),
@@ -79,7 +80,7 @@ async fn nginx_rate_from_successive_totals() {
         return;
     }
     let mut s = AnySource::build(
-        &SourceSpec::Nginx(NginxSpec {
+        &SourceConfig::Nginx(NginxConfig {
             url: "http://127.0.0.1:8480/nginx_status".into(),
             net: net(),
         }),
@@ -103,7 +104,7 @@ async fn nginx_rate_from_successive_totals() {
     assert!(idle < 1.0, "rate {idle}");
 
     let mut not_status = AnySource::build(
-        &SourceSpec::Nginx(NginxSpec {
+        &SourceConfig::Nginx(NginxConfig {
             url: "http://127.0.0.1:8480/ok".into(),
             net: net(),
         }),

@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, net, unique};
-use microscaler_core::source_spec::{NatsJetstreamSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source};
+use microscaler_sources::{AnySource, NatsJetstreamConfig, Source, SourceConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -73,7 +72,7 @@ impl Nats {
 
 fn source(stream: &str, consumer: &str, include_ack_pending: bool) -> AnySource {
     AnySource::build(
-        &SourceSpec::NatsJetstream(NatsJetstreamSpec {
+        &SourceConfig::NatsJetstream(NatsJetstreamConfig {
             url: "http://127.0.0.1:8222".into(),
             account: None,
             stream: stream.into(),

@@ -5,12 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, net};
-use microscaler_core::source_spec::{PrometheusSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source, SourceError};
+use microscaler_sources::{AnySource, PrometheusConfig, Source, SourceConfig, SourceError};
 
 fn query(q: &str) -> AnySource {
     AnySource::build(
-        &SourceSpec::Prometheus(PrometheusSpec {
+        &SourceConfig::Prometheus(PrometheusConfig {
             url: "http://127.0.0.1:9090".into(),
             query: q.into(),
             net: net(),

@@ -5,13 +5,12 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, dead_port, net, unique};
-use microscaler_core::source_spec::{RabbitmqSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source};
+use microscaler_sources::{AnySource, RabbitmqConfig, Source, SourceConfig};
 
 const API: &str = "http://127.0.0.1:15672";
 
-fn spec(queue: &str, include_unacked: bool) -> SourceSpec {
-    SourceSpec::Rabbitmq(RabbitmqSpec {
+fn spec(queue: &str, include_unacked: bool) -> SourceConfig {
+    SourceConfig::Rabbitmq(RabbitmqConfig {
         url: API.into(),
         vhost: "/".into(),
         queue: queue.into(),
@@ -96,23 +95,23 @@ async fn missing_queue_bad_password_and_dead_server_are_named() {
         "{e}"
     );
 
-    let SourceSpec::Rabbitmq(mut bad) = spec("q", false) else {
+    let SourceConfig::Rabbitmq(mut bad) = spec("q", false) else {
         unreachable!()
     };
     bad.password = "wrong".into();
-    let mut s = AnySource::build(&SourceSpec::Rabbitmq(bad), 9, 1).unwrap();
+    let mut s = AnySource::build(&SourceConfig::Rabbitmq(bad), 9, 1).unwrap();
     let e = s.check().await.unwrap_err().to_string();
     assert!(
         e.contains("401") && e.contains("check username and password"),
         "{e}"
     );
 
-    let SourceSpec::Rabbitmq(mut dead) = spec("q", false) else {
+    let SourceConfig::Rabbitmq(mut dead) = spec("q", false) else {
         unreachable!()
     };
     let port = dead_port();
     dead.url = format!("http://127.0.0.1:{port}");
-    let mut s = AnySource::build(&SourceSpec::Rabbitmq(dead), 9, 1).unwrap();
+    let mut s = AnySource::build(&SourceConfig::Rabbitmq(dead), 9, 1).unwrap();
     let e = s.check().await.unwrap_err().to_string();
     assert!(
         e.contains(&format!(

@@ -5,8 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::{absent, dead_port, net, unique};
-use microscaler_core::source_spec::{RedisListSpec, RedisStreamSpec, SourceSpec};
-use microscaler_sources::{AnySource, Source, SourceError};
+use microscaler_sources::{
+    AnySource, RedisListConfig, RedisStreamConfig, Source, SourceConfig, SourceError,
+};
 
 const URL: &str = "redis://127.0.0.1:6379";
 
@@ -20,7 +21,7 @@ async fn client() -> redis::aio::MultiplexedConnection {
 
 fn list(key: &str) -> AnySource {
     AnySource::build(
-        &SourceSpec::RedisList(RedisListSpec {
+        &SourceConfig::RedisList(RedisListConfig {
             url: URL.into(),
             key: key.into(),
             net: net(),
@@ -113,7 +114,7 @@ async fn stream_lag_counts_undelivered_entries() {
             .unwrap();
     }
     let spec = |include_pending| {
-        SourceSpec::RedisStream(RedisStreamSpec {
+        SourceConfig::RedisStream(RedisStreamConfig {
             url: URL.into(),
             stream: stream.clone(),
             group: "workers".into(),
@@ -143,7 +144,7 @@ async fn stream_lag_counts_undelivered_entries() {
 
     // A missing group is named at the check.
     let mut other = AnySource::build(
-        &SourceSpec::RedisStream(RedisStreamSpec {
+        &SourceConfig::RedisStream(RedisStreamConfig {
             url: URL.into(),
             stream: stream.clone(),
             group: "nobody".into(),
@@ -157,7 +158,7 @@ async fn stream_lag_counts_undelivered_entries() {
     let e = other.check().await.unwrap_err().to_string();
     assert!(e.contains("has no consumer group \"nobody\""), "{e}");
     let mut none = AnySource::build(
-        &SourceSpec::RedisStream(RedisStreamSpec {
+        &SourceConfig::RedisStream(RedisStreamConfig {
             url: URL.into(),
             stream: unique("nostream"),
             group: "g".into(),
@@ -184,7 +185,7 @@ async fn stream_lag_counts_undelivered_entries() {
 async fn an_unreachable_server_is_named() {
     let port = dead_port();
     let mut s = AnySource::build(
-        &SourceSpec::RedisList(RedisListSpec {
+        &SourceConfig::RedisList(RedisListConfig {
             url: format!("redis://127.0.0.1:{port}"),
             key: "jobs".into(),
             net: net(),

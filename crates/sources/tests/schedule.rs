@@ -3,13 +3,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use microscaler_core::source_spec::{ScheduleSpec, ScheduleWindow};
 use microscaler_sources::schedule::ScheduleSource;
 use microscaler_sources::Source;
+use microscaler_sources::{ScheduleConfig, ScheduleWindow};
 
 #[tokio::test]
 async fn value_follows_the_injected_clock() {
-    let spec = ScheduleSpec {
+    let spec = ScheduleConfig {
         windows: vec![ScheduleWindow {
             days: 0b001_1111, // mon-fri
             from: 9 * 60,

@@ -1,14 +1,14 @@
 //! The SQS source against moto server (an AWS emulator from PyPI, started on 127.0.0.1:5000 by
 //! scripts/source-services.sh): ApproximateNumberOfMessages and ...NotVisible behave as on AWS
 //! there. Fake credentials; the endpoint is overridden.
+#![cfg(feature = "sqs")]
 
 mod common;
 
 use std::time::Duration;
 
 use common::{absent, dead_port, net, unique};
-use microscaler_core::source_spec::{SourceSpec, SqsSpec};
-use microscaler_sources::{AnySource, Source};
+use microscaler_sources::{AnySource, Source, SourceConfig, SqsConfig};
 
 const ENDPOINT: &str = "http://127.0.0.1:5000";
 
@@ -27,7 +27,7 @@ fn fake_credentials() {
 
 fn source(queue_url: &str, endpoint: &str, include_in_flight: bool) -> AnySource {
     AnySource::build(
-        &SourceSpec::Sqs(SqsSpec {
+        &SourceConfig::Sqs(SqsConfig {
             queue_url: queue_url.into(),
             region: Some("eu-west-1".into()),
             endpoint_url: Some(endpoint.into()),

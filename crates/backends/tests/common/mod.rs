@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use microscaler_backends::{Backend, Observation};
-use microscaler_core::{Priority, RunSpec, Service, ServiceKind, ServiceName};
+use microscaler_backends::{RunSpec, Service, Workload};
+use microscaler_core::{Priority, ServiceKind, ServiceName};
 
 /// Under `CI=true` a missing service fails the test; elsewhere the test says why it is skipped.
 /// A test never passes by skipping in CI.
@@ -42,11 +43,11 @@ pub fn service(name: &str, command: Vec<String>) -> Service {
         max: 100,
         max_step: None,
         kind: ServiceKind::Triggered(vec![]),
-        run: RunSpec {
+        workload: Workload::Managed(RunSpec {
             image: None,
             command,
             env: Default::default(),
-        },
+        }),
         stop_grace: Duration::from_secs(5),
         pool: Default::default(),
     }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use microscaler_core::source_spec::NetOptions;
+use microscaler_sources::NetOptions;
 
 /// Under `CI=true` a missing server fails the test; elsewhere the test says why it is skipped.
 /// A test never passes by skipping in CI.

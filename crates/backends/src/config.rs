@@ -1,0 +1,214 @@
+//! The backends' configuration: one closed enum of every backend's options, registered with
+//! one `match`, and what a service gives its backend (its [`Workload`]).
+//!
+//! Each backend's module owns its options type, their validation and their tests
+//! ([`docker::DockerConfig`](crate::docker::DockerConfig),
+//! [`swarm::SwarmConfig`](crate::swarm::SwarmConfig),
+//! [`process::ProcessConfig`](crate::process::ProcessConfig)); this file only dispatches.
+//! Validation is pure: nothing here connects anywhere.
+
+use std::collections::BTreeMap;
+
+use microscaler_core::plugin::{BackendPlugins, Capabilities, ServiceContext};
+use microscaler_core::validate::join;
+use microscaler_core::Validator;
+use serde::Deserialize;
+
+use crate::{docker, process, swarm};
+
+/// The plugin set of this build: every source and every backend.
+pub type Plugins = (microscaler_sources::SourceConfig, BackendConfig);
+/// A configuration validated with every built-in plugin.
+pub type Config = microscaler_core::Config<Plugins>;
+/// A service of such a configuration.
+pub type Service = microscaler_core::Service<Plugins>;
+
+/// The orchestrator microscaler drives, with its validated options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendConfig {
+    /// A single Docker Engine: microscaler creates and removes containers itself.
+    Docker(docker::DockerConfig),
+    /// Docker Swarm: microscaler sets each Swarm service's replica count.
+    Swarm(swarm::SwarmConfig),
+    /// Local child processes, where no container engine runs.
+    Process(process::ProcessConfig),
+}
+
+impl BackendPlugins for BackendConfig {
+    type Workload = Workload;
+    const TYPES: &'static [&'static str] = &["docker", "swarm", "process"];
+
+    fn validate(kind: &str, options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
+        let options = toml::Value::Table(options);
+        Some(match kind {
+            "docker" => BackendConfig::Docker(docker::DockerConfig::validate(options, v, path)?),
+            "swarm" => BackendConfig::Swarm(swarm::SwarmConfig::validate(options, v, path)?),
+            "process" => {
+                BackendConfig::Process(process::ProcessConfig::validate(options, v, path)?)
+            }
+            other => unreachable!("the core checks backend types against TYPES, got {other:?}"),
+        })
+    }
+
+    fn workload(
+        &self,
+        options: toml::Table,
+        cx: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        match self {
+            BackendConfig::Docker(_) => docker::DockerConfig::workload(options, cx, v, path),
+            BackendConfig::Swarm(_) => swarm::SwarmConfig::workload(options, cx, v, path),
+            BackendConfig::Process(_) => process::ProcessConfig::workload(options, cx, v, path),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self {
+            BackendConfig::Docker(_) => docker::CAPABILITIES,
+            BackendConfig::Swarm(_) => swarm::CAPABILITIES,
+            BackendConfig::Process(_) => process::CAPABILITIES,
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            BackendConfig::Docker(_) => "docker",
+            BackendConfig::Swarm(_) => "swarm",
+            BackendConfig::Process(_) => "process",
+        }
+    }
+}
+
+/// What a service gives its backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// microscaler runs the replicas itself (or creates the orchestrator's object) from this.
+    Managed(RunSpec),
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload::Managed(RunSpec::default())
+    }
+}
+
+impl Workload {
+    /// What the replicas run, for a managed service.
+    pub fn run(&self) -> Option<&RunSpec> {
+        match self {
+            Workload::Managed(r) => Some(r),
+        }
+    }
+
+    /// What the replicas run, to change it (tests and tools that build services in code).
+    pub fn run_mut(&mut self) -> Option<&mut RunSpec> {
+        match self {
+            Workload::Managed(r) => Some(r),
+        }
+    }
+}
+
+/// What a managed service's replicas run: the service's `image`, `command` and `env` keys.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunSpec {
+    /// Container image (container backends). `None` means the built-in replica image.
+    pub image: Option<String>,
+    /// Command: the container's command, or the program and its arguments for the process
+    /// backend. Empty means the image's default (containers) or the built-in replica (processes).
+    pub command: Vec<String>,
+    /// Environment given to each replica. Nothing else is passed: the daemon's own environment
+    /// never reaches a replica.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RawRun {
+    image: Option<String>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+impl RunSpec {
+    /// Validates a service's `image`, `command` and `env` keys; any other key of `options` is
+    /// an error. `path` is the service's.
+    pub(crate) fn validate(options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawRun = v.part(toml::Value::Table(options), path)?;
+        for key in r.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                v.err(join(path, "env"), format!("invalid variable name {key:?}"));
+            }
+        }
+        if let Some(image) = &r.image {
+            if image.trim().is_empty() {
+                v.err(join(path, "image"), "must not be empty");
+            }
+        }
+        if r.command.iter().any(|c| c.contains('\0')) {
+            v.err(join(path, "command"), "must not contain NUL characters");
+        }
+        Some(RunSpec {
+            image: r.image,
+            command: r.command,
+            env: r.env,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use microscaler_core::plugin::SourcePlugins;
+
+    /// A configuration with the backend section `backend` (TOML keys) and one remainder
+    /// service whose extra keys are `service`.
+    pub fn config(backend: &str, service: &str) -> Result<Config, Vec<String>> {
+        let text = format!(
+            "instance = \"t\"\n[capacity]\nslots = 4\n[backend]\n{backend}\n[[services]]\nname = \"w\"\nremainder = true\n{service}\n"
+        );
+        Config::from_toml(&text).map_err(|e| e.0.iter().map(|e| e.to_string()).collect())
+    }
+
+    #[test]
+    fn unknown_types_list_valid_ones() {
+        assert_eq!(
+            config("type = \"k8s\"", "").unwrap_err(),
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process"]
+        );
+        assert!(
+            BackendConfig::TYPES.len() == 3
+                && microscaler_sources::SourceConfig::TYPES.contains(&"random")
+        );
+    }
+
+    #[test]
+    fn run_keys_are_checked_with_paths() {
+        let e = config(
+            "type = \"docker\"",
+            "image = \" \"\ncommand = [\"a\\u0000\"]\ncolour = \"red\"\nenv = { \"A=B\" = \"x\" }",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "services[0].colour: unknown key",
+                "services[0].env: invalid variable name \"A=B\"",
+                "services[0].image: must not be empty",
+                "services[0].command: must not contain NUL characters",
+            ]
+        );
+        let c = config(
+            "type = \"docker\"",
+            "image = \"nginx\"\nenv = { A = \"1\" }",
+        )
+        .unwrap();
+        let run = c.services[0].workload.run().unwrap();
+        assert_eq!(
+            (run.image.as_deref(), run.env["A"].as_str()),
+            (Some("nginx"), "1")
+        );
+    }
+}
