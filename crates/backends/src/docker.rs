@@ -498,7 +498,8 @@ impl DockerBackend {
                 .id
                 .clone()
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| name.clone()),
+                .unwrap_or_else(|| name.clone())
+                .into(),
             name,
             ready: true,
             cpus: info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
@@ -1039,7 +1040,7 @@ impl Backend for DockerBackend {
             obs.replicas.push(Replica {
                 id: c.id,
                 service: c.service,
-                host: host.name.clone(),
+                host: host.id.clone(),
                 state,
             });
         }

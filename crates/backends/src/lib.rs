@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use microscaler_core::{Capabilities, Host, ServiceName, ServiceObservation};
+use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservation};
 
 pub mod config;
 pub mod docker;
@@ -83,8 +83,9 @@ pub struct Replica {
     pub id: String,
     /// Its service.
     pub service: ServiceName,
-    /// The host it is on.
-    pub host: String,
+    /// The host it is on ([`Host::id`](microscaler_core::Host::id); empty while the
+    /// orchestrator has not placed it yet).
+    pub host: HostId,
     /// Its state.
     pub state: ReplicaState,
 }

@@ -258,17 +258,12 @@ impl Backend for ProcessBackend {
                 .iter()
                 .filter(|e| !matches!(e.proc, Proc::Stopping))
                 .count() as u32;
-            obs.services.insert(
-                name.clone(),
-                ServiceObservation {
-                    running,
-                    pending: 0,
-                },
-            );
+            obs.services
+                .insert(name.clone(), ServiceObservation::counts(running, 0));
             obs.replicas.extend(entries.iter().map(|e| Replica {
                 id: e.pid.to_string(),
                 service: name.clone(),
-                host: inner.hostname.clone(),
+                host: inner.hostname.as_str().into(),
                 state: match e.proc {
                     Proc::Stopping => ReplicaState::Stopping,
                     _ => ReplicaState::Running,
@@ -360,7 +355,7 @@ impl Inner {
 
     fn host(&self) -> Host {
         Host {
-            id: self.hostname.clone(),
+            id: self.hostname.as_str().into(),
             name: self.hostname.clone(),
             ready: true,
             cpus: std::thread::available_parallelism()

@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, HashMap};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     LocalNodeState, NetworkAttachmentConfig, Node, NodeSpecAvailabilityEnum, NodeState,
-    Service as SwarmService, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, SwarmInfo,
-    Task, TaskSpec, TaskSpecContainerSpec, TaskState,
+    Service as SwarmService, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    ServiceUpdateStatusStateEnum, SwarmInfo, Task, TaskSpec, TaskSpecContainerSpec, TaskState,
 };
 use bollard::query_parameters::{
     InspectNetworkOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
@@ -128,6 +128,8 @@ struct Owned {
     service: ServiceName,
     version: u64,
     spec: ServiceSpec,
+    /// A rolling update of the service is running (or paused): Swarm has not caught up.
+    updating: bool,
 }
 
 /// How an owned Swarm service places its tasks.
@@ -333,7 +335,7 @@ fn host_of(node: &Node) -> Host {
         .or_else(|| description.and_then(|d| d.hostname.clone()))
         .unwrap_or_default();
     Host {
-        id: node.id.clone().unwrap_or_default(),
+        id: node.id.clone().unwrap_or_default().into(),
         name,
         ready,
         cpus: resources.and_then(|r| r.nano_cpus).map(|n| n as f64 / 1e9),
@@ -428,6 +430,19 @@ impl SwarmBackend {
 
     /// `s` as an owned service, if it carries both labels with this instance's value.
     fn as_owned(&self, s: SwarmService) -> Option<Owned> {
+        let updating = s
+            .update_status
+            .as_ref()
+            .and_then(|u| u.state)
+            .is_some_and(|st| {
+                matches!(
+                    st,
+                    ServiceUpdateStatusStateEnum::UPDATING
+                        | ServiceUpdateStatusStateEnum::PAUSED
+                        | ServiceUpdateStatusStateEnum::ROLLBACK_STARTED
+                        | ServiceUpdateStatusStateEnum::ROLLBACK_PAUSED
+                )
+            });
         let spec = s.spec?;
         let labels = spec.labels.as_ref()?;
         if labels.get(labels::INSTANCE) != Some(&self.instance) {
@@ -449,6 +464,7 @@ impl SwarmBackend {
             service,
             version: s.version.and_then(|v| v.index)?,
             spec,
+            updating,
         })
     }
 
@@ -801,8 +817,17 @@ impl Backend for SwarmBackend {
             .map(|o| (o.id.as_str(), &o.service))
             .collect();
         for o in owned.values() {
-            obs.services
-                .insert(o.service.clone(), ServiceObservation::default());
+            obs.services.insert(
+                o.service.clone(),
+                ServiceObservation {
+                    orchestrator_wants: match o.mode() {
+                        Mode::Replicated(n) => Some(n),
+                        Mode::Global | Mode::Other => None,
+                    },
+                    caught_up: !o.updating,
+                    ..ServiceObservation::default()
+                },
+            );
         }
         for t in &tasks {
             self.count_task(t, &by_id, &mut obs);
@@ -955,6 +980,10 @@ impl SwarmBackend {
                 ReplicaState::Running
             } else {
                 counts.pending += 1;
+                // Swarm's `pending` state: the scheduler found no node that can take it.
+                if state == TaskState::PENDING {
+                    counts.unschedulable += 1;
+                }
                 ReplicaState::Pending
             }
         } else {
@@ -963,7 +992,7 @@ impl SwarmBackend {
         obs.replicas.push(Replica {
             id: t.id.clone().unwrap_or_default(),
             service,
-            host: t.node_id.clone().unwrap_or_default(),
+            host: t.node_id.clone().unwrap_or_default().into(),
             state: replica_state,
         });
     }

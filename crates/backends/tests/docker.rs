@@ -123,16 +123,85 @@ async fn exists(docker: &Docker, id: &str) -> bool {
         .is_ok()
 }
 
+/// The contract suite against the real engine. The foreign object is a running container of
+/// the built-in image without microscaler's labels.
+struct DockerHarness {
+    instance: String,
+    foreign: String,
+}
+
+impl microscaler_testkit::contract::Harness for DockerHarness {
+    type B = DockerBackend;
+
+    async fn connect(&self) -> DockerBackend {
+        DockerBackend::connect(&spec(), &self.instance)
+            .await
+            .expect("connect to the engine")
+    }
+
+    async fn add_foreign(&self, _replicas: u32) {
+        let docker = raw().await;
+        let image = docker_api::ensure_replica_image(&docker)
+            .await
+            .expect("the built-in image");
+        let body = ContainerCreateBody {
+            image: Some(image),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::new()
+            .name(&self.foreign)
+            .build();
+        docker.create_container(Some(opts), body).await.unwrap();
+        docker.start_container(&self.foreign, None).await.unwrap();
+    }
+
+    async fn foreign_running(&self) -> u32 {
+        let c = raw()
+            .await
+            .inspect_container(&self.foreign, None::<InspectContainerOptions>)
+            .await;
+        u32::from(c.ok().and_then(|c| c.state?.running) == Some(true))
+    }
+
+    async fn remove_foreign(&self) {
+        let opts = RemoveContainerOptionsBuilder::new().force(true).build();
+        let _ = raw()
+            .await
+            .remove_container(&self.foreign, Some(opts))
+            .await;
+    }
+
+    async fn unreachable(&self) -> Option<Result<DockerBackend, BackendError>> {
+        let nowhere = DockerConfig {
+            host: Some("unix:///nonexistent/docker.sock".into()),
+            ..spec()
+        };
+        Some(DockerBackend::connect(&nowhere, &self.instance).await)
+    }
+
+    fn settle(&self) -> Duration {
+        SETTLE
+    }
+}
+
 #[tokio::test]
 async fn contract() {
     let instance = unique("dk-contract");
-    let Some(backend) = connect(&instance).await else {
+    if connect(&instance).await.is_none() {
         return;
+    }
+    let mut cleanup = Cleanup::new(&instance);
+    let h = DockerHarness {
+        instance: instance.clone(),
+        foreign: unique("foreign-contract"),
     };
-    let _cleanup = Cleanup::new(&instance);
-    let a = service(&unique("a"), vec![]);
-    let b = service(&unique("b"), vec![]);
-    common::contract(&backend, &[a, b], SETTLE).await;
+    cleanup.foreign.push(h.foreign.clone());
+    let (a, b) = (service(&unique("a"), vec![]), service(&unique("b"), vec![]));
+    microscaler_testkit::contract::run(&h, &a, &b).await;
 }
 
 #[tokio::test]
@@ -161,7 +230,7 @@ async fn scale_up_and_down_leaves_no_stopped_containers() {
         host.ready && host.cpus.unwrap_or(0.0) >= 1.0 && host.memory_bytes.unwrap_or(0) > 0,
         "{host:?}"
     );
-    assert!(obs.replicas.iter().all(|r| r.host == host.name), "{obs:?}");
+    assert!(obs.replicas.iter().all(|r| r.host == host.id), "{obs:?}");
 
     let out = backend.scale(&svc, 2).await.unwrap();
     assert_eq!((out.started, out.stopped), (0, 3), "{out:?}");

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{contract, running, service, unique, wait_for};
+use common::{running, service, unique, wait_for};
 use microscaler_backends::process::ProcessBackend;
 use microscaler_backends::process::ProcessConfig;
 use microscaler_backends::Service;
@@ -81,12 +81,64 @@ async fn eventually(timeout: Duration, check: impl Fn() -> bool) -> bool {
     check()
 }
 
+/// The contract suite against real processes. The foreign object is a process the test
+/// starts itself (not a replica of any instance), which the backend must never signal.
+struct ProcessHarness {
+    dir: tempfile::TempDir,
+    instance: String,
+    foreign: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl microscaler_testkit::contract::Harness for ProcessHarness {
+    type B = ProcessBackend;
+
+    async fn connect(&self) -> ProcessBackend {
+        backend(self.dir.path(), &self.instance)
+    }
+
+    async fn add_foreign(&self, _replicas: u32) {
+        let child = std::process::Command::new("/bin/sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn a foreign process");
+        *self.foreign.lock().unwrap() = Some(child);
+    }
+
+    async fn foreign_running(&self) -> u32 {
+        let mut f = self.foreign.lock().unwrap();
+        match f.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => 1,
+            _ => 0,
+        }
+    }
+
+    async fn remove_foreign(&self) {
+        if let Some(mut c) = self.foreign.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn unreachable(
+        &self,
+    ) -> Option<Result<ProcessBackend, microscaler_backends::BackendError>> {
+        None // local processes have no orchestrator to lose
+    }
+
+    fn settle(&self) -> Duration {
+        SETTLE
+    }
+}
+
 #[tokio::test]
 async fn contract_suite() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = backend(dir.path(), &unique("contract"));
-    let services = [service(&unique("a"), vec![]), service(&unique("b"), vec![])];
-    contract(&b, &services, SETTLE).await;
+    let h = ProcessHarness {
+        dir: tempfile::tempdir().unwrap(),
+        instance: unique("contract"),
+        foreign: Default::default(),
+    };
+    let (a, b) = (service(&unique("a"), vec![]), service(&unique("b"), vec![]));
+    microscaler_testkit::contract::run(&h, &a, &b).await;
 }
 
 /// True once `pid` ignores SIGTERM (bit 15, mask 0x4000 of SigIgn in /proc/{pid}/status).

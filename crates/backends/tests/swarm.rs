@@ -160,19 +160,98 @@ async fn replicas_and_version(docker: &Docker, name: &str) -> (Option<i64>, u64)
     (replicas, s.version.and_then(|v| v.index).unwrap_or(0))
 }
 
+/// The contract suite against the real swarm. The foreign object is a replicated Swarm
+/// service of the built-in image without microscaler's labels.
+struct SwarmHarness {
+    instance: String,
+    foreign: String,
+}
+
+impl microscaler_testkit::contract::Harness for SwarmHarness {
+    type B = SwarmBackend;
+
+    async fn connect(&self) -> SwarmBackend {
+        SwarmBackend::connect(&spec(), &self.instance)
+            .await
+            .expect("connect to the swarm")
+    }
+
+    async fn add_foreign(&self, replicas: u32) {
+        let docker = raw().await;
+        let image = docker_api::ensure_replica_image(&docker)
+            .await
+            .expect("image");
+        let spec = ServiceSpec {
+            name: Some(self.foreign.clone()),
+            task_template: Some(TaskSpec {
+                container_spec: Some(TaskSpecContainerSpec {
+                    image: Some(image),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            mode: Some(ServiceSpecMode {
+                replicated: Some(ServiceSpecModeReplicated {
+                    replicas: Some(i64::from(replicas)),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        docker
+            .create_service(spec, None)
+            .await
+            .expect("create a foreign service");
+    }
+
+    /// The foreign service's replica count, 0 once it is gone.
+    async fn foreign_running(&self) -> u32 {
+        match raw().await.inspect_service(&self.foreign, None).await {
+            Ok(s) => s
+                .spec
+                .and_then(|s| s.mode)
+                .and_then(|m| m.replicated)
+                .and_then(|r| r.replicas)
+                .map_or(0, |n| n as u32),
+            Err(_) => 0,
+        }
+    }
+
+    async fn remove_foreign(&self) {
+        let _ = raw().await.delete_service(&self.foreign).await;
+    }
+
+    async fn unreachable(&self) -> Option<Result<SwarmBackend, BackendError>> {
+        let nowhere = SwarmConfig {
+            host: Some("unix:///nonexistent/docker.sock".into()),
+            ..spec()
+        };
+        Some(SwarmBackend::connect(&nowhere, &self.instance).await)
+    }
+
+    fn settle(&self) -> Duration {
+        SETTLE
+    }
+}
+
 #[tokio::test]
 async fn contract() {
     let instance = common::unique("swc");
-    let Some(backend) = connect(&instance).await else {
+    if connect(&instance).await.is_none() {
         return;
-    };
+    }
+    let foreign = format!("{instance}-foreign");
     let _cleanup = Cleanup {
         instance: instance.clone(),
-        foreign: vec![],
+        foreign: vec![foreign.clone()],
         networks: vec![],
     };
-    let services = [common::service("a", vec![]), common::service("b", vec![])];
-    common::contract(&backend, &services, SETTLE).await;
+    let h = SwarmHarness {
+        instance: instance.clone(),
+        foreign,
+    };
+    let (a, b) = (common::service("a", vec![]), common::service("b", vec![]));
+    microscaler_testkit::contract::run(&h, &a, &b).await;
 
     let docker = raw().await;
     assert!(

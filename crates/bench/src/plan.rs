@@ -71,7 +71,7 @@ pub fn run(iterations: usize) -> (Value, Vec<Row>) {
         services: Default::default(),
         hosts: (0..HOSTS)
             .map(|i| Host {
-                id: format!("h{i}"),
+                id: format!("h{i}").into(),
                 name: format!("host-{i}"),
                 ready: true,
                 cpus: Some(2.0),
@@ -87,13 +87,9 @@ pub fn run(iterations: usize) -> (Value, Vec<Row>) {
         Duration::ZERO,
     );
     for sp in &plan.services {
-        observed.services.insert(
-            sp.service.clone(),
-            ServiceObservation {
-                running: sp.target,
-                pending: 0,
-            },
-        );
+        observed
+            .services
+            .insert(sp.service.clone(), ServiceObservation::counts(sp.target, 0));
     }
     let next = samples(&cfg, 1);
     let now = Duration::from_secs(1);

@@ -50,7 +50,7 @@ fn config() -> Config {
 fn hosts() -> Vec<Host> {
     (0..HOSTS)
         .map(|i| Host {
-            id: format!("h{i}"),
+            id: format!("h{i}").into(),
             name: format!("host-{i}"),
             ready: true,
             cpus: Some(2.0),
@@ -98,13 +98,9 @@ fn converged(cfg: &Config) -> (Observed, EngineState) {
         Duration::ZERO,
     );
     for sp in &plan.services {
-        observed.services.insert(
-            sp.service.clone(),
-            ServiceObservation {
-                running: sp.target,
-                pending: 0,
-            },
-        );
+        observed
+            .services
+            .insert(sp.service.clone(), ServiceObservation::counts(sp.target, 0));
     }
     (observed, memory)
 }

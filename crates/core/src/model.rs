@@ -305,12 +305,43 @@ impl Capacity {
     }
 }
 
+/// A host's id as its orchestrator knows it (a Swarm node id, a Kubernetes Node's name, an
+/// ECS container instance ARN, the Docker engine's id): what replicas refer to. Shown to people
+/// only through the host's name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostId(pub String);
+
+impl HostId {
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for HostId {
+    fn from(s: String) -> Self {
+        HostId(s)
+    }
+}
+
+impl From<&str> for HostId {
+    fn from(s: &str) -> Self {
+        HostId(s.to_string())
+    }
+}
+
 /// A host of the cluster as a backend reports it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Host {
-    /// Backend's id of the host.
-    pub id: String,
-    /// Human-readable name.
+    /// The orchestrator's id of the host; replicas refer to it.
+    pub id: HostId,
+    /// Human-readable name, for people (the dashboard, logs).
     pub name: String,
     /// Whether replicas can be placed on it.
     pub ready: bool,
@@ -321,15 +352,50 @@ pub struct Host {
 }
 
 /// Replica counts of one service as observed from the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceObservation {
     /// Replicas running.
     pub running: u32,
     /// Replicas asked for but not running yet (created, starting, being scheduled).
     pub pending: u32,
+    /// Of `pending`, the replicas no host can take (Kubernetes' `Unschedulable`, a Nomad
+    /// blocked evaluation, a Swarm task with no suitable node).
+    pub unschedulable: u32,
+    /// Replicas that failed (exited with an error, crash-looping, rejected) and hold no
+    /// capacity; in neither `running` nor `pending`.
+    pub failed: u32,
+    /// The count the orchestrator itself wants now (Swarm's replicas, a Deployment's
+    /// `spec.replicas`, an ECS `desiredCount`), for service-level backends: when someone else
+    /// changes it, this shows it. `None` for container-level backends, which keep no count.
+    pub orchestrator_wants: Option<u32>,
+    /// Whether the orchestrator has caught up with the last change (its observed generation,
+    /// a finished deployment). Always true for container-level backends.
+    pub caught_up: bool,
+}
+
+impl Default for ServiceObservation {
+    fn default() -> Self {
+        ServiceObservation {
+            running: 0,
+            pending: 0,
+            unschedulable: 0,
+            failed: 0,
+            orchestrator_wants: None,
+            caught_up: true,
+        }
+    }
 }
 
 impl ServiceObservation {
+    /// `running` and `pending` replicas, caught up, nothing else to report.
+    pub fn counts(running: u32, pending: u32) -> Self {
+        ServiceObservation {
+            running,
+            pending,
+            ..ServiceObservation::default()
+        }
+    }
+
     /// Replicas that occupy capacity.
     pub fn total(&self) -> u32 {
         self.running + self.pending

@@ -117,7 +117,7 @@ fn config(capacity: Capacity, services: Vec<Service>) -> Config {
 
 fn host(i: usize, ready: bool) -> Host {
     Host {
-        id: format!("h{i}"),
+        id: format!("h{i}").into(),
         name: format!("host-{i}"),
         ready,
         ..Host::default()
@@ -164,7 +164,7 @@ impl World {
     fn observe(&mut self, svc: &str, running: u32, pending: u32) -> &mut Self {
         self.observed
             .services
-            .insert(name(svc), ServiceObservation { running, pending });
+            .insert(name(svc), ServiceObservation::counts(running, pending));
         self
     }
 
@@ -204,13 +204,9 @@ impl World {
     /// A backend that does everything at once: what was committed is running.
     fn converge(&mut self) {
         for (n, c) in &self.memory.services {
-            self.observed.services.insert(
-                n.clone(),
-                ServiceObservation {
-                    running: c.target,
-                    pending: 0,
-                },
-            );
+            self.observed
+                .services
+                .insert(n.clone(), ServiceObservation::counts(c.target, 0));
         }
     }
 
@@ -954,15 +950,7 @@ impl SlowBackend {
             services: self
                 .state
                 .iter()
-                .map(|(n, (r, p))| {
-                    (
-                        n.clone(),
-                        ServiceObservation {
-                            running: *r,
-                            pending: p.len() as u32,
-                        },
-                    )
-                })
+                .map(|(n, (r, p))| (n.clone(), ServiceObservation::counts(*r, p.len() as u32)))
                 .collect(),
             hosts: Vec::new(),
         }
@@ -1039,10 +1027,7 @@ fn paused_service_is_frozen_until_resumed() {
     for p in &plan.services {
         observed.services.insert(
             p.service.clone(),
-            microscaler_core::ServiceObservation {
-                running: p.target,
-                pending: 0,
-            },
+            microscaler_core::ServiceObservation::counts(p.target, 0),
         );
     }
 

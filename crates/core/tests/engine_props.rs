@@ -122,7 +122,7 @@ fn observation() -> impl Strategy<Value = Option<ServiceObservation>> {
     prop_oneof![
         1 => Just(None),
         4 => (0u32..=8, prop_oneof![3 => Just(0u32), 1 => 1u32..=3])
-            .prop_map(|(running, pending)| Some(ServiceObservation { running, pending })),
+            .prop_map(|(running, pending)| Some(ServiceObservation::counts(running, pending))),
     ]
 }
 
@@ -174,7 +174,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     .iter()
                     .enumerate()
                     .map(|(i, ready)| Host {
-                        id: format!("h{i}"),
+                        id: format!("h{i}").into(),
                         name: format!("host-{i}"),
                         ready: *ready,
                         ..Host::default()
@@ -196,13 +196,9 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 match (commit, converged, obs) {
                     // Half the time the backend has done what was asked.
                     (Some((target, _)), true, _) => {
-                        observed.services.insert(
-                            svc.name.clone(),
-                            ServiceObservation {
-                                running: target,
-                                pending: 0,
-                            },
-                        );
+                        observed
+                            .services
+                            .insert(svc.name.clone(), ServiceObservation::counts(target, 0));
                     }
                     (_, _, Some(o)) => {
                         observed.services.insert(svc.name.clone(), o);
@@ -589,7 +585,7 @@ proptest! {
                 .memory
                 .services
                 .iter()
-                .map(|(n, c)| (n.clone(), ServiceObservation { running: c.target, pending: 0 }))
+                .map(|(n, c)| (n.clone(), ServiceObservation::counts(c.target, 0)))
                 .collect();
         };
         for _ in 0..60 {
@@ -699,13 +695,9 @@ fn run_rules(r: &RuleRun) -> Vec<Step> {
         now += *dt;
         let current = memory.services.get(&api).map_or(0, |c| c.target);
         let mut observed = Observed::default();
-        observed.services.insert(
-            api.clone(),
-            ServiceObservation {
-                running: current,
-                pending: 0,
-            },
-        );
+        observed
+            .services
+            .insert(api.clone(), ServiceObservation::counts(current, 0));
         let mut samples = Samples::default();
         samples.set(&api, "q", *value);
         let (plan, next) = decide(&r.cfg, &observed, &samples, &memory, now);

@@ -90,13 +90,9 @@ impl Run {
         self.now += dt;
         let current = self.memory.services.get(&web()).map_or(0, |c| c.target);
         let mut observed = Observed::default();
-        observed.services.insert(
-            web(),
-            ServiceObservation {
-                running: current,
-                pending: 0,
-            },
-        );
+        observed
+            .services
+            .insert(web(), ServiceObservation::counts(current, 0));
         let mut samples = Samples::default();
         samples.services.insert(
             web(),

@@ -73,13 +73,9 @@ struct Tick {
 impl Tick {
     /// `s` runs `running` replicas (committed and converged) and has `paused` paused.
     fn settled(mut self, s: &str, running: u32, paused: u32) -> Self {
-        self.observed.services.insert(
-            name(s),
-            ServiceObservation {
-                running,
-                pending: 0,
-            },
-        );
+        self.observed
+            .services
+            .insert(name(s), ServiceObservation::counts(running, 0));
         self.memory.services.insert(
             name(s),
             Commitment {
@@ -192,13 +188,9 @@ fn paused_replicas_are_neither_running_nor_pending_for_convergence() {
 
     // First tick (nothing committed): the current count is running + pending, never paused.
     let mut tick = Tick::default().demand("p1", 1.0);
-    tick.observed.services.insert(
-        name("p1"),
-        ServiceObservation {
-            running: 1,
-            pending: 0,
-        },
-    );
+    tick.observed
+        .services
+        .insert(name("p1"), ServiceObservation::counts(1, 0));
     tick.memory.paused_replicas.insert(name("p1"), 2);
     let (plan, _) = tick.decide(&cfg);
     let p1 = plan.service("p1").unwrap();
@@ -309,7 +301,7 @@ fn case() -> impl Strategy<Value = Case> {
                 s.min = min.min(slots / 5);
                 observed
                     .services
-                    .insert(name(&n), ServiceObservation { running, pending });
+                    .insert(name(&n), ServiceObservation::counts(running, pending));
                 if let Some((target, old)) = commit {
                     memory.services.insert(
                         name(&n),

@@ -269,6 +269,10 @@ pub struct Controller<B: Backend + 'static> {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     permits: Arc<Semaphore>,
+    /// True while the tick itself waits for its changes; a change that ends outside that wait
+    /// wakes the loop instead, so what it did is observed (and the service may change again)
+    /// at once rather than at the next period.
+    collecting: Arc<std::sync::atomic::AtomicBool>,
     ticks: u64,
 }
 
@@ -332,6 +336,7 @@ impl<B: Backend + 'static> Controller<B> {
             done_tx,
             done_rx,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHANGES)),
+            collecting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ticks: 0,
         }
     }
@@ -606,6 +611,8 @@ impl<B: Backend + 'static> Controller<B> {
         }
 
         let tick = self.ticks;
+        self.collecting
+            .store(true, std::sync::atomic::Ordering::Release);
         let period_end = t0 + self.cfg.tick;
         // The scale-ups wait for the stops half a period at most, so they have the other half.
         let stops_end = t0 + self.cfg.tick / 2;
@@ -690,6 +697,10 @@ impl<B: Backend + 'static> Controller<B> {
         } else {
             t.elapsed()
         };
+        self.collecting
+            .store(false, std::sync::atomic::Ordering::Release);
+        // A change that ended between the last receive and the flag (rare) is picked up by
+        // the next tick; one still running wakes the loop when it ends.
     }
 
     /// Spawns one task per `(service index, target)`; returns how many.
@@ -699,6 +710,8 @@ impl<B: Backend + 'static> Controller<B> {
             let backend = Arc::clone(&self.backend);
             let permits = Arc::clone(&self.permits);
             let tx = self.done_tx.clone();
+            let wake = Arc::clone(&self.controls.wake);
+            let collecting = Arc::clone(&self.collecting);
             let tick = self.ticks;
             self.in_flight
                 .insert(cfg.services[index].name.clone(), target);
@@ -718,6 +731,9 @@ impl<B: Backend + 'static> Controller<B> {
                     phase,
                     tick,
                 });
+                if !collecting.load(std::sync::atomic::Ordering::Acquire) {
+                    wake.notify_one();
+                }
             });
         }
         batch.len()

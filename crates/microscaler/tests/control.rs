@@ -49,10 +49,7 @@ impl Backend for Fake {
                 .map(|(k, v)| {
                     (
                         ServiceName::try_new(k.clone()).unwrap(),
-                        ServiceObservation {
-                            running: *v,
-                            pending: 0,
-                        },
+                        ServiceObservation::counts(*v, 0),
                     )
                 })
                 .collect(),

@@ -33,11 +33,11 @@ fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick
             backend,
             "--json",
             "--duration",
-            "14s",
+            "18s",
             "--seed",
             "20151016",
             "--interval",
-            "2s",
+            "3s",
             "--tick",
             "200ms",
             "--instance",
@@ -80,10 +80,13 @@ fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick
     (ticks, stderr)
 }
 
-/// The seeds' success rule, checked on every tick where demand has been steady for 1 s: long
-/// enough to start replicas on a busy 2-core machine, short enough that most ticks count.
+/// The seeds' success rule, checked on every tick where demand has been steady for 1.5 s: long
+/// enough to stop and start replicas on a busy 2-core machine (the suite runs both demos at
+/// once; a start of three containers then takes over a second), short enough that most ticks
+/// count. Ticks report at every period while changes are in flight, so the window is sampled
+/// every 200 ms; how fast demand is met is measured by the benchmarks, not here.
 fn check_success(ticks: &[Tick]) {
-    assert!(ticks.len() >= 40, "expected ~70 ticks, got {}", ticks.len());
+    assert!(ticks.len() >= 40, "expected ~90 ticks, got {}", ticks.len());
     let mut checked = 0;
     let mut since = 0; // index of the first tick of the current demand
     for i in 0..ticks.len() {
@@ -92,7 +95,7 @@ fn check_success(ticks: &[Tick]) {
         if i > 0 && ticks[i - 1].demand != t.demand {
             since = i;
         }
-        if t.t_ms >= ticks[since].t_ms + 1000 && since > 0 {
+        if t.t_ms >= ticks[since].t_ms + 1500 && since > 0 {
             assert_eq!(
                 t.p1,
                 t.demand.min(9),

@@ -161,7 +161,9 @@ pub struct Decision {
 /// The replicas on one host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HostTick {
-    /// Host name.
+    /// The orchestrator's id of the host (what replicas refer to).
+    pub id: String,
+    /// Host name, for people.
     pub name: String,
     /// Ready for replicas?
     pub ready: bool,
@@ -282,17 +284,25 @@ impl Tick {
         if let Some(o) = p.observed {
             for h in &o.hosts {
                 hosts.push(HostTick {
+                    id: h.id.to_string(),
                     name: h.name.clone(),
                     ready: h.ready,
                     services: BTreeMap::new(),
                 });
             }
             for r in &o.replicas {
-                let idx = match hosts.iter().position(|h| h.name == r.host) {
+                // Replicas name their host by id; a host the observation did not list (a node
+                // that just left, a task not placed yet) gets a card of its own.
+                let idx = match hosts.iter().position(|h| h.id == r.host.as_str()) {
                     Some(i) => i,
                     None => {
                         hosts.push(HostTick {
-                            name: r.host.clone(),
+                            id: r.host.to_string(),
+                            name: if r.host.as_str().is_empty() {
+                                "(not placed yet)".to_string()
+                            } else {
+                                r.host.to_string()
+                            },
                             ready: true,
                             services: BTreeMap::new(),
                         });
@@ -385,5 +395,68 @@ impl HistoryPoint {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use microscaler_backends::Replica;
+    use microscaler_core::{Host, ServiceName};
+
+    /// Replicas refer to their host by id (a Swarm node id), hosts carry a name: each host is
+    /// shown once, by its name, with its replicas.
+    #[test]
+    fn hosts_are_joined_by_id_and_shown_by_name() {
+        let host = |id: &str, name: &str| Host {
+            id: id.into(),
+            name: name.into(),
+            ready: true,
+            ..Host::default()
+        };
+        let replica = |id: &str, host: &str, state| Replica {
+            id: id.into(),
+            service: ServiceName::try_new("web").unwrap(),
+            host: host.into(),
+            state,
+        };
+        let observed = Observation {
+            hosts: vec![host("n1x9", "node-a"), host("n2y8", "node-b")],
+            replicas: vec![
+                replica("t1", "n1x9", ReplicaState::Running),
+                replica("t2", "n1x9", ReplicaState::Pending),
+                replica("t3", "n2y8", ReplicaState::Running),
+                replica("t4", "", ReplicaState::Pending),
+            ],
+            ..Observation::default()
+        };
+        let tick = Tick::build(TickParts {
+            ts: 0,
+            now: Duration::ZERO,
+            observed: Some(&observed),
+            samples: &Samples::default(),
+            plan: None,
+            errors: Vec::new(),
+            took: Duration::ZERO,
+            paused: Vec::new(),
+        });
+        let shown: Vec<(&str, [u32; 2])> = tick
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.name.as_str(),
+                    h.services.get("web").copied().unwrap_or([0, 0]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("node-a", [1, 1]),
+                ("node-b", [1, 0]),
+                ("(not placed yet)", [0, 1])
+            ]
+        );
     }
 }

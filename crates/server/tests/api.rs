@@ -140,6 +140,7 @@ fn tick(ts: i64, demand: f64, p1: u32, p2: u32, decisions: Vec<Decision>) -> Tic
         ],
         decisions,
         hosts: vec![HostTick {
+            id: "id-1".into(),
             name: "h1".into(),
             ready: true,
             services: [("web".to_string(), [p1, 0]), ("batch".to_string(), [p2, 0])].into(),

@@ -4,13 +4,14 @@
 //! orchestrator, how to make an object microscaler does not own, and one that cannot reach its
 //! orchestrator) and calls [`run`]. The cases:
 //! - **scale**: up, observe, idempotent at target, down, to zero, without touching another
-//!   service; shutdown with removal leaves nothing behind;
+//!   service; every replica names its host by an observed host's id; shutdown with removal
+//!   leaves nothing behind;
 //! - **adoption**: a second backend on the same orchestrator and instance (a restarted daemon)
 //!   sees the replicas the first one started, and scaling it does not duplicate them;
 //! - **foreign objects**: an object of the orchestrator that microscaler does not own is never
 //!   counted, scaled or removed, not even by `shutdown(remove)`;
 //! - **errors are typed**: a backend that cannot reach its orchestrator says so with the
-//!   [`ErrorClass::Unreachable`] class.
+//!   [`ErrorClass::Unreachable`] class (backends with no orchestrator to lose skip this).
 
 use std::future::Future;
 use std::time::Duration;
@@ -39,10 +40,11 @@ pub trait Harness {
     fn remove_foreign(&self) -> impl Future<Output = ()>;
 
     /// A backend of the same kind that cannot reach its orchestrator, or the error building
-    /// it gave (then that error is checked).
+    /// it gave (then that error is checked); `None` for a backend that has no orchestrator to
+    /// lose (local processes).
     fn unreachable(
         &self,
-    ) -> impl Future<Output = Result<Self::B, microscaler_backends::BackendError>>;
+    ) -> impl Future<Output = Option<Result<Self::B, microscaler_backends::BackendError>>>;
 
     /// How long the orchestrator may take to converge.
     fn settle(&self) -> Duration;
@@ -85,6 +87,17 @@ pub async fn scale<B: Backend>(backend: &B, services: &[Service], settle: Durati
         obs.services.keys().all(|k| *k == a.name || *k == b.name),
         "only our services are observed: {obs:?}"
     );
+    // Replicas name their host by the host's id, so a per-host view joins them (each host
+    // shown once, by its name).
+    for r in &obs.replicas {
+        assert!(
+            r.host.as_str().is_empty() || obs.hosts.iter().any(|h| h.id == r.host),
+            "replica {} is on host {:?}, which is not among the observed hosts {:?}",
+            r.id,
+            r.host,
+            obs.hosts
+        );
+    }
 
     let out = backend.scale(a, 3).await.expect("scale a to 3 again");
     assert_eq!(
@@ -157,7 +170,10 @@ pub async fn adoption<H: Harness>(h: &H, services: &[Service]) {
 /// A backend that cannot reach its orchestrator fails with the unreachable class, and the
 /// message names what it tried.
 pub async fn errors_are_typed<H: Harness>(h: &H) {
-    let e = match h.unreachable().await {
+    let Some(built) = h.unreachable().await else {
+        return;
+    };
+    let e = match built {
         Err(e) => e,
         Ok(b) => b
             .observe()

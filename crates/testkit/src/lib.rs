@@ -11,7 +11,7 @@
 //!   [`wait_for`], [`service`].
 #![deny(missing_docs)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use microscaler_backends::{Backend, Observation, RunSpec, Service, Workload};
 use microscaler_core::{Priority, ServiceKind, ServiceName};
@@ -65,14 +65,15 @@ pub fn service(name: &str, command: Vec<String>) -> Service {
     }
 }
 
-/// Polls `observe` until `check` holds or `timeout` passes (wall-clock); returns the last
-/// observation. Observe errors are retried until the timeout.
+/// Polls `observe` until `check` holds or `timeout` passes (tokio's clock: virtual under a
+/// paused clock, wall-clock otherwise); returns the last observation. Observe errors are
+/// retried until the timeout.
 pub async fn wait_for<B: Backend>(
     backend: &B,
     timeout: Duration,
     check: impl Fn(&Observation) -> bool,
 ) -> Observation {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     loop {
         let obs = backend.observe().await;
         if let Ok(obs) = &obs {

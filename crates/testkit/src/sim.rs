@@ -513,7 +513,7 @@ impl Backend for Sim {
         let mut obs = Observation::default();
         for (i, (host, ready)) in s.hosts.iter().enumerate() {
             obs.hosts.push(Host {
-                id: format!("id-{i}"),
+                id: format!("id-{i}").into(),
                 name: host.clone(),
                 ready: *ready,
                 ..Host::default()
@@ -530,7 +530,7 @@ impl Backend for Sim {
                     obs.replicas.push(Replica {
                         id: r.id.to_string(),
                         service: key.clone(),
-                        host: s.hosts[r.host].0.clone(),
+                        host: format!("id-{}", r.host).into(),
                         state: r.state,
                     });
                 }
