@@ -16,6 +16,7 @@ mod engine;
 mod memory;
 mod plan;
 mod report;
+mod tick;
 
 /// microscaler's benchmarks: reaction, release, burst, tracking (real Docker engine), plan time
 /// (engine alone) and resident memory (the real binary). Prints a table; `--json` writes JSON.
@@ -42,6 +43,9 @@ enum Cmd {
     Tracking,
     /// Plan time of the engine alone, 10,000 services on 1,000 hosts.
     Plan,
+    /// One whole control-loop tick (observe + sample + decide + dispatch) of the same
+    /// 10,000 services on the simulated orchestrator, ~1,000 of them changing per tick.
+    Tick,
     /// Resident memory of `microscaler run` managing N replicas (process backend, or Docker
     /// with `--memory-backend docker`).
     Memory,
@@ -130,6 +134,10 @@ async fn main() -> Result<()> {
     if all || cli.cmd == Cmd::Plan {
         eprintln!("bench: plan time ({} iterations)", o.plan_iterations);
         record("plan", Ok(plan::run(o.plan_iterations)), &mut rows);
+    }
+    if all || cli.cmd == Cmd::Tick {
+        eprintln!("bench: control-loop tick ({} rounds)", o.plan_iterations);
+        record("tick", Ok(tick::run(o.plan_iterations).await), &mut rows);
     }
     let mut floor_ms = None;
     if all || cli.cmd == Cmd::Reaction {

@@ -20,7 +20,7 @@ const SLOTS_PER_HOST: u32 = 20;
 /// The issue's target.
 const TARGET_MS: f64 = 5.0;
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     let mut t = format!(
         "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\nslots_per_host = {SLOTS_PER_HOST}\n\
          [backend]\ntype = \"process\"\n"
@@ -40,14 +40,14 @@ fn config() -> Config {
     Config::from_toml(&t).expect("the benchmark's configuration is valid")
 }
 
-fn demand(i: usize, round: usize) -> f64 {
+pub(crate) fn demand(i: usize, round: usize) -> f64 {
     let moved = if i % 10 == round % 10 { round } else { 0 };
     ((i + moved) % 4) as f64
 }
 
 /// The samples of round `round` as the control loop builds them: one per trigger, in the
 /// trigger's order, carrying a clone of the trigger's shared name.
-fn samples(cfg: &Config, round: usize) -> Samples {
+pub(crate) fn samples(cfg: &Config, round: usize) -> Samples {
     let mut s = Samples::default();
     for (i, svc) in cfg.services.iter().enumerate() {
         if let ServiceKind::Triggered(triggers) = &svc.kind {

@@ -7,13 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-fn missing_service(what: &str, err: impl std::fmt::Display) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{what} is required under CI=true but is not available: {err}");
-    }
-    eprintln!("SKIPPED: {what} not available ({err})");
-    true
-}
+use microscaler_testkit::missing_service;
 
 struct Tick {
     t_ms: u64,

@@ -13,13 +13,7 @@ use serde_json::Value;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
-fn missing_service(what: &str, err: impl std::fmt::Display) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{what} is required under CI=true but is not available: {err}");
-    }
-    eprintln!("SKIPPED: {what} not available ({err})");
-    true
-}
+use microscaler_testkit::missing_service;
 
 /// A synchronous connection to the real Redis, or None (the test skips; fails under CI).
 fn redis() -> Option<redis::Connection> {

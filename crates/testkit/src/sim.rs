@@ -320,7 +320,9 @@ impl Sim {
             (ids, grace)
         };
         if !stopping.is_empty() {
-            tokio::time::sleep(grace).await;
+            if !grace.is_zero() {
+                tokio::time::sleep(grace).await;
+            }
             let mut s = self.lock();
             if let Some(svc) = s.services.get_mut(&key) {
                 svc.replicas.retain(|r| !stopping.contains(&r.id));
@@ -356,7 +358,9 @@ impl Sim {
             }
             ids
         };
-        tokio::time::sleep(self.opts.start_latency).await;
+        if !self.opts.start_latency.is_zero() {
+            tokio::time::sleep(self.opts.start_latency).await;
+        }
         let mut s = self.lock();
         let Some(svc) = s.services.get_mut(&key) else {
             return out;

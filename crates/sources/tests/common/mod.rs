@@ -1,20 +1,12 @@
 //! Helpers of the sources' tests against real servers (started by `scripts/test.sh` as root,
 //! see `scripts/source-services.sh`).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::time::Duration;
 
 use microscaler_sources::NetOptions;
 
-/// Under `CI=true` a missing server fails the test; elsewhere the test says why it is skipped.
-/// A test never passes by skipping in CI.
-pub fn missing_service(what: &str, err: impl std::fmt::Display) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{what} is required under CI=true but is not available: {err}");
-    }
-    eprintln!("SKIPPED: {what} not available ({err}); run the test command (scripts/test.sh) as root to start it");
-    true
-}
+pub use microscaler_testkit::{missing_service, unique};
 
 /// True when nothing listens on 127.0.0.1:`port` (and the test should stop).
 pub async fn absent(what: &str, port: u16) -> bool {
@@ -28,22 +20,6 @@ pub async fn absent(what: &str, port: u16) -> bool {
         Ok(Err(e)) => missing_service(&format!("{what} on 127.0.0.1:{port}"), e),
         Err(_) => missing_service(&format!("{what} on 127.0.0.1:{port}"), "connect timed out"),
     }
-}
-
-/// A name unique to this test run.
-pub fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}-{}-{:x}-{}",
-        std::process::id(),
-        nanos & 0xfffff,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Default network options with a short timeout.
