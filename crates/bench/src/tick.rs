@@ -26,6 +26,7 @@ pub async fn run(rounds: usize) -> (Value, Vec<Row>) {
         stop_latency: Duration::ZERO,
         hosts: 1_000,
         list_replicas: false,
+        log: false,
     });
     let mut ctl = Controller::new(cfg.clone(), sim.clone(), 1);
     let handles: Vec<_> = cfg
@@ -55,6 +56,7 @@ pub async fn run(rounds: usize) -> (Value, Vec<Row>) {
     let mut decides = Vec::with_capacity(rounds);
     let mut actions = Vec::with_capacity(rounds);
     let mut observe = Vec::with_capacity(rounds);
+    let mut sample = Vec::with_capacity(rounds);
     let mut dispatch = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         set_round(round);
@@ -65,6 +67,7 @@ pub async fn run(rounds: usize) -> (Value, Vec<Row>) {
         actions.push(plan.actions.len());
         decides.push(report.phases.decide);
         observe.push(report.phases.observe);
+        sample.push(report.phases.sample);
         dispatch.push(report.phases.stops + report.phases.starts);
     }
     // The baseline: decide alone, on the inputs of a tick like the ones above.
@@ -97,7 +100,7 @@ pub async fn run(rounds: usize) -> (Value, Vec<Row>) {
         "services": cfg.services.len(), "hosts": 1_000, "rounds": rounds,
         "actions_per_tick_mean": mean_actions,
         "tick": t.json(), "decide_in_tick": d.json(), "decide_alone": a.json(),
-        "observe": Dist::new(&observe).json(), "dispatch": Dist::new(&dispatch).json(),
+        "observe": Dist::new(&observe).json(), "sample": Dist::new(&sample).json(), "dispatch": Dist::new(&dispatch).json(),
         "target_ms": TARGET_MS, "ratio_p50_to_target": ratio(t.p50, TARGET_MS),
         "ratio_p50_to_decide_alone": ratio(t.p50, a.p50),
     });

@@ -25,6 +25,9 @@ use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, Source
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
+/// One trigger's sample: the value, or why there is none.
+type SampleResult = Result<f64, String>;
+
 /// How many services' changes run at once.
 pub const MAX_CONCURRENT_CHANGES: usize = 64;
 
@@ -499,54 +502,74 @@ impl<B: Backend + 'static> Controller<B> {
 
     async fn sample(&mut self, now: Duration, errors: &mut Vec<TickError>) -> Samples {
         let timeout = self.cfg.sample_timeout;
+        // Every trigger of every service at once. A source that answers at once (manual,
+        // random, schedule) is read in one poll and needs no timer; only the ones still pending
+        // after it are awaited together, each bounded by the timeout.
+        let mut got: Vec<(usize, Arc<str>, Option<SampleResult>)> = Vec::new();
+        let mut waits = Vec::new();
+        for (i, (_, ts)) in self.triggers.iter_mut().enumerate() {
+            for t in ts.iter_mut() {
+                let slot = got.len();
+                let mut sample = Box::pin(t.source.sample(now));
+                match futures::FutureExt::now_or_never(sample.as_mut()) {
+                    Some(v) => got.push((i, t.name.clone(), Some(v.map_err(|e| e.to_string())))),
+                    None => {
+                        got.push((i, t.name.clone(), None));
+                        waits.push(async move {
+                            let v = match tokio::time::timeout(timeout, sample).await {
+                                Ok(v) => v.map_err(|e| e.to_string()),
+                                Err(_) => Err(format!(
+                                    "no sample within {}",
+                                    humantime::format_duration(timeout)
+                                )),
+                            };
+                            (slot, v)
+                        });
+                    }
+                }
+            }
+        }
+        for (slot, v) in join_all(waits).await {
+            got[slot].2 = Some(v);
+        }
         let mut samples = Samples::default();
-        let futs = self.triggers.iter_mut().map(|(svc, ts)| async move {
-            let mut out = Vec::new();
-            let mut errs = Vec::new();
-            // Every trigger of every service at once, each bounded by the timeout.
-            let sampled = join_all(ts.iter_mut().map(|t| async move {
-                let value = tokio::time::timeout(timeout, t.source.sample(now)).await;
-                (t.name.clone(), value)
-            }))
-            .await;
-            for (name, value) in sampled {
-                let value = match value {
-                    Ok(Ok(v)) => Some(v),
-                    Ok(Err(e)) => {
-                        errs.push(TickError::Sample {
-                            service: svc.clone(),
-                            trigger: name.clone(),
-                            message: e.to_string(),
-                        });
-                        None
-                    }
-                    Err(_) => {
-                        errs.push(TickError::Sample {
-                            service: svc.clone(),
-                            trigger: name.clone(),
-                            message: format!(
-                                "no sample within {}",
-                                humantime::format_duration(timeout)
-                            ),
-                        });
-                        None
-                    }
-                };
-                out.push(TriggerSample {
+        let mut current: Option<(usize, Vec<TriggerSample>)> = None;
+        for (i, name, value) in got {
+            let value = match value.unwrap_or_else(|| Err("not sampled".into())) {
+                Ok(v) => Some(v),
+                Err(message) => {
+                    let service = self.triggers[i].0.clone();
+                    let e = TickError::Sample {
+                        service,
+                        trigger: name.clone(),
+                        message,
+                    };
+                    tracing::warn!(service = %self.triggers[i].0, "sample failed: {e}");
+                    errors.push(e);
+                    None
+                }
+            };
+            match &mut current {
+                Some((j, out)) if *j == i => out.push(TriggerSample {
                     trigger: name,
                     value,
-                });
+                }),
+                _ => {
+                    if let Some((j, out)) = current.take() {
+                        samples.services.insert(self.triggers[j].0.clone(), out);
+                    }
+                    current = Some((
+                        i,
+                        vec![TriggerSample {
+                            trigger: name,
+                            value,
+                        }],
+                    ));
+                }
             }
-            (svc.clone(), out, errs)
-        });
-        for (svc, out, errs) in join_all(futs).await {
-            for e in &errs {
-                tracing::warn!(service = %svc, "sample failed: {e}");
-            }
-            errors.extend(errs);
-            if !out.is_empty() {
-                samples.services.insert(svc, out);
-            }
+        }
+        if let Some((j, out)) = current {
+            samples.services.insert(self.triggers[j].0.clone(), out);
         }
         samples
     }

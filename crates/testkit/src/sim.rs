@@ -47,6 +47,9 @@ pub struct SimOptions {
     /// Whether observations list every replica (the per-host view). Off for benchmarks of
     /// very many services, where building the list would dominate.
     pub list_replicas: bool,
+    /// Whether every scale is logged for [`Sim::spans`] and [`Sim::calls`]. Off for
+    /// benchmarks.
+    pub log: bool,
 }
 
 impl Default for SimOptions {
@@ -57,6 +60,7 @@ impl Default for SimOptions {
             stop_latency: Duration::from_millis(50),
             hosts: 3,
             list_replicas: true,
+            log: true,
         }
     }
 }
@@ -570,14 +574,18 @@ impl Backend for Sim {
                     message: "rate exceeded".into(),
                 });
             }
-            s.spans.push(format!("begin {}", service.name));
-            s.calls.push((service.name.clone(), target));
+            if self.opts.log {
+                s.spans.push(format!("begin {}", service.name));
+                s.calls.push((service.name.clone(), target));
+            }
         }
         let out = match self.opts.level {
             Level::Container => self.scale_container(service, target).await,
             Level::Service => self.scale_service(service, target),
         };
-        self.lock().spans.push(format!("end {}", service.name));
+        if self.opts.log {
+            self.lock().spans.push(format!("end {}", service.name));
+        }
         Ok(out)
     }
 
