@@ -115,3 +115,35 @@ async fn nginx_rate_from_successive_totals() {
     let e = not_status.check().await.unwrap_err().to_string();
     assert!(e.contains("not a stub_status page"), "{e}");
 }
+
+/// The source contract suite for both load balancers, against the real servers and a dead
+/// port each.
+#[tokio::test]
+async fn source_contract() {
+    if absent("haproxy", 8404).await || absent("nginx", 8480).await {
+        return;
+    }
+    let port = common::dead_port();
+    let haproxy = |url: String| {
+        SourceConfig::Haproxy(HaproxyConfig {
+            url,
+            proxy: "web".into(),
+            server: "FRONTEND".into(),
+            field: "req_tot".into(),
+            net: net(),
+        })
+    };
+    microscaler_testkit::source_contract::run(
+        &haproxy("http://127.0.0.1:8404/stats;csv".into()),
+        &haproxy(format!("http://127.0.0.1:{port}/stats;csv")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+    let nginx = |url: String| SourceConfig::Nginx(NginxConfig { url, net: net() });
+    microscaler_testkit::source_contract::run(
+        &nginx("http://127.0.0.1:8480/nginx_status".into()),
+        &nginx(format!("http://127.0.0.1:{port}/nginx_status")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+}

@@ -7,6 +7,29 @@ use std::time::Duration;
 use common::{absent, net};
 use microscaler_sources::{AnySource, PrometheusConfig, Source, SourceConfig, SourceError};
 
+fn config(url: &str, q: &str) -> SourceConfig {
+    SourceConfig::Prometheus(PrometheusConfig {
+        url: url.into(),
+        query: q.into(),
+        net: net(),
+    })
+}
+
+/// The source contract suite against the real server and a dead port.
+#[tokio::test]
+async fn source_contract() {
+    if absent("prometheus", 9090).await {
+        return;
+    }
+    let port = common::dead_port();
+    microscaler_testkit::source_contract::run(
+        &config("http://127.0.0.1:9090", "vector(1)"),
+        &config(&format!("http://127.0.0.1:{port}"), "vector(1)"),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+}
+
 fn query(q: &str) -> AnySource {
     AnySource::build(
         &SourceConfig::Prometheus(PrometheusConfig {

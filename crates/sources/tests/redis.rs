@@ -181,6 +181,28 @@ async fn stream_lag_counts_undelivered_entries() {
         .unwrap();
 }
 
+/// The source contract suite against the real server and a dead port.
+#[tokio::test]
+async fn source_contract() {
+    if absent("redis", 6379).await {
+        return;
+    }
+    let port = dead_port();
+    let config = |url: String| {
+        SourceConfig::RedisList(RedisListConfig {
+            url,
+            key: unique("contract"),
+            net: net(),
+        })
+    };
+    microscaler_testkit::source_contract::run(
+        &config(URL.into()),
+        &config(format!("redis://127.0.0.1:{port}")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_named() {
     let port = dead_port();

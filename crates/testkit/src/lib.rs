@@ -7,6 +7,8 @@
 //!   backends are tested against the real engines in their own crate.
 //! - [`contract`]: the backend contract suite: the same cases run against every backend
 //!   (docker, swarm, process and the simulated orchestrator).
+//! - [`source_contract`]: the source contract suite, run by the network sources' tests
+//!   against their real servers.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
 //!   [`wait_for`], [`service`].
 #![deny(missing_docs)]
@@ -18,6 +20,7 @@ use microscaler_core::{Priority, ServiceKind, ServiceName};
 
 pub mod contract;
 pub mod sim;
+pub mod source_contract;
 
 /// Under `CI=true` a missing service (a server a test needs) fails the test; elsewhere the
 /// test says why it is skipped and returns `true`. A test never passes by skipping in CI.
