@@ -120,3 +120,35 @@ async fn missing_queue_bad_password_and_dead_server_are_named() {
         "{e}"
     );
 }
+
+/// The source contract suite against the real server (a queue of this test) and a dead port.
+#[tokio::test]
+async fn source_contract() {
+    if absent("rabbitmq management API", 15672).await {
+        return;
+    }
+    let q = unique("contract");
+    let path = format!("/api/queues/%2F/{q}");
+    let r = api(
+        reqwest::Method::PUT,
+        &path,
+        serde_json::json!({"durable": false}),
+    )
+    .await;
+    assert!(r.status().is_success(), "{r:?}");
+    let port = dead_port();
+    let dead = match spec(&q, false) {
+        SourceConfig::Rabbitmq(c) => SourceConfig::Rabbitmq(RabbitmqConfig {
+            url: format!("http://127.0.0.1:{port}"),
+            ..c
+        }),
+        other => other,
+    };
+    microscaler_testkit::source_contract::run(
+        &spec(&q, false),
+        &dead,
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+    api(reqwest::Method::DELETE, &path, serde_json::json!({})).await;
+}
