@@ -86,6 +86,9 @@ impl BackendPlugins for BackendConfig {
 pub enum Workload {
     /// microscaler runs the replicas itself (or creates the orchestrator's object) from this.
     Managed(RunSpec),
+    /// The service is an object that exists in the orchestrator (`[services.reference]`):
+    /// microscaler sets its replica count and never creates, changes otherwise or deletes it.
+    Reference(Reference),
 }
 
 impl Default for Workload {
@@ -99,6 +102,7 @@ impl Workload {
     pub fn run(&self) -> Option<&RunSpec> {
         match self {
             Workload::Managed(r) => Some(r),
+            Workload::Reference(_) => None,
         }
     }
 
@@ -106,6 +110,81 @@ impl Workload {
     pub fn run_mut(&mut self) -> Option<&mut RunSpec> {
         match self {
             Workload::Managed(r) => Some(r),
+            Workload::Reference(_) => None,
+        }
+    }
+
+    /// The orchestrator object a referencing service is.
+    pub fn reference(&self) -> Option<&Reference> {
+        match self {
+            Workload::Managed(_) => None,
+            Workload::Reference(r) => Some(r),
+        }
+    }
+
+    /// Validates a service's own keys for a backend that runs its replicas itself:
+    /// `[services.reference]` is refused with a message naming the backend, the rest is
+    /// [`RunSpec::validate`]d.
+    pub(crate) fn managed_only(
+        backend: &str,
+        mut options: toml::Table,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<RunSpec> {
+        if options.remove(REFERENCE).is_some() {
+            v.err(
+                join(path, REFERENCE),
+                format!(
+                    "the {backend} backend creates its replicas itself and cannot reference an \
+                     existing object; describe the replicas with image, command and env instead"
+                ),
+            );
+        }
+        RunSpec::validate(options, v, path)
+    }
+
+    /// Validates a service's own keys for a backend whose services may reference an existing
+    /// object: with `[services.reference]` (validated by `reference`, at its path) no `image`,
+    /// `command` or `env` may be given; without it the keys are a [`RunSpec`].
+    pub(crate) fn managed_or_reference(
+        mut options: toml::Table,
+        v: &mut Validator,
+        path: &str,
+        reference: impl FnOnce(toml::Value, &mut Validator, &str) -> Option<Reference>,
+    ) -> Option<Workload> {
+        let Some(table) = options.remove(REFERENCE) else {
+            return RunSpec::validate(options, v, path).map(Workload::Managed);
+        };
+        for key in ["image", "command", "env"] {
+            if options.remove(key).is_some() {
+                v.err(
+                    join(path, key),
+                    "a service with [services.reference] runs what the referenced object runs; \
+                     remove this key (or the reference, to have microscaler create the object)",
+                );
+            }
+        }
+        // Any other key is unknown, reported as RunSpec would.
+        RunSpec::validate(options, v, path)?;
+        reference(table, v, &join(path, REFERENCE)).map(Workload::Reference)
+    }
+}
+
+/// The service key naming an existing orchestrator object.
+const REFERENCE: &str = "reference";
+
+/// An object that exists in the orchestrator, which a service stands for. Each backend that
+/// can reference objects owns its variant's type and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reference {
+    /// An existing Swarm service.
+    Swarm(swarm::SwarmReference),
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reference::Swarm(r) => write!(f, "Swarm service {}", r.service),
         }
     }
 }
@@ -210,5 +289,77 @@ pub(crate) mod tests {
             (run.image.as_deref(), run.env["A"].as_str()),
             (Some("nginx"), "1")
         );
+    }
+
+    #[test]
+    fn a_swarm_service_may_reference_an_existing_one() {
+        let c = config(
+            "type = \"swarm\"",
+            "[services.reference]\nservice = \"shop_web\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.services[0].workload,
+            Workload::Reference(Reference::Swarm(swarm::SwarmReference {
+                service: "shop_web".into()
+            }))
+        );
+        assert_eq!(c.services[0].workload.run(), None);
+        assert_eq!(
+            c.services[0].workload.reference().unwrap().to_string(),
+            "Swarm service shop_web"
+        );
+    }
+
+    #[test]
+    fn reference_errors_name_their_paths() {
+        let e = config(
+            "type = \"swarm\"",
+            "image = \"nginx\"\n[services.reference]\ncolour = \"red\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "services[0].image: a service with [services.reference] runs what the referenced \
+                 object runs; remove this key (or the reference, to have microscaler create the \
+                 object)",
+                "services[0].reference.colour: unknown key",
+                "services[0].reference.service: missing: the name of an existing Swarm service",
+            ]
+        );
+        let e = config(
+            "type = \"swarm\"",
+            "[services.reference]\nservice = \"a b\"",
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("services[0].reference.service: \"a b\" is not a Swarm service name"),
+            "{e:?}"
+        );
+        let e = config("type = \"swarm\"", "[services.reference]").unwrap_err();
+        assert_eq!(
+            e,
+            vec!["services[0].reference.service: missing: the name of an existing Swarm service"]
+        );
+    }
+
+    #[test]
+    fn container_backends_refuse_references() {
+        for backend in ["docker", "process"] {
+            let e = config(
+                &format!("type = \"{backend}\""),
+                "[services.reference]\nservice = \"web\"",
+            )
+            .unwrap_err();
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(
+                e[0].starts_with(&format!(
+                    "services[0].reference: the {backend} backend creates its replicas itself"
+                )),
+                "{e:?}"
+            );
+        }
     }
 }

@@ -55,7 +55,7 @@ use microscaler_core::{Host, Preempt, ServiceName, ServiceObservation, Validator
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-use crate::config::{RunSpec, Service, Workload};
+use crate::config::{Service, Workload};
 use crate::docker_api;
 use crate::{
     labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
@@ -131,7 +131,7 @@ impl DockerConfig {
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        RunSpec::validate(options, v, path).map(Workload::Managed)
+        Workload::managed_only("docker", options, v, path).map(Workload::Managed)
     }
 }
 

@@ -22,7 +22,7 @@ pub mod docker_api;
 pub mod process;
 pub mod swarm;
 
-pub use config::{BackendConfig, Config, Plugins, RunSpec, Service, Workload};
+pub use config::{BackendConfig, Config, Plugins, Reference, RunSpec, Service, Workload};
 
 /// What a managed service's replicas run. The container-level backends accept no
 /// `[services.reference]` at load time (their workload validation does not know the key), so

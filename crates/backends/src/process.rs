@@ -40,7 +40,7 @@ use nix::unistd::Pid;
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{RunSpec, Service, Workload};
+use crate::config::{Service, Workload};
 use crate::docker_api::REPLICA_BINARY;
 use crate::{
     managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, StartFailure,
@@ -92,7 +92,7 @@ impl ProcessConfig {
                 "not used by the process backend; set command = [program, args...] instead",
             );
         }
-        let run = RunSpec::validate(options, v, path)?;
+        let run = Workload::managed_only("process", options, v, path)?;
         if run.command.first().is_some_and(|c| c.is_empty()) {
             v.err(join(path, "command[0]"), "the program must not be empty");
         }

@@ -11,6 +11,12 @@
 //! - Existing labelled Swarm services are adopted as they are: their replica count is kept and
 //!   only the fields microscaler owns in the task template (image, command, environment,
 //!   container labels, stop grace period, network) are brought back to the configuration.
+//! - A service with `[services.reference] service = "name"` stands for an existing Swarm
+//!   service (deployed by a stack, by hand, by another tool). microscaler sets only its replica
+//!   count (reading the service and writing it back at its version, as `docker service scale`
+//!   does), counts its tasks, and never creates it, changes anything else in it, or removes it,
+//!   whatever `on_exit` says. A per-host service may reference a global-mode one (counted,
+//!   never scaled); any other service needs a replicated one.
 //! - No registry is assumed. The built-in replica image is imported on the manager's engine and
 //!   tasks refer to it by image ID, which tells Swarm's executor not to try a pull. A configured
 //!   image that exists on the manager but has no registry digest (built or imported locally) is
@@ -36,16 +42,17 @@ use bollard::models::{
     ServiceUpdateStatusStateEnum, SwarmInfo, Task, TaskSpec, TaskSpecContainerSpec, TaskState,
 };
 use bollard::query_parameters::{
-    InspectNetworkOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
-    UpdateServiceOptions,
+    InspectNetworkOptions, InspectServiceOptions, ListNodesOptions, ListServicesOptions,
+    ListTasksOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
 use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
+use microscaler_core::validate::join;
 use microscaler_core::{Host, ServiceKind, ServiceName, ServiceObservation, Validator};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{RunSpec, Service, Workload};
+use crate::config::{Reference, Service, Workload};
 use crate::docker_api;
 use crate::{
     labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
@@ -71,13 +78,14 @@ struct RawSwarm {
 }
 
 /// What the swarm backend can do: Swarm keeps per-host services itself (global mode), has no
-/// pause, reports its nodes' CPUs and memory, and stops tasks after the update returns.
+/// pause, reports its nodes' CPUs and memory, stops tasks after the update returns, and a
+/// service may reference an existing Swarm service.
 pub const CAPABILITIES: Capabilities = Capabilities {
     native_per_host: true,
     pause: false,
     host_resources: true,
     stops: StopCompletion::Converges,
-    references: false,
+    references: true,
 };
 
 impl SwarmConfig {
@@ -90,14 +98,60 @@ impl SwarmConfig {
         })
     }
 
-    /// Validates a service's own keys for this backend: `image`, `command` and `env`.
+    /// Validates a service's own keys for this backend: `image`, `command` and `env`, or a
+    /// `[services.reference]` naming an existing Swarm service.
     pub fn workload(
         options: toml::Table,
         _: &ServiceContext<'_>,
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        RunSpec::validate(options, v, path).map(Workload::Managed)
+        Workload::managed_or_reference(options, v, path, |table, v, path| {
+            SwarmReference::validate(table, v, path).map(Reference::Swarm)
+        })
+    }
+}
+
+/// `[services.reference]` on the swarm backend: a Swarm service that exists already (created
+/// by a stack, by hand, by another tool). microscaler sets its replica count (or, for a
+/// per-host service, only counts its global tasks) and never creates, updates otherwise or
+/// removes it, whatever `on_exit` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwarmReference {
+    /// The Swarm service's name (as `docker service ls` shows it).
+    pub service: String,
+}
+
+#[derive(Deserialize)]
+struct RawReference {
+    service: Option<String>,
+}
+
+impl SwarmReference {
+    /// Validates the reference table at `path` (`services[0].reference`).
+    pub fn validate(table: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawReference = v.part(table, path)?;
+        let service = v.need(
+            r.service,
+            path,
+            "service",
+            "the name of an existing Swarm service",
+        );
+        if !service.is_empty()
+            && (service.len() > MAX_NAME
+                || !service
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        {
+            v.err(
+                join(path, "service"),
+                format!(
+                    "{service:?} is not a Swarm service name (letters, digits, '-', '_' and '.', \
+                     at most {MAX_NAME} characters)"
+                ),
+            );
+        }
+        Some(SwarmReference { service })
     }
 }
 
@@ -118,9 +172,13 @@ pub struct SwarmBackend {
     address: String,
     instance: String,
     network: Option<String>,
+    /// The Swarm services referenced with `[services.reference]`, by name, with the service
+    /// each stands for. Set by `prepare`; never held across an await.
+    references: std::sync::RwLock<BTreeMap<String, ServiceName>>,
 }
 
-/// One Swarm service owned by this instance.
+/// One Swarm service microscaler scales: owned by this instance (labelled, created by it), or
+/// referenced by a service's `[services.reference]`.
 #[derive(Debug, Clone)]
 struct Owned {
     id: String,
@@ -130,6 +188,35 @@ struct Owned {
     spec: ServiceSpec,
     /// A rolling update of the service is running (or paused): Swarm has not caught up.
     updating: bool,
+}
+
+impl Owned {
+    /// `s` as a service microscaler scales for `service`; `None` when Swarm's answer lacks
+    /// its id, version or spec.
+    fn of(s: SwarmService, service: ServiceName) -> Option<Owned> {
+        let updating = s
+            .update_status
+            .as_ref()
+            .and_then(|u| u.state)
+            .is_some_and(|st| {
+                matches!(
+                    st,
+                    ServiceUpdateStatusStateEnum::UPDATING
+                        | ServiceUpdateStatusStateEnum::PAUSED
+                        | ServiceUpdateStatusStateEnum::ROLLBACK_STARTED
+                        | ServiceUpdateStatusStateEnum::ROLLBACK_PAUSED
+                )
+            });
+        let spec = s.spec?;
+        Some(Owned {
+            id: s.id?,
+            name: spec.name.clone().unwrap_or_default(),
+            service,
+            version: s.version.and_then(|v| v.index)?,
+            spec,
+            updating,
+        })
+    }
 }
 
 /// How an owned Swarm service places its tasks.
@@ -372,6 +459,7 @@ impl SwarmBackend {
             address,
             instance: instance.to_string(),
             network: spec.network.clone(),
+            references: Default::default(),
         })
     }
 
@@ -380,28 +468,29 @@ impl SwarmBackend {
         &self.address
     }
 
+    /// The Swarm services matching `filters`; `what` names them in the error.
+    async fn list_services(
+        &self,
+        filters: HashMap<String, Vec<String>>,
+        what: &str,
+    ) -> Result<Vec<SwarmService>, BackendError> {
+        self.docker
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| api(format!("list {what} on {}", self.address), &e))
+    }
+
     /// The Swarm services carrying both labels with this instance's value, by service.
     async fn owned(&self) -> Result<BTreeMap<ServiceName, Owned>, BackendError> {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![format!("{}={}", labels::INSTANCE, self.instance)],
         )]);
-        let list = self
-            .docker
-            .list_services(Some(ListServicesOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| {
-                api(
-                    format!(
-                        "list the Swarm services of instance {} on {}",
-                        self.instance, self.address
-                    ),
-                    &e,
-                )
-            })?;
+        let what = format!("the Swarm services of instance {}", self.instance);
+        let list = self.list_services(filters, &what).await?;
         let mut out: BTreeMap<ServiceName, Owned> = BTreeMap::new();
         for s in list {
             let Some(owned) = self.as_owned(s) else {
@@ -430,45 +519,95 @@ impl SwarmBackend {
 
     /// `s` as an owned service, if it carries both labels with this instance's value.
     fn as_owned(&self, s: SwarmService) -> Option<Owned> {
-        let updating = s
-            .update_status
-            .as_ref()
-            .and_then(|u| u.state)
-            .is_some_and(|st| {
-                matches!(
-                    st,
-                    ServiceUpdateStatusStateEnum::UPDATING
-                        | ServiceUpdateStatusStateEnum::PAUSED
-                        | ServiceUpdateStatusStateEnum::ROLLBACK_STARTED
-                        | ServiceUpdateStatusStateEnum::ROLLBACK_PAUSED
-                )
-            });
-        let spec = s.spec?;
-        let labels = spec.labels.as_ref()?;
+        let labels = s.spec.as_ref()?.labels.as_ref()?;
         if labels.get(labels::INSTANCE) != Some(&self.instance) {
             return None;
         }
         let raw = labels.get(labels::SERVICE)?;
-        let name = spec.name.clone().unwrap_or_default();
         let service = match ServiceName::try_new(raw.clone()) {
             Ok(n) => n,
             Err(e) => {
+                let name = s
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.name.as_deref())
+                    .unwrap_or("");
                 warn!(swarm_service = %name, label = %raw, error = %e,
                     "ignoring a Swarm service whose service label is not a valid service name");
                 return None;
             }
         };
-        Some(Owned {
-            id: s.id?,
-            name,
-            service,
-            version: s.version.and_then(|v| v.index)?,
-            spec,
-            updating,
+        Owned::of(s, service)
+    }
+
+    /// The referenced Swarm services that exist, by the service each stands for.
+    async fn referenced(&self) -> Result<BTreeMap<ServiceName, Owned>, BackendError> {
+        let references = self.references.read().expect("references lock").clone();
+        if references.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let filters = HashMap::from([("name".to_string(), references.keys().cloned().collect())]);
+        let list = self
+            .list_services(filters, "the referenced Swarm services")
+            .await?;
+        let mut out = BTreeMap::new();
+        for s in list {
+            // The name filter also matches prefixes: keep exact names only.
+            let name = s.spec.as_ref().and_then(|s| s.name.as_deref());
+            if let Some(service) = name.and_then(|n| references.get(n)) {
+                if let Some(o) = Owned::of(s, service.clone()) {
+                    out.insert(o.service.clone(), o);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The referenced Swarm service `name` (of `service`), read now.
+    async fn find_reference(
+        &self,
+        service: &ServiceName,
+        name: &str,
+    ) -> Result<Owned, BackendError> {
+        let not_found = || BackendError::NotFound {
+            what: format!(
+                "Swarm service {name} (the [services.reference] of service {service}) on {}",
+                self.address
+            ),
+            hint: "create it (docker service create / docker stack deploy), or fix the \
+                   reference; microscaler never creates a referenced service"
+                .into(),
+        };
+        let s = match self
+            .docker
+            .inspect_service(name, None::<InspectServiceOptions>)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if is_status(&e, 404) => return Err(not_found()),
+            Err(e) => {
+                return Err(api(
+                    format!("inspect Swarm service {name} on {}", self.address),
+                    &e,
+                ))
+            }
+        };
+        // Swarm also answers for an ID or an ID prefix: only the exact name is the reference.
+        if s.spec.as_ref().and_then(|s| s.name.as_deref()) != Some(name) {
+            return Err(not_found());
+        }
+        Owned::of(s, service.clone()).ok_or_else(|| BackendError::Api {
+            op: format!("inspect Swarm service {name}"),
+            message: "the engine reported no id, version or spec".into(),
         })
     }
 
-    async fn find(&self, service: &ServiceName) -> Result<Owned, BackendError> {
+    /// The Swarm service `service` is scaled through, read now.
+    async fn find(&self, service: &Service) -> Result<Owned, BackendError> {
+        if let Some(Reference::Swarm(r)) = service.workload.reference() {
+            return self.find_reference(&service.name, &r.service).await;
+        }
+        let service = &service.name;
         self.owned()
             .await?
             .remove(service)
@@ -658,6 +797,45 @@ impl SwarmBackend {
         Ok(())
     }
 
+    /// Checks that the Swarm service `name` referenced by `service` exists and that its mode
+    /// fits the service: replicated for a triggered or remainder service (its count is set),
+    /// global for a per-host one (Swarm keeps a task per node; microscaler only counts them).
+    async fn check_reference(&self, service: &Service, name: &str) -> Result<(), BackendError> {
+        let o = self.find_reference(&service.name, name).await?;
+        let per_host = matches!(service.kind, ServiceKind::PerHost);
+        let fits = match o.mode() {
+            Mode::Replicated(_) => !per_host,
+            Mode::Global => per_host,
+            Mode::Other => false,
+        };
+        if !fits {
+            let want = if per_host {
+                "global mode (per_host = true: Swarm keeps one task per node)"
+            } else {
+                "replicated mode (microscaler sets its replica count)"
+            };
+            return Err(BackendError::Unsupported(format!(
+                "Swarm service {name}, referenced by service {}, runs in {} mode but the \
+                 service needs {want}; microscaler never changes a referenced service's mode",
+                service.name,
+                match o.mode() {
+                    Mode::Replicated(_) => "replicated",
+                    Mode::Global => "global",
+                    Mode::Other => "a job",
+                }
+            )));
+        }
+        info!(
+            instance = %self.instance,
+            service = %service.name,
+            swarm_service = %name,
+            mode = ?o.mode(),
+            "referencing an existing Swarm service: microscaler sets only its replica count, \
+             and never updates its template or removes it"
+        );
+        Ok(())
+    }
+
     /// Brings an adopted service's template back to `template`, keeping its replica count.
     async fn adopt(
         &self,
@@ -723,7 +901,7 @@ impl SwarmBackend {
                 Err(e) if is_out_of_sequence(&e) && !retried => {
                     retried = true;
                     debug!(swarm_service = %owned.name, "service changed meanwhile; reading it again");
-                    owned = self.find(&service.name).await?;
+                    owned = self.find(service).await?;
                 }
                 Err(e) => {
                     return Err(api(
@@ -746,7 +924,24 @@ impl Backend for SwarmBackend {
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
+        let mut references: BTreeMap<String, ServiceName> = BTreeMap::new();
         for s in services {
+            let Some(Reference::Swarm(r)) = s.workload.reference() else {
+                continue;
+            };
+            if let Some(other) = references.insert(r.service.clone(), s.name.clone()) {
+                return Err(BackendError::Unsupported(format!(
+                    "services {other} and {} both reference Swarm service {}: one Swarm \
+                     service can stand for one microscaler service only",
+                    s.name, r.service
+                )));
+            }
+        }
+        *self.references.write().expect("references lock") = references;
+        for s in services {
+            if s.workload.reference().is_some() {
+                continue;
+            }
             let name = swarm_service_name(&self.instance, &s.name);
             if name.len() > MAX_NAME {
                 return Err(BackendError::Unsupported(format!(
@@ -759,6 +954,20 @@ impl Backend for SwarmBackend {
         let network = self.network().await?;
         let mut owned = self.owned().await?;
         for s in services {
+            if let Some(Reference::Swarm(r)) = s.workload.reference() {
+                self.check_reference(s, &r.service).await?;
+                if let Some(o) = owned.remove(&s.name) {
+                    warn!(
+                        instance = %self.instance,
+                        service = %s.name,
+                        swarm_service = %o.name,
+                        "the Swarm service microscaler created for this service when it was \
+                         managed remains; the service now references another one, so it is \
+                         left as it is (remove it with docker service rm)"
+                    );
+                }
+                continue;
+            }
             let image = self.image_for(s).await?;
             let template = self.template(s, image, network.clone());
             match owned.remove(&s.name) {
@@ -806,7 +1015,30 @@ impl Backend for SwarmBackend {
                 .await
                 .map_err(|e| api(format!("list the swarm nodes on {}", self.address), &e))
         };
-        let (owned, tasks, nodes) = tokio::try_join!(self.owned(), tasks, nodes)?;
+        let (mut owned, referenced, tasks, nodes) =
+            tokio::try_join!(self.owned(), self.referenced(), tasks, nodes)?;
+        let referenced_tasks = if referenced.is_empty() {
+            Vec::new()
+        } else {
+            let ids = referenced.values().map(|o| o.id.clone()).collect();
+            self.docker
+                .list_tasks(Some(ListTasksOptions {
+                    filters: Some(HashMap::from([("service".to_string(), ids)])),
+                }))
+                .await
+                .map_err(|e| {
+                    api(
+                        format!(
+                            "list the referenced Swarm services' tasks on {}",
+                            self.address
+                        ),
+                        &e,
+                    )
+                })?
+        };
+        // A service that references a Swarm service is that one, even if a labelled one
+        // remains from when it was managed.
+        owned.extend(referenced);
 
         let mut obs = Observation {
             hosts: nodes.iter().map(host_of).collect(),
@@ -829,7 +1061,7 @@ impl Backend for SwarmBackend {
                 },
             );
         }
-        for t in &tasks {
+        for t in tasks.iter().chain(&referenced_tasks) {
             self.count_task(t, &by_id, &mut obs);
         }
         debug!(
@@ -849,7 +1081,7 @@ impl Backend for SwarmBackend {
         }
         let mut retried = false;
         loop {
-            let owned = self.find(&service.name).await?;
+            let owned = self.find(service).await?;
             let previous = match owned.mode() {
                 Mode::Replicated(n) => n,
                 Mode::Global => {

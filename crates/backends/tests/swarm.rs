@@ -13,10 +13,10 @@ use bollard::models::{
 };
 use bollard::query_parameters::{ListContainersOptions, ListServicesOptions};
 use bollard::Docker;
-use microscaler_backends::swarm::SwarmConfig;
 use microscaler_backends::swarm::{check_manager, swarm_service_name, SwarmBackend};
-use microscaler_backends::Service;
+use microscaler_backends::swarm::{SwarmConfig, SwarmReference};
 use microscaler_backends::{docker_api, labels, Backend, BackendError, ReplicaState};
+use microscaler_backends::{Reference, Service, Workload};
 use microscaler_core::ServiceKind;
 
 /// Swarm starts a task in about a second; a minute covers a loaded machine.
@@ -146,6 +146,27 @@ fn per_host(name: &str) -> Service {
     }
 }
 
+/// A replicated Swarm service `name` of `image` without microscaler's labels.
+fn replicated(name: &str, image: &str, replicas: u32) -> ServiceSpec {
+    ServiceSpec {
+        name: Some(name.to_string()),
+        task_template: Some(TaskSpec {
+            container_spec: Some(TaskSpecContainerSpec {
+                image: Some(image.to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(i64::from(replicas)),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The replica count and version of a Swarm service, by name.
 async fn replicas_and_version(docker: &Docker, name: &str) -> (Option<i64>, u64) {
     let s = docker
@@ -181,25 +202,8 @@ impl microscaler_testkit::contract::Harness for SwarmHarness {
         let image = docker_api::ensure_replica_image(&docker)
             .await
             .expect("image");
-        let spec = ServiceSpec {
-            name: Some(self.foreign.clone()),
-            task_template: Some(TaskSpec {
-                container_spec: Some(TaskSpecContainerSpec {
-                    image: Some(image),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            mode: Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated {
-                    replicas: Some(i64::from(replicas)),
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         docker
-            .create_service(spec, None)
+            .create_service(replicated(&self.foreign, &image, replicas), None)
             .await
             .expect("create a foreign service");
     }
@@ -232,6 +236,77 @@ impl microscaler_testkit::contract::Harness for SwarmHarness {
     fn settle(&self) -> Duration {
         SETTLE
     }
+}
+
+/// The referenced object is a replicated Swarm service without microscaler's labels, with an
+/// environment variable and a label of its own that must survive every scale.
+impl microscaler_testkit::contract::ReferenceHarness for SwarmHarness {
+    async fn add_referenced(&self, replicas: u32) -> Workload {
+        let docker = raw().await;
+        let image = docker_api::ensure_replica_image(&docker)
+            .await
+            .expect("image");
+        let mut spec = replicated(&format!("{}-ref", self.instance), &image, replicas);
+        spec.labels = Some(HashMap::from([("team".into(), "payments".into())]));
+        if let Some(c) = spec
+            .task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut())
+        {
+            c.env = Some(vec!["OWNER=someone-else".into()]);
+        }
+        docker
+            .create_service(spec, None)
+            .await
+            .expect("create the referenced service");
+        Workload::Reference(Reference::Swarm(SwarmReference {
+            service: format!("{}-ref", self.instance),
+        }))
+    }
+
+    async fn referenced_template(&self) -> Option<String> {
+        let name = format!("{}-ref", self.instance);
+        let mut spec = raw().await.inspect_service(&name, None).await.ok()?.spec?;
+        spec.mode = None;
+        Some(format!("{spec:?}"))
+    }
+
+    async fn referenced_wants(&self) -> Option<u32> {
+        let name = format!("{}-ref", self.instance);
+        let spec = raw().await.inspect_service(&name, None).await.ok()?.spec?;
+        Some(spec.mode?.replicated?.replicas? as u32)
+    }
+
+    async fn remove_referenced(&self) {
+        let name = format!("{}-ref", self.instance);
+        raw()
+            .await
+            .delete_service(&name)
+            .await
+            .expect("remove the referenced service");
+    }
+}
+
+#[tokio::test]
+async fn references_existing_services() {
+    let instance = common::unique("swr");
+    if connect(&instance).await.is_none() {
+        return;
+    }
+    let _cleanup = Cleanup {
+        instance: instance.clone(),
+        foreign: vec![format!("{instance}-ref")],
+        networks: vec![],
+    };
+    let h = SwarmHarness {
+        instance: instance.clone(),
+        foreign: format!("{instance}-foreign"),
+    };
+    microscaler_testkit::contract::references(&h, "web").await;
+    assert!(
+        instance_services(&raw().await, &instance).await.is_empty(),
+        "a reference creates no Swarm service"
+    );
 }
 
 #[tokio::test]
@@ -460,20 +535,8 @@ async fn foreign_swarm_services_are_untouched() {
         networks: vec![],
     };
     let foreign = |name: &str, labels: HashMap<String, String>| ServiceSpec {
-        name: Some(name.to_string()),
         labels: Some(labels),
-        task_template: Some(TaskSpec {
-            container_spec: Some(TaskSpecContainerSpec {
-                image: Some(image.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        mode: Some(ServiceSpecMode {
-            replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..replicated(name, &image, 1)
     };
     // No labels at all; our instance's prefix, and a service name we use: the name is taken.
     for name in [&plain, &clash] {

@@ -11,12 +11,14 @@
 //! - **foreign objects**: an object of the orchestrator that microscaler does not own is never
 //!   counted, scaled or removed, not even by `shutdown(remove)`;
 //! - **errors are typed**: a backend that cannot reach its orchestrator says so with the
-//!   [`ErrorClass::Unreachable`] class (backends with no orchestrator to lose skip this).
+//!   [`ErrorClass::Unreachable`] class (backends with no orchestrator to lose skip this);
+//! - **references** ([`references`], for backends that can reference existing objects): a
+//!   referenced object has only its count set, is never removed, and is observed as it is.
 
 use std::future::Future;
 use std::time::Duration;
 
-use microscaler_backends::{Backend, ErrorClass, Service};
+use microscaler_backends::{Backend, ErrorClass, Service, Workload};
 
 use crate::{running, wait_for};
 
@@ -182,4 +184,110 @@ pub async fn errors_are_typed<H: Harness>(h: &H) {
     };
     assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
     assert!(e.to_string().starts_with("cannot reach "), "{e}");
+}
+
+/// What the reference case needs from a backend whose services may reference an object that
+/// exists in the orchestrator ([`Capabilities::references`](microscaler_core::Capabilities)).
+pub trait ReferenceHarness: Harness {
+    /// Creates an object microscaler does not own, with `replicas`, and returns the workload
+    /// of a service that references it.
+    fn add_referenced(&self, replicas: u32) -> impl Future<Output = Workload>;
+
+    /// Everything of the referenced object but its replica count (its template, labels,
+    /// placement), as text to compare; `None` once it is gone.
+    fn referenced_template(&self) -> impl Future<Output = Option<String>>;
+
+    /// The replica count the orchestrator holds for the referenced object (its spec, not what
+    /// runs); `None` once it is gone.
+    fn referenced_wants(&self) -> impl Future<Output = Option<u32>>;
+
+    /// Removes the referenced object.
+    fn remove_referenced(&self) -> impl Future<Output = ()>;
+}
+
+/// A service that references an existing object: prepare and a restart never change its
+/// count, scaling sets only the count (the rest of the object stays as it was), the count is
+/// observed as the orchestrator's own (`orchestrator_wants`), `shutdown(remove)` leaves the
+/// object in place, and a reference to an object that is gone fails with the not-found class.
+pub async fn references<H: ReferenceHarness>(h: &H, name: &str) {
+    let mut svc = crate::service(name, vec![]);
+    svc.workload = h.add_referenced(1).await;
+    let services = std::slice::from_ref(&svc);
+    let template = h
+        .referenced_template()
+        .await
+        .expect("the referenced object");
+
+    let backend = h.connect().await;
+    backend.prepare(services).await.expect("prepare");
+    assert_eq!(
+        h.referenced_wants().await,
+        Some(1),
+        "prepare keeps the count"
+    );
+    let obs = wait_for(&backend, h.settle(), |o| running(o, &svc) == 1).await;
+    assert_eq!(
+        running(&obs, &svc),
+        1,
+        "the referenced object is observed: {obs:?}"
+    );
+    assert_eq!(
+        obs.services[&svc.name].orchestrator_wants,
+        Some(1),
+        "the orchestrator's own count is observed"
+    );
+
+    backend
+        .scale(&svc, 3)
+        .await
+        .expect("scale the reference to 3");
+    let obs = wait_for(&backend, h.settle(), |o| running(o, &svc) == 3).await;
+    assert_eq!(running(&obs, &svc), 3, "{obs:?}");
+    assert_eq!(h.referenced_wants().await, Some(3));
+    assert_eq!(
+        h.referenced_template().await.as_ref(),
+        Some(&template),
+        "scaling sets the count and nothing else"
+    );
+    backend
+        .scale(&svc, 2)
+        .await
+        .expect("scale the reference to 2");
+    backend
+        .shutdown(services, true)
+        .await
+        .expect("shutdown, remove");
+    drop(backend);
+    assert_eq!(
+        h.referenced_wants().await,
+        Some(2),
+        "shutdown(remove) leaves a referenced object as it is"
+    );
+
+    let restarted = h.connect().await;
+    restarted
+        .prepare(services)
+        .await
+        .expect("prepare after a restart");
+    assert_eq!(
+        h.referenced_wants().await,
+        Some(2),
+        "a restart keeps the count"
+    );
+    restarted
+        .scale(&svc, 0)
+        .await
+        .expect("scale the reference to 0");
+    let obs = wait_for(&restarted, h.settle(), |o| running(o, &svc) == 0).await;
+    assert_eq!(running(&obs, &svc), 0, "{obs:?}");
+    assert_eq!(h.referenced_template().await.as_ref(), Some(&template));
+
+    h.remove_referenced().await;
+    let gone = h.connect().await;
+    let e = gone
+        .prepare(services)
+        .await
+        .expect_err("a reference to an object that is gone");
+    assert_eq!(e.class(), ErrorClass::NotFound, "{e}");
+    assert!(e.to_string().contains("not found"), "{e}");
 }
