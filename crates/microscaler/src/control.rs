@@ -475,17 +475,21 @@ impl<B: Backend + 'static> Controller<B> {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         self.memory.paused_replicas = observed.paused.clone();
+        // The engine's view is the observation's own maps, lent and given back (no copy).
+        let mut observed = observed;
         let engine_view = Observed {
-            services: observed.services.clone(),
-            hosts: observed.hosts.clone(),
+            services: std::mem::take(&mut observed.services),
+            hosts: std::mem::take(&mut observed.hosts),
         };
         let (plan, memory) = decide(&self.cfg, &engine_view, &samples, &self.memory, now);
+        observed.services = engine_view.services;
+        observed.hosts = engine_view.hosts;
         self.memory = memory;
         for a in &plan.actions {
             tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
         }
         phases.decide = t.elapsed();
-        self.dispatch(&plan, &observed, now, t0, &mut phases, &mut executions)
+        self.dispatch(&plan, now, t0, &mut phases, &mut executions)
             .await;
 
         TickReport {
@@ -510,6 +514,10 @@ impl<B: Backend + 'static> Controller<B> {
         for (i, (_, ts)) in self.triggers.iter_mut().enumerate() {
             for t in ts.iter_mut() {
                 let slot = got.len();
+                if let Some(v) = t.source.sample_now(now) {
+                    got.push((i, t.name.clone(), Some(v.map_err(|e| e.to_string()))));
+                    continue;
+                }
                 let mut sample = Box::pin(t.source.sample(now));
                 match futures::FutureExt::now_or_never(sample.as_mut()) {
                     Some(v) => got.push((i, t.name.clone(), Some(v.map_err(|e| e.to_string())))),
@@ -580,7 +588,6 @@ impl<B: Backend + 'static> Controller<B> {
     async fn dispatch(
         &mut self,
         plan: &Plan,
-        observed: &Observation,
         now: Duration,
         t0: Instant,
         phases: &mut TickPhases,
@@ -592,20 +599,23 @@ impl<B: Backend + 'static> Controller<B> {
         // Slots free now; what the stops give up is added as they are requested.
         let mut available = i64::from(plan.capacity);
         for sp in &plan.services {
-            let have = observed
-                .services
-                .get(&sp.service)
-                .map_or(0, |o| o.running + o.pending);
+            // What the engine saw observed, which is this tick's observation.
+            let have = sp.running + sp.pending;
             // A service whose change runs counts as what it was asked: a stop in flight gave
             // its slots up when it was requested, a start in flight is taking its own.
-            available -= i64::from(self.in_flight.get(&sp.service).copied().unwrap_or(have));
+            let in_flight = if self.in_flight.is_empty() {
+                None
+            } else {
+                self.in_flight.get(&sp.service).copied()
+            };
+            available -= i64::from(in_flight.unwrap_or(have));
+            if sp.target == have {
+                continue;
+            }
             let Some(&index) = self.index.get(&sp.service) else {
                 continue;
             };
             let svc = &self.cfg.services[index];
-            if sp.target == have {
-                continue;
-            }
             if matches!(svc.kind, ServiceKind::PerHost) && native_per_host {
                 continue; // The orchestrator keeps one per host by itself.
             }
@@ -643,7 +653,6 @@ impl<B: Backend + 'static> Controller<B> {
         // (or the tick's period is over).
         let t = Instant::now();
         let batch: Vec<(usize, u32)> = stops.iter().map(|&(i, t, _)| (i, t)).collect();
-        let mut waiting = self.spawn_all(&batch, Phase::Stop);
         let giving_up: HashMap<ServiceName, i64> = stops
             .iter()
             .map(|&(i, t, h)| (self.cfg.services[i].name.clone(), i64::from(h - t)))
@@ -651,18 +660,27 @@ impl<B: Backend + 'static> Controller<B> {
         // A stop gives up its slots when it is requested: one still running after the wait
         // (a replica that ignores SIGTERM) has been told to go. One that failed gives up none.
         available += stops.iter().map(|&(_, t, h)| i64::from(h - t)).sum::<i64>();
+        let not_freed = |done: &Done| {
+            let Some(&asked) = giving_up.get(&done.execution.service) else {
+                return 0;
+            };
+            let stopped = match &done.execution.result {
+                Ok(o) => i64::from(o.stopped),
+                Err(_) => 0,
+            };
+            asked - stopped.min(asked)
+        };
+        let (mut waiting, ready) = self.spawn_all(&batch, Phase::Stop);
+        for done in ready {
+            available -= not_freed(&done);
+            executions.push(self.finished(done, now));
+        }
         while waiting > 0 {
             match tokio::time::timeout_at(stops_end, self.done_rx.recv()).await {
                 Ok(Some(done)) => {
                     if done.tick == tick && done.phase == Phase::Stop {
                         waiting -= 1;
-                        if let Some(&asked) = giving_up.get(&done.execution.service) {
-                            let stopped = match &done.execution.result {
-                                Ok(o) => i64::from(o.stopped),
-                                Err(_) => 0,
-                            };
-                            available -= asked - stopped.min(asked);
-                        }
+                        available -= not_freed(&done);
                     }
                     executions.push(self.finished(done, now));
                 }
@@ -703,7 +721,11 @@ impl<B: Backend + 'static> Controller<B> {
             }
         }
         let t = Instant::now();
-        let mut waiting = self.spawn_all(&batch, Phase::Start) + waiting;
+        let (started, ready) = self.spawn_all(&batch, Phase::Start);
+        for done in ready {
+            executions.push(self.finished(done, now));
+        }
+        let mut waiting = started + waiting;
         while waiting > 0 {
             match tokio::time::timeout_at(period_end, self.done_rx.recv()).await {
                 Ok(Some(done)) => {
@@ -726,40 +748,53 @@ impl<B: Backend + 'static> Controller<B> {
         // the next tick; one still running wakes the loop when it ends.
     }
 
-    /// Spawns one task per `(service index, target)`; returns how many.
-    fn spawn_all(&mut self, batch: &[(usize, u32)], phase: Phase) -> usize {
+    /// Starts one change per `(service index, target)`. A change whose backend answers at
+    /// its first poll (a simulated orchestrator, an unchanged count) is done at once and
+    /// returned; every other one goes on in a task of its own. Returns how many tasks run, and
+    /// the changes already done.
+    fn spawn_all(&mut self, batch: &[(usize, u32)], phase: Phase) -> (usize, Vec<Done>) {
+        let mut ready = Vec::new();
+        let mut spawned = 0;
         for &(index, target) in batch {
             let cfg = Arc::clone(&self.cfg);
             let backend = Arc::clone(&self.backend);
             let permits = Arc::clone(&self.permits);
-            let tx = self.done_tx.clone();
-            let wake = Arc::clone(&self.controls.wake);
-            let collecting = Arc::clone(&self.collecting);
             let tick = self.ticks;
             self.in_flight
                 .insert(cfg.services[index].name.clone(), target);
-            tokio::spawn(async move {
+            let mut change = Box::pin(async move {
                 let svc = &cfg.services[index];
                 // The semaphore is never closed; a failed acquire would only skip the bound.
                 let _permit = permits.acquire_owned().await;
                 let result = backend.scale(svc, target).await.map_err(ScaleError::from);
-                let execution = Execution {
-                    service: svc.name.clone(),
-                    target,
-                    result,
-                };
-                // The receiver lives as long as the controller; after it, no one listens.
-                let _ = tx.send(Done {
-                    execution,
+                Done {
+                    execution: Execution {
+                        service: svc.name.clone(),
+                        target,
+                        result,
+                    },
                     phase,
                     tick,
-                });
+                }
+            });
+            if let Some(done) = futures::FutureExt::now_or_never(change.as_mut()) {
+                ready.push(done);
+                continue;
+            }
+            spawned += 1;
+            let tx = self.done_tx.clone();
+            let wake = Arc::clone(&self.controls.wake);
+            let collecting = Arc::clone(&self.collecting);
+            tokio::spawn(async move {
+                let done = change.await;
+                // The receiver lives as long as the controller; after it, no one listens.
+                let _ = tx.send(done);
                 if !collecting.load(std::sync::atomic::Ordering::Acquire) {
                     wake.notify_one();
                 }
             });
         }
-        batch.len()
+        (spawned, ready)
     }
 
     /// Records a finished change: the service may change again, and a failure backs off by

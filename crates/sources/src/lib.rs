@@ -250,6 +250,31 @@ impl Source for AnySource {
             AnySource::Sqs(s) => s.sample(now).await,
             AnySource::Broken(e) => Err(e.clone()),
         }?;
+        self.checked(v)
+    }
+}
+
+impl AnySource {
+    /// The value at `now` without a future, for the sources that never wait for anything
+    /// (random, manual, schedule, and a broken one's error); `None` for the others, which are
+    /// sampled with [`Source::sample`]. The control loop reads most triggers this way: no
+    /// future is built, boxed or polled for them.
+    pub fn sample_now(&mut self, now: Duration) -> Option<Result<f64, SourceError>> {
+        let v = match self {
+            AnySource::Random(s) => Ok(f64::from(s.value_at(now))),
+            AnySource::Manual(s) => Ok(s.get()),
+            AnySource::Schedule(s) => Ok(s.value_now()),
+            AnySource::Broken(e) => Err(e.clone()),
+            _ => return None,
+        };
+        Some(v.and_then(|v| self.checked(v)))
+    }
+
+    /// [`check_value`], naming the source only when the value is refused.
+    fn checked(&self, v: f64) -> Result<f64, SourceError> {
+        if v.is_finite() && v >= 0.0 {
+            return Ok(v);
+        }
         check_value(&self.describe(), v)
     }
 }
@@ -264,4 +289,44 @@ pub fn check_value(source_name: &str, v: f64) -> Result<f64, SourceError> {
         });
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::config;
+
+    #[tokio::test]
+    async fn sources_that_never_wait_are_read_without_a_future_and_agree_with_sample() {
+        for trigger in [
+            "type = \"random\"\nseed = 7",
+            "type = \"manual\"\ninitial = 4",
+            "type = \"schedule\"\nwindows = [{ days = \"mon-sun\", from = \"00:00\", to = \"23:59\", value = 3 }]",
+        ] {
+            let cfg = config(trigger);
+            let (mut a, mut b) = (
+                AnySource::build(&cfg, 9, 1).unwrap(),
+                AnySource::build(&cfg, 9, 1).unwrap(),
+            );
+            for s in 0..5 {
+                let now = Duration::from_secs(s * 4);
+                let quick = a.sample_now(now).expect("answers at once").unwrap();
+                assert_eq!(quick, b.sample(now).await.unwrap(), "{trigger} at {s}");
+            }
+        }
+        let broken = SourceError::Failed {
+            source_name: "x".into(),
+            reason: "no".into(),
+        };
+        assert!(AnySource::Broken(broken)
+            .sample_now(Duration::ZERO)
+            .unwrap()
+            .is_err());
+        let mut redis =
+            AnySource::build(&config("type = \"redis_list\"\nkey = \"q\""), 9, 1).unwrap();
+        assert!(
+            redis.sample_now(Duration::ZERO).is_none(),
+            "a network source is sampled with its future"
+        );
+    }
 }

@@ -80,6 +80,11 @@ impl ManualSource {
         }
     }
 
+    /// The current value.
+    pub fn get(&self) -> f64 {
+        *self.shared.value.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Wakes `waker` whenever a handle changes the value (set once; later calls are ignored).
     pub fn wake_on_change(&self, waker: Arc<Notify>) {
         let _ = self.shared.waker.set(waker);
@@ -116,7 +121,7 @@ impl Source for ManualSource {
     }
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
-        Ok(*self.shared.value.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(self.get())
     }
 }
 

@@ -283,12 +283,19 @@ impl Source for ScheduleSource {
     }
 
     async fn sample(&mut self, _now: Duration) -> Result<f64, SourceError> {
+        Ok(self.value_now())
+    }
+}
+
+impl ScheduleSource {
+    /// The schedule's value at its clock's present time.
+    pub fn value_now(&self) -> f64 {
         let t = (self.clock)();
         let secs = match t.duration_since(UNIX_EPOCH) {
             Ok(d) => d.as_secs() as i64,
             Err(e) => -(e.duration().as_secs() as i64) - 1,
         };
-        Ok(self.config.value_at(secs))
+        self.config.value_at(secs)
     }
 }
 

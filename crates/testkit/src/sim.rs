@@ -341,8 +341,8 @@ impl Sim {
             if target <= have {
                 return out;
             }
-            let hosts: Vec<usize> = (0..s.hosts.len()).filter(|&i| s.hosts[i].1).collect();
-            if hosts.is_empty() {
+            let n = s.hosts.len();
+            if !s.hosts.iter().any(|h| h.1) {
                 out.failures.push(StartFailure {
                     service: key.clone(),
                     message: "no ready host".into(),
@@ -351,12 +351,17 @@ impl Sim {
             }
             let mut ids = Vec::new();
             for k in have..target {
+                // Round robin from the k-th host to the next ready one.
+                let host = (0..n)
+                    .map(|j| (k as usize + j) % n)
+                    .find(|&i| s.hosts[i].1)
+                    .unwrap_or(0);
                 let id = s.take_id();
                 ids.push(id);
                 let svc = s.services.entry(key.clone()).or_default();
                 svc.replicas.push(SimReplica {
                     id,
-                    host: hosts[k as usize % hosts.len()],
+                    host,
                     state: ReplicaState::Pending,
                 });
             }
