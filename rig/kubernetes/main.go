@@ -1,6 +1,6 @@
 // Command k8s-rig is the Kubernetes control plane of microscaler's test rig: one binary that
-// runs kube-apiserver, kube-controller-manager or kube-scheduler, chosen by the name it is
-// called by (a symlink) or by its first argument:
+// runs kube-apiserver, kube-controller-manager, kube-scheduler or kubectl, chosen by the name
+// it is called by (a symlink) or by its first argument:
 //
 //	kube-apiserver --etcd-servers=...        (through a symlink named kube-apiserver)
 //	k8s-rig kube-scheduler --kubeconfig=...  (the command as the first argument)
@@ -19,9 +19,12 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/component-base/cli"
+	"k8s.io/component-base/logs"
 	_ "k8s.io/component-base/logs/json/register"          // --logging-format=json
 	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go metrics
 	_ "k8s.io/component-base/metrics/prometheus/version"  // the version metric
+	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
@@ -33,6 +36,7 @@ var commands = map[string]func() *cobra.Command{
 	"kube-scheduler": func() *cobra.Command {
 		return scheduler.NewSchedulerCommand()
 	},
+	"kubectl": kubectl.NewDefaultKubectlCommand,
 }
 
 func usage() {
@@ -61,6 +65,15 @@ func main() {
 		}
 		// The command sees itself called by its own name, as through the symlink.
 		os.Args = append([]string{name}, os.Args[2:]...)
+	}
+	if name == "kubectl" {
+		// As upstream's kubectl main: verbosity first (klog is used while the command is
+		// built), errors printed kubectl's way.
+		logs.GlogSetter(kubectl.GetLogVerbosity(os.Args)) //nolint:errcheck
+		if err := cli.RunNoErrOutput(newCommand()); err != nil {
+			kubectlutil.CheckErr(err)
+		}
+		return
 	}
 	os.Exit(cli.Run(newCommand()))
 }
