@@ -14,7 +14,7 @@ use microscaler_core::validate::join;
 use microscaler_core::Validator;
 use serde::Deserialize;
 
-use crate::{docker, process, swarm};
+use crate::{docker, kubernetes, process, swarm};
 
 /// The plugin set of this build: every source and every backend.
 pub type Plugins = (microscaler_sources::SourceConfig, BackendConfig);
@@ -32,11 +32,13 @@ pub enum BackendConfig {
     Swarm(swarm::SwarmConfig),
     /// Local child processes, where no container engine runs.
     Process(process::ProcessConfig),
+    /// Kubernetes: microscaler sets the replicas of Deployments and StatefulSets.
+    Kubernetes(kubernetes::KubernetesConfig),
 }
 
 impl BackendPlugins for BackendConfig {
     type Workload = Workload;
-    const TYPES: &'static [&'static str] = &["docker", "swarm", "process"];
+    const TYPES: &'static [&'static str] = &["docker", "swarm", "process", "kubernetes"];
 
     fn validate(kind: &str, options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
         let options = toml::Value::Table(options);
@@ -45,6 +47,9 @@ impl BackendPlugins for BackendConfig {
             "swarm" => BackendConfig::Swarm(swarm::SwarmConfig::validate(options, v, path)?),
             "process" => {
                 BackendConfig::Process(process::ProcessConfig::validate(options, v, path)?)
+            }
+            "kubernetes" => {
+                BackendConfig::Kubernetes(kubernetes::KubernetesConfig::validate(options, v, path)?)
             }
             other => unreachable!("the core checks backend types against TYPES, got {other:?}"),
         })
@@ -61,6 +66,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Docker(_) => docker::DockerConfig::workload(options, cx, v, path),
             BackendConfig::Swarm(_) => swarm::SwarmConfig::workload(options, cx, v, path),
             BackendConfig::Process(_) => process::ProcessConfig::workload(options, cx, v, path),
+            BackendConfig::Kubernetes(k) => k.workload(options, cx, v, path),
         }
     }
 
@@ -69,6 +75,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Docker(_) => docker::CAPABILITIES,
             BackendConfig::Swarm(_) => swarm::CAPABILITIES,
             BackendConfig::Process(_) => process::CAPABILITIES,
+            BackendConfig::Kubernetes(_) => kubernetes::CAPABILITIES,
         }
     }
 
@@ -77,6 +84,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Docker(_) => "docker",
             BackendConfig::Swarm(_) => "swarm",
             BackendConfig::Process(_) => "process",
+            BackendConfig::Kubernetes(_) => "kubernetes",
         }
     }
 }
@@ -179,12 +187,15 @@ const REFERENCE: &str = "reference";
 pub enum Reference {
     /// An existing Swarm service.
     Swarm(swarm::SwarmReference),
+    /// An existing Deployment, StatefulSet or DaemonSet.
+    Kubernetes(kubernetes::KubernetesReference),
 }
 
 impl std::fmt::Display for Reference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reference::Swarm(r) => write!(f, "Swarm service {}", r.service),
+            Reference::Kubernetes(r) => r.fmt(f),
         }
     }
 }
@@ -255,10 +266,10 @@ pub(crate) mod tests {
     fn unknown_types_list_valid_ones() {
         assert_eq!(
             config("type = \"k8s\"", "").unwrap_err(),
-            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process"]
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes"]
         );
         assert!(
-            BackendConfig::TYPES.len() == 3
+            BackendConfig::TYPES.len() == 4
                 && microscaler_sources::SourceConfig::TYPES.contains(&"random")
         );
     }

@@ -19,6 +19,7 @@ use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservati
 pub mod config;
 pub mod docker;
 pub mod docker_api;
+pub mod kubernetes;
 pub mod process;
 pub mod swarm;
 
@@ -313,6 +314,9 @@ pub enum AnyBackend {
     Swarm(swarm::SwarmBackend),
     /// Local processes.
     Process(process::ProcessBackend),
+    /// Kubernetes.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes(kubernetes::KubernetesBackend),
 }
 
 macro_rules! dispatch {
@@ -321,6 +325,8 @@ macro_rules! dispatch {
             AnyBackend::Docker($b) => $e,
             AnyBackend::Swarm($b) => $e,
             AnyBackend::Process($b) => $e,
+            #[cfg(feature = "kubernetes")]
+            AnyBackend::Kubernetes($b) => $e,
         }
     };
 }

@@ -22,6 +22,18 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
             &cfg.instance,
             state_dir.to_path_buf(),
         )?),
+        #[cfg(feature = "kubernetes")]
+        BackendConfig::Kubernetes(k) => AnyBackend::Kubernetes(
+            microscaler_backends::kubernetes::KubernetesBackend::connect(k, &cfg.instance).await?,
+        ),
+        #[cfg(not(feature = "kubernetes"))]
+        BackendConfig::Kubernetes(_) => {
+            return Err(BackendError::Unsupported(
+                "this microscaler was built without the kubernetes backend: build it with \
+                 cargo build --features kubernetes (on by default)"
+                    .into(),
+            ))
+        }
     })
 }
 

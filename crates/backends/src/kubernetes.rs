@@ -1,0 +1,1337 @@
+//! Kubernetes backend (service-level): microscaler sets the replica count of Deployments and
+//! StatefulSets through their `/scale` subresource, and the scheduler places the pods.
+//!
+//! - A service references an existing object (`[services.reference] deployment =
+//!   "namespace/name"`, `statefulset = ...`, or `daemonset = ...` for a per-host service), or,
+//!   managed, is a Deployment `{instance}-{service}` in `[backend] namespace` that microscaler
+//!   creates (with 0 replicas) from the service's `image`, `command` and `env`, labelled with
+//!   [`labels::INSTANCE`] and [`labels::SERVICE`], and removes with `on_exit = "stop"`. A
+//!   Deployment of that name without both labels is never touched (that is an error).
+//! - Replica counts change only through `/scale`, with the object's `resourceVersion` as a
+//!   precondition: when someone else changed the object meanwhile the apiserver answers
+//!   409 and the change is a [`BackendError::Conflict`], retried on the next tick with what is
+//!   observed then, never forced.
+//! - Observation comes from watches (reflectors on the Nodes, and on the Deployments,
+//!   StatefulSets, DaemonSets and Pods of the namespaces the services live in), not from a list
+//!   per tick. A pod belongs to a service when it matches its object's selector. Running =
+//!   Ready pods; pending = not ready yet (of which unschedulable = `PodScheduled=False`,
+//!   reason `Unschedulable`); failed = phase `Failed`; a pod being deleted is stopping. The
+//!   object's own `spec.replicas` is reported as what the orchestrator wants, so someone else
+//!   scaling it (an HPA, `kubectl scale`) is seen; it has caught up when its
+//!   `status.observedGeneration` reached its `metadata.generation`.
+//! - Hosts are the Nodes, ready when their `Ready` condition is true, they are not cordoned,
+//!   and every `NoSchedule`/`NoExecute` taint they carry is tolerated by `[backend]
+//!   tolerations` (which managed pods get too).
+//! - A per-host service is a DaemonSet: the DaemonSet controller keeps one pod per node, and
+//!   microscaler counts it and never scales it.
+
+use std::collections::BTreeMap;
+
+use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
+use microscaler_core::validate::join;
+use microscaler_core::Validator;
+use serde::Deserialize;
+
+use crate::config::{Reference, RunSpec, Workload};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: `[backend] type = "kubernetes"` and what a service gives it.
+
+/// `[backend] type = "kubernetes"`: a Kubernetes cluster, through its apiserver.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; `None` means `$KUBECONFIG`, else `~/.kube/config`, else the
+    /// in-cluster service account.
+    pub kubeconfig: Option<String>,
+    /// The kubeconfig context; `None` means its current context.
+    pub context: Option<String>,
+    /// Where managed Deployments are created, and the namespace of a reference that names
+    /// none. Default `default`.
+    pub namespace: String,
+    /// Taints that managed pods tolerate; a node whose `NoSchedule` or `NoExecute` taints are
+    /// all tolerated counts as a host.
+    pub tolerations: Vec<Toleration>,
+}
+
+/// A toleration, as in a pod spec.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Toleration {
+    /// The taint key; `None` (with `operator = "Exists"`) tolerates every taint.
+    pub key: Option<String>,
+    /// `Equal` (the default: the value must match) or `Exists`.
+    #[serde(default = "equal")]
+    pub operator: String,
+    /// The taint value, for `Equal`.
+    pub value: Option<String>,
+    /// The effect tolerated (`NoSchedule`, `PreferNoSchedule`, `NoExecute`); `None` means all.
+    pub effect: Option<String>,
+}
+
+fn equal() -> String {
+    "Equal".into()
+}
+
+impl Toleration {
+    /// Whether this toleration tolerates a taint `key=value:effect`.
+    pub fn tolerates(&self, key: &str, value: Option<&str>, effect: &str) -> bool {
+        if self.effect.as_deref().is_some_and(|e| e != effect) {
+            return false;
+        }
+        match self.key.as_deref() {
+            None => self.operator == "Exists",
+            Some(k) if k != key => false,
+            Some(_) if self.operator == "Exists" => true,
+            Some(_) => self.value.as_deref().unwrap_or("") == value.unwrap_or(""),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawKubernetes {
+    kubeconfig: Option<String>,
+    context: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    tolerations: Vec<toml::Value>,
+}
+
+/// What the kubernetes backend can do: DaemonSets keep per-host services, no pause, nodes
+/// report their CPUs and memory, pods stop after the scale returns, and services may
+/// reference existing Deployments, StatefulSets and DaemonSets.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    native_per_host: true,
+    pause: false,
+    host_resources: true,
+    stops: StopCompletion::Converges,
+    references: true,
+};
+
+/// Whether `s` is a DNS-1123 label (a namespace): 1-63 of a-z, 0-9 and '-', alphanumeric at
+/// both ends.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Whether `s` is a DNS-1123 subdomain (an object name): dot-separated labels, at most 253.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+impl KubernetesConfig {
+    /// Validates the `[backend]` section (without `type`) at `path`. No file is read here:
+    /// the kubeconfig is loaded when the backend connects.
+    pub fn validate(options: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawKubernetes = v.part(options, path)?;
+        for (key, value) in [("kubeconfig", &r.kubeconfig), ("context", &r.context)] {
+            if value.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                v.err(join(path, key), "must not be empty");
+            }
+        }
+        let namespace = r.namespace.unwrap_or_else(|| "default".into());
+        if !is_dns_label(&namespace) {
+            v.err(
+                join(path, "namespace"),
+                format!("{namespace:?} is not a namespace name (1-63 of a-z, 0-9 and '-')"),
+            );
+        }
+        let mut tolerations = Vec::new();
+        for (i, t) in r.tolerations.into_iter().enumerate() {
+            let at = format!("{}[{i}]", join(path, "tolerations"));
+            let Some(t) = v.part::<Toleration>(t, &at) else {
+                continue;
+            };
+            if !matches!(t.operator.as_str(), "Equal" | "Exists") {
+                v.err(
+                    join(&at, "operator"),
+                    format!("must be \"Equal\" or \"Exists\", got {:?}", t.operator),
+                );
+            }
+            if t.operator == "Exists" && t.value.is_some() {
+                v.err(
+                    join(&at, "value"),
+                    "must be empty with operator = \"Exists\"",
+                );
+            }
+            if t.key.is_none() && t.operator != "Exists" {
+                v.err(
+                    join(&at, "key"),
+                    "missing: a toleration without a key needs operator = \"Exists\"",
+                );
+            }
+            if let Some(e) = t.effect.as_deref() {
+                if !matches!(e, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+                    v.err(
+                        join(&at, "effect"),
+                        format!("must be NoSchedule, PreferNoSchedule or NoExecute, got {e:?}"),
+                    );
+                }
+            }
+            tolerations.push(t);
+        }
+        Some(KubernetesConfig {
+            kubeconfig: r.kubeconfig,
+            context: r.context,
+            namespace,
+            tolerations,
+        })
+    }
+
+    /// Validates a service's own keys for this backend: `image` (required: there is no
+    /// built-in image in a cluster's registries), `command` and `env`, or a
+    /// `[services.reference]` naming an existing Deployment, StatefulSet or DaemonSet.
+    pub fn workload(
+        &self,
+        options: toml::Table,
+        cx: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        let w = Workload::managed_or_reference(options, v, path, |table, v, path| {
+            KubernetesReference::validate(table, &self.namespace, cx.per_host, v, path)
+                .map(Reference::Kubernetes)
+        })?;
+        if let Workload::Managed(run) = &w {
+            managed_checks(run, cx, v, path);
+        }
+        Some(w)
+    }
+}
+
+fn managed_checks(run: &RunSpec, cx: &ServiceContext<'_>, v: &mut Validator, path: &str) {
+    if cx.per_host {
+        v.err(
+            join(path, "per_host"),
+            "a per-host service on kubernetes is a DaemonSet that exists already: reference it \
+             with [services.reference] daemonset = \"namespace/name\"",
+        );
+    }
+    if run.image.is_none() {
+        v.err(
+            join(path, "image"),
+            "missing: the image the pods run (a cluster pulls it from a registry; there is no \
+             built-in one), or reference an existing Deployment with [services.reference]",
+        );
+    }
+}
+
+/// The kind of object a service references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    /// `apps/v1` Deployment: scaled.
+    Deployment,
+    /// `apps/v1` StatefulSet: scaled.
+    StatefulSet,
+    /// `apps/v1` DaemonSet: one pod per node, counted and never scaled.
+    DaemonSet,
+}
+
+impl ObjectKind {
+    /// The kind's name, as Kubernetes writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Deployment => "Deployment",
+            ObjectKind::StatefulSet => "StatefulSet",
+            ObjectKind::DaemonSet => "DaemonSet",
+        }
+    }
+}
+
+/// `[services.reference]` on the kubernetes backend: exactly one of `deployment`,
+/// `statefulset` or `daemonset`, as `"namespace/name"` or `"name"` (in `[backend] namespace`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KubernetesReference {
+    /// What it is.
+    pub kind: ObjectKind,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl std::fmt::Display for KubernetesReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawReference {
+    deployment: Option<String>,
+    statefulset: Option<String>,
+    daemonset: Option<String>,
+}
+
+impl KubernetesReference {
+    /// Validates the reference table at `path`; `namespace` is the backend's, for a reference
+    /// that names none.
+    pub fn validate(
+        table: toml::Value,
+        namespace: &str,
+        per_host: bool,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Self> {
+        let r: RawReference = v.part(table, path)?;
+        let given: Vec<(ObjectKind, &str, String)> = [
+            (ObjectKind::Deployment, "deployment", r.deployment),
+            (ObjectKind::StatefulSet, "statefulset", r.statefulset),
+            (ObjectKind::DaemonSet, "daemonset", r.daemonset),
+        ]
+        .into_iter()
+        .filter_map(|(k, key, s)| s.map(|s| (k, key, s)))
+        .collect();
+        let [(kind, key, value)] = <[_; 1]>::try_from(given)
+            .map_err(|given| {
+                v.err(
+                    path,
+                    format!(
+                        "give exactly one of deployment, statefulset or daemonset, got {}",
+                        given.len()
+                    ),
+                )
+            })
+            .ok()?;
+        let at = join(path, key);
+        let (ns, name) = match value.split_once('/') {
+            Some((ns, name)) => (ns.to_string(), name.to_string()),
+            None => (namespace.to_string(), value.clone()),
+        };
+        if !is_dns_label(&ns) || !is_dns_subdomain(&name) {
+            v.err(
+                &at,
+                format!(
+                    "{value:?} is not \"namespace/name\" or \"name\" of a Kubernetes object \
+                     (lowercase letters, digits, '-' and '.')"
+                ),
+            );
+        }
+        match (kind, per_host) {
+            (ObjectKind::DaemonSet, false) => v.err(
+                &at,
+                "a DaemonSet runs one pod per node: only a per-host service (per_host = true) \
+                 can reference one",
+            ),
+            (ObjectKind::Deployment | ObjectKind::StatefulSet, true) => v.err(
+                &at,
+                "a per-host service references a DaemonSet (daemonset = \"namespace/name\")",
+            ),
+            _ => {}
+        }
+        Some(KubernetesReference {
+            kind,
+            namespace: ns,
+            name,
+        })
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+pub use live::KubernetesBackend;
+
+/// The labels of what microscaler creates for `service` of `instance`.
+pub fn owned_labels(instance: &str, service: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (crate::labels::INSTANCE.to_string(), instance.to_string()),
+        (crate::labels::SERVICE.to_string(), service.to_string()),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The live backend (feature `kubernetes`).
+
+#[cfg(feature = "kubernetes")]
+mod live {
+    use std::collections::{BTreeMap, HashMap};
+    use std::fmt::Debug;
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use kube::core::{Selector, SelectorExt};
+    use kube::runtime::reflector::{self, ObjectRef, Store};
+    use kube::runtime::{watcher, WatchStreamExt};
+    use kube::{Client, Resource, ResourceExt};
+    use microscaler_core::plugin::Capabilities;
+    use microscaler_core::{Host, ServiceKind, ServiceName};
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+    use tokio::task::JoinHandle;
+    use tracing::{debug, info, warn};
+
+    use super::{owned_labels, KubernetesConfig, ObjectKind, Toleration, CAPABILITIES};
+    use crate::config::{Reference, Service};
+    use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
+
+    /// Annotation on a managed Deployment: a hash of the pod template microscaler wrote, so a
+    /// restarted daemon rewrites the template only when the configuration changed.
+    const TEMPLATE_ANNOTATION: &str = "io.microscaler/template-hash";
+    /// How long the watches may take to list what exists, at connect and prepare.
+    const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The field manager of microscaler's writes.
+    const FIELD_MANAGER: &str = "microscaler";
+
+    /// The watched objects of one namespace.
+    struct Watched {
+        deployments: Store<Deployment>,
+        statefulsets: Store<StatefulSet>,
+        daemonsets: Store<DaemonSet>,
+        pods: Store<Pod>,
+    }
+
+    /// The object a service is scaled through.
+    #[derive(Debug, Clone)]
+    struct Target {
+        service: ServiceName,
+        kind: ObjectKind,
+        namespace: String,
+        name: String,
+    }
+
+    /// The Kubernetes backend.
+    pub struct KubernetesBackend {
+        client: Client,
+        /// The apiserver's URL, for messages.
+        server: String,
+        instance: String,
+        namespace: String,
+        tolerations: Vec<Toleration>,
+        nodes: Store<Node>,
+        watched: Mutex<HashMap<String, Arc<Watched>>>,
+        targets: RwLock<BTreeMap<ServiceName, Target>>,
+        tasks: Mutex<Vec<JoinHandle<()>>>,
+    }
+
+    impl Drop for KubernetesBackend {
+        fn drop(&mut self) {
+            for t in self
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+            {
+                t.abort();
+            }
+        }
+    }
+
+    /// The status code of an apiserver answer, if the error is one.
+    fn status(e: &kube::Error) -> Option<u16> {
+        match e {
+            kube::Error::Api(s) => Some(s.code),
+            _ => None,
+        }
+    }
+
+    impl KubernetesBackend {
+        /// Maps a failed call to its class: what the apiserver answered (409 conflict, 404
+        /// not found, 429 throttled, 400/422 invalid, 403 refused by RBAC), or unreachable.
+        fn error(&self, op: impl Into<String>, e: kube::Error) -> BackendError {
+            let op = op.into();
+            match &e {
+                kube::Error::Api(s) => {
+                    let message = format!("{} (HTTP {})", s.message, s.code);
+                    match s.code {
+                        409 => BackendError::Conflict { op, message },
+                        404 => BackendError::NotFound {
+                            what: op,
+                            hint: message,
+                        },
+                        429 => BackendError::Throttled { op, message },
+                        400 | 422 => BackendError::Invalid { op, message },
+                        401 | 403 => BackendError::Unsupported(format!(
+                            "{op}: refused by the apiserver at {}: {message}; give microscaler's \
+                             account the rules in deploy/kubernetes/rbac.yaml",
+                            self.server
+                        )),
+                        _ => BackendError::Api { op, message },
+                    }
+                }
+                _ => BackendError::Unreachable {
+                    what: format!("the Kubernetes apiserver at {}", self.server),
+                    hint: format!(
+                        "{op}: {e}; is the cluster up, and do the kubeconfig (or \
+                         [backend] kubeconfig) and its context point at it?"
+                    ),
+                    source: Some(Box::new(e)),
+                },
+            }
+        }
+
+        /// Connects with `spec`'s kubeconfig (else `$KUBECONFIG`, `~/.kube/config`, the
+        /// in-cluster account), checks that the apiserver answers and starts watching the
+        /// nodes and `spec.namespace`.
+        pub async fn connect(
+            spec: &KubernetesConfig,
+            instance: &str,
+        ) -> Result<KubernetesBackend, BackendError> {
+            let options = KubeConfigOptions {
+                context: spec.context.clone(),
+                ..Default::default()
+            };
+            let source = spec
+                .kubeconfig
+                .clone()
+                .or_else(|| std::env::var("KUBECONFIG").ok().filter(|s| !s.is_empty()));
+            let config = match &source {
+                Some(path) => {
+                    let file = Kubeconfig::read_from(path).map_err(|e| BackendError::Unreachable {
+                        what: format!("the Kubernetes cluster of kubeconfig {path}"),
+                        hint: format!("{e}; set [backend] kubeconfig or KUBECONFIG to a readable kubeconfig"),
+                        source: None,
+                    })?;
+                    kube::Config::from_custom_kubeconfig(file, &options)
+                        .await
+                        .map_err(|e| BackendError::Unreachable {
+                            what: format!("the Kubernetes cluster of kubeconfig {path}"),
+                            hint: format!("{e}; check its context ([backend] context)"),
+                            source: None,
+                        })?
+                }
+                None if spec.context.is_some() => kube::Config::from_kubeconfig(&options)
+                    .await
+                    .map_err(|e| BackendError::Unreachable {
+                        what: "the Kubernetes cluster of ~/.kube/config".into(),
+                        hint: format!("{e}; check [backend] context"),
+                        source: None,
+                    })?,
+                None => kube::Config::infer()
+                    .await
+                    .map_err(|e| BackendError::Unreachable {
+                        what: "a Kubernetes cluster".into(),
+                        hint: format!(
+                            "{e}; set [backend] kubeconfig or KUBECONFIG, or run in a pod with a \
+                         service account"
+                        ),
+                        source: None,
+                    })?,
+            };
+            let server = config.cluster_url.to_string();
+            let client = Client::try_from(config).map_err(|e| BackendError::Unreachable {
+                what: format!("the Kubernetes apiserver at {server}"),
+                hint: format!("building the client failed: {e}"),
+                source: None,
+            })?;
+            let mut backend = KubernetesBackend {
+                nodes: reflector::store().0,
+                client,
+                server,
+                instance: instance.to_string(),
+                namespace: spec.namespace.clone(),
+                tolerations: spec.tolerations.clone(),
+                watched: Mutex::default(),
+                targets: RwLock::default(),
+                tasks: Mutex::default(),
+            };
+            let version = tokio::time::timeout(SYNC_TIMEOUT, backend.client.apiserver_version())
+                .await
+                .map_err(|_| BackendError::Unreachable {
+                    what: format!("the Kubernetes apiserver at {}", backend.server),
+                    hint: format!(
+                        "no answer within {}s; is the cluster up?",
+                        SYNC_TIMEOUT.as_secs()
+                    ),
+                    source: None,
+                })?
+                .map_err(|e| backend.error("read the apiserver's version", e))?;
+            backend.nodes = backend.reflect(Api::<Node>::all(backend.client.clone()));
+            backend.synced(&backend.nodes, "the nodes").await?;
+            backend.watch(&spec.namespace).await?;
+            info!(
+                server = %backend.server,
+                version = %version.git_version,
+                instance,
+                namespace = %spec.namespace,
+                nodes = backend.nodes.state().len(),
+                "connected to a Kubernetes apiserver"
+            );
+            Ok(backend)
+        }
+
+        /// Starts a reflector on `api`, kept until the backend is dropped.
+        fn reflect<K>(&self, api: Api<K>) -> Store<K>
+        where
+            K: Resource<DynamicType = ()>
+                + Clone
+                + DeserializeOwned
+                + Debug
+                + Send
+                + Sync
+                + 'static,
+        {
+            let (reader, writer) = reflector::store();
+            let kind = K::kind(&()).to_string();
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, watcher::Config::default()).default_backoff(),
+            );
+            let task = tokio::spawn(async move {
+                futures::pin_mut!(stream);
+                while let Some(event) = stream.next().await {
+                    if let Err(e) = event {
+                        warn!(kind = %kind, error = %e, "a Kubernetes watch failed; it restarts with backoff");
+                    }
+                }
+            });
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+            reader
+        }
+
+        /// Waits until `store` has listed what exists.
+        async fn synced<K>(&self, store: &Store<K>, what: &str) -> Result<(), BackendError>
+        where
+            K: Resource<DynamicType = ()> + Clone + 'static,
+        {
+            match tokio::time::timeout(SYNC_TIMEOUT, store.wait_until_ready()).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(BackendError::Unreachable {
+                    what: format!("the Kubernetes apiserver at {}", self.server),
+                    hint: format!(
+                        "watching {what} gave no list within {}s: is the apiserver overloaded, \
+                         or may microscaler's account not list and watch them (see \
+                         deploy/kubernetes/rbac.yaml)?",
+                        SYNC_TIMEOUT.as_secs()
+                    ),
+                    source: None,
+                }),
+            }
+        }
+
+        /// The watches of `namespace`, started (and synced) on first use.
+        async fn watch(&self, namespace: &str) -> Result<Arc<Watched>, BackendError> {
+            if let Some(w) = self.watched_in(namespace) {
+                return Ok(w);
+            }
+            let c = &self.client;
+            let w = Arc::new(Watched {
+                deployments: self.reflect(Api::namespaced(c.clone(), namespace)),
+                statefulsets: self.reflect(Api::namespaced(c.clone(), namespace)),
+                daemonsets: self.reflect(Api::namespaced(c.clone(), namespace)),
+                pods: self.reflect(Api::namespaced(c.clone(), namespace)),
+            });
+            let what = format!("namespace {namespace}");
+            self.synced(&w.deployments, &format!("the Deployments of {what}"))
+                .await?;
+            self.synced(&w.statefulsets, &format!("the StatefulSets of {what}"))
+                .await?;
+            self.synced(&w.daemonsets, &format!("the DaemonSets of {what}"))
+                .await?;
+            self.synced(&w.pods, &format!("the pods of {what}")).await?;
+            self.watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(namespace.to_string(), Arc::clone(&w));
+            Ok(w)
+        }
+
+        fn watched_in(&self, namespace: &str) -> Option<Arc<Watched>> {
+            self.watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(namespace)
+                .cloned()
+        }
+
+        /// The object `service` is scaled through.
+        fn target_of(&self, service: &Service) -> Target {
+            match service.workload.reference() {
+                Some(Reference::Kubernetes(r)) => Target {
+                    service: service.name.clone(),
+                    kind: r.kind,
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                },
+                _ => Target {
+                    service: service.name.clone(),
+                    kind: ObjectKind::Deployment,
+                    namespace: self.namespace.clone(),
+                    name: format!("{}-{}", self.instance, service.name),
+                },
+            }
+        }
+
+        fn owned(
+            &self,
+            meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            service: &ServiceName,
+        ) -> bool {
+            let l = meta.labels.as_ref();
+            l.and_then(|l| l.get(labels::INSTANCE)) == Some(&self.instance)
+                && l.and_then(|l| l.get(labels::SERVICE)).map(String::as_str)
+                    == Some(service.as_str())
+        }
+
+        /// The managed Deployment of `service`, as microscaler writes it (0 replicas).
+        fn deployment(
+            &self,
+            service: &Service,
+            target: &Target,
+        ) -> Result<Deployment, BackendError> {
+            let run = crate::managed(service);
+            let labels = owned_labels(&self.instance, service.name.as_str());
+            let env: Vec<_> = run
+                .env
+                .iter()
+                .map(|(k, v)| json!({"name": k, "value": v}))
+                .chain([
+                    json!({"name": crate::docker::ENV_SERVICE, "value": service.name.as_str()}),
+                    json!({"name": crate::docker::ENV_INSTANCE, "value": self.instance}),
+                ])
+                .collect();
+            let mut container = json!({
+                "name": "replica",
+                "image": run.image.clone().unwrap_or_default(),
+                "env": env,
+            });
+            if !run.command.is_empty() {
+                container["command"] = json!(run.command);
+            }
+            let tolerations: Vec<_> = self
+                .tolerations
+                .iter()
+                .map(|t| json!({"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect}))
+                .collect();
+            let template = json!({
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [container],
+                    "tolerations": tolerations,
+                    "terminationGracePeriodSeconds": service.stop_grace.as_secs(),
+                },
+            });
+            let hash = fnv(template.to_string().as_bytes());
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": target.name,
+                    "namespace": target.namespace,
+                    "labels": labels,
+                    "annotations": {TEMPLATE_ANNOTATION: format!("{hash:016x}")},
+                },
+                "spec": {
+                    "replicas": 0,
+                    "selector": {"matchLabels": labels},
+                    "template": template,
+                },
+            }))
+            .map_err(|e| BackendError::Invalid {
+                op: format!("build Deployment {}/{}", target.namespace, target.name),
+                message: e.to_string(),
+            })
+        }
+
+        /// Creates the managed Deployment of `service`, or adopts the one that exists (its
+        /// replicas kept; its pod template rewritten only if the configuration changed).
+        async fn ensure_managed(
+            &self,
+            service: &Service,
+            target: &Target,
+        ) -> Result<(), BackendError> {
+            let api: Api<Deployment> = Api::namespaced(self.client.clone(), &target.namespace);
+            let want = self.deployment(service, target)?;
+            let what = format!("Deployment {}/{}", target.namespace, target.name);
+            let existing = api
+                .get_opt(&target.name)
+                .await
+                .map_err(|e| self.error(format!("read {what}"), e))?;
+            let Some(have) = existing else {
+                api.create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &want,
+                )
+                .await
+                .map_err(|e| self.error(format!("create {what}"), e))?;
+                info!(instance = %self.instance, service = %service.name, deployment = %what, "created Deployment (0 replicas)");
+                return Ok(());
+            };
+            if !self.owned(&have.metadata, &service.name) {
+                return Err(BackendError::Unsupported(format!(
+                    "{what} exists but does not carry the labels {}={} and {}={}, so microscaler \
+                     will not touch it: remove or rename it, change the instance name, or \
+                     reference it with [services.reference] deployment = \"{}/{}\"",
+                    labels::INSTANCE,
+                    self.instance,
+                    labels::SERVICE,
+                    service.name,
+                    target.namespace,
+                    target.name
+                )));
+            }
+            let hash = |d: &Deployment| d.annotations().get(TEMPLATE_ANNOTATION).cloned();
+            if hash(&have) == hash(&want) {
+                info!(instance = %self.instance, service = %service.name, deployment = %what, replicas = have.spec.as_ref().and_then(|s| s.replicas), "adopted Deployment as it is");
+                return Ok(());
+            }
+            let patch = json!({
+                "metadata": {"annotations": want.metadata.annotations},
+                "spec": {"template": want.spec.as_ref().map(|s| &s.template)},
+            });
+            api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| self.error(format!("update the pod template of {what}"), e))?;
+            info!(instance = %self.instance, service = %service.name, deployment = %what, "adopted Deployment and updated its pod template (replicas kept)");
+            Ok(())
+        }
+
+        /// Checks that a referenced object exists.
+        async fn check_reference(&self, target: &Target) -> Result<(), BackendError> {
+            let c = self.client.clone();
+            let ns = &target.namespace;
+            let found = match target.kind {
+                ObjectKind::Deployment => Api::<Deployment>::namespaced(c, ns)
+                    .get_opt(&target.name)
+                    .await
+                    .map(|o| o.is_some()),
+                ObjectKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
+                    .get_opt(&target.name)
+                    .await
+                    .map(|o| o.is_some()),
+                ObjectKind::DaemonSet => Api::<DaemonSet>::namespaced(c, ns)
+                    .get_opt(&target.name)
+                    .await
+                    .map(|o| o.is_some()),
+            };
+            let what = format!("{} {}/{}", target.kind.as_str(), ns, target.name);
+            if !found.map_err(|e| self.error(format!("read {what}"), e))? {
+                return Err(BackendError::NotFound {
+                    what: format!("{what} (the [services.reference] of service {}) on {}", target.service, self.server),
+                    hint: "create it, or fix the reference; microscaler never creates a referenced object".into(),
+                });
+            }
+            info!(instance = %self.instance, service = %target.service, object = %what,
+                "referencing an existing object: microscaler sets only its replica count and never changes or removes it");
+            Ok(())
+        }
+
+        /// A node as a host: ready when its Ready condition is true, it is not cordoned, and
+        /// every NoSchedule/NoExecute taint is tolerated.
+        fn host_of(&self, n: &Node) -> Host {
+            let name = n.name_any();
+            let status = n.status.as_ref();
+            let ready_condition = status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let spec = n.spec.as_ref();
+            let cordoned = spec.and_then(|s| s.unschedulable).unwrap_or(false);
+            let tainted = spec.and_then(|s| s.taints.as_ref()).is_some_and(|taints| {
+                taints.iter().any(|t| {
+                    matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+                        && !self
+                            .tolerations
+                            .iter()
+                            .any(|tol| tol.tolerates(&t.key, t.value.as_deref(), &t.effect))
+                })
+            });
+            let allocatable = status.and_then(|s| s.allocatable.as_ref());
+            Host {
+                id: name.clone().into(),
+                name,
+                ready: ready_condition && !cordoned && !tainted,
+                cpus: allocatable
+                    .and_then(|a| a.get("cpu"))
+                    .and_then(|q| cpus(&q.0)),
+                memory_bytes: allocatable
+                    .and_then(|a| a.get("memory"))
+                    .and_then(|q| bytes(&q.0)),
+            }
+        }
+    }
+
+    /// FNV-1a, stable across runs.
+    fn fnv(data: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in data {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    /// A CPU quantity (`4`, `3500m`) in CPUs.
+    fn cpus(q: &str) -> Option<f64> {
+        match q.strip_suffix('m') {
+            Some(m) => m.parse::<f64>().ok().map(|m| m / 1000.0),
+            None => q.parse().ok(),
+        }
+    }
+
+    /// A memory quantity (`8Gi`, `512Mi`, `1G`, `1000`) in bytes.
+    fn bytes(q: &str) -> Option<u64> {
+        const UNITS: [(&str, u64); 8] = [
+            ("Ki", 1 << 10),
+            ("Mi", 1 << 20),
+            ("Gi", 1 << 30),
+            ("Ti", 1 << 40),
+            ("k", 1_000),
+            ("M", 1_000_000),
+            ("G", 1_000_000_000),
+            ("T", 1_000_000_000_000),
+        ];
+        for (suffix, mult) in UNITS {
+            if let Some(n) = q.strip_suffix(suffix) {
+                return n.parse::<u64>().ok().map(|n| n * mult);
+            }
+        }
+        q.parse().ok()
+    }
+
+    /// How a pod counts.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum PodCount {
+        Running,
+        Pending { unschedulable: bool },
+        Failed,
+        Stopping,
+        Done,
+    }
+
+    fn pod_count(p: &Pod) -> PodCount {
+        if p.metadata.deletion_timestamp.is_some() {
+            return PodCount::Stopping;
+        }
+        let status = p.status.as_ref();
+        match status.and_then(|s| s.phase.as_deref()) {
+            Some("Failed") => return PodCount::Failed,
+            Some("Succeeded") => return PodCount::Done,
+            _ => {}
+        }
+        let conditions = status
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default();
+        if conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+        {
+            return PodCount::Running;
+        }
+        let unschedulable = conditions.iter().any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        PodCount::Pending { unschedulable }
+    }
+
+    /// The selector, generation, observed generation and wanted replicas of the target object.
+    struct ObjectView {
+        selector: Option<LabelSelector>,
+        wants: Option<u32>,
+        caught_up: bool,
+        resource_version: Option<String>,
+    }
+
+    fn view<K: Resource>(
+        o: &K,
+        selector: Option<&LabelSelector>,
+        wants: Option<i32>,
+        observed: Option<i64>,
+    ) -> ObjectView {
+        let generation = o.meta().generation;
+        ObjectView {
+            selector: selector.cloned(),
+            wants: wants.map(|n| n.max(0) as u32),
+            caught_up: match (generation, observed) {
+                (Some(g), Some(o)) => o >= g,
+                (None, _) => true,
+                (Some(_), None) => false,
+            },
+            resource_version: o.meta().resource_version.clone(),
+        }
+    }
+
+    fn object_view(w: &Watched, t: &Target) -> Option<ObjectView> {
+        let key = |name: &str| name.to_string();
+        match t.kind {
+            ObjectKind::Deployment => w
+                .deployments
+                .get(&ObjectRef::new(&key(&t.name)).within(&t.namespace))
+                .map(|d| {
+                    let spec = d.spec.as_ref();
+                    view(
+                        d.as_ref(),
+                        spec.map(|s| &s.selector),
+                        spec.and_then(|s| s.replicas).or(Some(1)),
+                        d.status.as_ref().and_then(|s| s.observed_generation),
+                    )
+                }),
+            ObjectKind::StatefulSet => w
+                .statefulsets
+                .get(&ObjectRef::new(&t.name).within(&t.namespace))
+                .map(|d| {
+                    let spec = d.spec.as_ref();
+                    view(
+                        d.as_ref(),
+                        spec.map(|s| &s.selector),
+                        spec.and_then(|s| s.replicas).or(Some(1)),
+                        d.status.as_ref().and_then(|s| s.observed_generation),
+                    )
+                }),
+            ObjectKind::DaemonSet => w
+                .daemonsets
+                .get(&ObjectRef::new(&t.name).within(&t.namespace))
+                .map(|d| {
+                    let status = d.status.as_ref();
+                    view(
+                        d.as_ref(),
+                        d.spec.as_ref().map(|s| &s.selector),
+                        status.map(|s| s.desired_number_scheduled),
+                        status.and_then(|s| s.observed_generation),
+                    )
+                }),
+        }
+    }
+
+    impl Backend for KubernetesBackend {
+        fn kind(&self) -> &'static str {
+            "kubernetes"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            CAPABILITIES
+        }
+
+        async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
+            let mut targets = BTreeMap::new();
+            let mut seen: HashMap<(ObjectKind, String, String), ServiceName> = HashMap::new();
+            for s in services {
+                let t = self.target_of(s);
+                if let Some(other) = seen.insert(
+                    (t.kind, t.namespace.clone(), t.name.clone()),
+                    s.name.clone(),
+                ) {
+                    return Err(BackendError::Unsupported(format!(
+                        "services {other} and {} both stand for {} {}/{}: one object can stand for one service only",
+                        s.name, t.kind.as_str(), t.namespace, t.name
+                    )));
+                }
+                if matches!(s.kind, ServiceKind::PerHost) != (t.kind == ObjectKind::DaemonSet) {
+                    return Err(BackendError::Unsupported(format!(
+                        "service {}: a per-host service references a DaemonSet, and a DaemonSet only a per-host service",
+                        s.name
+                    )));
+                }
+                self.watch(&t.namespace).await?;
+                if s.workload.reference().is_some() {
+                    self.check_reference(&t).await?;
+                } else {
+                    self.ensure_managed(s, &t).await?;
+                }
+                targets.insert(s.name.clone(), t);
+            }
+            *self.targets.write().unwrap_or_else(|e| e.into_inner()) = targets;
+            Ok(())
+        }
+
+        async fn observe(&self) -> Result<Observation, BackendError> {
+            let mut obs = Observation {
+                hosts: self.nodes.state().iter().map(|n| self.host_of(n)).collect(),
+                ..Default::default()
+            };
+            let targets: Vec<Target> = self
+                .targets
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            // Pods by namespace, listed once per tick from the stores.
+            let mut pods: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+            for t in &targets {
+                let Some(w) = self.watched_in(&t.namespace) else {
+                    continue;
+                };
+                let Some(v) = object_view(&w, t) else {
+                    debug!(service = %t.service, object = %t.name, "the object is not in the watch (yet)");
+                    continue;
+                };
+                let entry = obs.services.entry(t.service.clone()).or_default();
+                entry.orchestrator_wants = v.wants;
+                entry.caught_up = v.caught_up;
+                let Some(selector) = v.selector.and_then(|s| Selector::try_from(s).ok()) else {
+                    continue;
+                };
+                let in_ns = pods
+                    .entry(t.namespace.clone())
+                    .or_insert_with(|| w.pods.state());
+                for p in in_ns.iter() {
+                    let labels = p.metadata.labels.clone().unwrap_or_default();
+                    if !selector.matches(&labels) {
+                        continue;
+                    }
+                    let state = match pod_count(p) {
+                        PodCount::Running => {
+                            entry.running += 1;
+                            ReplicaState::Running
+                        }
+                        PodCount::Pending { unschedulable } => {
+                            entry.pending += 1;
+                            if unschedulable {
+                                entry.unschedulable += 1;
+                            }
+                            ReplicaState::Pending
+                        }
+                        PodCount::Failed => {
+                            entry.failed += 1;
+                            continue;
+                        }
+                        PodCount::Stopping => ReplicaState::Stopping,
+                        PodCount::Done => continue,
+                    };
+                    obs.replicas.push(Replica {
+                        id: p.name_any(),
+                        service: t.service.clone(),
+                        host: p
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.node_name.clone())
+                            .unwrap_or_default()
+                            .into(),
+                        state,
+                    });
+                }
+            }
+            Ok(obs)
+        }
+
+        async fn scale(
+            &self,
+            service: &Service,
+            target: u32,
+        ) -> Result<ScaleOutcome, BackendError> {
+            let t = self
+                .targets
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&service.name)
+                .cloned()
+                .unwrap_or_else(|| self.target_of(service));
+            if t.kind == ObjectKind::DaemonSet {
+                debug!(service = %service.name, "a DaemonSet keeps one pod per node; nothing to scale");
+                return Ok(ScaleOutcome::default());
+            }
+            let what = format!("{} {}/{}", t.kind.as_str(), t.namespace, t.name);
+            let w = self.watch(&t.namespace).await?;
+            let (previous, version) = match object_view(&w, &t) {
+                Some(v) => (v.wants.unwrap_or(0), v.resource_version),
+                None => {
+                    // Just created, not in the watch yet: read it.
+                    let scale = match t.kind {
+                        ObjectKind::StatefulSet => {
+                            Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
+                                .get_scale(&t.name)
+                                .await
+                        }
+                        _ => {
+                            Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
+                                .get_scale(&t.name)
+                                .await
+                        }
+                    }
+                    .map_err(|e| self.error(format!("read the scale of {what}"), e))?;
+                    (
+                        scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
+                        scale.metadata.resource_version,
+                    )
+                }
+            };
+            if previous == target {
+                return Ok(ScaleOutcome::default());
+            }
+            // The resourceVersion read is a precondition: a change made meanwhile is a 409.
+            let patch = json!({
+                "metadata": {"resourceVersion": version},
+                "spec": {"replicas": target},
+            });
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match t.kind {
+                ObjectKind::StatefulSet => {
+                    Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
+                        .patch_scale(&t.name, &params, &Patch::Merge(&patch))
+                        .await
+                }
+                _ => {
+                    Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
+                        .patch_scale(&t.name, &params, &Patch::Merge(&patch))
+                        .await
+                }
+            }
+            .map_err(|e| self.error(format!("scale {what} to {target}"), e))?;
+            info!(instance = %self.instance, service = %service.name, object = %what, previous, target, "scaled");
+            Ok(ScaleOutcome {
+                started: target.saturating_sub(previous),
+                stopped: previous.saturating_sub(target),
+                ..ScaleOutcome::default()
+            })
+        }
+
+        async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
+            if !remove {
+                info!(instance = %self.instance, services = services.len(), "leaving the Deployments as they are for the next start to adopt");
+                return Ok(());
+            }
+            let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+            let selector = format!("{}={}", labels::INSTANCE, self.instance);
+            let list = api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| {
+                    self.error(
+                        format!(
+                            "list the Deployments of instance {} in {}",
+                            self.instance, self.namespace
+                        ),
+                        e,
+                    )
+                })?;
+            let mut first_error = None;
+            for d in list {
+                let name = d.name_any();
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => {
+                        info!(instance = %self.instance, deployment = %name, "removed Deployment")
+                    }
+                    Err(e) if status(&e) == Some(404) => {}
+                    Err(e) => {
+                        warn!(deployment = %name, error = %e, "removing a Deployment failed");
+                        first_error.get_or_insert(
+                            self.error(format!("remove Deployment {}/{name}", self.namespace), e),
+                        );
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn quantities() {
+            assert_eq!(cpus("4"), Some(4.0));
+            assert_eq!(cpus("3500m"), Some(3.5));
+            assert_eq!(bytes("8Gi"), Some(8 << 30));
+            assert_eq!(bytes("1G"), Some(1_000_000_000));
+            assert_eq!(bytes("1024"), Some(1024));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::config;
+
+    const BACKEND: &str = "type = \"kubernetes\"\nnamespace = \"shop\"";
+
+    #[test]
+    fn references_default_to_the_backends_namespace() {
+        let c = config(BACKEND, "[services.reference]\ndeployment = \"web\"").unwrap();
+        let r = c.services[0].workload.reference().unwrap();
+        assert_eq!(r.to_string(), "Deployment shop/web");
+        let c = config(BACKEND, "[services.reference]\nstatefulset = \"db/pg\"").unwrap();
+        assert_eq!(
+            c.services[0].workload.reference().unwrap().to_string(),
+            "StatefulSet db/pg"
+        );
+    }
+
+    #[test]
+    fn bad_references_name_their_paths() {
+        let e = config(
+            BACKEND,
+            "[services.reference]\ndeployment = \"a\"\nstatefulset = \"b\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "services[0].reference: give exactly one of deployment, statefulset or \
+                 daemonset, got 2"
+            ]
+        );
+        let e = config(BACKEND, "[services.reference]\ndeployment = \"Web/x\"").unwrap_err();
+        assert!(
+            e[0].starts_with("services[0].reference.deployment: \"Web/x\" is not"),
+            "{e:?}"
+        );
+        let e = config(BACKEND, "[services.reference]\ndaemonset = \"agent\"").unwrap_err();
+        assert!(e[0].contains("only a per-host service"), "{e:?}");
+    }
+
+    #[test]
+    fn managed_services_need_an_image() {
+        let e = config(BACKEND, "command = [\"x\"]").unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("services[0].image: missing: the image the pods run"),
+            "{e:?}"
+        );
+        let c = config(BACKEND, "image = \"registry.k8s.io/pause:3.10\"").unwrap();
+        assert!(c.services[0].workload.run().is_some());
+    }
+
+    #[test]
+    fn backend_options_are_checked() {
+        let e = config(
+            "type = \"kubernetes\"\nnamespace = \"No\"\ntolerations = [{ key = \"a\", operator = \"Maybe\" }, { effect = \"Never\" }, { keyy = \"x\" }]",
+            "image = \"x\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "backend.namespace: \"No\" is not a namespace name (1-63 of a-z, 0-9 and '-')",
+                "backend.tolerations[0].operator: must be \"Equal\" or \"Exists\", got \"Maybe\"",
+                "backend.tolerations[1].key: missing: a toleration without a key needs operator = \"Exists\"",
+                "backend.tolerations[1].effect: must be NoSchedule, PreferNoSchedule or NoExecute, got \"Never\"",
+                "backend.tolerations[2].keyy: unknown key",
+                "backend.tolerations[2].key: missing: a toleration without a key needs operator = \"Exists\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn tolerations_match_taints_as_kubernetes_does() {
+        let t =
+            |key: Option<&str>, op: &str, value: Option<&str>, effect: Option<&str>| Toleration {
+                key: key.map(Into::into),
+                operator: op.into(),
+                value: value.map(Into::into),
+                effect: effect.map(Into::into),
+            };
+        let kwok = t(
+            Some("kwok.x-k8s.io/node"),
+            "Exists",
+            None,
+            Some("NoSchedule"),
+        );
+        assert!(kwok.tolerates("kwok.x-k8s.io/node", Some("fake"), "NoSchedule"));
+        assert!(!kwok.tolerates("kwok.x-k8s.io/node", Some("fake"), "NoExecute"));
+        assert!(!kwok.tolerates("other", None, "NoSchedule"));
+        let eq = t(Some("team"), "Equal", Some("a"), None);
+        assert!(eq.tolerates("team", Some("a"), "NoExecute"));
+        assert!(!eq.tolerates("team", Some("b"), "NoExecute"));
+        assert!(t(None, "Exists", None, None).tolerates("anything", None, "NoSchedule"));
+    }
+}
