@@ -166,15 +166,16 @@ cmd_build() {
     local release_date ldflags p
     # /version reports the release, as upstream's release build does.
     release_date=$(cd "$MODULE_DIR" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" |
-      jq -r '.Info' | xargs cat | jq -r '.Time')
+      jq -r '.Info' | xargs cat | jq -r '.Time') ||
+      fail "go mod download k8s.io/kubernetes@v$K8S_VERSION failed (the Go module proxy?)"
     ldflags="-s -w"
     for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ldflags+=" -X $p.gitVersion=v$K8S_VERSION -X $p.gitMajor=${K8S_VERSION%%.*}"
       ldflags+=" -X $p.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $p.gitTreeState=clean"
       ldflags+=" -X $p.buildDate=$release_date -X $p.gitCommit="
     done
-    # shellcheck disable=SC2016 # $1.. are bash -c's own arguments
     say "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl v$K8S_VERSION: one binary, $BIN/k8s-rig (from a cold Go cache: about 15 min on 2 cores)"
+    # shellcheck disable=SC2016 # $1.. are bash -c's own arguments
     run_go_build "k8s-rig v$K8S_VERSION" \
       "$CACHE_DIR/build-k8s.log" \
       bash -c 'cd "$1" && go build -v -trimpath -ldflags "$2" -o "$3.tmp" . && mv -f "$3.tmp" "$3"' \
@@ -214,7 +215,8 @@ cmd_build() {
   # stage files of its release. Take the same ones from that release's module at run time.
   if [ ! -s "$CACHE_DIR/kwok-stages.yaml" ]; then
     local kwok_dir
-    kwok_dir=$(go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" | jq -r '.Dir')
+    kwok_dir=$(go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" | jq -r '.Dir') ||
+      fail "go mod download sigs.k8s.io/kwok@v$KWOK_VERSION failed (the Go module proxy?)"
     [ -d "$kwok_dir/kustomize/stage" ] || fail "kwok stages: no kustomize/stage in $kwok_dir"
     {
       local f first=1
@@ -363,7 +365,8 @@ stale() {
 # release's data, e.g. Debian's 3.4 after a switch to 3.7, is moved aside).
 check_etcd_data() {
   local want have
-  want=$("$ETCD_BIN" --version 2>/dev/null | head -n1)
+  want=$("$ETCD_BIN" --version 2>/dev/null | head -n1 || true)
+  [ -n "$want" ] || fail "etcd: '$ETCD_BIN --version' failed or printed nothing"
   have=$(cat "$RUN/etcd.version" 2>/dev/null || true)
   if [ -d "$RUN/etcd" ] && [ "$have" != "$want" ]; then
     rm -rf "$RUN/etcd.old"
@@ -549,12 +552,35 @@ node_json() {
   }'
 }
 
+# kwok's nodes that are Ready, carry no node.kubernetes.io/ taint (not-ready, unreachable...)
+# and whose Lease kwok renewed within its duration: the nodes that pods can be placed on now.
 ready_nodes() {
-  local code
+  local code leases
+  code=$(kapi GET "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases")
+  [ "$code" = 200 ] || return 0
+  leases=$(jq -c '[.items[] | select(.spec.renewTime != null)
+    | select((.spec.renewTime | sub("\\.[0-9]+Z$"; "Z") | fromdateiso8601) > (now - (.spec.leaseDurationSeconds // 40)))
+    | .metadata.name]' "$RESP")
   code=$(kapi GET "/api/v1/nodes")
   [ "$code" = 200 ] || return 0
-  jq -r '.items[] | select(.metadata.annotations["kwok.x-k8s.io/node"] == "fake")
-    | select(any(.status.conditions[]?; .type == "Ready" and .status == "True")) | .metadata.name' "$RESP"
+  jq -r --argjson fresh "$leases" '.items[] | select(.metadata.annotations["kwok.x-k8s.io/node"] == "fake")
+    | select(any(.status.conditions[]?; .type == "Ready" and .status == "True"))
+    | select(all(.spec.taints[]?; .key | startswith("node.kubernetes.io/") | not))
+    | select(.metadata.name as $n | $fresh | index($n))
+    | .metadata.name' "$RESP"
+}
+
+# A kwok that starts waits for the node Leases of the one before it (another holder identity) to
+# expire, up to 40 s, before it serves those nodes: remove them, and it takes them at once.
+release_node_leases() {
+  local n code
+  for n in "${NODES[@]}"; do
+    code=$(kapi DELETE "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/$n")
+    case $code in
+    200 | 404) ;;
+    *) fail "deleting the Lease of $n (kube-node-lease): HTTP $code: $(cat "$RESP")" ;;
+    esac
+  done
 }
 
 ensure_nodes() {
@@ -577,7 +603,7 @@ ensure_nodes() {
     ready=$(ready_nodes | wc -l)
     [ "$ready" -lt ${#NODES[@]} ] || break
     if [ $(($(now) - started)) -ge 60 ]; then
-      echo "k8s-rig: FAILED: only $ready of ${#NODES[@]} kwok nodes became Ready within 60 s (kwok marks them Ready)" >&2
+      echo "k8s-rig: FAILED: only $ready of ${#NODES[@]} kwok nodes became Ready (untainted, Lease renewed) within 60 s (kwok marks them Ready)" >&2
       show_log kwok 30
       exit 1
     fi
@@ -635,6 +661,7 @@ cmd_start() {
   start_component kube-apiserver 120
   start_component kube-controller-manager 60
   start_component kube-scheduler 60
+  [ -n "$(pid_of kwok)" ] || release_node_leases
   start_component kwok 60
   ensure_nodes
   say "up in $(since "$started")"
