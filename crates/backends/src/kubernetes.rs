@@ -7,10 +7,11 @@
 //!   creates (with 0 replicas) from the service's `image`, `command` and `env`, labelled with
 //!   [`labels::INSTANCE`] and [`labels::SERVICE`], and removes with `on_exit = "stop"`. A
 //!   Deployment of that name without both labels is never touched (that is an error).
-//! - Replica counts change only through `/scale`, with the object's `resourceVersion` as a
-//!   precondition: when someone else changed the object meanwhile the apiserver answers
-//!   409 and the change is a [`BackendError::Conflict`], retried on the next tick with what is
-//!   observed then, never forced.
+//! - Replica counts change only through `/scale`: read, and written back with the
+//!   `resourceVersion` read as a precondition, so a change made in between is a 409. The
+//!   controllers' own status writes bump that version too, so a conflict is read again up to
+//!   three times; one still there is a [`BackendError::Conflict`], retried on the next tick
+//!   with what is observed then, never forced.
 //! - Observation comes from watches (reflectors on the Nodes, and on the Deployments,
 //!   StatefulSets, DaemonSets and Pods of the namespaces the services live in), not from a list
 //!   per tick. A pod belongs to a service when it matches its object's selector. Running =
@@ -377,6 +378,8 @@ mod live {
     const TEMPLATE_ANNOTATION: &str = "io.microscaler/template-hash";
     /// How long the watches may take to list what exists, at connect and prepare.
     const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How many times a scale is read and written again when the object changed in between.
+    const CONFLICT_ATTEMPTS: u32 = 3;
     /// The field manager of microscaler's writes.
     const FIELD_MANAGER: &str = "microscaler";
 
@@ -933,7 +936,6 @@ mod live {
         selector: Option<LabelSelector>,
         wants: Option<u32>,
         caught_up: bool,
-        resource_version: Option<String>,
     }
 
     fn view<K: Resource>(
@@ -951,7 +953,6 @@ mod live {
                 (None, _) => true,
                 (Some(_), None) => false,
             },
-            resource_version: o.meta().resource_version.clone(),
         }
     }
 
@@ -1126,55 +1127,57 @@ mod live {
                 return Ok(ScaleOutcome::default());
             }
             let what = format!("{} {}/{}", t.kind.as_str(), t.namespace, t.name);
-            let w = self.watch(&t.namespace).await?;
-            let (previous, version) = match object_view(&w, &t) {
-                Some(v) => (v.wants.unwrap_or(0), v.resource_version),
-                None => {
-                    // Just created, not in the watch yet: read it.
-                    let scale = match t.kind {
-                        ObjectKind::StatefulSet => {
-                            Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
-                                .get_scale(&t.name)
-                                .await
-                        }
-                        _ => {
-                            Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
-                                .get_scale(&t.name)
-                                .await
-                        }
-                    }
-                    .map_err(|e| self.error(format!("read the scale of {what}"), e))?;
-                    (
-                        scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32,
-                        scale.metadata.resource_version,
-                    )
-                }
-            };
-            if previous == target {
-                return Ok(ScaleOutcome::default());
-            }
-            // The resourceVersion read is a precondition: a change made meanwhile is a 409.
-            let patch = json!({
-                "metadata": {"resourceVersion": version},
-                "spec": {"replicas": target},
-            });
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..Default::default()
             };
-            match t.kind {
-                ObjectKind::StatefulSet => {
-                    Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
-                        .patch_scale(&t.name, &params, &Patch::Merge(&patch))
-                        .await
+            // Read the scale, write it back at the version read: a change made in between is
+            // a 409. The controllers' status writes bump the version too, so a conflict is
+            // read again (a few times) before it is reported.
+            let mut attempt = 0;
+            let previous = loop {
+                attempt += 1;
+                let scale = match t.kind {
+                    ObjectKind::StatefulSet => {
+                        Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
+                            .get_scale(&t.name)
+                            .await
+                    }
+                    _ => {
+                        Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
+                            .get_scale(&t.name)
+                            .await
+                    }
                 }
-                _ => {
-                    Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
-                        .patch_scale(&t.name, &params, &Patch::Merge(&patch))
-                        .await
+                .map_err(|e| self.error(format!("read the scale of {what}"), e))?;
+                let previous = scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
+                if previous == target {
+                    return Ok(ScaleOutcome::default());
                 }
-            }
-            .map_err(|e| self.error(format!("scale {what} to {target}"), e))?;
+                let patch = json!({
+                    "metadata": {"resourceVersion": scale.metadata.resource_version},
+                    "spec": {"replicas": target},
+                });
+                let written = match t.kind {
+                    ObjectKind::StatefulSet => {
+                        Api::<StatefulSet>::namespaced(self.client.clone(), &t.namespace)
+                            .patch_scale(&t.name, &params, &Patch::Merge(&patch))
+                            .await
+                    }
+                    _ => {
+                        Api::<Deployment>::namespaced(self.client.clone(), &t.namespace)
+                            .patch_scale(&t.name, &params, &Patch::Merge(&patch))
+                            .await
+                    }
+                };
+                match written {
+                    Ok(_) => break previous,
+                    Err(e) if status(&e) == Some(409) && attempt < CONFLICT_ATTEMPTS => {
+                        debug!(object = %what, attempt, "the object changed meanwhile; reading it again");
+                    }
+                    Err(e) => return Err(self.error(format!("scale {what} to {target}"), e)),
+                }
+            };
             info!(instance = %self.instance, service = %service.name, object = %what, previous, target, "scaled");
             Ok(ScaleOutcome {
                 started: target.saturating_sub(previous),
