@@ -174,7 +174,7 @@ cmd_build() {
       ldflags+=" -X $p.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $p.gitTreeState=clean"
       ldflags+=" -X $p.buildDate=$release_date -X $p.gitCommit="
     done
-    say "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl v$K8S_VERSION: one binary, $BIN/k8s-rig (from a cold Go cache: about 15 min on 2 cores)"
+    say "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl v$K8S_VERSION: one binary, $BIN/k8s-rig (cold: about 6 to 15 min on 2 cores, more while other builds run)"
     # shellcheck disable=SC2016 # $1.. are bash -c's own arguments
     run_go_build "k8s-rig v$K8S_VERSION" \
       "$CACHE_DIR/build-k8s.log" \

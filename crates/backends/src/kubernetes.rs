@@ -380,6 +380,10 @@ mod live {
     const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
     /// How many times a scale is read and written again when the object changed in between.
     const CONFLICT_ATTEMPTS: u32 = 3;
+    /// How much longer than a service's `stop_grace` a scale-down waits for its pods to go.
+    const STOP_SLACK: Duration = Duration::from_secs(5);
+    /// How often a scale-down looks at the pods it waits for.
+    const STOP_POLL: Duration = Duration::from_millis(10);
     /// The field manager of microscaler's writes.
     const FIELD_MANAGER: &str = "microscaler";
 
@@ -645,6 +649,40 @@ mod live {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(namespace)
                 .cloned()
+        }
+
+        /// Waits until at most `n` pods of `t`'s object are left (terminating ones included:
+        /// they hold their node's capacity until they are gone), or `limit` has passed.
+        async fn await_pods_at_most(&self, t: &Target, n: u32, limit: Duration) {
+            let Some(w) = self.watched_in(&t.namespace) else {
+                return;
+            };
+            let Some(selector) = object_view(&w, t)
+                .and_then(|v| v.selector)
+                .and_then(|s| Selector::try_from(s).ok())
+            else {
+                return;
+            };
+            let deadline = tokio::time::Instant::now() + limit;
+            loop {
+                let left = w
+                    .pods
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        !matches!(pod_count(p), PodCount::Done | PodCount::Failed)
+                            && selector.matches(&p.metadata.labels.clone().unwrap_or_default())
+                    })
+                    .count() as u32;
+                if left <= n {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    debug!(service = %t.service, object = %t.name, left, target = n, "pods still terminating after the wait; the orchestrator finishes on its own");
+                    return;
+                }
+                tokio::time::sleep(STOP_POLL).await;
+            }
         }
 
         /// The object `service` is scaled through.
@@ -1106,6 +1144,10 @@ mod live {
                         state,
                     });
                 }
+                // Replicas the object asks for whose pods are not made yet are pending.
+                if let Some(w) = entry.orchestrator_wants {
+                    entry.pending += w.saturating_sub(entry.running + entry.pending);
+                }
             }
             Ok(obs)
         }
@@ -1179,6 +1221,13 @@ mod live {
                 }
             };
             info!(instance = %self.instance, service = %service.name, object = %what, previous, target, "scaled");
+            if target < previous {
+                // A scale-down is done when its pods are gone (their capacity is free then,
+                // to the scheduler too): the control loop starts the higher priorities' pods
+                // after it, as the seeds' order asks.
+                self.await_pods_at_most(&t, target, service.stop_grace + STOP_SLACK)
+                    .await;
+            }
             Ok(ScaleOutcome {
                 started: target.saturating_sub(previous),
                 stopped: previous.saturating_sub(target),

@@ -31,6 +31,17 @@ type SampleResult = Result<f64, String>;
 /// How many services' changes run at once.
 pub const MAX_CONCURRENT_CHANGES: usize = 64;
 
+/// How long an observation may still show a service-level orchestrator's count from before
+/// microscaler's own change (its watch lagging the write) before a difference is taken as
+/// someone else's change.
+pub const WRITE_SETTLE: Duration = Duration::from_secs(5);
+
+/// Someone else changing one service's count this often within this window is a fight.
+pub const FIGHT_WINDOW: Duration = Duration::from_secs(60);
+
+/// How many changes by someone else within [`FIGHT_WINDOW`] make a fight.
+pub const FIGHT_CHANGES: u32 = 2;
+
 /// A live trigger of a service.
 struct LiveTrigger {
     /// The configured trigger's name (shared: every sample carries a clone).
@@ -116,6 +127,16 @@ impl Controls {
     }
 }
 
+/// The count microscaler set for a service on a service-level orchestrator.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    target: u32,
+    /// Whether an observation has shown it since it was set.
+    seen: bool,
+    /// When it was set.
+    at: Duration,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
     failures: u32,
@@ -193,6 +214,20 @@ pub enum TickError {
         /// What went wrong.
         message: String,
     },
+    /// Someone else (an HPA, `kubectl scale`, a person, a script) changed the count a
+    /// service-level orchestrator keeps for a service. The rule: microscaler's plan decides,
+    /// so the count is set back to the plan's; each such change is reported, and
+    /// [`FIGHT_CHANGES`] of them within [`FIGHT_WINDOW`] are reported as a fight.
+    External {
+        /// The service.
+        service: ServiceName,
+        /// The count microscaler had set.
+        ours: u32,
+        /// The count found.
+        theirs: u32,
+        /// Changes by someone else within the last [`FIGHT_WINDOW`], this one included.
+        recent: u32,
+    },
 }
 
 impl TickError {
@@ -201,7 +236,13 @@ impl TickError {
         match self {
             TickError::Observe { .. } => "observe",
             TickError::Sample { .. } => "sample",
+            TickError::External { .. } => "external",
         }
+    }
+
+    /// Whether this is a fight: a service's count changed by someone else again and again.
+    pub fn is_fight(&self) -> bool {
+        matches!(self, TickError::External { recent, .. } if *recent >= FIGHT_CHANGES)
     }
 }
 
@@ -214,6 +255,30 @@ impl std::fmt::Display for TickError {
                 trigger,
                 message,
             } => write!(f, "{service}/{trigger}: {message}"),
+            TickError::External {
+                service,
+                ours,
+                theirs,
+                recent,
+            } if *recent >= FIGHT_CHANGES => write!(
+                f,
+                "{service}: fighting another controller: its count was changed by someone else \
+                 {recent} times in the last {}s (now {theirs}, microscaler had set {ours}); \
+                 microscaler sets its own count again each time. Remove the other controller \
+                 (an HPA, a KEDA ScaledObject, a script) or take the service out of \
+                 microscaler's configuration",
+                FIGHT_WINDOW.as_secs()
+            ),
+            TickError::External {
+                service,
+                ours,
+                theirs,
+                ..
+            } => write!(
+                f,
+                "{service}: its count was changed to {theirs} by someone else (microscaler had \
+                 set {ours}); microscaler's plan decides and sets its own count again"
+            ),
         }
     }
 }
@@ -269,6 +334,10 @@ pub struct Controller<B: Backend + 'static> {
     controls: Controls,
     /// Services with a change running, and the target it was asked for.
     in_flight: HashMap<ServiceName, u32>,
+    /// Service-level orchestrators: the count microscaler last set for each service.
+    written: HashMap<ServiceName, Written>,
+    /// When someone else changed each service's count, within the last [`FIGHT_WINDOW`].
+    external: HashMap<ServiceName, Vec<Duration>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     permits: Arc<Semaphore>,
@@ -336,6 +405,8 @@ impl<B: Backend + 'static> Controller<B> {
             started: Instant::now(),
             controls,
             in_flight: HashMap::new(),
+            written: HashMap::new(),
+            external: HashMap::new(),
             done_tx,
             done_rx,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHANGES)),
@@ -464,6 +535,7 @@ impl<B: Backend + 'static> Controller<B> {
             }
         };
 
+        self.check_external(&observed, now, &mut errors);
         let t = Instant::now();
         let samples = self.sample(now, &mut errors).await;
         phases.sample = t.elapsed();
@@ -501,6 +573,66 @@ impl<B: Backend + 'static> Controller<B> {
             errors,
             took: t0.elapsed(),
             phases,
+        }
+    }
+
+    /// Compares the counts a service-level orchestrator wants with the ones microscaler set:
+    /// a difference that is not the orchestrator's watch lagging microscaler's own write is
+    /// someone else's change, reported (see [`TickError::External`]). The plan then sets the
+    /// service's count as it would any other.
+    fn check_external(
+        &mut self,
+        observed: &Observation,
+        now: Duration,
+        errors: &mut Vec<TickError>,
+    ) {
+        for (service, o) in &observed.services {
+            let Some(theirs) = o.orchestrator_wants else {
+                continue;
+            };
+            if self.in_flight.contains_key(service) {
+                continue;
+            }
+            let Some(w) = self.written.get_mut(service) else {
+                // First sight (start, adoption): what is there is the starting point.
+                self.written.insert(
+                    service.clone(),
+                    Written {
+                        target: theirs,
+                        seen: true,
+                        at: now,
+                    },
+                );
+                continue;
+            };
+            if theirs == w.target {
+                w.seen = true;
+                continue;
+            }
+            if !w.seen && now.saturating_sub(w.at) < WRITE_SETTLE {
+                continue; // The watch has not shown microscaler's own write yet.
+            }
+            let ours = w.target;
+            *w = Written {
+                target: theirs,
+                seen: true,
+                at: now,
+            };
+            let times = self.external.entry(service.clone()).or_default();
+            times.retain(|&t| now.saturating_sub(t) < FIGHT_WINDOW);
+            times.push(now);
+            let e = TickError::External {
+                service: service.clone(),
+                ours,
+                theirs,
+                recent: times.len() as u32,
+            };
+            if e.is_fight() {
+                tracing::error!(service = %service, ours, theirs, "{e}");
+            } else {
+                tracing::warn!(service = %service, ours, theirs, "{e}");
+            }
+            errors.push(e);
         }
     }
 
@@ -807,6 +939,17 @@ impl<B: Backend + 'static> Controller<B> {
             Ok(_) => Some(ErrorClass::Failed),
             Err(e) => Some(e.class),
         };
+        // A service-level orchestrator's count (known from its first observation) is now
+        // what was set, once the watch shows it.
+        if ex.result.is_ok() {
+            if let Some(w) = self.written.get_mut(&ex.service) {
+                *w = Written {
+                    target: ex.target,
+                    seen: false,
+                    at: now,
+                };
+            }
+        }
         match failed {
             None => {
                 self.backoff.remove(&ex.service);

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use microscaler::control::Controller;
+use microscaler::control::{Controller, TickError};
 use microscaler_backends::{Config, ErrorClass};
-use microscaler_testkit::sim::{Sim, SimOptions};
+use microscaler_testkit::sim::{Level, Sim, SimOptions};
 
 /// B (priority 1, manual demand) and A (a priority 2 remainder) on 4 slots.
 fn config(a_grace: &str) -> Config {
@@ -169,4 +169,81 @@ async fn backoff_follows_the_error_class() {
         ctl.tick().await;
     }
     assert_eq!((sim.running("b"), sim.running("a")), (2, 2));
+}
+
+/// The external changes a tick reported, as (service, ours, theirs, fight?).
+fn external(report: &microscaler::control::TickReport) -> Vec<(String, u32, u32, bool)> {
+    report
+        .errors
+        .iter()
+        .filter_map(|e| match e {
+            TickError::External {
+                service,
+                ours,
+                theirs,
+                ..
+            } => Some((service.to_string(), *ours, *theirs, e.is_fight())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Someone else changing a service-level orchestrator's count (an HPA, `kubectl scale`) is
+/// seen, reported, and undone by the plan; twice within a minute is reported as a fight. The
+/// loop's own changes, however many, are never taken for someone else's.
+#[tokio::test(start_paused = true)]
+async fn someone_else_changing_the_count_is_reported_and_undone() {
+    let sim = Sim::new(SimOptions {
+        level: Level::Service,
+        ..SimOptions::default()
+    });
+    let mut ctl = Controller::new(config("1s"), sim.clone(), 1);
+    let b = ctl.controls().manual_of("b").unwrap().clone();
+    let mut tick = async || {
+        let r = ctl.tick().await;
+        tokio::time::advance(Duration::from_millis(500)).await;
+        r
+    };
+    // microscaler's own changes, many of them: nothing external.
+    for demand in [1.0, 3.0, 2.0, 4.0, 0.0, 2.0] {
+        b.set(demand).unwrap();
+        for _ in 0..4 {
+            let r = tick().await;
+            assert_eq!(external(&r), [], "demand {demand}");
+        }
+    }
+    assert_eq!((sim.desired("b"), sim.desired("a")), (2, 2));
+
+    sim.scale_externally("b", 4);
+    let r = tick().await;
+    assert_eq!(external(&r), [("b".into(), 2, 4, false)]);
+    assert!(r
+        .errors
+        .iter()
+        .any(|e| e.kind() == "external" && e.to_string().contains("changed to 4 by someone else")));
+    for _ in 0..4 {
+        let r = tick().await;
+        assert_eq!(external(&r), [], "reported once");
+    }
+    assert_eq!(sim.desired("b"), 2, "the plan set its own count again");
+    assert_eq!(sim.running("b"), 2);
+
+    // Again within the minute: a fight.
+    sim.scale_externally("b", 0);
+    let r = tick().await;
+    assert_eq!(external(&r), [("b".into(), 2, 0, true)]);
+    assert!(r.errors[0]
+        .to_string()
+        .contains("fighting another controller"));
+    for _ in 0..4 {
+        tick().await;
+    }
+    assert_eq!(sim.desired("b"), 2);
+
+    // A minute later the window has moved on: one change is not a fight.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    tick().await;
+    sim.scale_externally("a", 1);
+    let r = tick().await;
+    assert_eq!(external(&r), [("a".into(), 2, 1, false)]);
 }

@@ -276,6 +276,29 @@ impl Sim {
             .collect()
     }
 
+    /// Someone else sets the count of a service-level service (an HPA, `kubectl scale`, a
+    /// person): the orchestrator converges to it as to microscaler's own.
+    pub fn scale_externally(&self, service: &str, target: u32) {
+        assert_eq!(
+            self.opts.level,
+            Level::Service,
+            "only a service-level orchestrator keeps a count"
+        );
+        let key = name(service);
+        self.lock().services.entry(key.clone()).or_default().desired = target;
+        let sim = self.clone();
+        let grace = self.opts.stop_latency;
+        tokio::spawn(async move { sim.converge(key, grace).await });
+    }
+
+    /// The count a service-level orchestrator keeps for `service`.
+    pub fn desired(&self, service: &str) -> u32 {
+        self.lock()
+            .services
+            .get(&name(service))
+            .map_or(0, |v| v.desired)
+    }
+
     /// Forgets the spans and calls so far.
     pub fn clear_log(&self) {
         let mut s = self.lock();
@@ -548,7 +571,10 @@ impl Backend for Sim {
                     });
                 }
             }
-            if o.total() > 0 {
+            if self.opts.level == Level::Service {
+                o.orchestrator_wants = Some(svc.desired);
+            }
+            if o.total() > 0 || o.orchestrator_wants.is_some_and(|n| n > 0) {
                 obs.services.insert(key.clone(), o);
             }
         }
