@@ -35,6 +35,14 @@ use serde::Deserialize;
 
 use crate::config::{Reference, RunSpec, Workload};
 
+/// Makes ring rustls' process-wide crypto provider, unless one is set already. A build with
+/// the AWS SDK too has two providers (ring, aws-lc-rs) and rustls then picks none by itself,
+/// so every Kubernetes client of the process calls this before it connects.
+#[cfg(feature = "kubernetes")]
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration: `[backend] type = "kubernetes"` and what a service gives it.
 
@@ -481,6 +489,7 @@ mod live {
             spec: &KubernetesConfig,
             instance: &str,
         ) -> Result<KubernetesBackend, BackendError> {
+            super::install_crypto_provider();
             let options = KubeConfigOptions {
                 context: spec.context.clone(),
                 ..Default::default()

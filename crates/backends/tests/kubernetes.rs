@@ -15,34 +15,17 @@ mod common;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
 use microscaler_backends::kubernetes::{
-    KubernetesBackend, KubernetesConfig, KubernetesReference, ObjectKind, Toleration,
+    KubernetesBackend, KubernetesConfig, KubernetesReference, ObjectKind,
 };
 use microscaler_backends::{BackendError, Reference, Service, Workload};
+use microscaler_testkit::kube_rig::{admin, kubeconfig, kwok_toleration, NamespaceGuard, IMAGE};
 use serde_json::json;
 
 /// kwok makes a scheduled pod Ready at once; a minute covers a loaded machine.
 const SETTLE: Duration = Duration::from_secs(60);
-/// Any image: kwok runs no container.
-const IMAGE: &str = "registry.k8s.io/pause:3.10";
-
-/// The rig's admin kubeconfig (`MICROSCALER_KUBECONFIG` overrides it).
-fn kubeconfig() -> String {
-    std::env::var("MICROSCALER_KUBECONFIG")
-        .unwrap_or_else(|_| "/var/lib/microscaler-ci/k8s/run/admin.kubeconfig".into())
-}
-
-fn kwok_toleration() -> Toleration {
-    Toleration {
-        key: Some("kwok.x-k8s.io/node".into()),
-        operator: "Exists".into(),
-        value: None,
-        effect: Some("NoSchedule".into()),
-    }
-}
 
 fn spec(namespace: &str) -> KubernetesConfig {
     KubernetesConfig {
@@ -50,65 +33,6 @@ fn spec(namespace: &str) -> KubernetesConfig {
         context: None,
         namespace: namespace.into(),
         tolerations: vec![kwok_toleration()],
-    }
-}
-
-/// An admin client of the rig, or why the test is skipped.
-async fn admin() -> Option<Client> {
-    let built = async {
-        let file = kube::config::Kubeconfig::read_from(kubeconfig()).map_err(|e| e.to_string())?;
-        let cfg = kube::Config::from_custom_kubeconfig(file, &Default::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        let client = Client::try_from(cfg).map_err(|e| e.to_string())?;
-        client
-            .apiserver_version()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(client)
-    };
-    match built.await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            common::missing_service("the Kubernetes test rig (scripts/k8s-rig.sh start)", e);
-            None
-        }
-    }
-}
-
-/// Creates namespace `name`; removes it (and everything in it) when dropped.
-struct NamespaceGuard(String);
-
-impl NamespaceGuard {
-    async fn create(client: &Client, name: &str) -> NamespaceGuard {
-        let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create the test's namespace");
-        NamespaceGuard(name.to_string())
-    }
-}
-
-impl Drop for NamespaceGuard {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        // Drop cannot await, and the test's runtime may be gone: use a runtime of our own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Some(c) = admin().await {
-                    let _ = Api::<Namespace>::all(c)
-                        .delete(&name, &DeleteParams::background())
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }
 

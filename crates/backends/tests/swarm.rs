@@ -59,28 +59,20 @@ impl Drop for Cleanup {
         let instance = self.instance.clone();
         let foreign = std::mem::take(&mut self.foreign);
         let networks = std::mem::take(&mut self.networks);
-        // Drop cannot await, and the test's runtime may be gone: use a runtime of our own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let Ok(docker) = docker_api::connect(None).await else {
-                    return;
-                };
-                for s in instance_services(&docker, &instance).await {
-                    let _ = docker.delete_service(&s).await;
-                }
-                for name in foreign {
-                    let _ = docker.delete_service(&name).await;
-                }
-                for net in networks {
-                    remove_network(&docker, &net).await;
-                }
-            });
-        })
-        .join();
+        microscaler_testkit::block_on_own_runtime(move || async move {
+            let Ok(docker) = docker_api::connect(None).await else {
+                return;
+            };
+            for s in instance_services(&docker, &instance).await {
+                let _ = docker.delete_service(&s).await;
+            }
+            for name in foreign {
+                let _ = docker.delete_service(&name).await;
+            }
+            for net in networks {
+                remove_network(&docker, &net).await;
+            }
+        });
     }
 }
 

@@ -9,6 +9,7 @@
 //!   (docker, swarm, process and the simulated orchestrator).
 //! - [`source_contract`]: the source contract suite, run by the network sources' tests
 //!   against their real servers.
+//! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
 //!   [`wait_for`], [`service`].
 #![deny(missing_docs)]
@@ -19,8 +20,26 @@ use microscaler_backends::{Backend, Observation, RunSpec, Service, Workload};
 use microscaler_core::{Priority, ServiceKind, ServiceName};
 
 pub mod contract;
+#[cfg(feature = "kubernetes")]
+pub mod kube_rig;
 pub mod sim;
 pub mod source_contract;
+
+/// Runs the future `f` makes to its end on a runtime of its own, in a thread of its own: for
+/// clean-ups in `Drop`, which cannot await and may run after the test's runtime is gone.
+pub fn block_on_own_runtime<F>(f: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f());
+    })
+    .join();
+}
 
 /// Under `CI=true` a missing service (a server a test needs) fails the test; elsewhere the
 /// test says why it is skipped and returns `true`. A test never passes by skipping in CI.

@@ -1,0 +1,134 @@
+//! Helpers for tests against the Kubernetes test rig (`scripts/k8s-rig.sh start`,
+//! docs/kubernetes-rig.md): an admin client, a namespace per test removed even when the test
+//! fails, and nodes of kwok's own.
+
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::Client;
+use microscaler_backends::kubernetes::Toleration;
+use serde_json::json;
+
+use crate::{block_on_own_runtime, missing_service};
+
+/// Any image: kwok runs no container.
+pub const IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+/// The rig's admin kubeconfig (`MICROSCALER_KUBECONFIG` overrides it).
+pub fn kubeconfig() -> String {
+    std::env::var("MICROSCALER_KUBECONFIG")
+        .unwrap_or_else(|_| "/var/lib/microscaler-ci/k8s/run/admin.kubeconfig".into())
+}
+
+/// The toleration of kwok's nodes' taint.
+pub fn kwok_toleration() -> Toleration {
+    Toleration {
+        key: Some("kwok.x-k8s.io/node".into()),
+        operator: "Exists".into(),
+        value: None,
+        effect: Some("NoSchedule".into()),
+    }
+}
+
+/// An admin client of the rig, or `None` when the test is skipped (see [`missing_service`]:
+/// under `CI=true` a missing rig fails the test).
+pub async fn admin() -> Option<Client> {
+    microscaler_backends::kubernetes::install_crypto_provider();
+    let built = async {
+        let file = kube::config::Kubeconfig::read_from(kubeconfig()).map_err(|e| e.to_string())?;
+        let cfg = kube::Config::from_custom_kubeconfig(file, &Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = Client::try_from(cfg).map_err(|e| e.to_string())?;
+        client
+            .apiserver_version()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(client)
+    };
+    match built.await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            missing_service("the Kubernetes test rig (scripts/k8s-rig.sh start)", e);
+            None
+        }
+    }
+}
+
+/// Runs `f` with an admin client, from `Drop` (see [`block_on_own_runtime`]).
+fn with_admin_blocking<F>(f: impl FnOnce(Client) -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    block_on_own_runtime(move || async move {
+        if let Some(c) = admin().await {
+            f(c).await;
+        }
+    });
+}
+
+/// Namespace `name`, created by [`NamespaceGuard::create`] and removed (with everything in
+/// it) when dropped.
+pub struct NamespaceGuard(pub String);
+
+impl NamespaceGuard {
+    /// Creates namespace `name`.
+    pub async fn create(client: &Client, name: &str) -> NamespaceGuard {
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create the test's namespace");
+        NamespaceGuard(name.to_string())
+    }
+}
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        with_admin_blocking(move |c| async move {
+            let _ = Api::<Namespace>::all(c)
+                .delete(&name, &DeleteParams::background())
+                .await;
+        });
+    }
+}
+
+/// A node of kwok's own (as the rig's: 3 pods, 4 CPUs, 8 GiB, kwok's taint), created by
+/// [`KwokNode::create`] and deleted when dropped. kwok makes it Ready within a second or so.
+pub struct KwokNode(pub String);
+
+impl KwokNode {
+    /// Creates node `name`.
+    pub async fn create(client: &Client, name: &str) -> KwokNode {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {"type": "kwok", "kubernetes.io/hostname": name},
+            },
+            "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
+            "status": {
+                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "3"},
+                "capacity": {"cpu": "4", "memory": "8Gi", "pods": "3"},
+            },
+        }))
+        .expect("node");
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create a kwok node");
+        KwokNode(name.to_string())
+    }
+}
+
+impl Drop for KwokNode {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        with_admin_blocking(move |c| async move {
+            let _ = Api::<Node>::all(c)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        });
+    }
+}
