@@ -15,6 +15,29 @@ pub enum DemoBackend {
     Docker,
     /// Local processes.
     Process,
+    /// A Kubernetes cluster (KUBECONFIG, else ~/.kube/config, else in-cluster): Deployments
+    /// in the `default` namespace running a placeholder image; on the test rig's 3 kwok nodes
+    /// x 3 pods (`eval "$(scripts/k8s-rig.sh env)"`) that is the seeds' 9 slots.
+    Kubernetes,
+}
+
+/// The image the demo's pods run on Kubernetes: they only hold a slot (on kwok's nodes no
+/// container runs at all).
+pub const KUBERNETES_IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+/// The `[backend]` keys after `type` and each service's `image` line, for `backend`.
+fn backend_keys(backend: &str) -> (String, String) {
+    match backend {
+        "kubernetes" => (
+            "namespace = \"default\"\n\
+             # The taint of kwok's fake nodes (the test rig's): tolerating it changes nothing \
+             elsewhere.\n\
+             tolerations = [{ key = \"kwok.x-k8s.io/node\", operator = \"Exists\", effect = \"NoSchedule\" }]\n"
+                .to_string(),
+            format!("image = \"{KUBERNETES_IMAGE}\"\n"),
+        ),
+        _ => (String::new(), String::new()),
+    }
 }
 
 /// The demo's settings.
@@ -34,9 +57,10 @@ pub struct DemoSettings {
     pub instance: String,
 }
 
-/// The demo's configuration as TOML for `backend` ("docker" or "process").
+/// The demo's configuration as TOML for `backend` ("docker", "process" or "kubernetes").
 pub fn config_toml(s: &DemoSettings, backend: &str) -> String {
     let seed = s.seed.map(|n| format!("seed = {n}\n")).unwrap_or_default();
+    let (backend_keys, image) = backend_keys(backend);
     format!(
         r#"# The seeds' demo: priority 1 follows random demand, priority 2 fills what is left.
 instance = "{instance}"
@@ -48,12 +72,12 @@ slots = {capacity}
 
 [backend]
 type = "{backend}"
-
+{backend_keys}
 [[services]]
 name = "priority1"
 priority = 1
 stop_grace = "2s"
-[[services.triggers]]
+{image}[[services.triggers]]
 type = "random"
 delta = {delta}
 interval = "{interval}ms"
@@ -63,7 +87,7 @@ name = "priority2"
 priority = 2
 remainder = true
 stop_grace = "2s"
-"#,
+{image}"#,
         instance = s.instance,
         tick = s.tick.as_millis(),
         capacity = s.capacity,
@@ -510,5 +534,32 @@ mod tests {
             assert_eq!(w.workload.run().unwrap().env["MICROSCALER_WORK_MS"], "200");
         }
         assert!(queue_config_toml(&s, &q, "docker").contains("network = \"host\""));
+    }
+
+    #[test]
+    fn demo_config_validates_on_every_backend() {
+        let s = DemoSettings {
+            capacity: 9,
+            delta: 3,
+            interval: Duration::from_secs(3),
+            seed: Some(1),
+            tick: Duration::from_millis(500),
+            instance: "demo".into(),
+        };
+        for backend in ["docker", "process", "kubernetes"] {
+            let toml = config_toml(&s, backend);
+            let cfg = microscaler_backends::Config::from_toml(&toml)
+                .unwrap_or_else(|e| panic!("{backend}: {e}\n{toml}"));
+            let image = cfg
+                .service("priority2")
+                .unwrap()
+                .workload
+                .run()
+                .unwrap()
+                .image
+                .clone();
+            let want = (backend == "kubernetes").then(|| KUBERNETES_IMAGE.to_string());
+            assert_eq!(image, want, "{backend}");
+        }
     }
 }

@@ -360,6 +360,17 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
     };
 
     let mut chosen = None;
+    if args.backend == DemoBackend::Kubernetes {
+        if queue.is_some() {
+            return Err(usage(anyhow::anyhow!(
+                "the queue demo runs on docker or process (its workers reach Redis on this \
+                 machine); on Kubernetes run --scenario random"
+            )));
+        }
+        let cfg = config_for("kubernetes")?;
+        let b = build_backend(&cfg, &state_dir).await?;
+        chosen = Some((cfg, b));
+    }
     if matches!(args.backend, DemoBackend::Auto | DemoBackend::Docker) {
         let cfg = config_for("docker")?;
         match build_backend(&cfg, &state_dir).await {

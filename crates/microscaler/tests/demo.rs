@@ -20,7 +20,11 @@ struct Tick {
 }
 
 fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_microscaler"));
+    if backend == "kubernetes" {
+        cmd.env("KUBECONFIG", microscaler_testkit::kube_rig::kubeconfig());
+    }
+    let out = cmd
         .args([
             "demo",
             "--backend",
@@ -163,6 +167,33 @@ fn demo_on_docker_meets_demand_and_fills_capacity() {
     assert!(
         String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
         "the demo's containers must be gone after it stops"
+    );
+}
+
+/// The demo on the Kubernetes test rig (3 kwok nodes x 3 pods): the seeds' rule holds, the
+/// dashboard's hosts are the nodes, and at the end its Deployments are gone.
+#[test]
+fn demo_on_kubernetes_meets_demand_and_fills_capacity() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Api, ListParams};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(client) = rt.block_on(microscaler_testkit::kube_rig::admin()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-k8s-{}", std::process::id());
+    let (ticks, _) = run_demo("kubernetes", &instance, dir.path());
+    check_success(&ticks);
+    let left = rt
+        .block_on(
+            Api::<Deployment>::namespaced(client, "default").list(
+                &ListParams::default().labels(&format!("io.microscaler.instance={instance}")),
+            ),
+        )
+        .unwrap();
+    assert!(
+        left.items.is_empty(),
+        "the demo's Deployments must be gone after it stops"
     );
 }
 
