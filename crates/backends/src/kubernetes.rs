@@ -27,6 +27,7 @@
 //!   microscaler counts it and never scales it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
 use microscaler_core::validate::join;
@@ -60,6 +61,106 @@ pub struct KubernetesConfig {
     /// Taints that managed pods tolerate; a node whose `NoSchedule` or `NoExecute` taints are
     /// all tolerated counts as a host.
     pub tolerations: Vec<Toleration>,
+    /// `[backend.leader_election]`: several microscalers, one Lease; only its holder acts.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// `[backend.leader_election]`: a `coordination.k8s.io/v1` Lease that only one microscaler
+/// holds at a time; the others observe and serve their API but never change anything. The
+/// defaults are kube-controller-manager's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderElection {
+    /// The Lease's name. Default `microscaler-<instance>`.
+    pub lease: String,
+    /// The Lease's namespace. Default `[backend] namespace`.
+    pub namespace: String,
+    /// This microscaler's name in the Lease. Default `$POD_NAME`, else `<hostname>-<pid>`.
+    pub identity: Option<String>,
+    /// How long a Lease not renewed stays its holder's for the others. Default 15 s.
+    pub lease_duration: Duration,
+    /// How long a leader keeps acting without a successful renewal. Default 10 s; less than
+    /// `lease_duration`, so a leader that cannot renew stops before anyone else may start.
+    pub renew_deadline: Duration,
+    /// Time between attempts to take or renew the Lease. Default 2 s.
+    pub retry_period: Duration,
+}
+
+#[derive(Deserialize)]
+struct RawLeaderElection {
+    lease: Option<String>,
+    namespace: Option<String>,
+    identity: Option<String>,
+    lease_duration: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+}
+
+impl LeaderElection {
+    fn validate(
+        raw: toml::Value,
+        v: &mut Validator,
+        path: &str,
+        namespace: &str,
+    ) -> Option<LeaderElection> {
+        let r: RawLeaderElection = v.part(raw, path)?;
+        let range = (Duration::from_millis(100), Duration::from_secs(600));
+        let lease_duration = v.duration(
+            r.lease_duration.as_deref(),
+            &join(path, "lease_duration"),
+            Duration::from_secs(15),
+            range,
+        );
+        let renew_deadline = v.duration(
+            r.renew_deadline.as_deref(),
+            &join(path, "renew_deadline"),
+            Duration::from_secs(10),
+            range,
+        );
+        let retry_period = v.duration(
+            r.retry_period.as_deref(),
+            &join(path, "retry_period"),
+            Duration::from_secs(2),
+            range,
+        );
+        if renew_deadline >= lease_duration {
+            v.err(
+                join(path, "renew_deadline"),
+                "must be less than lease_duration: a leader must stop acting before the others may take the Lease",
+            );
+        }
+        if retry_period >= renew_deadline {
+            v.err(
+                join(path, "retry_period"),
+                "must be less than renew_deadline: a leader must get several tries to renew",
+            );
+        }
+        if let Some(lease) = &r.lease {
+            if !is_dns_subdomain(lease) {
+                v.err(
+                    join(path, "lease"),
+                    format!("{lease:?} is not an object name"),
+                );
+            }
+        }
+        let ns = r.namespace.unwrap_or_else(|| namespace.to_string());
+        if !is_dns_label(&ns) {
+            v.err(
+                join(path, "namespace"),
+                format!("{ns:?} is not a namespace name"),
+            );
+        }
+        if r.identity.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            v.err(join(path, "identity"), "must not be empty");
+        }
+        Some(LeaderElection {
+            lease: r.lease.unwrap_or_default(),
+            namespace: ns,
+            identity: r.identity,
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        })
+    }
 }
 
 /// A toleration, as in a pod spec.
@@ -102,6 +203,7 @@ struct RawKubernetes {
     namespace: Option<String>,
     #[serde(default)]
     tolerations: Vec<toml::Value>,
+    leader_election: Option<toml::Value>,
 }
 
 /// What the kubernetes backend can do: DaemonSets keep per-host services, no pause, nodes
@@ -182,11 +284,15 @@ impl KubernetesConfig {
             }
             tolerations.push(t);
         }
+        let leader_election = r.leader_election.and_then(|le| {
+            LeaderElection::validate(le, v, &join(path, "leader_election"), &namespace)
+        });
         Some(KubernetesConfig {
             kubeconfig: r.kubeconfig,
             context: r.context,
             namespace,
             tolerations,
+            leader_election,
         })
     }
 
@@ -379,6 +485,7 @@ mod live {
 
     use super::{owned_labels, KubernetesConfig, ObjectKind, Toleration, CAPABILITIES};
     use crate::config::{Reference, Service};
+    use crate::kube_lease::Elector;
     use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
 
     /// Annotation on a managed Deployment: a hash of the pod template microscaler wrote, so a
@@ -424,6 +531,21 @@ mod live {
         watched: Mutex<HashMap<String, Arc<Watched>>>,
         targets: RwLock<BTreeMap<ServiceName, Target>>,
         tasks: Mutex<Vec<JoinHandle<()>>>,
+        /// With `[backend.leader_election]`: this microscaler's candidacy.
+        elector: Option<Arc<Elector>>,
+    }
+
+    /// `$POD_NAME` (the manifests set it from the pod's name), else `<hostname>-<pid>`.
+    fn default_identity() -> String {
+        if let Ok(p) = std::env::var("POD_NAME") {
+            if !p.is_empty() {
+                return p;
+            }
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "microscaler".into());
+        format!("{host}-{}", std::process::id())
     }
 
     impl Drop for KubernetesBackend {
@@ -547,6 +669,7 @@ mod live {
                 watched: Mutex::default(),
                 targets: RwLock::default(),
                 tasks: Mutex::default(),
+                elector: None,
             };
             let version = tokio::time::timeout(SYNC_TIMEOUT, backend.client.apiserver_version())
                 .await
@@ -562,6 +685,21 @@ mod live {
             backend.nodes = backend.reflect(Api::<Node>::all(backend.client.clone()));
             backend.synced(&backend.nodes, "the nodes").await?;
             backend.watch(&spec.namespace).await?;
+            if let Some(le) = &spec.leader_election {
+                let mut le = le.clone();
+                if le.lease.is_empty() {
+                    le.lease = format!("microscaler-{instance}");
+                }
+                let identity = le.identity.clone().unwrap_or_else(default_identity);
+                info!(lease = %le.lease, namespace = %le.namespace, identity = %identity, "leader election: acting only while holding the Lease");
+                let elector = Elector::new(backend.client.clone(), le, identity);
+                backend
+                    .tasks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(tokio::spawn(Arc::clone(&elector).run()));
+                backend.elector = Some(elector);
+            }
             info!(
                 server = %backend.server,
                 version = %version.git_version,
@@ -798,15 +936,22 @@ mod live {
                 .await
                 .map_err(|e| self.error(format!("read {what}"), e))?;
             let Some(have) = existing else {
-                api.create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &want,
-                )
-                .await
-                .map_err(|e| self.error(format!("create {what}"), e))?;
+                match api
+                    .create(
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &want,
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // Another microscaler of the instance (a replica of an HA pair) made it
+                    // meanwhile, from the same configuration.
+                    Err(e) if status(&e) == Some(409) => return Ok(()),
+                    Err(e) => return Err(self.error(format!("create {what}"), e)),
+                }
                 info!(instance = %self.instance, service = %service.name, deployment = %what, "created Deployment (0 replicas)");
                 return Ok(());
             };
@@ -1244,7 +1389,25 @@ mod live {
             })
         }
 
+        fn leading(&self) -> bool {
+            self.elector.as_ref().is_none_or(|e| e.leading())
+        }
+
         async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
+            let result = self.shutdown_objects(services, remove).await;
+            if let Some(e) = &self.elector {
+                e.release().await;
+            }
+            result
+        }
+    }
+
+    impl KubernetesBackend {
+        async fn shutdown_objects(
+            &self,
+            services: &[Service],
+            remove: bool,
+        ) -> Result<(), BackendError> {
             if !remove {
                 info!(instance = %self.instance, services = services.len(), "leaving the Deployments as they are for the next start to adopt");
                 return Ok(());
@@ -1350,6 +1513,47 @@ mod tests {
         );
         let c = config(BACKEND, "image = \"registry.k8s.io/pause:3.10\"").unwrap();
         assert!(c.services[0].workload.run().is_some());
+    }
+
+    #[test]
+    fn leader_election_is_checked() {
+        let e = config(
+            "type = \"kubernetes\"\n[backend.leader_election]\nlease_duration = \"5s\"\nrenew_deadline = \"5s\"\nretry_period = \"6s\"\nlease = \"A_b\"\nttl = 3",
+            "image = \"x\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "backend.leader_election.ttl: unknown key",
+                "backend.leader_election.renew_deadline: must be less than lease_duration: a leader must stop acting before the others may take the Lease",
+                "backend.leader_election.retry_period: must be less than renew_deadline: a leader must get several tries to renew",
+                "backend.leader_election.lease: \"A_b\" is not an object name",
+            ]
+        );
+        let c = config(
+            "type = \"kubernetes\"\nnamespace = \"shop\"\n[backend.leader_election]",
+            "image = \"x\"",
+        )
+        .unwrap();
+        let crate::BackendConfig::Kubernetes(k) = &c.backend else {
+            panic!("{:?}", c.backend);
+        };
+        let le = k.leader_election.as_ref().expect("leader election");
+        assert_eq!(
+            (
+                le.namespace.as_str(),
+                le.lease_duration,
+                le.renew_deadline,
+                le.retry_period
+            ),
+            (
+                "shop",
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservati
 pub mod config;
 pub mod docker;
 pub mod docker_api;
+#[cfg(feature = "kubernetes")]
+pub mod kube_lease;
 pub mod kubernetes;
 pub mod process;
 pub mod swarm;
@@ -297,6 +299,13 @@ pub trait Backend: Send + Sync {
         target: u32,
     ) -> impl Future<Output = Result<ScaleOutcome, BackendError>> + Send;
 
+    /// Whether this microscaler may change anything now. A backend with leader election (a
+    /// Kubernetes Lease) answers whether it holds the lease; the control loop of one that does
+    /// not observes, decides and reports, and changes nothing. Default: always.
+    fn leading(&self) -> bool {
+        true
+    }
+
     /// Called once on shutdown: with `remove`, stops and removes every managed replica (and
     /// Swarm service); without, leaves them for the next start to adopt.
     fn shutdown(
@@ -346,6 +355,9 @@ impl Backend for AnyBackend {
     }
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
         dispatch!(self, b => b.scale(service, target).await)
+    }
+    fn leading(&self) -> bool {
+        dispatch!(self, b => b.leading())
     }
     async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
         dispatch!(self, b => b.shutdown(services, remove).await)

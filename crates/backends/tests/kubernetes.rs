@@ -33,6 +33,7 @@ fn spec(namespace: &str) -> KubernetesConfig {
         context: None,
         namespace: namespace.into(),
         tolerations: vec![kwok_toleration()],
+        leader_election: None,
     }
 }
 

@@ -302,6 +302,9 @@ pub struct TickReport {
     pub took: Duration,
     /// Where the tick's time went.
     pub phases: TickPhases,
+    /// Whether this microscaler may act (see `Backend::leading`): a follower's tick observes,
+    /// samples and decides, and dispatches nothing.
+    pub leading: bool,
 }
 
 /// How long each phase of a tick took (zero for phases the tick did not reach).
@@ -346,6 +349,8 @@ pub struct Controller<B: Backend + 'static> {
     /// at once rather than at the next period.
     collecting: Arc<std::sync::atomic::AtomicBool>,
     ticks: u64,
+    /// Whether the last tick could act (for the transitions' log lines).
+    leading: bool,
 }
 
 impl<B: Backend + 'static> Controller<B> {
@@ -412,6 +417,7 @@ impl<B: Backend + 'static> Controller<B> {
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_CHANGES)),
             collecting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ticks: 0,
+            leading: true,
         }
     }
 
@@ -531,11 +537,27 @@ impl<B: Backend + 'static> Controller<B> {
                     errors,
                     took: t0.elapsed(),
                     phases,
+                    leading: self.leading,
                 };
             }
         };
 
-        self.check_external(&observed, now, &mut errors);
+        let leading = self.backend.leading();
+        if leading != self.leading {
+            if leading {
+                tracing::info!("leading: this microscaler changes replicas from now on");
+            } else {
+                tracing::warn!("not leading: this microscaler observes, decides and reports, and changes nothing");
+            }
+            self.leading = leading;
+        }
+        if leading {
+            self.check_external(&observed, now, &mut errors);
+        } else {
+            // The leader's changes are not someone else's; a new leader starts from what
+            // it sees then.
+            self.written.clear();
+        }
         let t = Instant::now();
         let samples = self.sample(now, &mut errors).await;
         phases.sample = t.elapsed();
@@ -561,8 +583,10 @@ impl<B: Backend + 'static> Controller<B> {
             tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
         }
         phases.decide = t.elapsed();
-        self.dispatch(&plan, now, t0, &mut phases, &mut executions)
-            .await;
+        if leading {
+            self.dispatch(&plan, now, t0, &mut phases, &mut executions)
+                .await;
+        }
 
         TickReport {
             now,
@@ -573,6 +597,7 @@ impl<B: Backend + 'static> Controller<B> {
             errors,
             took: t0.elapsed(),
             phases,
+            leading,
         }
     }
 
@@ -1022,9 +1047,12 @@ impl<B: Backend + 'static> Controller<B> {
             );
             self.drain(grace + Duration::from_secs(30)).await;
         }
-        self.backend
-            .shutdown(&self.cfg.services, on_exit == OnExit::Stop)
-            .await?;
+        // A follower removes nothing: the replicas are the leader's.
+        let remove = on_exit == OnExit::Stop && self.backend.leading();
+        if on_exit == OnExit::Stop && !remove {
+            tracing::info!("not leading: leaving the replicas to the leader");
+        }
+        self.backend.shutdown(&self.cfg.services, remove).await?;
         Ok(on_exit)
     }
 }

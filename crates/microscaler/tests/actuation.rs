@@ -13,8 +13,14 @@ use microscaler_testkit::sim::{Level, Sim, SimOptions};
 
 /// B (priority 1, manual demand) and A (a priority 2 remainder) on 4 slots.
 fn config(a_grace: &str) -> Config {
+    config_with(a_grace, "")
+}
+
+/// [`config`] with `top` (top-level keys) first.
+fn config_with(a_grace: &str, top: &str) -> Config {
     Config::from_toml(&format!(
         r#"
+        {top}
         tick = "500ms"
         [capacity]
         slots = 4
@@ -246,4 +252,42 @@ async fn someone_else_changing_the_count_is_reported_and_undone() {
     sim.scale_externally("a", 1);
     let r = tick().await;
     assert_eq!(external(&r), [("a".into(), 2, 1, false)]);
+}
+
+/// A follower (leader election lost) observes, decides and reports, and changes nothing, not
+/// even at shutdown with `on_exit = "stop"`; once it leads it acts at its next tick.
+#[tokio::test(start_paused = true)]
+async fn a_follower_changes_nothing_until_it_leads() {
+    let sim = sim();
+    let mut ctl = Controller::new(config_with("1s", "on_exit = \"stop\""), sim.clone(), 1);
+    ctl.tick().await;
+    assert_eq!((sim.running("b"), sim.running("a")), (1, 3));
+    sim.set_leading(false);
+    ctl.controls().manual_of("b").unwrap().set(3.0).unwrap();
+    sim.clear_log();
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let r = ctl.tick().await;
+        assert!(!r.leading);
+        assert!(r.executions.is_empty());
+        let plan = r.plan.expect("a follower still decides");
+        assert_eq!(
+            plan.services.iter().map(|s| s.target).collect::<Vec<_>>(),
+            [3, 1]
+        );
+    }
+    assert!(sim.calls().is_empty(), "{:?}", sim.calls());
+    sim.set_leading(true);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert!(ctl.tick().await.leading);
+    assert_eq!((sim.running("b"), sim.running("a")), (3, 1));
+    sim.set_leading(false);
+    let keep = sim.clone();
+    ctl.shutdown().await.unwrap();
+    assert_eq!(keep.replicas("b"), 3, "a follower removes nothing");
+    // The same as leader removes them: the check above can fail.
+    keep.set_leading(true);
+    let ctl = Controller::new(config_with("1s", "on_exit = \"stop\""), keep.clone(), 1);
+    ctl.shutdown().await.unwrap();
+    assert_eq!(keep.replicas("b"), 0);
 }

@@ -6,7 +6,8 @@
 //! runs and a scheduled pod is Ready at once.
 //!
 //! The tests add and remove a node of their own (`kwok-node-t…`) and never touch the rig's
-//! three. They work in a namespace of their own, removed at the end even when they fail.
+//! three. They share the rig's pod slots, so they run one at a time; each works in a namespace
+//! of its own, removed at the end even when it fails.
 //! Without the rig they say they are skipped, and fail under CI=true.
 #![cfg(feature = "kubernetes")]
 
@@ -26,6 +27,9 @@ use microscaler_testkit::unique;
 use serde_json::json;
 
 const TICK: Duration = Duration::from_millis(200);
+
+/// The tests share the rig's 9 pod slots: one at a time.
+static RIG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The longest a convergence may take: pods on a deleted node wait for the pod garbage
 /// collector (its 40 s quarantine of orphans, checked every 20 s).
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -184,6 +188,7 @@ async fn pods_on(client: &Client, namespace: &str, node: &str) -> usize {
 /// before p1 is raised).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
+    let _rig = RIG.lock().await;
     let Some(client) = admin().await else {
         return;
     };
@@ -318,4 +323,189 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
         .map(|d| (d.metadata.name.unwrap_or_default(), ()))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A `microscaler run` on the rig: `config` with p1's manual demand set to `demand`.
+fn spawn_run(
+    config: &std::path::Path,
+    demand: u32,
+    state: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["run", "--listen", "off", "--log-level", "info", "--config"])
+        .arg(config)
+        .args(["--set-demand", &format!("web={demand}"), "--history"])
+        .arg(state.join(format!("history-{demand}.sqlite")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state.join(format!("log-{demand}.txt"))).expect("log file"))
+        .spawn()
+        .expect("start microscaler run")
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `limit`.
+async fn poll<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two microscalers, one Lease: only the leader sets the count (the two ask for different
+/// counts, so `spec.replicas` tells who acts); the follower changes nothing for longer than a
+/// lease; after `kill -9` of the leader the other takes the Lease and acts within the lease
+/// duration plus a retry period and a tick. The failover time is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_microscalers_one_lease_only_the_leader_acts() {
+    let _rig = RIG.lock().await;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(client) = admin().await else {
+        return;
+    };
+    let namespace = unique("k8s-ha");
+    let _ns = NamespaceGuard::create(&client, &namespace).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let web: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [{"name": "web", "image": IMAGE}],
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    deployments
+        .create(&Default::default(), &web)
+        .await
+        .expect("create web");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("ha.toml");
+    let (lease_s, retry_ms, tick_ms) = (3u64, 500u64, 200u64);
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            instance = "ha"
+            tick = "{tick_ms}ms"
+            [capacity]
+            slots_per_host = 3
+            [backend]
+            type = "kubernetes"
+            kubeconfig = "{kubeconfig}"
+            namespace = "{namespace}"
+            tolerations = [{{ key = "kwok.x-k8s.io/node", operator = "Exists", effect = "NoSchedule" }}]
+            [backend.leader_election]
+            lease_duration = "{lease_s}s"
+            renew_deadline = "2s"
+            retry_period = "{retry_ms}ms"
+            [[services]]
+            name = "web"
+            priority = 1
+            [services.reference]
+            deployment = "web"
+            [[services.triggers]]
+            type = "manual"
+            "#,
+            kubeconfig = kubeconfig(),
+        ),
+    )
+    .expect("write the configuration");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let holder = || async {
+        leases
+            .get_opt("microscaler-ha")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+    };
+    let replicas = || async {
+        deployments
+            .get_scale("web")
+            .await
+            .ok()
+            .and_then(|s| s.spec.and_then(|s| s.replicas))
+    };
+
+    let mut a = spawn_run(&config, 2, dir.path());
+    let a_id = poll(Duration::from_secs(60), "a takes the Lease", || async {
+        holder().await
+    })
+    .await;
+    assert!(a_id.ends_with(&format!("-{}", a.id())), "{a_id}");
+    poll(Duration::from_secs(30), "a sets 2", || async {
+        (replicas().await == Some(2)).then_some(())
+    })
+    .await;
+
+    // b follows: for longer than a lease, the count stays a's and the Lease a's.
+    let mut b = spawn_run(&config, 5, dir.path());
+    for _ in 0..(lease_s * 1000 + 2000) / 250 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(replicas().await, Some(2), "the follower changed the count");
+        assert_eq!(holder().await.as_deref(), Some(a_id.as_str()));
+    }
+
+    // a frozen (SIGSTOP) for longer than its lease: b takes over; a thawed acts on no stale
+    // leadership (its count, 2, is never written again while b leads).
+    let signal = |c: &std::process::Child, sig: i32| {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    };
+    signal(&a, libc::SIGSTOP);
+    poll(
+        Duration::from_secs(30),
+        "b takes over from the frozen a",
+        || async { (replicas().await == Some(5)).then_some(()) },
+    )
+    .await;
+    let b_id = holder().await.expect("a holder");
+    assert!(b_id.ends_with(&format!("-{}", b.id())), "{b_id}");
+    signal(&a, libc::SIGCONT);
+    for _ in 0..(lease_s * 1000 + 2000) / 250 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            replicas().await,
+            Some(5),
+            "a thawed acted on stale leadership"
+        );
+    }
+
+    // kill -9 of the leader (b): a takes over and acts.
+    b.kill().expect("kill -9 b");
+    let killed = std::time::Instant::now();
+    let _ = b.wait();
+    poll(Duration::from_secs(30), "a sets 2 again", || async {
+        (replicas().await == Some(2)).then_some(())
+    })
+    .await;
+    let failover = killed.elapsed();
+    assert_eq!(holder().await.as_deref(), Some(a_id.as_str()));
+    let bound = Duration::from_millis(lease_s * 1000 + 2 * retry_ms + tick_ms + 1000);
+    eprintln!("failover after kill -9 of the leader: {failover:?} (lease {lease_s} s, retry {retry_ms} ms, tick {tick_ms} ms)");
+    assert!(
+        failover <= bound,
+        "failover took {failover:?}, more than {bound:?}"
+    );
+
+    // A graceful stop gives the Lease up.
+    signal(&a, libc::SIGTERM);
+    let status = a.wait().expect("a exits");
+    let err = std::fs::read_to_string(dir.path().join("log-2.txt")).unwrap_or_default();
+    assert!(status.success(), "a: {status:?}\n{err}");
+    assert!(err.contains("released the Lease"), "{err}");
+    assert_eq!(holder().await, None, "released at shutdown");
 }

@@ -2,7 +2,7 @@
 //! docs/kubernetes-rig.md): an admin client, a namespace per test removed even when the test
 //! fails, and nodes of kwok's own.
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
 use microscaler_backends::kubernetes::Toleration;
@@ -67,7 +67,7 @@ where
 }
 
 /// Namespace `name`, created by [`NamespaceGuard::create`] and removed (with everything in
-/// it) when dropped.
+/// it) when dropped; the drop returns once its pods are gone (a minute at most).
 pub struct NamespaceGuard(pub String);
 
 impl NamespaceGuard {
@@ -87,9 +87,19 @@ impl Drop for NamespaceGuard {
     fn drop(&mut self) {
         let name = self.0.clone();
         with_admin_blocking(move |c| async move {
-            let _ = Api::<Namespace>::all(c)
+            let _ = Api::<Namespace>::all(c.clone())
                 .delete(&name, &DeleteParams::background())
                 .await;
+            // Its pods hold the nodes' slots until they are gone: the next test needs them.
+            let pods: Api<Pod> = Api::namespaced(c, &name);
+            for _ in 0..600 {
+                match pods.list(&Default::default()).await {
+                    Ok(l) if !l.items.is_empty() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                    }
+                    _ => return,
+                }
+            }
         });
     }
 }

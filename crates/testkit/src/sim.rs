@@ -93,6 +93,8 @@ struct State {
     hosts: Vec<(String, bool)>,
     next_id: u64,
     unreachable: bool,
+    /// Whether this daemon may act (leader election); true unless a test says otherwise.
+    following: bool,
     conflicts: u32,
     throttles: u32,
     /// `begin <service>` / `end <service>` of every scale, in order.
@@ -127,6 +129,7 @@ impl Sim {
                 hosts,
                 next_id: 1,
                 unreachable: false,
+                following: false,
                 conflicts: 0,
                 throttles: 0,
                 spans: Vec::new(),
@@ -274,6 +277,11 @@ impl Sim {
             .iter()
             .map(|(s, t)| (s.to_string(), *t))
             .collect()
+    }
+
+    /// Makes this daemon a follower (`false`) or the leader again: see `Backend::leading`.
+    pub fn set_leading(&self, leading: bool) {
+        self.lock().following = !leading;
     }
 
     /// Someone else sets the count of a service-level service (an HPA, `kubectl scale`, a
@@ -541,6 +549,10 @@ impl Backend for Sim {
 
     async fn prepare(&self, _services: &[Service]) -> Result<(), BackendError> {
         self.check_reachable()
+    }
+
+    fn leading(&self) -> bool {
+        !self.lock().following
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
