@@ -113,6 +113,8 @@ pub fn routes(hub: Arc<Hub>) -> (Router, Vec<(Method, &'static str, Access)>) {
     route!(GET, "/app.css", Access::Open, app_css);
     route!(GET, "/metrics", Access::Read, metrics);
     route!(GET, "/api/v1/openapi.json", Access::Open, openapi);
+    route!(GET, "/healthz", Access::Open, healthz);
+    route!(GET, "/readyz", Access::Open, readyz);
     route!(GET, "/api/v1/status", Access::Read, status);
     route!(GET, "/api/v1/services", Access::Read, services);
     route!(GET, "/api/v1/history", Access::Read, history);
@@ -275,6 +277,24 @@ async fn app_js() -> Response {
 async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }
+async fn healthz() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+/// Ready while ticks are recorded: the last one within 10 tick periods (10 s at least).
+async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
+    let limit = (hub.setup.tick_ms * 10).max(10_000) as i64;
+    match hub.latest() {
+        Some(t) if now_ms() - t.ts <= limit => (StatusCode::OK, "ready\n").into_response(),
+        Some(t) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the last tick was {} ms ago\n", now_ms() - t.ts),
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no tick yet\n").into_response(),
+    }
+}
+
 async fn openapi() -> Response {
     asset("application/json", OPENAPI)
 }

@@ -809,7 +809,12 @@ async fn openapi_matches_the_router() {
             op["responses"].get(status.as_str()).is_some(),
             "{method} {uri} answered {status}, which the document does not list"
         );
-        assert_eq!(status, StatusCode::OK, "{method} {uri}");
+        if uri == "/readyz" {
+            // No tick recorded in this fixture: not ready (tested on its own below).
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        } else {
+            assert_eq!(status, StatusCode::OK, "{method} {uri}");
+        }
         // And without the token, a route that needs it says 401, which is documented.
         if op.get("security").is_some() {
             let a = call(app(&f.hub, LOOPBACK), method.clone(), &uri, None, body).await;
@@ -893,4 +898,30 @@ async fn through_a_real_socket() {
         .expect("server stops")
         .unwrap()
         .unwrap();
+}
+
+/// The probes: alive always, ready only while ticks are recorded (no token either way, from
+/// any address: the kubelet probes from the node's).
+#[tokio::test]
+async fn probes_need_no_token_and_readiness_follows_the_ticks() {
+    let f = fixture(Some(TOKEN), false);
+    let remote = ([10, 1, 2, 3], 40000);
+    let probe = |path: &'static str| {
+        let hub = f.hub.clone();
+        async move {
+            call(app(&hub, remote), Method::GET, path, None, None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(probe("/healthz").await, StatusCode::OK);
+    assert_eq!(probe("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+    f.hub.record(tick(now_ms() - 60_000, 4.0, 4, 5, vec![]));
+    assert_eq!(
+        probe("/readyz").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a minute-old tick is stale"
+    );
+    f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
+    assert_eq!(probe("/readyz").await, StatusCode::OK);
 }
