@@ -630,7 +630,7 @@ print_env() {
 
 print_summary() {
   say "apiserver $APISERVER  (etcd 127.0.0.1:$ETCD_PORT/$ETCD_PEER_PORT, controller-manager :$CM_PORT, scheduler :$SCHEDULER_PORT, kwok :$KWOK_PORT)"
-  say "kubeconfig $KUBECONFIG_FILE  (admin, O=system:masters); logs in $LOGS"
+  say "kubeconfig $KUBECONFIG_FILE  (admin, O=system:masters); kubectl $RUN/kubectl; logs in $LOGS"
 }
 
 cmd_start() {
@@ -641,6 +641,9 @@ cmd_start() {
   if ! binaries_present; then
     cmd_build
   fi
+  # The tests find this version's kubectl beside the kubeconfig.
+  mkdir -p "$RUN"
+  ln -sfn "$BIN/kubectl" "$RUN/kubectl"
   local c restart=()
   for c in "${COMPONENTS[@]}"; do
     if stale "$c"; then restart+=("$c"); fi

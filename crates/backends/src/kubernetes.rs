@@ -63,6 +63,89 @@ pub struct KubernetesConfig {
     pub tolerations: Vec<Toleration>,
     /// `[backend.leader_election]`: several microscalers, one Lease; only its holder acts.
     pub leader_election: Option<LeaderElection>,
+    /// `priority_classes`: the `PriorityClass` of managed services' pods, so that the
+    /// scheduler's own order agrees with microscaler's.
+    pub priority_classes: PriorityClasses,
+}
+
+/// `[backend] priority_classes`: which `PriorityClass` a managed service's pods get, so that
+/// the scheduler's preemption agrees with microscaler's priorities. microscaler frees the lower
+/// priority before it asks for the higher, so the scheduler should never need to preempt; the
+/// classes make it agree when something else (a node lost, a pod of someone else) takes room.
+/// References are never changed: their own templates decide.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PriorityClasses {
+    /// No class (the default): the pods get the cluster's default priority.
+    #[default]
+    None,
+    /// `priority_classes = true`: microscaler makes one class per priority it runs, named
+    /// [`PriorityClasses::created_name`] and valued [`PriorityClasses::value_of`]; a remainder
+    /// service's class never preempts (`preemptionPolicy: Never`). Removed with
+    /// `on_exit = "stop"`.
+    Create,
+    /// `priority_classes = { "1" = "critical", "2" = "batch" }`: classes that exist already,
+    /// by microscaler priority. A priority not listed gets no class.
+    Names(BTreeMap<u32, String>),
+}
+
+impl PriorityClasses {
+    /// The value of the class microscaler makes for `priority`: 1000 minus it (999 for
+    /// priority 1, 998 for priority 2), above the default 0 of other pods and far below the
+    /// system classes (2,000,000,000 and more).
+    pub fn value_of(priority: u32) -> i32 {
+        (1000 - i64::from(priority)).max(i64::from(i32::MIN)) as i32
+    }
+
+    /// The name of the class microscaler makes for `priority` in `instance`; a remainder
+    /// service's is suffixed `-remainder` (it never preempts).
+    pub fn created_name(instance: &str, priority: u32, remainder: bool) -> String {
+        let suffix = if remainder { "-remainder" } else { "" };
+        format!("microscaler-{instance}-p{priority}{suffix}")
+    }
+
+    fn validate(raw: toml::Value, v: &mut Validator, path: &str) -> PriorityClasses {
+        match raw {
+            toml::Value::Boolean(false) => PriorityClasses::None,
+            toml::Value::Boolean(true) => PriorityClasses::Create,
+            toml::Value::Table(t) => {
+                let mut names = BTreeMap::new();
+                for (key, value) in t {
+                    let at = join(path, &key);
+                    let priority = key.parse::<u32>().ok().filter(|p| *p >= 1);
+                    if priority.is_none() {
+                        v.err(
+                            &at,
+                            format!("{key:?} is not a priority (a number, 1 the highest)"),
+                        );
+                    }
+                    let name = match value {
+                        toml::Value::String(n) if is_dns_subdomain(&n) => Some(n),
+                        other => {
+                            v.err(
+                                &at,
+                                format!("must be the name of a PriorityClass, got {other}"),
+                            );
+                            None
+                        }
+                    };
+                    if let (Some(p), Some(n)) = (priority, name) {
+                        names.insert(p, n);
+                    }
+                }
+                PriorityClasses::Names(names)
+            }
+            other => {
+                v.err(
+                    path,
+                    format!(
+                        "must be true (microscaler makes a class per priority) or a table of \
+                         priority = \"PriorityClass name\", got {other}"
+                    ),
+                );
+                PriorityClasses::None
+            }
+        }
+    }
 }
 
 /// `[backend.leader_election]`: a `coordination.k8s.io/v1` Lease that only one microscaler
@@ -204,6 +287,7 @@ struct RawKubernetes {
     #[serde(default)]
     tolerations: Vec<toml::Value>,
     leader_election: Option<toml::Value>,
+    priority_classes: Option<toml::Value>,
 }
 
 /// What the kubernetes backend can do: DaemonSets keep per-host services, no pause, nodes
@@ -287,12 +371,17 @@ impl KubernetesConfig {
         let leader_election = r.leader_election.and_then(|le| {
             LeaderElection::validate(le, v, &join(path, "leader_election"), &namespace)
         });
+        let priority_classes = r
+            .priority_classes
+            .map(|p| PriorityClasses::validate(p, v, &join(path, "priority_classes")))
+            .unwrap_or_default();
         Some(KubernetesConfig {
             kubeconfig: r.kubeconfig,
             context: r.context,
             namespace,
             tolerations,
             leader_election,
+            priority_classes,
         })
     }
 
@@ -469,6 +558,7 @@ mod live {
     use futures::StreamExt;
     use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
     use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
     use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -483,7 +573,9 @@ mod live {
     use tokio::task::JoinHandle;
     use tracing::{debug, info, warn};
 
-    use super::{owned_labels, KubernetesConfig, ObjectKind, Toleration, CAPABILITIES};
+    use super::{
+        owned_labels, KubernetesConfig, ObjectKind, PriorityClasses, Toleration, CAPABILITIES,
+    };
     use crate::config::{Reference, Service};
     use crate::kube_lease::Elector;
     use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
@@ -533,6 +625,9 @@ mod live {
         tasks: Mutex<Vec<JoinHandle<()>>>,
         /// With `[backend.leader_election]`: this microscaler's candidacy.
         elector: Option<Arc<Elector>>,
+        /// Nodes exist and none counts as a host (warned once per change).
+        hostless: std::sync::atomic::AtomicBool,
+        priority_classes: PriorityClasses,
     }
 
     /// `$POD_NAME` (the manifests set it from the pod's name), else `<hostname>-<pid>`.
@@ -587,7 +682,8 @@ mod live {
                         400 | 422 => BackendError::Invalid { op, message },
                         401 | 403 => BackendError::Unsupported(format!(
                             "{op}: refused by the apiserver at {}: {message}; give microscaler's \
-                             account the rules in deploy/kubernetes/rbac.yaml",
+                             account the rules in deploy/kubernetes/10-rbac.yaml (managed mode: also \
+                             deploy/kubernetes/managed/rbac.yaml)",
                             self.server
                         )),
                         _ => BackendError::Api { op, message },
@@ -670,6 +766,8 @@ mod live {
                 targets: RwLock::default(),
                 tasks: Mutex::default(),
                 elector: None,
+                hostless: Default::default(),
+                priority_classes: spec.priority_classes.clone(),
             };
             let version = tokio::time::timeout(SYNC_TIMEOUT, backend.client.apiserver_version())
                 .await
@@ -755,7 +853,7 @@ mod live {
                     hint: format!(
                         "watching {what} gave no list within {}s: is the apiserver overloaded, \
                          or may microscaler's account not list and watch them (see \
-                         deploy/kubernetes/rbac.yaml)?",
+                         deploy/kubernetes/10-rbac.yaml)?",
                         SYNC_TIMEOUT.as_secs()
                     ),
                     source: None,
@@ -891,7 +989,7 @@ mod live {
                 .iter()
                 .map(|t| json!({"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect}))
                 .collect();
-            let template = json!({
+            let mut template = json!({
                 "metadata": {"labels": labels},
                 "spec": {
                     "containers": [container],
@@ -899,6 +997,9 @@ mod live {
                     "terminationGracePeriodSeconds": service.stop_grace.as_secs(),
                 },
             });
+            if let Some((class, _)) = self.priority_class_of(service) {
+                template["spec"]["priorityClassName"] = json!(class);
+            }
             let hash = fnv(template.to_string().as_bytes());
             serde_json::from_value(json!({
                 "apiVersion": "apps/v1",
@@ -984,6 +1085,103 @@ mod live {
             Ok(())
         }
 
+        /// The `PriorityClass` of a managed `service`'s pods, and, when microscaler makes it,
+        /// its value and whether it may preempt.
+        fn priority_class_of(&self, service: &Service) -> Option<(String, Option<(i32, bool)>)> {
+            let priority = service.priority.get();
+            match &self.priority_classes {
+                PriorityClasses::None => None,
+                PriorityClasses::Names(names) => names.get(&priority).map(|n| (n.clone(), None)),
+                PriorityClasses::Create => {
+                    let remainder = matches!(service.kind, ServiceKind::Remainder);
+                    Some((
+                        PriorityClasses::created_name(&self.instance, priority, remainder),
+                        Some((PriorityClasses::value_of(priority), !remainder)),
+                    ))
+                }
+            }
+        }
+
+        /// Makes the class `name` microscaler makes (`made` = its value and whether it may
+        /// preempt), unless it exists with microscaler's labels; or checks that the existing
+        /// class `name` exists (`made` = `None`). A class of that name that microscaler did
+        /// not make is never changed (an error).
+        async fn ensure_priority_class(
+            &self,
+            service: &Service,
+            name: &str,
+            made: Option<(i32, bool)>,
+        ) -> Result<(), BackendError> {
+            let api: Api<PriorityClass> = Api::all(self.client.clone());
+            let what = format!("PriorityClass {name}");
+            let have = api
+                .get_opt(name)
+                .await
+                .map_err(|e| self.error(format!("read {what}"), e))?;
+            let Some((value, preempts)) = made else {
+                return match have {
+                    Some(_) => Ok(()),
+                    None => Err(BackendError::NotFound {
+                        what: format!(
+                            "{what} (of service {}, priority {})",
+                            service.name,
+                            service.priority.get()
+                        ),
+                        hint: "create it, or change [backend] priority_classes".into(),
+                    }),
+                };
+            };
+            if let Some(have) = have {
+                let ours = have.labels().get(labels::INSTANCE) == Some(&self.instance);
+                if !ours {
+                    return Err(BackendError::Unsupported(format!(
+                        "{what} exists but does not carry the label {}={}, so microscaler will \
+                         not use or change it: remove it, change the instance name, or name \
+                         existing classes in [backend] priority_classes = {{ \"{}\" = \"{name}\" }}",
+                        labels::INSTANCE,
+                        self.instance,
+                        service.priority.get()
+                    )));
+                }
+                return Ok(());
+            }
+            let class: PriorityClass = serde_json::from_value(json!({
+                "metadata": {
+                    "name": name,
+                    "labels": {labels::INSTANCE: self.instance},
+                },
+                "value": value,
+                "preemptionPolicy": if preempts { "PreemptLowerPriority" } else { "Never" },
+                "description": format!(
+                    "microscaler instance {}: priority {}{}",
+                    self.instance,
+                    service.priority.get(),
+                    if preempts { "" } else { " (remainder: never preempts)" }
+                ),
+            }))
+            .map_err(|e| BackendError::Invalid {
+                op: format!("build {what}"),
+                message: e.to_string(),
+            })?;
+            match api
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &class,
+                )
+                .await
+            {
+                Ok(_) => {}
+                // Made meanwhile by another microscaler of the instance.
+                Err(e) if status(&e) == Some(409) => return Ok(()),
+                Err(e) => return Err(self.error(format!("create {what}"), e)),
+            }
+            info!(instance = %self.instance, class = %name, value, preempts, "created PriorityClass");
+            Ok(())
+        }
+
         /// Checks that a referenced object exists.
         async fn check_reference(&self, target: &Target) -> Result<(), BackendError> {
             let c = self.client.clone();
@@ -1019,31 +1217,72 @@ mod live {
         fn host_of(&self, n: &Node) -> Host {
             let name = n.name_any();
             let status = n.status.as_ref();
-            let ready_condition = status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let spec = n.spec.as_ref();
-            let cordoned = spec.and_then(|s| s.unschedulable).unwrap_or(false);
-            let tainted = spec.and_then(|s| s.taints.as_ref()).is_some_and(|taints| {
-                taints.iter().any(|t| {
-                    matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-                        && !self
-                            .tolerations
-                            .iter()
-                            .any(|tol| tol.tolerates(&t.key, t.value.as_deref(), &t.effect))
-                })
-            });
             let allocatable = status.and_then(|s| s.allocatable.as_ref());
             Host {
                 id: name.clone().into(),
                 name,
-                ready: ready_condition && !cordoned && !tainted,
+                ready: self.not_a_host(n).is_none(),
                 cpus: allocatable
                     .and_then(|a| a.get("cpu"))
                     .and_then(|q| cpus(&q.0)),
                 memory_bytes: allocatable
                     .and_then(|a| a.get("memory"))
                     .and_then(|q| bytes(&q.0)),
+            }
+        }
+
+        /// Why `n` does not count as a host (not Ready, cordoned, or a `NoSchedule` /
+        /// `NoExecute` taint that `tolerations` does not tolerate), or `None` if it does.
+        fn not_a_host(&self, n: &Node) -> Option<String> {
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if !ready {
+                return Some("not Ready".into());
+            }
+            let spec = n.spec.as_ref();
+            if spec.and_then(|s| s.unschedulable).unwrap_or(false) {
+                return Some("cordoned".into());
+            }
+            let t = spec.and_then(|s| s.taints.as_ref())?.iter().find(|t| {
+                matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+                    && !self
+                        .tolerations
+                        .iter()
+                        .any(|tol| tol.tolerates(&t.key, t.value.as_deref(), &t.effect))
+            })?;
+            Some(format!(
+                "tainted {}{}:{}",
+                t.key,
+                t.value
+                    .as_deref()
+                    .map(|v| format!("={v}"))
+                    .unwrap_or_default(),
+                t.effect
+            ))
+        }
+
+        /// Warns when Nodes exist but none counts as a host (capacity is 0: nothing is
+        /// scaled), with the first Node's reason, once until one counts again.
+        fn warn_if_hostless(&self, nodes: &[Arc<Node>], hosts: &[Host]) {
+            let hostless = !nodes.is_empty() && hosts.iter().all(|h| !h.ready);
+            let was = self
+                .hostless
+                .swap(hostless, std::sync::atomic::Ordering::Relaxed);
+            if hostless && !was {
+                let why = self.not_a_host(&nodes[0]).unwrap_or_default();
+                warn!(
+                    nodes = nodes.len(),
+                    first = %nodes[0].name_any(),
+                    reason = %why,
+                    "no Node counts as a host, so capacity is 0 and nothing is scaled: a host is \
+                     a Ready, uncordoned Node whose NoSchedule/NoExecute taints [backend] \
+                     tolerations all tolerate"
+                );
+            } else if was && !hostless {
+                info!("a Node counts as a host again");
             }
         }
     }
@@ -1223,6 +1462,9 @@ mod live {
                 if s.workload.reference().is_some() {
                     self.check_reference(&t).await?;
                 } else {
+                    if let Some((class, made)) = self.priority_class_of(s) {
+                        self.ensure_priority_class(s, &class, made).await?;
+                    }
                     self.ensure_managed(s, &t).await?;
                 }
                 targets.insert(s.name.clone(), t);
@@ -1232,10 +1474,12 @@ mod live {
         }
 
         async fn observe(&self) -> Result<Observation, BackendError> {
+            let nodes = self.nodes.state();
             let mut obs = Observation {
-                hosts: self.nodes.state().iter().map(|n| self.host_of(n)).collect(),
+                hosts: nodes.iter().map(|n| self.host_of(n)).collect(),
                 ..Default::default()
             };
+            self.warn_if_hostless(&nodes, &obs.hosts);
             let targets: Vec<Target> = self
                 .targets
                 .read()
@@ -1442,7 +1686,42 @@ mod live {
                     }
                 }
             }
+            if let Err(e) = self.remove_priority_classes().await {
+                first_error.get_or_insert(e);
+            }
             first_error.map_or(Ok(()), Err)
+        }
+    }
+
+    impl KubernetesBackend {
+        /// Removes the PriorityClasses microscaler made for this instance (pods that use one
+        /// keep the priority they were given).
+        async fn remove_priority_classes(&self) -> Result<(), BackendError> {
+            if self.priority_classes != PriorityClasses::Create {
+                return Ok(());
+            }
+            let api: Api<PriorityClass> = Api::all(self.client.clone());
+            let selector = format!("{}={}", labels::INSTANCE, self.instance);
+            let list = api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| {
+                    self.error(
+                        format!("list the PriorityClasses of instance {}", self.instance),
+                        e,
+                    )
+                })?;
+            for c in list {
+                let name = c.name_any();
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        info!(instance = %self.instance, class = %name, "removed PriorityClass")
+                    }
+                    Err(e) if status(&e) == Some(404) => {}
+                    Err(e) => return Err(self.error(format!("remove PriorityClass {name}"), e)),
+                }
+            }
+            Ok(())
         }
     }
 
@@ -1573,6 +1852,62 @@ mod tests {
                 "backend.tolerations[2].keyy: unknown key",
                 "backend.tolerations[2].key: missing: a toleration without a key needs operator = \"Exists\"",
             ]
+        );
+    }
+
+    #[test]
+    fn priority_classes_are_checked() {
+        let backend = |c: &crate::config::Config| match &c.backend {
+            crate::BackendConfig::Kubernetes(k) => k.priority_classes.clone(),
+            other => panic!("{other:?}"),
+        };
+        let c = config(
+            &format!("{BACKEND}\npriority_classes = true"),
+            "image = \"x\"",
+        )
+        .unwrap();
+        assert_eq!(backend(&c), PriorityClasses::Create);
+        let c = config(BACKEND, "image = \"x\"").unwrap();
+        assert_eq!(backend(&c), PriorityClasses::None);
+        let c = config(
+            &format!("{BACKEND}\npriority_classes = {{ \"1\" = \"critical\", \"3\" = \"batch\" }}"),
+            "image = \"x\"",
+        )
+        .unwrap();
+        assert_eq!(
+            backend(&c),
+            PriorityClasses::Names(BTreeMap::from([
+                (1, "critical".to_string()),
+                (3, "batch".to_string())
+            ]))
+        );
+        let e = config(
+            &format!("{BACKEND}\npriority_classes = {{ \"0\" = \"a\", \"high\" = \"b\", \"2\" = \"Not_A_Name\" }}"),
+            "image = \"x\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "backend.priority_classes.0: \"0\" is not a priority (a number, 1 the highest)",
+                "backend.priority_classes.2: must be the name of a PriorityClass, got \"Not_A_Name\"",
+                "backend.priority_classes.high: \"high\" is not a priority (a number, 1 the highest)",
+            ]
+        );
+        let e = config(
+            &format!("{BACKEND}\npriority_classes = \"yes\""),
+            "image = \"x\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec!["backend.priority_classes: must be true (microscaler makes a class per priority) or a table of priority = \"PriorityClass name\", got \"yes\""]
+        );
+        assert_eq!(PriorityClasses::value_of(1), 999);
+        assert_eq!(PriorityClasses::value_of(u32::MAX), i32::MIN);
+        assert_eq!(
+            PriorityClasses::created_name("demo", 2, true),
+            "microscaler-demo-p2-remainder"
         );
     }
 

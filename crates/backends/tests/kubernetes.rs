@@ -27,6 +27,10 @@ use serde_json::json;
 /// kwok makes a scheduled pod Ready at once; a minute covers a loaded machine.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// The tests share the rig's 9 pod slots: one at a time (nextest runs them in processes of
+/// their own and .config/nextest.toml keeps them apart; `cargo test` runs them as threads).
+static RIG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn spec(namespace: &str) -> KubernetesConfig {
     KubernetesConfig {
         kubeconfig: Some(kubeconfig()),
@@ -34,6 +38,7 @@ fn spec(namespace: &str) -> KubernetesConfig {
         namespace: namespace.into(),
         tolerations: vec![kwok_toleration()],
         leader_election: None,
+        priority_classes: Default::default(),
     }
 }
 
@@ -176,6 +181,7 @@ impl microscaler_testkit::contract::ReferenceHarness for KubeHarness {
 /// one after the other: the rig has 9 pod slots, and the two cases together need at most 6.
 #[tokio::test]
 async fn contract() {
+    let _rig = RIG.lock().await;
     let Some(client) = admin().await else {
         return;
     };
@@ -203,4 +209,196 @@ async fn contract() {
             .collect::<Vec<_>>()
     );
     microscaler_testkit::contract::references(&h, "web").await;
+}
+
+/// `priority_classes = true`: a class per priority for managed services (a remainder's never
+/// preempts), the pods get their values from the apiserver's own Priority admission, a class
+/// of the same name that microscaler did not make stops the start and is left alone, and
+/// `shutdown(remove)` removes the classes it made. Then `priority_classes` naming existing
+/// classes: used as they are, and a missing one fails the start naming it.
+#[tokio::test]
+async fn priority_classes_order_the_schedulers_view_as_microscaler_does() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+    use microscaler_backends::kubernetes::PriorityClasses;
+    use microscaler_backends::Backend;
+    use microscaler_core::{Priority, ServiceKind};
+    let _rig = RIG.lock().await;
+    let Some(client) = admin().await else {
+        return;
+    };
+    let namespace = common::unique("k8s-prio");
+    let _ns = NamespaceGuard::create(&client, &namespace).await;
+    let instance = common::unique("kp");
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    let p1 = service("web");
+    let mut p2 = service("batch");
+    p2.priority = Priority::try_new(2).unwrap();
+    p2.kind = ServiceKind::Remainder;
+    let services = [p1.clone(), p2.clone()];
+    let created = |p, r| PriorityClasses::created_name(&instance, p, r);
+    // Removed even when the test fails.
+    struct Classes(Vec<String>);
+    impl Drop for Classes {
+        fn drop(&mut self) {
+            let names = std::mem::take(&mut self.0);
+            microscaler_testkit::block_on_own_runtime(move || async move {
+                if let Some(c) = admin().await {
+                    let api: Api<PriorityClass> = Api::all(c);
+                    for n in names {
+                        let _ = api.delete(&n, &DeleteParams::default()).await;
+                    }
+                }
+            });
+        }
+    }
+    let _classes = Classes(vec![
+        created(1, false),
+        created(2, true),
+        format!("{instance}-critical"),
+    ]);
+
+    // Someone else's class with the name microscaler would make for priority 1: not touched.
+    let foreign: PriorityClass = serde_json::from_value(json!({
+        "metadata": {"name": created(1, false)},
+        "value": 5,
+    }))
+    .unwrap();
+    classes
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("create a foreign PriorityClass");
+    let made = KubernetesConfig {
+        priority_classes: PriorityClasses::Create,
+        ..spec(&namespace)
+    };
+    let b = KubernetesBackend::connect(&made, &instance)
+        .await
+        .expect("connect");
+    let err = b.prepare(&services).await.expect_err("a foreign class");
+    assert!(
+        err.to_string().contains("does not carry the label"),
+        "{err}"
+    );
+    assert_eq!(
+        classes.get(&created(1, false)).await.unwrap().value,
+        5,
+        "the foreign class is left as it was"
+    );
+    classes
+        .delete(&created(1, false), &DeleteParams::default())
+        .await
+        .expect("remove the foreign class");
+    drop(b);
+
+    let b = KubernetesBackend::connect(&made, &instance)
+        .await
+        .expect("connect");
+    b.prepare(&services).await.expect("prepare");
+    let c1 = classes.get(&created(1, false)).await.expect("p1's class");
+    let c2 = classes.get(&created(2, true)).await.expect("p2's class");
+    assert_eq!(
+        (c1.value, c1.preemption_policy.as_deref()),
+        (999, Some("PreemptLowerPriority"))
+    );
+    assert_eq!(
+        (c2.value, c2.preemption_policy.as_deref()),
+        (998, Some("Never"))
+    );
+    b.scale(&p1, 1).await.expect("scale web");
+    b.scale(&p2, 1).await.expect("scale batch");
+    common::wait_for(&b, SETTLE, |o| {
+        o.services.get(&p1.name).is_some_and(|s| s.running == 1)
+            && o.services.get(&p2.name).is_some_and(|s| s.running == 1)
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let mut seen: Vec<(String, Option<String>, Option<i32>)> = pods
+        .list(&Default::default())
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .map(|p| {
+            let s = p.spec.unwrap();
+            (
+                p.metadata.labels.unwrap()["io.microscaler.service"].clone(),
+                s.priority_class_name,
+                s.priority,
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("batch".into(), Some(created(2, true)), Some(998)),
+            ("web".into(), Some(created(1, false)), Some(999)),
+        ],
+        "the apiserver's Priority admission gave each pod its class's value"
+    );
+    b.shutdown(&services, true).await.expect("shutdown");
+    for name in [created(1, false), created(2, true)] {
+        assert!(
+            classes.get_opt(&name).await.unwrap().is_none(),
+            "{name} removed with on_exit = stop"
+        );
+    }
+
+    // Existing classes, by priority: used as they are; one missing fails the start.
+    let critical: PriorityClass = serde_json::from_value(json!({
+        "metadata": {"name": format!("{instance}-critical")},
+        "value": 100_000,
+    }))
+    .unwrap();
+    classes
+        .create(&PostParams::default(), &critical)
+        .await
+        .expect("create an existing class");
+    let named = |names: &[(u32, String)]| KubernetesConfig {
+        priority_classes: PriorityClasses::Names(names.iter().cloned().collect()),
+        ..spec(&namespace)
+    };
+    let missing = format!("{instance}-nowhere");
+    let b = KubernetesBackend::connect(
+        &named(&[(1, format!("{instance}-critical")), (2, missing.clone())]),
+        &instance,
+    )
+    .await
+    .expect("connect");
+    let err = b.prepare(&services).await.expect_err("a missing class");
+    assert!(
+        matches!(err, BackendError::NotFound { .. }) && err.to_string().contains(&missing),
+        "{err}"
+    );
+    drop(b);
+    let b = KubernetesBackend::connect(&named(&[(1, format!("{instance}-critical"))]), &instance)
+        .await
+        .expect("connect");
+    b.prepare(&services).await.expect("prepare");
+    let template = |name: String| {
+        let d = Api::<Deployment>::namespaced(client.clone(), &namespace);
+        async move {
+            d.get(&name)
+                .await
+                .expect("the managed Deployment")
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|s| s.priority_class_name)
+        }
+    };
+    assert_eq!(
+        template(format!("{instance}-web")).await,
+        Some(format!("{instance}-critical"))
+    );
+    assert_eq!(template(format!("{instance}-batch")).await, None);
+    b.shutdown(&services, true).await.expect("shutdown");
+    assert!(
+        classes
+            .get_opt(&format!("{instance}-critical"))
+            .await
+            .unwrap()
+            .is_some(),
+        "a class microscaler did not make is never removed"
+    );
 }

@@ -325,19 +325,29 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// A `microscaler run` on the rig: `config` with p1's manual demand set to `demand`.
+/// A `microscaler run` on the rig: `config` with web's manual demand set to `demand`, its log
+/// in `state/log-<demand>.txt`.
+fn run_command(
+    config: &std::path::Path,
+    demand: u32,
+    state: &std::path::Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_microscaler"));
+    c.args(["run", "--listen", "off", "--log-level", "info", "--config"])
+        .arg(config)
+        .args(["--set-demand", &format!("web={demand}"), "--history"])
+        .arg(state.join(format!("history-{demand}.sqlite")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state.join(format!("log-{demand}.txt"))).expect("log file"));
+    c
+}
+
 fn spawn_run(
     config: &std::path::Path,
     demand: u32,
     state: &std::path::Path,
 ) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_microscaler"))
-        .args(["run", "--listen", "off", "--log-level", "info", "--config"])
-        .arg(config)
-        .args(["--set-demand", &format!("web={demand}"), "--history"])
-        .arg(state.join(format!("history-{demand}.sqlite")))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(state.join(format!("log-{demand}.txt"))).expect("log file"))
+    run_command(config, demand, state)
         .spawn()
         .expect("start microscaler run")
 }
@@ -508,4 +518,252 @@ async fn two_microscalers_one_lease_only_the_leader_acts() {
     assert!(status.success(), "a: {status:?}\n{err}");
     assert!(err.contains("released the Lease"), "{err}");
     assert_eq!(holder().await, None, "released at shutdown");
+}
+
+/// deploy/kubernetes/, as `kubectl apply -f` puts it, and the `default/web` and
+/// `default/worker` Deployments its configuration references: removed before (a run killed
+/// earlier) and after the test.
+struct Manifests;
+
+const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/kubernetes");
+
+impl Manifests {
+    fn remove(wait: bool) {
+        let wait = format!("--wait={wait}");
+        for args in [
+            vec!["delete", "-R", "-f", MANIFESTS, "--ignore-not-found", &wait],
+            vec![
+                "-n",
+                "default",
+                "delete",
+                "deployment",
+                "web",
+                "worker",
+                "--ignore-not-found",
+                &wait,
+            ],
+        ] {
+            let _ = microscaler_testkit::kube_rig::kubectl()
+                .args(&args)
+                .output();
+        }
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        Manifests::remove(false);
+    }
+}
+
+/// The manifests on the real apiserver, run as a user would run them: `kubectl apply -f
+/// deploy/kubernetes/`, then microscaler with the configuration of its ConfigMap and **the
+/// token of its ServiceAccount** (not as an administrator), so a rule missing from
+/// 10-rbac.yaml fails here. It takes the Lease (named after its pod), sets web to its demand and
+/// worker to the rest of the 9 slots; requests outside its rules are refused by the apiserver
+/// (403); its own Deployment's pods pass the namespace's restricted Pod Security admission
+/// (they stay Pending: they do not tolerate kwok's taint, and would take the test's slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+    use microscaler_testkit::kube_rig::{client_of, kubectl_ok, token_kubeconfig};
+    let _rig = RIG.lock().await;
+    let Some(client) = admin().await else {
+        return;
+    };
+    Manifests::remove(true);
+    let _manifests = Manifests;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    for name in ["web", "worker"] {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {
+                        "containers": [{"name": name, "image": IMAGE}],
+                        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                    },
+                },
+            },
+        }))
+        .expect("deployment");
+        deployments
+            .create(&Default::default(), &d)
+            .await
+            .expect("create a referenced Deployment");
+    }
+    kubectl_ok(&["apply", "-f", MANIFESTS]);
+
+    // Admission: the ReplicaSet's two pods are created (restricted Pod Security holds).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "microscaler");
+    poll(
+        Duration::from_secs(60),
+        "microscaler's two pods admitted",
+        || async {
+            let l = pods
+                .list(
+                    &kube::api::ListParams::default().labels("app.kubernetes.io/name=microscaler"),
+                )
+                .await
+                .ok()?;
+            (l.items.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    // The ConfigMap's configuration, as the pods would mount it: valid, run as is.
+    let dir = tempfile::tempdir().expect("dir");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "microscaler")
+        .get("microscaler")
+        .await
+        .expect("the ConfigMap");
+    let config = dir.path().join("microscaler.toml");
+    let toml = cm.data.expect("data")["microscaler.toml"].clone();
+    // The one change the rig needs: its kwok Nodes are tainted, so they are hosts only with
+    // the taint tolerated (the referenced Deployments' pods tolerate it too).
+    let toml = toml.replacen(
+        "type = \"kubernetes\"\n",
+        "type = \"kubernetes\"\ntolerations = [{ key = \"kwok.x-k8s.io/node\", operator = \"Exists\", effect = \"NoSchedule\" }]\n",
+        1,
+    );
+    assert!(
+        toml.contains("kwok.x-k8s.io"),
+        "[backend] not found in\n{toml}"
+    );
+    std::fs::write(&config, &toml).expect("write it");
+    let validate = std::process::Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .expect("microscaler validate");
+    assert!(
+        validate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validate.stderr)
+    );
+
+    let token = kubectl_ok(&[
+        "-n",
+        "microscaler",
+        "create",
+        "token",
+        "microscaler",
+        "--duration=1h",
+    ]);
+    let kubeconfig_text = token_kubeconfig(token.trim());
+    let sa_kubeconfig = dir.path().join("sa.kubeconfig");
+    std::fs::write(&sa_kubeconfig, &kubeconfig_text).expect("write the kubeconfig");
+    let mut run = run_command(&config, 4, dir.path())
+        .env("KUBECONFIG", &sa_kubeconfig)
+        .env("POD_NAME", "microscaler-rbac-test")
+        .arg("--state-dir")
+        .arg(dir.path())
+        .spawn()
+        .expect("start microscaler run");
+    let log = || std::fs::read_to_string(dir.path().join("log-4.txt")).unwrap_or_default();
+    let scale = |name: &'static str| {
+        let d = deployments.clone();
+        async move {
+            d.get_scale(name)
+                .await
+                .ok()
+                .and_then(|s| s.spec.and_then(|s| s.replicas))
+        }
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "microscaler");
+    let holder = || async {
+        leases
+            .get_opt("microscaler-cluster")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+    };
+    let t0 = std::time::Instant::now();
+    while holder().await.as_deref() != Some("microscaler-rbac-test") {
+        if let Ok(Some(s)) = run.try_wait() {
+            panic!("microscaler exited: {s}\n{}", log());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no Lease taken\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = std::time::Instant::now();
+    while !(scale("web").await == Some(4) && scale("worker").await == Some(5)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "web = 4 (its demand), worker = 5 (the rest of 9): not within 60 s\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Outside its rules: refused by the apiserver.
+    let sa = client_of(&kubeconfig_text).await;
+    let refused = |what: &str, r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("{what}: expected 403 from RBAC, got {other:?}"),
+    };
+    let sa_deployments: Api<Deployment> = Api::namespaced(sa.clone(), "default");
+    refused(
+        "read Secrets",
+        Api::<Secret>::namespaced(sa.clone(), "default")
+            .list(&Default::default())
+            .await
+            .map(|_| ()),
+    );
+    refused(
+        "delete a Deployment",
+        sa_deployments
+            .delete("web", &Default::default())
+            .await
+            .map(|_| ()),
+    );
+    refused(
+        "change a Deployment's spec",
+        sa_deployments
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await
+            .map(|_| ()),
+    );
+    refused(
+        "scale in a namespace it is not bound in",
+        Api::<Deployment>::namespaced(sa.clone(), "kube-system")
+            .patch_scale(
+                "coredns",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 1}})),
+            )
+            .await
+            .map(|_| ()),
+    );
+    refused(
+        "watch pods cluster-wide",
+        Api::<Pod>::all(sa.clone())
+            .list(&Default::default())
+            .await
+            .map(|_| ()),
+    );
+
+    // SIGTERM: a clean stop that gives the Lease up, and nothing was refused on the way.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let status = run.wait().expect("it exits");
+    let log = log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("refused by the apiserver"), "{log}");
+    assert!(log.contains("released the Lease"), "{log}");
+    assert_eq!(holder().await, None, "released at shutdown");
+    assert_eq!(scale("web").await, Some(4), "on_exit = leave");
 }

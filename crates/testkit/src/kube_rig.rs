@@ -19,6 +19,61 @@ pub fn kubeconfig() -> String {
         .unwrap_or_else(|_| "/var/lib/microscaler-ci/k8s/run/admin.kubeconfig".into())
 }
 
+/// The rig's kubectl (`MICROSCALER_KUBECTL` overrides it), as the rig's admin.
+pub fn kubectl() -> std::process::Command {
+    let path = std::env::var("MICROSCALER_KUBECTL")
+        .unwrap_or_else(|_| "/var/lib/microscaler-ci/k8s/run/kubectl".into());
+    let mut c = std::process::Command::new(path);
+    c.env("KUBECONFIG", kubeconfig());
+    c
+}
+
+/// Runs the rig's kubectl with `args` and returns its stdout; panics with its stderr if it
+/// fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl()
+        .args(args)
+        .output()
+        .expect("run the rig's kubectl (scripts/k8s-rig.sh start links it)");
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A kubeconfig (written as JSON, which is YAML) for the rig's apiserver, with its CA, that
+/// authenticates with `token` (a ServiceAccount's) instead of the admin's certificate.
+pub fn token_kubeconfig(token: &str) -> String {
+    let admin = kube::config::Kubeconfig::read_from(kubeconfig()).expect("the admin kubeconfig");
+    let cluster = admin.clusters[0].cluster.clone().expect("a cluster");
+    json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "rig", "cluster": {
+            "server": cluster.server,
+            "certificate-authority-data": cluster.certificate_authority_data,
+        }}],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "rig", "context": {"cluster": "rig", "user": "token"}}],
+        "current-context": "rig",
+    })
+    .to_string()
+}
+
+/// A client of the rig from `kubeconfig`'s text.
+pub async fn client_of(kubeconfig: &str) -> Client {
+    microscaler_backends::kubernetes::install_crypto_provider();
+    let file = kube::config::Kubeconfig::from_yaml(kubeconfig).expect("a kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .expect("its configuration");
+    Client::try_from(cfg).expect("a client")
+}
+
 /// The toleration of kwok's nodes' taint.
 pub fn kwok_toleration() -> Toleration {
     Toleration {
