@@ -154,7 +154,9 @@ impl Sim {
             .ignores_sigterm = ignores;
     }
 
-    /// Makes the next `n` starts of `service` fail.
+    /// Makes the next `n` starts of `service` fail (each replica's start is one, reported as
+    /// a [`StartFailure`] of its own). `u32::MAX` breaks the service's starts until it is
+    /// called again; `0` mends them.
     pub fn fail_starts(&self, service: &str, n: u32) {
         self.lock()
             .services
