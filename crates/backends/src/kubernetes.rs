@@ -9,9 +9,11 @@
 //!   Deployment of that name without both labels is never touched (that is an error).
 //! - Replica counts change only through `/scale`: read, and written back with the
 //!   `resourceVersion` read as a precondition, so a change made in between is a 409. The
-//!   controllers' own status writes bump that version too, so a conflict is read again up to
-//!   three times; one still there is a [`BackendError::Conflict`], retried on the next tick
-//!   with what is observed then, never forced.
+//!   controllers' own status writes bump that version too, so a conflict is read again and,
+//!   while the count is still the one first read, written again (10 times at most); a count
+//!   that changed meanwhile (someone else's scale), or a conflict still there, is a
+//!   [`BackendError::Conflict`], retried on the next tick with what is observed then, never
+//!   forced.
 //! - Observation comes from watches (reflectors on the Nodes, and on the Deployments,
 //!   StatefulSets, DaemonSets and Pods of the namespaces the services live in), not from a list
 //!   per tick. A pod belongs to a service when it matches its object's selector. Running =
@@ -585,8 +587,10 @@ mod live {
     const TEMPLATE_ANNOTATION: &str = "io.microscaler/template-hash";
     /// How long the watches may take to list what exists, at connect and prepare.
     const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
-    /// How many times a scale is read and written again when the object changed in between.
-    const CONFLICT_ATTEMPTS: u32 = 3;
+    /// How many times a scale is read and written again when the object changed in between
+    /// but its count did not (the controllers' status writes: several a second while pods
+    /// come and go).
+    const CONFLICT_ATTEMPTS: u32 = 10;
     /// How much longer than a service's `stop_grace` a scale-down waits for its pods to go.
     const STOP_SLACK: Duration = Duration::from_secs(5);
     /// How often a scale-down looks at the pods it waits for.
@@ -1573,8 +1577,11 @@ mod live {
             };
             // Read the scale, write it back at the version read: a change made in between is
             // a 409. The controllers' status writes bump the version too, so a conflict is
-            // read again (a few times) before it is reported.
+            // read again, and written again while the count is the one first read (up to
+            // CONFLICT_ATTEMPTS times); a count changed meanwhile is someone else's scale, a
+            // conflict at once.
             let mut attempt = 0;
+            let mut first_read = None;
             let previous = loop {
                 attempt += 1;
                 let scale = match t.kind {
@@ -1594,6 +1601,18 @@ mod live {
                 if previous == target {
                     return Ok(ScaleOutcome::default());
                 }
+                // The count changed since the first read: someone else scaled it. The plan was
+                // made on the old count: a conflict, for the next tick to see and decide on.
+                if let Some(first) = first_read.filter(|&f| f != previous) {
+                    return Err(BackendError::Conflict {
+                        op: format!("scale {what} to {target}"),
+                        message: format!(
+                            "its count changed from {first} to {previous} while microscaler \
+                             was writing it; the next tick decides again"
+                        ),
+                    });
+                }
+                first_read.get_or_insert(previous);
                 let patch = json!({
                     "metadata": {"resourceVersion": scale.metadata.resource_version},
                     "spec": {"replicas": target},

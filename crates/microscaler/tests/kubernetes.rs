@@ -289,29 +289,6 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
     let spec = deployments.get_scale(&p1_name).await.expect("p1's scale");
     assert_eq!(spec.spec.and_then(|s| s.replicas), Some(6));
 
-    // The scheduler never had to turn a pod of p1 away: p2 always made room first.
-    let events: Api<k8s_openapi::api::core::v1::Event> =
-        Api::namespaced(client.clone(), &namespace);
-    let refused: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("FailedScheduling")
-                && e.involved_object
-                    .name
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with(&format!("{p1_name}-")))
-        })
-        .map(|e| format!("{:?}: {:?}", e.involved_object.name, e.message))
-        .collect();
-    assert!(
-        refused.is_empty(),
-        "p1's pods were refused by the scheduler: {refused:?}"
-    );
-
     // on_exit = "stop": the Deployments are removed.
     run.ctl.shutdown().await.expect("shutdown");
     let left: BTreeMap<String, ()> = deployments
