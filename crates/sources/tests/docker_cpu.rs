@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{missing_service, unique};
+use common::{dead_port, missing_service, unique};
 use microscaler_sources::{
     AnySource, CpuAggregate, DockerCpuConfig, NetOptions, Source, SourceConfig, SourceError,
 };
@@ -149,4 +149,42 @@ async fn unreachable_engine_is_named() {
     let e = s.check().await.unwrap_err().to_string();
     assert!(e.contains("unix:///nonexistent/docker.sock"), "{e}");
     assert!(e.contains("is dockerd running?"), "{e}");
+}
+
+/// The source contract suite against the real engine (one idle container of the service) and
+/// an engine address where nothing listens.
+#[tokio::test]
+async fn source_contract() {
+    if let Err(e) = docker(&["info"]) {
+        if missing_service("Docker engine", e) {
+            return;
+        }
+    }
+    image();
+    let instance = unique("cpu-contract");
+    let _c = Cleanup(vec![run(
+        &instance,
+        "idle",
+        "trap 'exit 0' TERM; sleep 100000 & wait",
+    )]);
+    let config = |docker_host: Option<String>| {
+        SourceConfig::DockerCpu(DockerCpuConfig {
+            docker_host,
+            service: None,
+            aggregate: CpuAggregate::Sum,
+            net: NetOptions {
+                timeout: Duration::from_secs(5),
+                required: true,
+            },
+        })
+    };
+    let port = dead_port();
+    microscaler_testkit::source_contract::run_in(
+        &config(None),
+        &config(Some(format!("tcp://127.0.0.1:{port}"))),
+        &format!("127.0.0.1:{port}"),
+        &instance,
+        "idle",
+    )
+    .await;
 }

@@ -116,3 +116,25 @@ async fn garbage_is_rejected_never_used() {
         "{e}"
     );
 }
+
+/// The source contract suite against nginx's fixed answer and a dead port.
+#[tokio::test]
+async fn source_contract() {
+    if absent("nginx", 8480).await {
+        return;
+    }
+    let config = |url: String| {
+        SourceConfig::HttpJson(HttpJsonConfig {
+            url,
+            pointer: "/queue/depth".into(),
+            net: net(),
+        })
+    };
+    let port = dead_port();
+    microscaler_testkit::source_contract::run(
+        &config(format!("{N}/depth")),
+        &config(format!("http://127.0.0.1:{port}/json/depth")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+}

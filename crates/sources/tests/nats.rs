@@ -6,12 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{absent, net, unique};
+use common::{absent, dead_port, net, unique};
 use microscaler_sources::{AnySource, NatsJetstreamConfig, Source, SourceConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 struct Nats {
+    /// This connection's reply subject (tests run at once, each with its own).
+    inbox: String,
     r: BufReader<tokio::net::tcp::OwnedReadHalf>,
     w: tokio::net::tcp::OwnedWriteHalf,
 }
@@ -23,13 +25,17 @@ impl Nats {
             .unwrap()
             .into_split();
         let mut n = Nats {
+            inbox: unique("reply").replace('-', "_"),
             r: BufReader::new(r),
             w,
         };
         let info = n.line().await;
         assert!(info.starts_with("INFO"), "{info}");
-        n.send("CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB reply.test 1\r\n")
-            .await;
+        let sub = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {} 1\r\n",
+            n.inbox
+        );
+        n.send(&sub).await;
         n
     }
 
@@ -46,7 +52,8 @@ impl Nats {
     /// A JetStream API request; returns the reply's payload.
     async fn request(&mut self, subject: &str, body: &str) -> String {
         self.send(&format!(
-            "PUB {subject} reply.test {}\r\n{body}\r\n",
+            "PUB {subject} {} {}\r\n{body}\r\n",
+            self.inbox,
             body.len()
         ))
         .await;
@@ -61,6 +68,30 @@ impl Nats {
             }
             assert!(!l.starts_with("-ERR"), "{l}");
         }
+    }
+
+    /// A new in-memory stream named after `prefix`, on its own subject, with a durable
+    /// consumer `workers` (explicit acks); returns the stream's name and subject.
+    async fn stream_with_consumer(&mut self, prefix: &str) -> (String, String) {
+        let stream = unique(prefix).replace('-', "_");
+        let subject = format!("{}.new", stream.to_lowercase());
+        let created = self
+            .request(
+                &format!("$JS.API.STREAM.CREATE.{stream}"),
+                &format!(
+                    "{{\"name\":\"{stream}\",\"subjects\":[\"{subject}\"],\"storage\":\"memory\"}}"
+                ),
+            )
+            .await;
+        assert!(!created.contains("\"error\""), "{created}");
+        let consumer = self
+            .request(
+                &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.workers"),
+                &format!("{{\"stream_name\":\"{stream}\",\"config\":{{\"durable_name\":\"workers\",\"ack_policy\":\"explicit\"}}}}"),
+            )
+            .await;
+        assert!(!consumer.contains("\"error\""), "{consumer}");
+        (stream, subject)
     }
 
     async fn publish(&mut self, subject: &str, body: &str) {
@@ -91,25 +122,8 @@ async fn consumer_pending_follows_the_stream() {
     if absent("nats-server", 4222).await || absent("nats monitoring", 8222).await {
         return;
     }
-    let stream = unique("JOBS").replace('-', "_");
-    let subject = format!("{}.new", stream.to_lowercase());
     let mut n = Nats::connect().await;
-    let created = n
-        .request(
-            &format!("$JS.API.STREAM.CREATE.{stream}"),
-            &format!(
-                "{{\"name\":\"{stream}\",\"subjects\":[\"{subject}\"],\"storage\":\"memory\"}}"
-            ),
-        )
-        .await;
-    assert!(!created.contains("\"error\""), "{created}");
-    let consumer = n
-        .request(
-            &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.workers"),
-            &format!("{{\"stream_name\":\"{stream}\",\"config\":{{\"durable_name\":\"workers\",\"ack_policy\":\"explicit\"}}}}"),
-        )
-        .await;
-    assert!(!consumer.contains("\"error\""), "{consumer}");
+    let (stream, subject) = n.stream_with_consumer("JOBS").await;
 
     let mut s = source(&stream, "workers", false);
     s.check().await.unwrap();
@@ -147,6 +161,35 @@ async fn consumer_pending_follows_the_stream() {
         .to_string();
     assert!(e.contains("no stream \"NO_SUCH_STREAM\""), "{e}");
 
+    n.request(&format!("$JS.API.STREAM.DELETE.{stream}"), "")
+        .await;
+}
+
+/// The source contract suite against the real server's monitoring endpoint and a dead port.
+#[tokio::test]
+async fn source_contract() {
+    if absent("nats-server", 4222).await || absent("nats monitoring", 8222).await {
+        return;
+    }
+    let mut n = Nats::connect().await;
+    let (stream, _) = n.stream_with_consumer("CONTRACT").await;
+    let config = |url: String| {
+        SourceConfig::NatsJetstream(NatsJetstreamConfig {
+            url,
+            account: None,
+            stream: stream.clone(),
+            consumer: "workers".into(),
+            include_ack_pending: false,
+            net: net(),
+        })
+    };
+    let port = dead_port();
+    microscaler_testkit::source_contract::run(
+        &config("http://127.0.0.1:8222".into()),
+        &config(format!("http://127.0.0.1:{port}")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
     n.request(&format!("$JS.API.STREAM.DELETE.{stream}"), "")
         .await;
 }

@@ -87,6 +87,19 @@ async fn a_key_of_another_type_fails_the_check_and_the_sample() {
         .unwrap();
 }
 
+/// Creates `stream` (empty) with a consumer group `workers`.
+async fn group_on_new_stream(c: &mut redis::aio::MultiplexedConnection, stream: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn stream_lag_counts_undelivered_entries() {
     if absent("redis", 6379).await {
@@ -94,15 +107,7 @@ async fn stream_lag_counts_undelivered_entries() {
     }
     let stream = unique("events");
     let mut c = client().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("workers")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    group_on_new_stream(&mut c, &stream).await;
     for i in 0..5 {
         let _: String = redis::cmd("XADD")
             .arg(&stream)
@@ -201,6 +206,39 @@ async fn source_contract() {
         &format!("127.0.0.1:{port}"),
     )
     .await;
+}
+
+/// The source contract suite for a stream's consumer group, against the real server and a
+/// dead port.
+#[tokio::test]
+async fn stream_source_contract() {
+    if absent("redis", 6379).await {
+        return;
+    }
+    let stream = unique("contract-stream");
+    let mut c = client().await;
+    group_on_new_stream(&mut c, &stream).await;
+    let config = |url: String| {
+        SourceConfig::RedisStream(RedisStreamConfig {
+            url,
+            stream: stream.clone(),
+            group: "workers".into(),
+            include_pending: true,
+            net: net(),
+        })
+    };
+    let port = dead_port();
+    microscaler_testkit::source_contract::run(
+        &config(URL.into()),
+        &config(format!("redis://127.0.0.1:{port}")),
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

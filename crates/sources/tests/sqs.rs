@@ -120,3 +120,38 @@ async fn missing_queue_and_dead_endpoint_are_named() {
     );
     assert!(e.contains("is the endpoint reachable?"), "{e}");
 }
+
+/// The source contract suite against moto and a dead endpoint.
+#[tokio::test]
+async fn source_contract() {
+    fake_credentials();
+    if absent("moto server", 5000).await {
+        return;
+    }
+    let c = client().await;
+    let url = c
+        .create_queue()
+        .queue_name(unique("contract"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let config = |queue_url: String, endpoint: &str| {
+        SourceConfig::Sqs(SqsConfig {
+            queue_url,
+            region: Some("eu-west-1".into()),
+            endpoint_url: Some(endpoint.into()),
+            include_in_flight: false,
+            net: net(),
+        })
+    };
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    microscaler_testkit::source_contract::run(
+        &config(url.clone(), ENDPOINT),
+        &config(format!("{dead}/123456789012/jobs"), &dead),
+        dead.trim_start_matches("http://"),
+    )
+    .await;
+    c.delete_queue().queue_url(&url).send().await.unwrap();
+}

@@ -16,7 +16,19 @@ use microscaler_sources::{AnySource, Source, SourceConfig, SourceError};
 /// Runs every case. `dead_address` is what the dead configuration's error must name
 /// (`127.0.0.1:PORT`).
 pub async fn run(live: &SourceConfig, dead: &SourceConfig, dead_address: &str) {
-    let mut s = AnySource::build(live, 9, 1).expect("a valid configuration builds without I/O");
+    run_in(live, dead, dead_address, "", "").await
+}
+
+/// [`run`] for a source that measures a service of a microscaler instance (`docker_cpu`).
+pub async fn run_in(
+    live: &SourceConfig,
+    dead: &SourceConfig,
+    dead_address: &str,
+    instance: &str,
+    service: &str,
+) {
+    let mut s = AnySource::build_in(live, 9, 1, instance, service)
+        .expect("a valid configuration builds without I/O");
     assert!(!s.describe().is_empty());
     s.check()
         .await
@@ -34,7 +46,8 @@ pub async fn run(live: &SourceConfig, dead: &SourceConfig, dead_address: &str) {
         .expect("the live server gives a second sample");
     assert!(v.is_finite() && v >= 0.0, "second sample is {v}");
 
-    let mut d = AnySource::build(dead, 9, 1).expect("building does no I/O, even to nowhere");
+    let mut d = AnySource::build_in(dead, 9, 1, instance, service)
+        .expect("building does no I/O, even to nowhere");
     let bound = Duration::from_secs(10);
     let e = tokio::time::timeout(bound, d.check())
         .await
