@@ -720,38 +720,48 @@ mod live {
                 .kubeconfig
                 .clone()
                 .or_else(|| std::env::var("KUBECONFIG").ok().filter(|s| !s.is_empty()));
-            let config = match &source {
+            let (config, credentials) = match &source {
                 Some(path) => {
                     let file = Kubeconfig::read_from(path).map_err(|e| BackendError::Unreachable {
                         what: format!("the Kubernetes cluster of kubeconfig {path}"),
                         hint: format!("{e}; set [backend] kubeconfig or KUBECONFIG to a readable kubeconfig"),
                         source: None,
                     })?;
-                    kube::Config::from_custom_kubeconfig(file, &options)
+                    let config = kube::Config::from_custom_kubeconfig(file, &options)
                         .await
                         .map_err(|e| BackendError::Unreachable {
                             what: format!("the Kubernetes cluster of kubeconfig {path}"),
                             hint: format!("{e}; check its context ([backend] context)"),
                             source: None,
-                        })?
+                        })?;
+                    (config, format!("kubeconfig {path}"))
                 }
-                None if spec.context.is_some() => kube::Config::from_kubeconfig(&options)
-                    .await
-                    .map_err(|e| BackendError::Unreachable {
-                        what: "the Kubernetes cluster of ~/.kube/config".into(),
-                        hint: format!("{e}; check [backend] context"),
-                        source: None,
-                    })?,
-                None => kube::Config::infer()
-                    .await
-                    .map_err(|e| BackendError::Unreachable {
-                        what: "a Kubernetes cluster".into(),
-                        hint: format!(
-                            "{e}; set [backend] kubeconfig or KUBECONFIG, or run in a pod with a \
-                         service account"
-                        ),
-                        source: None,
-                    })?,
+                // As kube's `Config::infer`, saying which one was found: ~/.kube/config, else
+                // (with no context asked for) the pod's service account.
+                None => match kube::Config::from_kubeconfig(&options).await {
+                    Ok(config) => (config, "~/.kube/config".to_string()),
+                    Err(e) if spec.context.is_some() => {
+                        return Err(BackendError::Unreachable {
+                            what: "the Kubernetes cluster of ~/.kube/config".into(),
+                            hint: format!("{e}; check [backend] context"),
+                            source: None,
+                        })
+                    }
+                    Err(kubeconfig) => match kube::Config::incluster() {
+                        Ok(config) => (config, "the pod's service account".to_string()),
+                        Err(in_cluster) => {
+                            return Err(BackendError::Unreachable {
+                                what: "a Kubernetes cluster".into(),
+                                hint: format!(
+                                    "no kubeconfig ({kubeconfig}) and not in a pod ({in_cluster}); \
+                                     set [backend] kubeconfig or KUBECONFIG, or run in a pod with a \
+                                     service account"
+                                ),
+                                source: None,
+                            })
+                        }
+                    },
+                },
             };
             let server = config.cluster_url.to_string();
             let client = Client::try_from(config).map_err(|e| BackendError::Unreachable {
@@ -805,6 +815,7 @@ mod live {
             info!(
                 server = %backend.server,
                 version = %version.git_version,
+                credentials = %credentials,
                 instance,
                 namespace = %spec.namespace,
                 nodes = backend.nodes.state().len(),

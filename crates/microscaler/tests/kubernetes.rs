@@ -536,7 +536,9 @@ impl Drop for Manifests {
 /// The manifests on the real apiserver, run as a user would run them: `kubectl apply -f
 /// deploy/kubernetes/`, then microscaler with the configuration of its ConfigMap and **the
 /// token of its ServiceAccount** (not as an administrator), so a rule missing from
-/// 10-rbac.yaml fails here. It takes the Lease (named after its pod), sets web to its demand and
+/// 10-rbac.yaml fails here. It runs as in one of its pods (kwok runs no container): in a
+/// private mount namespace with the token, CA and namespace where the kubelet mounts them and
+/// KUBERNETES_SERVICE_HOST/PORT set, so its in-cluster configuration is what connects. It takes the Lease (named after its pod), sets web to its demand and
 /// worker to the rest of the 9 slots; requests outside its rules are refused by the apiserver
 /// (403); its own Deployment's pods pass the namespace's restricted Pod Security admission
 /// (they stay Pending: they do not tolerate kwok's taint, and would take the test's slots).
@@ -544,7 +546,9 @@ impl Drop for Manifests {
 async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
     use k8s_openapi::api::coordination::v1::Lease;
     use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-    use microscaler_testkit::kube_rig::{client_of, kubectl_ok, token_kubeconfig};
+    use microscaler_testkit::kube_rig::{
+        client_of, in_pod, kubectl_ok, pod_service_account, token_kubeconfig,
+    };
     let _rig = RIG.lock().await;
     let Some(client) = admin().await else {
         return;
@@ -632,15 +636,19 @@ async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
         "--duration=1h",
     ]);
     let kubeconfig_text = token_kubeconfig(token.trim());
-    let sa_kubeconfig = dir.path().join("sa.kubeconfig");
-    std::fs::write(&sa_kubeconfig, &kubeconfig_text).expect("write the kubeconfig");
-    let mut run = run_command(&config, 4, dir.path())
-        .env("KUBECONFIG", &sa_kubeconfig)
+    // Run as in one of its pods: only the in-cluster configuration to find (the token, the
+    // CA and the namespace where the kubelet mounts them, KUBERNETES_SERVICE_HOST/PORT).
+    let service_account = pod_service_account(dir.path(), token.trim(), "microscaler");
+    let mut microscaler = run_command(&config, 4, dir.path());
+    microscaler
         .env("POD_NAME", "microscaler-rbac-test")
         .arg("--state-dir")
-        .arg(dir.path())
+        .arg(dir.path());
+    let mut run = in_pod(&microscaler, &service_account, dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log-4.txt")).expect("log file"))
         .spawn()
-        .expect("start microscaler run");
+        .expect("start microscaler run (in a private mount namespace: needs root and unshare)");
     let log = || std::fs::read_to_string(dir.path().join("log-4.txt")).unwrap_or_default();
     let scale = |name: &'static str| {
         let d = deployments.clone();
@@ -681,6 +689,12 @@ async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    assert!(
+        log().contains("the pod's service account"),
+        "microscaler connected with the in-cluster configuration\n{}",
+        log()
+    );
 
     // Outside its rules: refused by the apiserver.
     let sa = client_of(&kubeconfig_text).await;

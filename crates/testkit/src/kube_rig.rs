@@ -64,6 +64,83 @@ pub fn token_kubeconfig(token: &str) -> String {
     .to_string()
 }
 
+/// What the kubelet mounts in a pod for a ServiceAccount `token`: a directory under `dir` with
+/// `token`, `ca.crt` (the rig's CA) and `namespace`, as at
+/// /var/run/secrets/kubernetes.io/serviceaccount; with [`in_pod`] a process finds it there.
+pub fn pod_service_account(
+    dir: &std::path::Path,
+    token: &str,
+    namespace: &str,
+) -> std::path::PathBuf {
+    let admin = kube::config::Kubeconfig::read_from(kubeconfig()).expect("the admin kubeconfig");
+    let cluster = admin.clusters[0].cluster.clone().expect("a cluster");
+    let ca: k8s_openapi::ByteString =
+        serde_json::from_value(json!(cluster.certificate_authority_data.expect("CA data")))
+            .expect("the CA, base64");
+    let sa = dir.join("serviceaccount");
+    std::fs::create_dir_all(&sa).expect("create the service account directory");
+    for (file, bytes) in [
+        ("token", token.as_bytes()),
+        ("ca.crt", ca.0.as_slice()),
+        ("namespace", namespace.as_bytes()),
+    ] {
+        std::fs::write(sa.join(file), bytes).expect("write the service account's files");
+    }
+    sa
+}
+
+/// `c` run as in a pod of the rig: in a private mount namespace (root only, `unshare` from
+/// util-linux) where a tmpfs hides the host's /run and /run/secrets/kubernetes.io/serviceaccount
+/// holds `service_account` (from [`pod_service_account`]), with `KUBERNETES_SERVICE_HOST` and
+/// `_PORT` naming the apiserver and no kubeconfig anywhere (`KUBECONFIG` unset, `HOME` set to
+/// `home`). A Kubernetes client then has only the in-cluster configuration to find. The
+/// caller sets the returned command's stdio.
+pub fn in_pod(
+    c: &std::process::Command,
+    service_account: &std::path::Path,
+    home: &std::path::Path,
+) -> std::process::Command {
+    let admin = kube::config::Kubeconfig::read_from(kubeconfig()).expect("the admin kubeconfig");
+    let server = admin.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("the apiserver's address");
+    // The rig's apiserver is `https://127.0.0.1:PORT`.
+    let (host, port) = server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .expect("the apiserver's URL names a port");
+    let mut p = std::process::Command::new("unshare");
+    p.args(["--mount", "--propagation", "private", "sh", "-ec"])
+        .arg(
+            "mount -t tmpfs -o mode=0755 microscaler-test /run\n\
+             mkdir -p /run/secrets/kubernetes.io\n\
+             cp -r \"$1\" /run/secrets/kubernetes.io/serviceaccount\n\
+             shift\n\
+             exec \"$@\"",
+        )
+        .arg("in-pod")
+        .arg(service_account)
+        .arg(c.get_program())
+        .args(c.get_args())
+        .env_remove("KUBECONFIG")
+        .env("HOME", home)
+        .env("KUBERNETES_SERVICE_HOST", host)
+        .env("KUBERNETES_SERVICE_PORT", port);
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => p.env(k, v),
+            None => p.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        p.current_dir(d);
+    }
+    p
+}
+
 /// A client of the rig from `kubeconfig`'s text.
 pub async fn client_of(kubeconfig: &str) -> Client {
     microscaler_backends::kubernetes::install_crypto_provider();
