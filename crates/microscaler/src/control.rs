@@ -489,7 +489,7 @@ impl<B: Backend + 'static> Controller<B> {
             .map_err(PrepareError::Backend)
     }
 
-    /// One tick: observe, sample, decide, dispatch.
+    /// One tick: observe and sample (at the same time), decide, dispatch.
     ///
     /// Dispatching, scale-downs that stop replicas go first, so the capacity they free is free
     /// before a scale-up uses it; the scale-ups follow when they are done, or half a tick
@@ -518,8 +518,27 @@ impl<B: Backend + 'static> Controller<B> {
         }
 
         let mut phases = TickPhases::default();
-        let observed = self.backend.observe().await;
-        phases.observe = t0.elapsed();
+        // Observe and sample at once: the observation runs in a task of its own (on another
+        // worker of a multi-threaded runtime, or while the samples wait for their servers),
+        // so the tick takes the longer of the two rather than their sum.
+        let backend = Arc::clone(&self.backend);
+        let observing = tokio::spawn(async move {
+            let observed = backend.observe().await;
+            (observed, t0.elapsed())
+        });
+        let t = Instant::now();
+        let samples = self.sample(now, &mut errors).await;
+        phases.sample = t.elapsed();
+        let observed = match observing.await {
+            Ok((observed, took)) => {
+                phases.observe = took;
+                observed
+            }
+            Err(e) => Err(BackendError::Api {
+                op: "observe".into(),
+                message: format!("the observation's task ended: {e}"),
+            }),
+        };
         let observed = match observed {
             Ok(o) => o,
             Err(e) => {
@@ -531,7 +550,7 @@ impl<B: Backend + 'static> Controller<B> {
                 return TickReport {
                     now,
                     observed: None,
-                    samples: Samples::default(),
+                    samples,
                     plan: None,
                     executions,
                     errors,
@@ -558,9 +577,6 @@ impl<B: Backend + 'static> Controller<B> {
             // it sees then.
             self.written.clear();
         }
-        let t = Instant::now();
-        let samples = self.sample(now, &mut errors).await;
-        phases.sample = t.elapsed();
         let t = Instant::now();
         self.memory.paused = self
             .controls
