@@ -18,7 +18,7 @@ use microscaler::control::{run_loop, Controller, Controls, TickPhases, TickRepor
 use microscaler_backends::docker::DockerBackend;
 use microscaler_backends::docker::DockerConfig;
 use microscaler_backends::labels;
-use microscaler_backends::{BackendConfig, Config};
+use microscaler_backends::{Backend, BackendConfig, Config};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -431,6 +431,19 @@ where
         },
     };
     let backend = DockerBackend::connect(&spec, &cfg.instance).await?;
+    with_backend(cfg, backend, drive).await
+}
+
+/// [`with_controller`] on a backend already connected.
+pub async fn with_backend<B, T, Fut>(
+    cfg: Config,
+    backend: B,
+    drive: impl FnOnce(Controls) -> Fut,
+) -> Result<(T, LoopStats)>
+where
+    B: Backend + 'static,
+    Fut: Future<Output = Result<T>>,
+{
     let mut ctl = Controller::new(cfg, backend, 1);
     ctl.prepare().await?;
     let controls = ctl.controls().clone();

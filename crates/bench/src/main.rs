@@ -1,4 +1,5 @@
-//! `bench`: microscaler's benchmarks against the real local Docker engine.
+//! `bench`: microscaler's benchmarks against the real local Docker engine (and, with
+//! `bench kubernetes`, the Kubernetes test rig).
 //!
 //! Every figure is reported with a baseline measured in the same run, as a ratio, because the
 //! engine is shared (other tests create containers on it) and absolute numbers are noisy.
@@ -13,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 mod docker;
 mod engine;
+mod kubernetes;
 mod memory;
 mod plan;
 mod report;
@@ -49,6 +51,9 @@ enum Cmd {
     /// Resident memory of `microscaler run` managing N replicas (process backend, or Docker
     /// with `--memory-backend docker`).
     Memory,
+    /// Demand step -> Deployment's spec.replicas patched and -> new pod Ready, against a raw
+    /// PATCH /scale, on the Kubernetes test rig (scripts/k8s-rig.sh start). Not in `all`.
+    Kubernetes,
 }
 
 /// Options shared by every figure.
@@ -185,6 +190,14 @@ async fn main() -> Result<()> {
         })
         .await?;
         record("memory", r, &mut rows);
+    }
+
+    if cli.cmd == Cmd::Kubernetes {
+        eprintln!(
+            "bench: kubernetes reaction ({} steps, tick {:?}) on the test rig",
+            o.steps, o.tick
+        );
+        record("kubernetes", kubernetes::reaction(&o).await, &mut rows);
     }
 
     print!("{}", report::table(&rows));
