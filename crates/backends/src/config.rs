@@ -14,7 +14,7 @@ use microscaler_core::validate::join;
 use microscaler_core::Validator;
 use serde::Deserialize;
 
-use crate::{docker, kubernetes, process, swarm};
+use crate::{docker, kubernetes, nomad, process, swarm};
 
 /// The plugin set of this build: every source and every backend.
 pub type Plugins = (microscaler_sources::SourceConfig, BackendConfig);
@@ -34,11 +34,13 @@ pub enum BackendConfig {
     Process(process::ProcessConfig),
     /// Kubernetes: microscaler sets the replicas of Deployments and StatefulSets.
     Kubernetes(kubernetes::KubernetesConfig),
+    /// Nomad: microscaler sets the counts of jobs' task groups.
+    Nomad(nomad::NomadConfig),
 }
 
 impl BackendPlugins for BackendConfig {
     type Workload = Workload;
-    const TYPES: &'static [&'static str] = &["docker", "swarm", "process", "kubernetes"];
+    const TYPES: &'static [&'static str] = &["docker", "swarm", "process", "kubernetes", "nomad"];
 
     fn validate(kind: &str, options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
         let options = toml::Value::Table(options);
@@ -51,6 +53,7 @@ impl BackendPlugins for BackendConfig {
             "kubernetes" => {
                 BackendConfig::Kubernetes(kubernetes::KubernetesConfig::validate(options, v, path)?)
             }
+            "nomad" => BackendConfig::Nomad(nomad::NomadConfig::validate(options, v, path)?),
             other => unreachable!("the core checks backend types against TYPES, got {other:?}"),
         })
     }
@@ -67,6 +70,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Swarm(_) => swarm::SwarmConfig::workload(options, cx, v, path),
             BackendConfig::Process(_) => process::ProcessConfig::workload(options, cx, v, path),
             BackendConfig::Kubernetes(k) => k.workload(options, cx, v, path),
+            BackendConfig::Nomad(n) => n.workload(options, cx, v, path),
         }
     }
 
@@ -76,6 +80,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Swarm(_) => swarm::CAPABILITIES,
             BackendConfig::Process(_) => process::CAPABILITIES,
             BackendConfig::Kubernetes(_) => kubernetes::CAPABILITIES,
+            BackendConfig::Nomad(_) => nomad::CAPABILITIES,
         }
     }
 
@@ -85,6 +90,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Swarm(_) => "swarm",
             BackendConfig::Process(_) => "process",
             BackendConfig::Kubernetes(_) => "kubernetes",
+            BackendConfig::Nomad(_) => "nomad",
         }
     }
 }
@@ -189,6 +195,8 @@ pub enum Reference {
     Swarm(swarm::SwarmReference),
     /// An existing Deployment, StatefulSet or DaemonSet.
     Kubernetes(kubernetes::KubernetesReference),
+    /// An existing Nomad job's task group.
+    Nomad(nomad::NomadReference),
 }
 
 impl std::fmt::Display for Reference {
@@ -196,6 +204,7 @@ impl std::fmt::Display for Reference {
         match self {
             Reference::Swarm(r) => write!(f, "Swarm service {}", r.service),
             Reference::Kubernetes(r) => r.fmt(f),
+            Reference::Nomad(r) => r.fmt(f),
         }
     }
 }
@@ -266,10 +275,10 @@ pub(crate) mod tests {
     fn unknown_types_list_valid_ones() {
         assert_eq!(
             config("type = \"k8s\"", "").unwrap_err(),
-            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes"]
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes, nomad"]
         );
         assert!(
-            BackendConfig::TYPES.len() == 4
+            BackendConfig::TYPES.len() == 5
                 && microscaler_sources::SourceConfig::TYPES.contains(&"random")
         );
     }

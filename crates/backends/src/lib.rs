@@ -3,7 +3,7 @@
 //! Two kinds, one trait:
 //! - container-level ([`docker`], [`process`]): the backend itself creates, starts, stops and
 //!   removes replicas, and chooses which replica to stop;
-//! - service-level ([`swarm`]): the backend sets a replica count and the orchestrator places
+//! - service-level ([`swarm`], [`kubernetes`], [`nomad`]): the backend sets a replica count and the orchestrator places
 //!   the replicas.
 //!
 //! Every backend answers the same questions (what runs, what is pending, which hosts) and takes
@@ -22,6 +22,7 @@ pub mod docker_api;
 #[cfg(feature = "kubernetes")]
 pub mod kube_lease;
 pub mod kubernetes;
+pub mod nomad;
 pub mod process;
 pub mod swarm;
 
@@ -326,6 +327,8 @@ pub enum AnyBackend {
     /// Kubernetes.
     #[cfg(feature = "kubernetes")]
     Kubernetes(kubernetes::KubernetesBackend),
+    /// Nomad.
+    Nomad(nomad::NomadBackend),
 }
 
 macro_rules! dispatch {
@@ -336,6 +339,7 @@ macro_rules! dispatch {
             AnyBackend::Process($b) => $e,
             #[cfg(feature = "kubernetes")]
             AnyBackend::Kubernetes($b) => $e,
+            AnyBackend::Nomad($b) => $e,
         }
     };
 }

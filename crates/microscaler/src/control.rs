@@ -307,6 +307,27 @@ pub struct TickReport {
     pub leading: bool,
 }
 
+impl TickReport {
+    /// What was observed of `service` (all zero when it was not observed).
+    pub fn observed_of(&self, service: &str) -> microscaler_core::ServiceObservation {
+        self.observed
+            .as_ref()
+            .and_then(|o| o.services.iter().find(|(k, _)| k.as_str() == service))
+            .map(|(_, v)| *v)
+            .unwrap_or_default()
+    }
+
+    /// The count the plan gave `service`, if the tick decided.
+    pub fn target_of(&self, service: &str) -> Option<u32> {
+        self.plan.as_ref().and_then(|p| {
+            p.services
+                .iter()
+                .find(|s| s.service.as_str() == service)
+                .map(|s| s.target)
+        })
+    }
+}
+
 /// How long each phase of a tick took (zero for phases the tick did not reach).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TickPhases {

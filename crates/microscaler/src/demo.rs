@@ -19,6 +19,20 @@ pub enum DemoBackend {
     /// in the `default` namespace running a placeholder image; on the test rig's 3 kwok nodes
     /// x 3 pods (`eval "$(scripts/k8s-rig.sh env)"`) that is the seeds' 9 slots.
     Kubernetes,
+    /// A Nomad cluster (`--address`, else NOMAD_ADDR, else http://127.0.0.1:4646; NOMAD_TOKEN):
+    /// one job per service, docker driver, running the placeholder image.
+    Nomad,
+}
+
+impl DemoBackend {
+    /// The backend type of an orchestrator the demo is pointed at, for `--address`.
+    pub fn orchestrator(self) -> Option<&'static str> {
+        match self {
+            DemoBackend::Kubernetes => Some("kubernetes"),
+            DemoBackend::Nomad => Some("nomad"),
+            DemoBackend::Auto | DemoBackend::Docker | DemoBackend::Process => None,
+        }
+    }
 }
 
 /// The image the demo's pods run on Kubernetes: they only hold a slot (on kwok's nodes no
@@ -26,8 +40,14 @@ pub enum DemoBackend {
 pub const KUBERNETES_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
 /// The `[backend]` keys after `type` and each service's `image` line, for `backend`.
-fn backend_keys(backend: &str) -> (String, String) {
+fn backend_keys(backend: &str, address: Option<&str>) -> (String, String) {
     match backend {
+        "nomad" => (
+            address
+                .map(|a| format!("address = {a:?}\n"))
+                .unwrap_or_default(),
+            format!("image = \"{KUBERNETES_IMAGE}\"\n"),
+        ),
         "kubernetes" => (
             "namespace = \"default\"\n\
              # The taint of kwok's fake nodes (the test rig's): tolerating it changes nothing \
@@ -55,12 +75,14 @@ pub struct DemoSettings {
     pub tick: Duration,
     /// Instance name (labels).
     pub instance: String,
+    /// The orchestrator's address (`--address`), for the backends that take one.
+    pub address: Option<String>,
 }
 
 /// The demo's configuration as TOML for `backend` ("docker", "process" or "kubernetes").
 pub fn config_toml(s: &DemoSettings, backend: &str) -> String {
     let seed = s.seed.map(|n| format!("seed = {n}\n")).unwrap_or_default();
-    let (backend_keys, image) = backend_keys(backend);
+    let (backend_keys, image) = backend_keys(backend, s.address.as_deref());
     format!(
         r#"# The seeds' demo: priority 1 follows random demand, priority 2 fills what is left.
 instance = "{instance}"
@@ -510,6 +532,7 @@ mod tests {
             seed: Some(1),
             tick: Duration::from_millis(500),
             instance: "demo".into(),
+            address: Some("http://127.0.0.1:4646".into()),
         };
         let q = QueueSettings {
             redis: "redis://127.0.0.1:6379".into(),
@@ -545,8 +568,9 @@ mod tests {
             seed: Some(1),
             tick: Duration::from_millis(500),
             instance: "demo".into(),
+            address: Some("http://127.0.0.1:4646".into()),
         };
-        for backend in ["docker", "process", "kubernetes"] {
+        for backend in ["docker", "process", "kubernetes", "nomad"] {
             let toml = config_toml(&s, backend);
             let cfg = microscaler_backends::Config::from_toml(&toml)
                 .unwrap_or_else(|e| panic!("{backend}: {e}\n{toml}"));
@@ -558,7 +582,8 @@ mod tests {
                 .unwrap()
                 .image
                 .clone();
-            let want = (backend == "kubernetes").then(|| KUBERNETES_IMAGE.to_string());
+            let want =
+                matches!(backend, "kubernetes" | "nomad").then(|| KUBERNETES_IMAGE.to_string());
             assert_eq!(image, want, "{backend}");
         }
     }

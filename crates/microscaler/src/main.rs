@@ -72,6 +72,9 @@ struct DemoArgs {
     /// Where replicas run.
     #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
     backend: DemoBackend,
+    /// The orchestrator's API address (nomad: default NOMAD_ADDR, else http://127.0.0.1:4646).
+    #[arg(long)]
+    address: Option<String>,
     /// Stop after this long (e.g. "60s"); default: run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -334,6 +337,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         seed: Some(args.seed.unwrap_or_else(|| clock_seed() % 1_000_000)),
         tick: args.tick,
         instance: args.instance.clone(),
+        address: args.address.clone(),
     };
     let state_dir = args
         .state_dir
@@ -359,15 +363,21 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         None => demo_config(&settings, backend),
     };
 
+    if args.address.is_some() && args.backend != DemoBackend::Nomad {
+        return Err(usage(anyhow::anyhow!(
+            "--address is the API of an orchestrator that takes one: use it with --backend nomad \
+             (kubernetes reads KUBECONFIG)"
+        )));
+    }
     let mut chosen = None;
-    if args.backend == DemoBackend::Kubernetes {
+    if let Some(orchestrator) = args.backend.orchestrator() {
         if queue.is_some() {
             return Err(usage(anyhow::anyhow!(
                 "the queue demo runs on docker or process (its workers reach Redis on this \
-                 machine); on Kubernetes run --scenario random"
+                 machine); on {orchestrator} run --scenario random"
             )));
         }
-        let cfg = config_for("kubernetes")?;
+        let cfg = config_for(orchestrator)?;
         let b = build_backend(&cfg, &state_dir).await?;
         chosen = Some((cfg, b));
     }

@@ -34,6 +34,9 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
                     .into(),
             ))
         }
+        BackendConfig::Nomad(n) => AnyBackend::Nomad(
+            microscaler_backends::nomad::NomadBackend::connect(n, &cfg.instance).await?,
+        ),
     })
 }
 

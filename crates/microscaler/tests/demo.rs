@@ -20,6 +20,15 @@ struct Tick {
 }
 
 fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick>, String) {
+    run_demo_with(backend, instance, state, &[])
+}
+
+fn run_demo_with(
+    backend: &str,
+    instance: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> (Vec<Tick>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_microscaler"));
     if backend == "kubernetes" {
         cmd.env("KUBECONFIG", microscaler_testkit::kube_rig::kubeconfig());
@@ -43,6 +52,7 @@ fn run_demo(backend: &str, instance: &str, state: &std::path::Path) -> (Vec<Tick
             "--state-dir",
         ])
         .arg(state)
+        .args(extra)
         .output()
         .expect("run microscaler demo");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -195,6 +205,35 @@ fn demo_on_kubernetes_meets_demand_and_fills_capacity() {
         left.items.is_empty(),
         "the demo's Deployments must be gone after it stops"
     );
+}
+
+/// `microscaler demo --backend nomad --address URL`, against the test kit's fake of Nomad's
+/// HTTP API (no Nomad server can run here; see `microscaler_testkit::nomad`) with 3 nodes x 3
+/// slots: the seeds' rule holds, and at the end both jobs are purged.
+#[test]
+fn demo_on_nomad_meets_demand_and_fills_capacity() {
+    use microscaler_testkit::nomad::{NomadFake, NomadOptions};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = rt.block_on(NomadFake::start(NomadOptions::default()));
+    for i in 0..3 {
+        fake.add_node(&format!("node-{i}"), 3);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-nomad-{}", std::process::id());
+    let address = fake.address();
+    let (ticks, _) = run_demo_with(
+        "nomad",
+        &instance,
+        dir.path(),
+        &["--address", address.as_str()],
+    );
+    check_success(&ticks);
+    for s in ["priority1", "priority2"] {
+        assert!(
+            fake.job(&format!("{instance}-{s}")).is_none(),
+            "the demo's job for {s} must be purged after it stops"
+        );
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

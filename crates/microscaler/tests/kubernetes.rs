@@ -21,7 +21,6 @@ use kube::Client;
 use microscaler::control::{Controller, TickError, TickReport};
 use microscaler::wiring::build_backend;
 use microscaler_backends::{AnyBackend, Config};
-use microscaler_core::ServiceObservation;
 use microscaler_testkit::kube_rig::{admin, kubeconfig, KwokNode, NamespaceGuard, IMAGE};
 use microscaler_testkit::unique;
 use serde_json::json;
@@ -77,27 +76,10 @@ struct Run {
     ticks: u64,
 }
 
-fn counts(r: &TickReport, service: &str) -> ServiceObservation {
-    r.observed
-        .as_ref()
-        .and_then(|o| o.services.iter().find(|(k, _)| k.as_str() == service))
-        .map(|(_, v)| *v)
-        .unwrap_or_default()
-}
-
 fn ready_hosts(r: &TickReport) -> usize {
     r.observed
         .as_ref()
         .map_or(0, |o| o.hosts.iter().filter(|h| h.ready).count())
-}
-
-fn target(r: &TickReport, service: &str) -> Option<u32> {
-    r.plan.as_ref().and_then(|p| {
-        p.services
-            .iter()
-            .find(|s| s.service.as_str() == service)
-            .map(|s| s.target)
-    })
 }
 
 impl Run {
@@ -115,7 +97,7 @@ impl Run {
         for ex in &r.executions {
             assert!(ex.result.is_ok(), "tick {}: {ex:?}", self.ticks);
         }
-        if counts(&r, "p1").unschedulable > 0 {
+        if r.observed_of("p1").unschedulable > 0 {
             self.p1_unschedulable += 1;
         } else {
             self.p1_unschedulable = 0;
@@ -124,7 +106,7 @@ impl Run {
             self.p1_unschedulable <= 1,
             "tick {}: a pod of p1 was Unschedulable for more than one tick: {:?}",
             self.ticks,
-            counts(&r, "p1")
+            r.observed_of("p1")
         );
         tokio::time::sleep(TICK).await;
         r
@@ -145,8 +127,8 @@ impl Run {
                 let last = reports.last().expect("a tick");
                 panic!(
                     "{what}: not reached within {CONVERGE:?}; last tick: p1 {:?}, p2 {:?}, hosts ready {}",
-                    counts(last, "p1"),
-                    counts(last, "p2"),
+                    last.observed_of("p1"),
+                    last.observed_of("p2"),
                     ready_hosts(last)
                 );
             }
@@ -157,7 +139,7 @@ impl Run {
     /// nothing is pending.
     async fn converged(&mut self, demand: u32, capacity: u32) -> Vec<TickReport> {
         self.until(&format!("p1 == {demand}, p1 + p2 == {capacity}"), |r| {
-            let (p1, p2) = (counts(r, "p1"), counts(r, "p2"));
+            let (p1, p2) = (r.observed_of("p1"), r.observed_of("p2"));
             p1.running == demand
                 && p1.running + p2.running == capacity
                 && p1.pending + p2.pending == 0
@@ -222,7 +204,7 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
         .find(|r| ready_hosts(r) == 4)
         .expect("a tick saw the new node Ready");
     assert_eq!(
-        target(first_ready, "p2"),
+        first_ready.target_of("p2"),
         Some(8),
         "p2 grew into the node in the tick that first saw it Ready"
     );
@@ -241,7 +223,7 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
     let reports = run.converged(4, 9).await;
     for r in &reports {
         assert_eq!(
-            target(r, "p1"),
+            r.target_of("p1"),
             Some(4),
             "p1 keeps its demand while the node is cordoned"
         );
@@ -254,7 +236,7 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
     let gone = node.0.clone();
     drop(node);
     run.until("the deleted node's pods replaced", |r| {
-        let (p1, p2) = (counts(r, "p1"), counts(r, "p2"));
+        let (p1, p2) = (r.observed_of("p1"), r.observed_of("p2"));
         ready_hosts(r) == 3
             && p1.running == 6
             && p1.running + p2.running == 9

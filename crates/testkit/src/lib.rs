@@ -9,6 +9,8 @@
 //!   (docker, swarm, process and the simulated orchestrator).
 //! - [`source_contract`]: the source contract suite, run by the network sources' tests
 //!   against their real servers.
+//! - [`nomad`]: a fake of Nomad's HTTP API (jobs, scaling, evaluations, deployments, nodes,
+//!   blocking queries), for the Nomad backend's tests.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
 //!   [`wait_for`], [`service`].
@@ -22,6 +24,7 @@ use microscaler_core::{Priority, ServiceKind, ServiceName};
 pub mod contract;
 #[cfg(feature = "kubernetes")]
 pub mod kube_rig;
+pub mod nomad;
 pub mod sim;
 pub mod source_contract;
 

@@ -1,0 +1,137 @@
+//! The control loop on Nomad, against the test kit's fake of Nomad's HTTP API
+//! (`microscaler_testkit::nomad`): no Nomad server can run on these machines (Nomad's source is
+//! not under an open-source licence from 1.7 on, and no binary can be downloaded here). The
+//! fake places allocations asynchronously on nodes of 3 slots each, blocks evaluations when
+//! there is no room, and drains nodes; see its doc comment for what it does not model.
+
+use std::time::Duration;
+
+use microscaler::control::{Controller, TickReport};
+use microscaler::wiring::build_backend;
+use microscaler_backends::{AnyBackend, Config};
+use microscaler_testkit::nomad::{NomadFake, NomadOptions};
+use microscaler_testkit::unique;
+
+const TICK: Duration = Duration::from_millis(100);
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The seeds' demo on Nomad: 3 slots per node, p1 on manual demand, p2 the remainder.
+fn config(address: &str, instance: &str) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "{tick}ms"
+        on_exit = "stop"
+        [capacity]
+        slots_per_host = 3
+        [backend]
+        type = "nomad"
+        address = "{address}"
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "registry.k8s.io/pause:3.10"
+        [[services.triggers]]
+        type = "manual"
+        initial = 4
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        image = "registry.k8s.io/pause:3.10"
+        "#,
+        tick = TICK.as_millis(),
+    ))
+    .expect("valid configuration")
+}
+
+/// Ticks until p1 runs `demand` and p1 + p2 fill `capacity` with nothing pending; at every
+/// tick: no error, the plan within capacity and p1's target never below its demand once it
+/// was met. Returns the reports.
+async fn converged(
+    ctl: &mut Controller<AnyBackend>,
+    demand: u32,
+    capacity: u32,
+) -> Vec<TickReport> {
+    let t0 = std::time::Instant::now();
+    let mut reports = Vec::new();
+    loop {
+        let r = ctl.tick().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        for ex in &r.executions {
+            assert!(ex.result.is_ok(), "{ex:?}");
+        }
+        let (p1, p2) = (r.observed_of("p1"), r.observed_of("p2"));
+        let done = p1.running == demand
+            && p1.running + p2.running == capacity
+            && p1.pending + p2.pending == 0
+            && p2.orchestrator_wants == Some(capacity - demand);
+        reports.push(r);
+        if done {
+            return reports;
+        }
+        assert!(
+            t0.elapsed() < CONVERGE,
+            "p1 == {demand}, p1 + p2 == {capacity} not reached: p1 {p1:?}, p2 {p2:?}"
+        );
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// The seeds' rule on 3 nodes x 3 slots while demand moves; a node drained: capacity drops,
+/// p2 is shed and p1 keeps its demand in every tick; the drain ended: p2 grows back; a node
+/// lost: the same. At the end `on_exit = "stop"` purges both jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_rule_holds_and_a_drained_node_sheds_priority_2_first() {
+    let fake = NomadFake::start(NomadOptions::default()).await;
+    let nodes: Vec<String> = (0..3)
+        .map(|i| fake.add_node(&format!("node-{i}"), 3))
+        .collect();
+    let instance = unique("nl");
+    let cfg = config(&fake.address(), &instance);
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
+
+    converged(&mut ctl, 4, 9).await;
+    for d in [7, 2, 9, 0, 5] {
+        demand.set(f64::from(d)).expect("set demand");
+        converged(&mut ctl, d, 9).await;
+    }
+    assert_eq!(fake.running(&format!("{instance}-p1"), "p1"), 5);
+
+    fake.drain_node(&nodes[0], true);
+    let reports = converged(&mut ctl, 5, 6).await;
+    for r in &reports {
+        assert_eq!(
+            r.target_of("p1"),
+            Some(5),
+            "p1 keeps its demand during the drain"
+        );
+    }
+    assert!(
+        reports.iter().any(|r| r.target_of("p2") == Some(1)),
+        "p2 was shed to what is left"
+    );
+
+    fake.drain_node(&nodes[0], false);
+    converged(&mut ctl, 5, 9).await;
+
+    fake.set_node_down(&nodes[1], true);
+    let reports = converged(&mut ctl, 5, 6).await;
+    for r in &reports {
+        assert_eq!(
+            r.target_of("p1"),
+            Some(5),
+            "p1 keeps its demand after a node is lost"
+        );
+    }
+
+    ctl.shutdown().await.expect("shutdown");
+    for s in ["p1", "p2"] {
+        let job = format!("{instance}-{s}");
+        assert!(fake.job(&job).is_none(), "on_exit = \"stop\" purges {job}");
+    }
+}
