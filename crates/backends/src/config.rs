@@ -14,7 +14,7 @@ use microscaler_core::validate::join;
 use microscaler_core::Validator;
 use serde::Deserialize;
 
-use crate::{docker, kubernetes, nomad, process, swarm};
+use crate::{docker, kubernetes, marathon, nomad, process, swarm};
 
 /// The plugin set of this build: every source and every backend.
 pub type Plugins = (microscaler_sources::SourceConfig, BackendConfig);
@@ -36,11 +36,20 @@ pub enum BackendConfig {
     Kubernetes(kubernetes::KubernetesConfig),
     /// Nomad: microscaler sets the counts of jobs' task groups.
     Nomad(nomad::NomadConfig),
+    /// Marathon: microscaler sets the instances of apps.
+    Marathon(marathon::MarathonConfig),
 }
 
 impl BackendPlugins for BackendConfig {
     type Workload = Workload;
-    const TYPES: &'static [&'static str] = &["docker", "swarm", "process", "kubernetes", "nomad"];
+    const TYPES: &'static [&'static str] = &[
+        "docker",
+        "swarm",
+        "process",
+        "kubernetes",
+        "nomad",
+        "marathon",
+    ];
 
     fn validate(kind: &str, options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
         let options = toml::Value::Table(options);
@@ -54,6 +63,9 @@ impl BackendPlugins for BackendConfig {
                 BackendConfig::Kubernetes(kubernetes::KubernetesConfig::validate(options, v, path)?)
             }
             "nomad" => BackendConfig::Nomad(nomad::NomadConfig::validate(options, v, path)?),
+            "marathon" => {
+                BackendConfig::Marathon(marathon::MarathonConfig::validate(options, v, path)?)
+            }
             other => unreachable!("the core checks backend types against TYPES, got {other:?}"),
         })
     }
@@ -71,6 +83,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Process(_) => process::ProcessConfig::workload(options, cx, v, path),
             BackendConfig::Kubernetes(k) => k.workload(options, cx, v, path),
             BackendConfig::Nomad(n) => n.workload(options, cx, v, path),
+            BackendConfig::Marathon(m) => m.workload(options, cx, v, path),
         }
     }
 
@@ -81,6 +94,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Process(_) => process::CAPABILITIES,
             BackendConfig::Kubernetes(_) => kubernetes::CAPABILITIES,
             BackendConfig::Nomad(_) => nomad::CAPABILITIES,
+            BackendConfig::Marathon(_) => marathon::CAPABILITIES,
         }
     }
 
@@ -91,6 +105,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Process(_) => "process",
             BackendConfig::Kubernetes(_) => "kubernetes",
             BackendConfig::Nomad(_) => "nomad",
+            BackendConfig::Marathon(_) => "marathon",
         }
     }
 }
@@ -197,6 +212,8 @@ pub enum Reference {
     Kubernetes(kubernetes::KubernetesReference),
     /// An existing Nomad job's task group.
     Nomad(nomad::NomadReference),
+    /// An existing Marathon app.
+    Marathon(marathon::MarathonReference),
 }
 
 impl std::fmt::Display for Reference {
@@ -205,6 +222,7 @@ impl std::fmt::Display for Reference {
             Reference::Swarm(r) => write!(f, "Swarm service {}", r.service),
             Reference::Kubernetes(r) => r.fmt(f),
             Reference::Nomad(r) => r.fmt(f),
+            Reference::Marathon(r) => r.fmt(f),
         }
     }
 }
@@ -275,10 +293,10 @@ pub(crate) mod tests {
     fn unknown_types_list_valid_ones() {
         assert_eq!(
             config("type = \"k8s\"", "").unwrap_err(),
-            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes, nomad"]
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes, nomad, marathon"]
         );
         assert!(
-            BackendConfig::TYPES.len() == 5
+            BackendConfig::TYPES.len() == 6
                 && microscaler_sources::SourceConfig::TYPES.contains(&"random")
         );
     }

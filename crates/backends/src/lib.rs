@@ -3,7 +3,7 @@
 //! Two kinds, one trait:
 //! - container-level ([`docker`], [`process`]): the backend itself creates, starts, stops and
 //!   removes replicas, and chooses which replica to stop;
-//! - service-level ([`swarm`], [`kubernetes`], [`nomad`]): the backend sets a replica count and the orchestrator places
+//! - service-level ([`swarm`], [`kubernetes`], [`nomad`], [`marathon`]): the backend sets a replica count and the orchestrator places
 //!   the replicas.
 //!
 //! Every backend answers the same questions (what runs, what is pending, which hosts) and takes
@@ -19,9 +19,11 @@ use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservati
 pub mod config;
 pub mod docker;
 pub mod docker_api;
+mod http;
 #[cfg(feature = "kubernetes")]
 pub mod kube_lease;
 pub mod kubernetes;
+pub mod marathon;
 pub mod nomad;
 pub mod process;
 pub mod swarm;
@@ -329,6 +331,8 @@ pub enum AnyBackend {
     Kubernetes(kubernetes::KubernetesBackend),
     /// Nomad.
     Nomad(nomad::NomadBackend),
+    /// Marathon.
+    Marathon(marathon::MarathonBackend),
 }
 
 macro_rules! dispatch {
@@ -340,6 +344,7 @@ macro_rules! dispatch {
             #[cfg(feature = "kubernetes")]
             AnyBackend::Kubernetes($b) => $e,
             AnyBackend::Nomad($b) => $e,
+            AnyBackend::Marathon($b) => $e,
         }
     };
 }

@@ -43,6 +43,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::config::{Reference, RunSpec, Workload};
+use crate::http::{client, clip, encode, env, read_secret};
 use crate::{Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, Service};
 
 /// Job meta key naming the owning microscaler instance of a managed job.
@@ -457,31 +458,6 @@ impl Api {
     }
 }
 
-fn clip(s: &str) -> String {
-    if s.len() <= 300 {
-        s.to_string()
-    } else {
-        let mut end = 300;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}...", &s[..end])
-    }
-}
-
-/// Percent-encodes a path segment or query value.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'*') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The Nomad backend.
 pub struct NomadBackend {
     api: Api,
@@ -498,7 +474,6 @@ impl NomadBackend {
     /// Connects: reads the token and CA files, checks that the API answers
     /// (`GET /v1/status/leader`, which needs no token) and starts following the nodes.
     pub async fn connect(cfg: &NomadConfig, instance: &str) -> Result<Self, BackendError> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let address = cfg
             .address
             .clone()
@@ -506,38 +481,19 @@ impl NomadBackend {
             .unwrap_or_else(|| "http://127.0.0.1:4646".into())
             .trim_end_matches('/')
             .to_string();
-        let unreadable = |what: &str, path: &str, e: std::io::Error| BackendError::Unreachable {
-            what: format!("the Nomad API at {address}"),
-            hint: format!("cannot read the {what} {path}: {e}"),
-            source: None,
-        };
+        let what = format!("the Nomad API at {address}");
         let token = match &cfg.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| unreadable("ACL token file", path, e))?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(path) => Some(read_secret(&what, "ACL token file", path)?),
             None => env("NOMAD_TOKEN"),
         };
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(BLOCKING_WAIT + BLOCKING_WAIT / 16 + Duration::from_secs(15));
-        if let Some(path) = cfg.ca_file.clone().or_else(|| env("NOMAD_CACERT")) {
-            let pem = std::fs::read(&path).map_err(|e| unreadable("CA file", &path, e))?;
-            let ca =
-                reqwest::Certificate::from_pem(&pem).map_err(|e| BackendError::Unreachable {
-                    what: format!("the Nomad API at {address}"),
-                    hint: format!("the CA file {path} is not a PEM certificate: {e}"),
-                    source: None,
-                })?;
-            http = http.add_root_certificate(ca);
-        }
-        let http = http.build().map_err(|e| BackendError::Unreachable {
-            what: format!("the Nomad API at {address}"),
-            hint: format!("building the HTTP client failed: {e}"),
-            source: None,
-        })?;
+        let http = client(
+            &what,
+            cfg.ca_file
+                .clone()
+                .or_else(|| env("NOMAD_CACERT"))
+                .as_deref(),
+            BLOCKING_WAIT + BLOCKING_WAIT / 16 + Duration::from_secs(15),
+        )?;
         let api = Api {
             http,
             address,
@@ -1250,6 +1206,5 @@ mod tests {
             api.url("/v1/job/x?purge=true", None, None),
             "http://n:4646/v1/job/x?purge=true&region=eu%20west"
         );
-        assert_eq!(encode("a/b c"), "a%2Fb%20c");
     }
 }

@@ -22,6 +22,9 @@ pub enum DemoBackend {
     /// A Nomad cluster (`--address`, else NOMAD_ADDR, else http://127.0.0.1:4646; NOMAD_TOKEN):
     /// one job per service, docker driver, running the placeholder image.
     Nomad,
+    /// Marathon (`--address`, else MARATHON_URL, else http://127.0.0.1:8080): one app per
+    /// service, a Docker container running the placeholder image.
+    Marathon,
 }
 
 impl DemoBackend {
@@ -30,6 +33,7 @@ impl DemoBackend {
         match self {
             DemoBackend::Kubernetes => Some("kubernetes"),
             DemoBackend::Nomad => Some("nomad"),
+            DemoBackend::Marathon => Some("marathon"),
             DemoBackend::Auto | DemoBackend::Docker | DemoBackend::Process => None,
         }
     }
@@ -42,7 +46,7 @@ pub const KUBERNETES_IMAGE: &str = "registry.k8s.io/pause:3.10";
 /// The `[backend]` keys after `type` and each service's `image` line, for `backend`.
 fn backend_keys(backend: &str, address: Option<&str>) -> (String, String) {
     match backend {
-        "nomad" => (
+        "nomad" | "marathon" => (
             address
                 .map(|a| format!("address = {a:?}\n"))
                 .unwrap_or_default(),
@@ -570,7 +574,7 @@ mod tests {
             instance: "demo".into(),
             address: Some("http://127.0.0.1:4646".into()),
         };
-        for backend in ["docker", "process", "kubernetes", "nomad"] {
+        for backend in ["docker", "process", "kubernetes", "nomad", "marathon"] {
             let toml = config_toml(&s, backend);
             let cfg = microscaler_backends::Config::from_toml(&toml)
                 .unwrap_or_else(|e| panic!("{backend}: {e}\n{toml}"));
@@ -582,8 +586,8 @@ mod tests {
                 .unwrap()
                 .image
                 .clone();
-            let want =
-                matches!(backend, "kubernetes" | "nomad").then(|| KUBERNETES_IMAGE.to_string());
+            let want = matches!(backend, "kubernetes" | "nomad" | "marathon")
+                .then(|| KUBERNETES_IMAGE.to_string());
             assert_eq!(image, want, "{backend}");
         }
     }

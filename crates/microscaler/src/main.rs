@@ -72,7 +72,8 @@ struct DemoArgs {
     /// Where replicas run.
     #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
     backend: DemoBackend,
-    /// The orchestrator's API address (nomad: default NOMAD_ADDR, else http://127.0.0.1:4646).
+    /// The orchestrator's API address (nomad: default NOMAD_ADDR, else http://127.0.0.1:4646;
+    /// marathon: MARATHON_URL, else http://127.0.0.1:8080).
     #[arg(long)]
     address: Option<String>,
     /// Stop after this long (e.g. "60s"); default: run until Ctrl-C.
@@ -363,10 +364,11 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         None => demo_config(&settings, backend),
     };
 
-    if args.address.is_some() && args.backend != DemoBackend::Nomad {
+    if args.address.is_some() && !matches!(args.backend, DemoBackend::Nomad | DemoBackend::Marathon)
+    {
         return Err(usage(anyhow::anyhow!(
             "--address is the API of an orchestrator that takes one: use it with --backend nomad \
-             (kubernetes reads KUBECONFIG)"
+             or marathon (kubernetes reads KUBECONFIG)"
         )));
     }
     let mut chosen = None;

@@ -37,6 +37,9 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
         BackendConfig::Nomad(n) => AnyBackend::Nomad(
             microscaler_backends::nomad::NomadBackend::connect(n, &cfg.instance).await?,
         ),
+        BackendConfig::Marathon(m) => AnyBackend::Marathon(
+            microscaler_backends::marathon::MarathonBackend::connect(m, &cfg.instance).await?,
+        ),
     })
 }
 
