@@ -510,6 +510,19 @@ impl<B: Backend + 'static> Controller<B> {
             .map_err(PrepareError::Backend)
     }
 
+    /// When the next scheduled demand change is due (a random walk's next move), as an
+    /// instant, so the loop can tick then instead of up to a period later.
+    pub fn next_scheduled_change(&self) -> Option<Instant> {
+        self.triggers
+            .iter()
+            .flat_map(|(_, ts)| ts.iter())
+            .filter_map(|t| match &t.source {
+                AnySource::Random(r) => Some(self.started + r.next_move()),
+                _ => None,
+            })
+            .min()
+    }
+
     /// One tick: observe and sample (at the same time), decide, dispatch.
     ///
     /// Dispatching, scale-downs that stop replicas go first, so the capacity they free is free
@@ -1106,12 +1119,17 @@ pub async fn run_loop<B: Backend + 'static>(
     let wake = ctl.controls.wake.clone();
     tokio::pin!(stop);
     loop {
+        // A random walk's move is acted on when it happens, not up to a period later.
+        let scheduled = ctl.next_scheduled_change();
         tokio::select! {
             biased;
             _ = &mut stop => break,
             _ = interval.tick() => {}
             // A pushed demand change is acted on at once; the period restarts from here.
             _ = wake.notified() => interval.reset(),
+            _ = tokio::time::sleep_until(scheduled.unwrap_or_else(|| Instant::now() + ctl.cfg.tick * 2)), if scheduled.is_some() => {
+                interval.reset();
+            }
         }
         let report = ctl.tick().await;
         if report.took > ctl.cfg.tick {

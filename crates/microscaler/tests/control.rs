@@ -225,6 +225,44 @@ async fn a_manual_change_wakes_the_loop_at_once() {
     assert_eq!((sim.running("web"), sim.running("batch")), (7, 2));
 }
 
+/// A random walk's move is acted on when it happens: with a 60 s tick and a walk that moves
+/// every 2 s, the loop ticks at each move (paused clock: exactly at it), not a minute later.
+#[tokio::test(start_paused = true)]
+async fn a_random_walk_wakes_the_loop_when_it_moves() {
+    let sim = Sim::default();
+    let cfg = Config::from_toml(
+        r#"
+        tick = "60s"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "process"
+        [[services]]
+        name = "web"
+        priority = 1
+        [[services.triggers]]
+        type = "random"
+        delta = 3
+        interval = "2s"
+        seed = 7
+        "#,
+    )
+    .unwrap();
+    let mut ctl = Controller::new(cfg, sim.clone(), 1);
+    let mut began = Vec::new();
+    microscaler::control::run_loop(
+        &mut ctl,
+        tokio::time::sleep(Duration::from_millis(6_500)),
+        |r| began.push(r.now.as_millis()),
+    )
+    .await;
+    assert_eq!(
+        began,
+        vec![0, 2_000, 4_000, 6_000],
+        "the first tick, then one beginning at each move"
+    );
+}
+
 /// Scale-downs that stop replicas finish before any scale-up begins; the scale-down of a
 /// `preempt = "pause"` service (a pause frees no memory) runs alongside the scale-ups instead.
 #[tokio::test(start_paused = true)]

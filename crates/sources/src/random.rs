@@ -174,6 +174,11 @@ impl RandomSource {
         RandomControl(self.settings.clone())
     }
 
+    /// When the walk moves next (time since its start), so a loop can wake for it.
+    pub fn next_move(&self) -> Duration {
+        self.next_move
+    }
+
     /// The value at `now`, advancing one move per elapsed interval.
     pub fn value_at(&mut self, now: Duration) -> u32 {
         let s = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
