@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone of a Debian machine.
 #
-# As root it installs and starts what the tests need (Docker Engine from Debian's docker.io,
+# As root (or through sudo) it installs and starts what the tests need (Docker Engine from Debian's docker.io,
 # dockerd on the default socket, a single-node swarm) and is idempotent when they already run.
 # Then it checks formatting, lints, the purity of the core crate, and runs every test.
 # CI=true (the default here) makes a test whose service is missing fail instead of skip.
@@ -12,11 +12,16 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The services need root; the build and the tests do not. As root they are installed here;
+# otherwise through sudo when it is there (the tests then run as this user).
 if [ "$(id -u)" = 0 ]; then
   step "installing test services (Debian packages)"
   scripts/services.sh
+elif command -v sudo >/dev/null 2>&1; then
+  step "installing test services (Debian packages, through sudo)"
+  sudo --preserve-env=CI scripts/services.sh
 else
-  echo "not root: not installing or starting services; tests that need them will fail under CI=true"
+  echo "not root and no sudo: not installing or starting services; tests that need them will fail under CI=true" >&2
 fi
 
 step "formatting (cargo fmt --check)"
