@@ -8,8 +8,9 @@
 //!   [`labels::SERVICE`], and deletes with `on_exit = "stop"`. An app of that id without both
 //!   labels is never touched (that is an error).
 //! - An app with a deployment in progress is locked: Marathon answers a change with 409 ("App
-//!   is locked by one or more deployments"). microscaler does not send a change to a locked app
-//!   and treats a 409 as a [`BackendError::Conflict`], retried on the next tick; it never adds
+//!   is locked by one or more deployments"). microscaler waits up to a second for a lock to
+//!   end, does not send a change to an app still locked, and treats a 409 as a
+//!   [`BackendError::Conflict`], retried on the next tick; it never adds
 //!   `?force=true` unless `[backend] force = true` (which cancels the running deployment).
 //!   Only the deletion of its own managed apps at shutdown is forced.
 //! - Observation is one `GET /v2/apps` per tick with tasks, counts and deployments embedded.
@@ -298,6 +299,10 @@ impl MarathonReference {
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a change waits for a locked app's deployment before it is a conflict.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long `prepare` waits for a new app's creation deployment.
+const CREATE_WAIT: Duration = Duration::from_secs(10);
 
 /// What a service is on Marathon, resolved at `prepare`.
 #[derive(Debug, Clone)]
@@ -478,6 +483,8 @@ impl MarathonBackend {
             (Some(spec), false) => spec,
             (None, true) => {
                 self.create(service, &app, per_host).await?;
+                // Its creation is a deployment too: let it end before the first change.
+                self.unlocked(&app, CREATE_WAIT).await?;
                 return Ok(Target { app, managed });
             }
             (None, false) => {
@@ -549,6 +556,19 @@ impl MarathonBackend {
             .cloned()
     }
 
+    /// Reads `app` until no deployment locks it or `limit` passes; its last reading.
+    async fn unlocked(&self, app: &str, limit: Duration) -> Result<Option<Value>, BackendError> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let got = self.get_app(app).await?;
+            match &got {
+                Some(a) if !deployments(a).is_empty() && t0.elapsed() < limit => {}
+                _ => return Ok(got),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until at most `target` tasks of `app` remain (or `limit` passes).
     async fn wait_stopped(&self, app: &str, target: u32, limit: Duration) {
         let t0 = tokio::time::Instant::now();
@@ -566,6 +586,16 @@ impl MarathonBackend {
             "tasks still stopping after {limit:?}; going on"
         );
     }
+}
+
+/// The ids of the deployments that lock `app`.
+fn deployments(app: &Value) -> Vec<&str> {
+    app["deployments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect()
 }
 
 fn tasks_of(app: &Value) -> &[Value] {
@@ -728,12 +758,14 @@ impl Backend for MarathonBackend {
         if from == target {
             return Ok(ScaleOutcome::default());
         }
-        let locked: Vec<&str> = app["deployments"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d["id"].as_str())
-            .collect();
+        // A deployment about to end (its tasks run) is waited for briefly; a longer one is a
+        // conflict, retried on a later tick with the demand of then.
+        let app = if deployments(&app).is_empty() || self.cfg.force {
+            app
+        } else {
+            self.unlocked(&t.app, LOCK_WAIT).await?.unwrap_or(app)
+        };
+        let locked = deployments(&app);
         if !locked.is_empty() && !self.cfg.force {
             return Err(BackendError::Conflict {
                 op,

@@ -100,14 +100,7 @@ impl microscaler_testkit::contract::Harness for NomadHarness {
             .job("foreign")
             .and_then(|j| j["TaskGroups"][0]["Count"].as_u64())
             .unwrap_or(0) as u32;
-        let mut running = self.fake.running("foreign", "web");
-        for _ in 0..100 {
-            if running == asked {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            running = self.fake.running("foreign", "web");
-        }
+        let running = common::poll_until(|| self.fake.running("foreign", "web"), asked).await;
         running.min(asked)
     }
 

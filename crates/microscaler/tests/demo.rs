@@ -236,6 +236,40 @@ fn demo_on_nomad_meets_demand_and_fills_capacity() {
     }
 }
 
+/// `microscaler demo --backend marathon --address URL` at the seeds' Mesos pace (+-3 every
+/// 3 s on 9 slots), against the test kit's fake of Marathon's REST API (no Marathon or Mesos
+/// can run here; see `microscaler_testkit::marathon`) with 3 agents x 3 slots: the seeds' rule
+/// holds, no change was forced, and at the end both apps are deleted.
+#[test]
+fn demo_on_marathon_meets_demand_and_fills_capacity() {
+    use microscaler_testkit::marathon::{MarathonFake, MarathonOptions};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = rt.block_on(MarathonFake::start(MarathonOptions::default()));
+    for i in 0..3 {
+        fake.add_agent(&format!("agent-{i}"), 3);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-marathon-{}", std::process::id());
+    let address = fake.address();
+    let (ticks, _) = run_demo_with(
+        "marathon",
+        &instance,
+        dir.path(),
+        &["--address", address.as_str()],
+    );
+    check_success(&ticks);
+    assert!(
+        fake.updates().iter().all(|(_, force, _, _)| !force),
+        "no change was forced"
+    );
+    for s in ["priority1", "priority2"] {
+        assert!(
+            fake.app(&format!("/{instance}/{s}")).is_none(),
+            "the demo's app for {s} must be deleted after it stops"
+        );
+    }
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {

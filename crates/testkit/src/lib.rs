@@ -6,14 +6,16 @@
 //!   behind microscaler's back. The control loop's tests and benchmarks run on it; the real
 //!   backends are tested against the real engines in their own crate.
 //! - [`contract`]: the backend contract suite: the same cases run against every backend
-//!   (docker, swarm, process and the simulated orchestrator).
+//!   (docker, swarm, process, kubernetes, nomad, marathon and the simulated orchestrator).
 //! - [`source_contract`]: the source contract suite, run by the network sources' tests
 //!   against their real servers.
 //! - [`nomad`]: a fake of Nomad's HTTP API (jobs, scaling, evaluations, deployments, nodes,
 //!   blocking queries), for the Nomad backend's tests.
+//! - [`marathon`]: a fake of Marathon's REST API (apps, tasks on agents, deployment locks,
+//!   credentials), for the Marathon backend's tests.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
-//!   [`wait_for`], [`service`].
+//!   [`wait_for`], [`poll_until`], [`service`].
 #![deny(missing_docs)]
 
 use std::time::Duration;
@@ -24,6 +26,7 @@ use microscaler_core::{Priority, ServiceKind, ServiceName};
 pub mod contract;
 #[cfg(feature = "kubernetes")]
 pub mod kube_rig;
+pub mod marathon;
 pub mod nomad;
 pub mod sim;
 pub mod source_contract;
@@ -111,6 +114,19 @@ pub async fn wait_for<B: Backend>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Reads `value` every 50 ms until it gives `want` or 5 s pass; returns the last reading.
+pub async fn poll_until<T: PartialEq>(mut value: impl FnMut() -> T, want: T) -> T {
+    let mut got = value();
+    for _ in 0..100 {
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = value();
+    }
+    got
 }
 
 /// Running replicas of `service` in `obs`.

@@ -2,4 +2,4 @@
 //! keeps its short `common::` names.
 #![allow(unused_imports)]
 
-pub use microscaler_testkit::{missing_service, running, service, unique, wait_for};
+pub use microscaler_testkit::{missing_service, poll_until, running, service, unique, wait_for};
