@@ -302,6 +302,18 @@ pub trait Backend: Send + Sync {
         target: u32,
     ) -> impl Future<Output = Result<ScaleOutcome, BackendError>> + Send;
 
+    /// [`Backend::scale`], with the plan's reason for the change, for orchestrators that keep
+    /// one with the change (Nomad's scaling events). Default: `scale`, the reason unused.
+    fn scale_because(
+        &self,
+        service: &Service,
+        target: u32,
+        reason: &str,
+    ) -> impl Future<Output = Result<ScaleOutcome, BackendError>> + Send {
+        let _ = reason;
+        self.scale(service, target)
+    }
+
     /// Whether this microscaler may change anything now. A backend with leader election (a
     /// Kubernetes Lease) answers whether it holds the lease; the control loop of one that does
     /// not observes, decides and reports, and changes nothing. Default: always.
@@ -364,6 +376,14 @@ impl Backend for AnyBackend {
     }
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
         dispatch!(self, b => b.scale(service, target).await)
+    }
+    async fn scale_because(
+        &self,
+        service: &Service,
+        target: u32,
+        reason: &str,
+    ) -> Result<ScaleOutcome, BackendError> {
+        dispatch!(self, b => b.scale_because(service, target, reason).await)
     }
     fn leading(&self) -> bool {
         dispatch!(self, b => b.leading())

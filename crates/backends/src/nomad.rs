@@ -991,6 +991,15 @@ impl Backend for NomadBackend {
     }
 
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
+        self.scale_because(service, target, "").await
+    }
+
+    async fn scale_because(
+        &self,
+        service: &Service,
+        target: u32,
+        reason: &str,
+    ) -> Result<ScaleOutcome, BackendError> {
         let t = match self.target(service) {
             Some(t) => t,
             None => self.resolve(service).await?,
@@ -1042,7 +1051,11 @@ impl Backend for NomadBackend {
         let body = json!({
             "Count": target,
             "Target": {"Group": t.group},
-            "Message": format!("microscaler {}: {} {from} -> {target}", self.instance, service.name),
+            "Message": if reason.is_empty() {
+                format!("microscaler {}: {} {from} -> {target}", self.instance, service.name)
+            } else {
+                format!("microscaler {}: {} {from} -> {target}: {}", self.instance, service.name, clip(reason))
+            },
             "Error": false,
             "Meta": {META_INSTANCE: self.instance},
         });

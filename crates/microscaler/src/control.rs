@@ -805,7 +805,9 @@ impl<B: Backend + 'static> Controller<B> {
         let mut starts = Vec::new();
         // Slots free now; what the stops give up is added as they are requested.
         let mut available = i64::from(plan.capacity);
-        for sp in &plan.services {
+        // Where each dispatched service's plan is, for the reason given to the backend.
+        let mut why: HashMap<usize, usize> = HashMap::new();
+        for (pos, sp) in plan.services.iter().enumerate() {
             // What the engine saw observed, which is this tick's observation.
             let have = sp.running + sp.pending;
             // A service whose change runs counts as what it was asked: a stop in flight gave
@@ -836,6 +838,7 @@ impl<B: Backend + 'static> Controller<B> {
                     continue;
                 }
             }
+            why.insert(index, pos);
             if sp.target < have && svc.pool.preempt != Preempt::Pause {
                 stops.push((index, sp.target, have));
             } else {
@@ -877,7 +880,7 @@ impl<B: Backend + 'static> Controller<B> {
             };
             asked - stopped.min(asked)
         };
-        let (mut waiting, ready) = self.spawn_all(&batch, Phase::Stop);
+        let (mut waiting, ready) = self.spawn_all(&batch, Phase::Stop, plan, &why);
         for done in ready {
             available -= not_freed(&done);
             executions.push(self.finished(done, now));
@@ -928,7 +931,7 @@ impl<B: Backend + 'static> Controller<B> {
             }
         }
         let t = Instant::now();
-        let (started, ready) = self.spawn_all(&batch, Phase::Start);
+        let (started, ready) = self.spawn_all(&batch, Phase::Start, plan, &why);
         for done in ready {
             executions.push(self.finished(done, now));
         }
@@ -959,10 +962,20 @@ impl<B: Backend + 'static> Controller<B> {
     /// its first poll (a simulated orchestrator, an unchanged count) is done at once and
     /// returned; every other one goes on in a task of its own. Returns how many tasks run, and
     /// the changes already done.
-    fn spawn_all(&mut self, batch: &[(usize, u32)], phase: Phase) -> (usize, Vec<Done>) {
+    fn spawn_all(
+        &mut self,
+        batch: &[(usize, u32)],
+        phase: Phase,
+        plan: &Plan,
+        why: &HashMap<usize, usize>,
+    ) -> (usize, Vec<Done>) {
         let mut ready = Vec::new();
         let mut spawned = 0;
         for &(index, target) in batch {
+            let reason = why
+                .get(&index)
+                .map(|&pos| plan.services[pos].reason.clone())
+                .unwrap_or_default();
             let cfg = Arc::clone(&self.cfg);
             let backend = Arc::clone(&self.backend);
             let permits = Arc::clone(&self.permits);
@@ -973,7 +986,10 @@ impl<B: Backend + 'static> Controller<B> {
                 let svc = &cfg.services[index];
                 // The semaphore is never closed; a failed acquire would only skip the bound.
                 let _permit = permits.acquire_owned().await;
-                let result = backend.scale(svc, target).await.map_err(ScaleError::from);
+                let result = backend
+                    .scale_because(svc, target, &reason)
+                    .await
+                    .map_err(ScaleError::from);
                 Done {
                     execution: Execution {
                         service: svc.name.clone(),

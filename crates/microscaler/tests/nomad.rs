@@ -101,6 +101,22 @@ async fn seeds_rule_holds_and_a_drained_node_sheds_priority_2_first() {
         converged(&mut ctl, d, 9).await;
     }
     assert_eq!(fake.running(&format!("{instance}-p1"), "p1"), 5);
+    // Nomad keeps each scale with its message: who, what, and the plan's reason.
+    let requests = fake.scale_requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        let m = r["Message"].as_str().unwrap_or("");
+        let (head, why) = m
+            .rsplit_once(" -> ")
+            .and_then(|(h, rest)| Some((h, rest.split_once(": ")?.1)))
+            .unwrap_or(("", ""));
+        assert!(
+            head.starts_with(&format!("microscaler {instance}: p")),
+            "{m}"
+        );
+        assert!(!why.is_empty(), "the plan's reason is in the message: {m}");
+    }
+    eprintln!("a scale's message: {}", requests[0]["Message"]);
 
     fake.drain_node(&nodes[0], true);
     let reports = converged(&mut ctl, 5, 6).await;
