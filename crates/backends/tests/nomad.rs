@@ -431,3 +431,35 @@ async fn observation_uses_blocking_queries_not_a_request_per_tick() {
     assert_eq!(common::running(&obs, &a), 1, "{obs:?}");
     backend.shutdown(&[a], true).await.expect("shutdown");
 }
+
+/// TLS with a private CA: with `ca_file` naming it the API answers; without it the
+/// certificate is not trusted, which is "cannot reach" naming the address and `ca_file`.
+#[tokio::test]
+async fn tls_needs_the_ca_file_of_a_private_ca() {
+    let server = match microscaler_testkit::tls::TlsServer::start("\"127.0.0.1:4647\"") {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(common::missing_service(
+                "openssl and python3 (a TLS server)",
+                e
+            ));
+            return;
+        }
+    };
+    let trusted = NomadConfig {
+        ca_file: Some(server.ca_file.display().to_string()),
+        ..spec(&server.address)
+    };
+    NomadBackend::connect(&trusted, &common::unique("tls"))
+        .await
+        .expect("trusted through ca_file");
+    let e = match NomadBackend::connect(&spec(&server.address), &common::unique("tls")).await {
+        Ok(_) => panic!("a certificate of a private CA trusted without ca_file"),
+        Err(e) => e,
+    };
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    assert!(
+        e.to_string().contains(&server.address) && e.to_string().contains("ca_file"),
+        "{e}"
+    );
+}

@@ -13,6 +13,7 @@
 //!   blocking queries), for the Nomad backend's tests.
 //! - [`marathon`]: a fake of Marathon's REST API (apps, tasks on agents, deployment locks,
 //!   credentials), for the Marathon backend's tests.
+//! - [`tls`]: a real TLS server behind a private CA, for the HTTP backends' `ca_file`.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
 //!   [`wait_for`], [`poll_until`], [`service`].
@@ -30,6 +31,7 @@ pub mod marathon;
 pub mod nomad;
 pub mod sim;
 pub mod source_contract;
+pub mod tls;
 
 /// Runs the future `f` makes to its end on a runtime of its own, in a thread of its own: for
 /// clean-ups in `Drop`, which cannot await and may run after the test's runtime is gone.
