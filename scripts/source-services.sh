@@ -179,6 +179,15 @@ start_moto() {
   echo "moto: starting on 127.0.0.1:5000"
   nohup "$venv/bin/moto_server" -H 127.0.0.1 -p 5000 >"$CI_STATE/moto.log" 2>&1 &
   wait_for moto 30 "$CI_STATE/moto.log" http_ok http://127.0.0.1:5000/moto-api/
+  # moto imports an AWS service's emulation on its first request (seconds on a fresh venv):
+  # do it now for the services the tests use, not inside a test's timeout.
+  local auth="AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1"
+  local signed="SignedHeaders=host, Signature=0"
+  curl -s -o /dev/null -X POST http://127.0.0.1:5000/ -H "Authorization: $auth/sqs/aws4_request, $signed" \
+    -H 'Content-Type: application/x-www-form-urlencoded' -d 'Action=ListQueues' || true
+  curl -s -o /dev/null -X POST http://127.0.0.1:5000/ -H "Authorization: $auth/ecs/aws4_request, $signed" \
+    -H 'X-Amz-Target: AmazonEC2ContainerServiceV20141113.ListClusters' \
+    -H 'Content-Type: application/x-amz-json-1.1' -d '{}' || true
 }
 
 start_redis

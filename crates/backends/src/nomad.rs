@@ -2,7 +2,8 @@
 //! Nomad's scale endpoint, and Nomad's scheduler places the allocations.
 //!
 //! - A service references an existing job's task group (`[services.reference] job = "web"`,
-//!   `group`, `namespace`), or, managed, is a job `{instance}-{service}` (one task group and
+//!   `group`, `namespace`, `region`: Nomad forwards a call for another region to its servers;
+//!   hosts are the nodes of the backend's region), or, managed, is a job `{instance}-{service}` (one task group and
 //!   one task named after the service) that microscaler registers with count 0 from the
 //!   service's `image` (docker driver) or `command` (`raw_exec`/`exec`), marked with the job
 //!   meta [`META_INSTANCE`] and [`META_SERVICE`], and purges with `on_exit = "stop"`. A job of
@@ -263,6 +264,9 @@ pub struct NomadReference {
     pub group: Option<String>,
     /// The job's namespace; `None` means the backend's.
     pub namespace: Option<String>,
+    /// The job's region; `None` means the backend's. Nomad forwards a request for another
+    /// region to that region's servers.
+    pub region: Option<String>,
 }
 
 impl std::fmt::Display for NomadReference {
@@ -274,6 +278,9 @@ impl std::fmt::Display for NomadReference {
         if let Some(ns) = &self.namespace {
             write!(f, " in namespace {ns}")?;
         }
+        if let Some(r) = &self.region {
+            write!(f, " in region {r}")?;
+        }
         Ok(())
     }
 }
@@ -283,6 +290,7 @@ struct RawReference {
     job: Option<String>,
     group: Option<String>,
     namespace: Option<String>,
+    region: Option<String>,
 }
 
 impl NomadReference {
@@ -300,6 +308,7 @@ impl NomadReference {
             ("job", Some(&job)),
             ("group", r.group.as_ref()),
             ("namespace", r.namespace.as_ref()),
+            ("region", r.region.as_ref()),
         ] {
             if let Some(s) = value {
                 if !is_name(s) {
@@ -311,6 +320,7 @@ impl NomadReference {
             job,
             group: r.group,
             namespace: r.namespace,
+            region: r.region,
         })
     }
 }
@@ -345,8 +355,27 @@ struct Target {
     job: String,
     group: String,
     namespace: String,
+    /// The reference's region; `None` means the backend's.
+    region: Option<String>,
     managed: bool,
     system: bool,
+}
+
+impl Target {
+    fn at(&self) -> At<'_> {
+        At {
+            namespace: Some(&self.namespace),
+            region: self.region.as_deref(),
+        }
+    }
+}
+
+/// Where a request goes: a namespace (`None`: none named, as for nodes) and a region (`None`:
+/// the backend's).
+#[derive(Debug, Clone, Copy, Default)]
+struct At<'a> {
+    namespace: Option<&'a str>,
+    region: Option<&'a str>,
 }
 
 /// The HTTP side: address, credentials, and the error mapping every call shares.
@@ -360,7 +389,7 @@ struct Api {
 }
 
 impl Api {
-    fn url(&self, path: &str, namespace: Option<&str>, index: Option<u64>) -> String {
+    fn url(&self, path: &str, at: At<'_>, index: Option<u64>) -> String {
         let mut url = format!("{}{path}", self.address);
         let mut sep = if path.contains('?') { '&' } else { '?' };
         let mut push = |k: &str, v: &str| {
@@ -370,10 +399,10 @@ impl Api {
             url.push_str(&encode(v));
             sep = '&';
         };
-        if let Some(ns) = namespace {
+        if let Some(ns) = at.namespace {
             push("namespace", ns);
         }
-        if let Some(r) = &self.region {
+        if let Some(r) = at.region.or(self.region.as_deref()) {
             push("region", r);
         }
         if let Some(i) = index {
@@ -503,7 +532,7 @@ impl NomadBackend {
         let leader = api
             .get(
                 "GET /v1/status/leader",
-                &api.url("/v1/status/leader", None, None),
+                &api.url("/v1/status/leader", At::default(), None),
             )
             .await?;
         tracing::info!(
@@ -525,7 +554,7 @@ impl NomadBackend {
             targets: RwLock::new(HashMap::new()),
             follows: Mutex::new(HashMap::new()),
         };
-        backend.follow("/v1/nodes", None);
+        backend.follow("/v1/nodes", At::default());
         Ok(backend)
     }
 
@@ -534,22 +563,34 @@ impl NomadBackend {
         format!("{instance}-{service}")
     }
 
-    /// Starts (once) a long poll of `path` in `namespace`, and returns it.
-    fn follow(&self, path: &str, namespace: Option<&str>) -> Arc<Follow> {
-        let key = format!("{path}@{}", namespace.unwrap_or(""));
+    /// Starts (once) a long poll of `path` at `at`, and returns it.
+    fn follow(&self, path: &str, at: At<'_>) -> Arc<Follow> {
+        let key = format!(
+            "{path}@{}@{}",
+            at.namespace.unwrap_or(""),
+            at.region.unwrap_or("")
+        );
         let mut follows = self.follows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = follows.get(&key) {
             return Arc::clone(f);
         }
         let (tx, rx) = watch::channel(None);
         let api = self.api.clone();
-        let (path, namespace) = (path.to_string(), namespace.map(str::to_string));
+        let (path, namespace, region) = (
+            path.to_string(),
+            at.namespace.map(str::to_string),
+            at.region.map(str::to_string),
+        );
         let task = tokio::spawn(async move {
             let op = format!("GET {path}");
             let mut index = 0;
             let mut wait = Duration::from_millis(250);
             loop {
-                let url = api.url(&path, namespace.as_deref(), (index > 0).then_some(index));
+                let at = At {
+                    namespace: namespace.as_deref(),
+                    region: region.as_deref(),
+                };
+                let url = api.url(&path, at, (index > 0).then_some(index));
                 match api.get(&op, &url).await {
                     Ok(got) => {
                         wait = Duration::from_millis(250);
@@ -578,8 +619,8 @@ impl NomadBackend {
     }
 
     /// The latest answer of a long poll, waiting for its first one.
-    async fn latest(&self, path: &str, namespace: Option<&str>) -> Result<Value, BackendError> {
-        let f = self.follow(path, namespace);
+    async fn latest(&self, path: &str, at: At<'_>) -> Result<Value, BackendError> {
+        let f = self.follow(path, at);
         let mut rx = f.rx.clone();
         let got = tokio::time::timeout(FIRST_ANSWER, rx.wait_for(|s| s.is_some())).await;
         let seen = match got {
@@ -610,13 +651,14 @@ impl NomadBackend {
     /// Resolves what `service` is on Nomad: its job exists (a managed one is registered when
     /// it does not), the group is there, and the job's type fits the service.
     async fn resolve(&self, service: &Service) -> Result<Target, BackendError> {
-        let (job, group, namespace, managed) = match service.workload.reference() {
+        let (job, group, namespace, region, managed) = match service.workload.reference() {
             Some(Reference::Nomad(r)) => (
                 r.job.clone(),
                 r.group.clone(),
                 r.namespace
                     .clone()
                     .unwrap_or_else(|| self.namespace.clone()),
+                r.region.clone(),
                 false,
             ),
             Some(other) => {
@@ -629,13 +671,16 @@ impl NomadBackend {
                 Self::job_id(&self.instance, service.name.as_str()),
                 Some(service.name.to_string()),
                 self.namespace.clone(),
+                None,
                 true,
             ),
         };
+        let at = At {
+            namespace: Some(&namespace),
+            region: region.as_deref(),
+        };
         let op = format!("GET job {job}");
-        let url = self
-            .api
-            .url(&format!("/v1/job/{}", encode(&job)), Some(&namespace), None);
+        let url = self.api.url(&format!("/v1/job/{}", encode(&job)), at, None);
         let found = self.api.get(&op, &url).await?;
         let spec = match (found, managed) {
             (Some((spec, _)), true) => {
@@ -660,15 +705,23 @@ impl NomadBackend {
                     job,
                     group: service.name.to_string(),
                     namespace,
+                    region: None,
                     managed: true,
                     system: false,
                 });
             }
             (None, false) => {
                 return Err(BackendError::NotFound {
-                    what: format!("Nomad job {job} in namespace {namespace}"),
+                    what: format!(
+                        "Nomad job {job} in namespace {namespace}{}",
+                        region
+                            .as_deref()
+                            .map(|r| format!(" of region {r}"))
+                            .unwrap_or_default()
+                    ),
                     hint: format!(
-                        "service {} references it; check [services.reference] job and namespace",
+                        "service {} references it; check [services.reference] job, namespace \
+                         and region",
                         service.name
                     ),
                 })
@@ -720,6 +773,7 @@ impl NomadBackend {
             job,
             group,
             namespace,
+            region,
             managed,
             system,
         })
@@ -769,7 +823,11 @@ impl NomadBackend {
             }],
         }});
         let op = format!("register Nomad job {job}");
-        let url = self.api.url("/v1/jobs", Some(namespace), None);
+        let at = At {
+            namespace: Some(namespace),
+            region: None,
+        };
+        let url = self.api.url("/v1/jobs", at, None);
         self.api
             .send(
                 &op,
@@ -798,7 +856,7 @@ impl NomadBackend {
     /// `pending` or `running`, whatever is desired of them), or `limit` passes.
     async fn wait_stopped(&self, t: &Target, target: u32, limit: Duration) {
         let [allocs, ..] = Self::paths(t);
-        let mut rx = self.follow(&allocs, Some(&t.namespace)).rx.clone();
+        let mut rx = self.follow(&allocs, t.at()).rx.clone();
         let stopped = rx.wait_for(|seen| match seen {
             Some(Ok(v)) => holding(v, &t.group) <= target,
             _ => false,
@@ -815,12 +873,12 @@ impl NomadBackend {
         out: &mut Observation,
     ) -> Result<(), BackendError> {
         let [allocs, scale, evals, deployment] = Self::paths(t);
-        let ns = Some(t.namespace.as_str());
+        let at = t.at();
         let (allocs, scale, evals, deployment) = futures::try_join!(
-            self.latest(&allocs, ns),
-            self.latest(&scale, ns),
-            self.latest(&evals, ns),
-            self.latest(&deployment, ns),
+            self.latest(&allocs, at),
+            self.latest(&scale, at),
+            self.latest(&evals, at),
+            self.latest(&deployment, at),
         )?;
         if scale.is_null() {
             // The job is gone (purged by our shutdown, or by someone): nothing runs.
@@ -951,7 +1009,7 @@ impl Backend for NomadBackend {
         for s in services {
             let t = self.resolve(s).await?;
             for path in Self::paths(&t) {
-                self.follow(&path, Some(&t.namespace));
+                self.follow(&path, t.at());
             }
             tracing::info!(service = %s.name, job = %t.job, group = %t.group, namespace = %t.namespace,
                 managed = t.managed, system = t.system, "following the Nomad job");
@@ -964,7 +1022,7 @@ impl Backend for NomadBackend {
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
-        let nodes = self.latest("/v1/nodes", None).await?;
+        let nodes = self.latest("/v1/nodes", At::default()).await?;
         let mut out = Observation::default();
         for n in nodes.as_array().into_iter().flatten() {
             out.hosts.push(Host {
@@ -1010,11 +1068,11 @@ impl Backend for NomadBackend {
         }
         let what = format!("Nomad job {} group {}", t.job, t.group);
         let [_, scale_path, _, deployment_path] = Self::paths(&t);
-        let ns = Some(t.namespace.as_str());
+        let at = t.at();
         let op = format!("scale {what}");
         let (status_url, deployment_url) = (
-            self.api.url(&scale_path, ns, None),
-            self.api.url(&deployment_path, ns, None),
+            self.api.url(&scale_path, at, None),
+            self.api.url(&deployment_path, at, None),
         );
         let (status, deployment) = futures::try_join!(
             self.api.get(&op, &status_url),
@@ -1059,7 +1117,7 @@ impl Backend for NomadBackend {
             "Error": false,
             "Meta": {META_INSTANCE: self.instance},
         });
-        let url = self.api.url(&scale_path, ns, None);
+        let url = self.api.url(&scale_path, at, None);
         let answered = self
             .api
             .send(
@@ -1106,7 +1164,7 @@ impl Backend for NomadBackend {
             let op = format!("purge Nomad job {}", t.job);
             let url = self.api.url(
                 &format!("/v1/job/{}?purge=true", encode(&t.job)),
-                Some(&t.namespace),
+                t.at(),
                 None,
             );
             match self
@@ -1163,6 +1221,28 @@ mod tests {
         };
         assert_eq!((r.job.as_str(), r.group.as_deref()), ("shop", Some("web")));
         assert_eq!(r.to_string(), "Nomad job shop group web");
+        let c = config(
+            "type = \"nomad\"",
+            "[services.reference]\njob = \"shop\"\nnamespace = \"prod\"\nregion = \"eu\"",
+        )
+        .unwrap();
+        let Workload::Reference(Reference::Nomad(r)) = &c.services[0].workload else {
+            panic!("a reference: {:?}", c.services[0].workload)
+        };
+        assert_eq!(r.region.as_deref(), Some("eu"));
+        assert_eq!(
+            r.to_string(),
+            "Nomad job shop in namespace prod in region eu"
+        );
+        let e = config(
+            "type = \"nomad\"",
+            "[services.reference]\njob = \"shop\"\nregion = \"eu west\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec!["services[0].reference.region: \"eu west\" is not a Nomad region name"]
+        );
     }
 
     #[test]
@@ -1211,13 +1291,26 @@ mod tests {
             token: None,
             region: Some("eu west".into()),
         };
+        let prod = At {
+            namespace: Some("prod"),
+            region: None,
+        };
         assert_eq!(
-            api.url("/v1/job/a%2Fb/scale", Some("prod"), Some(7)),
+            api.url("/v1/job/a%2Fb/scale", prod, Some(7)),
             "http://n:4646/v1/job/a%2Fb/scale?namespace=prod&region=eu%20west&index=7&wait=60000ms"
         );
         assert_eq!(
-            api.url("/v1/job/x?purge=true", None, None),
+            api.url("/v1/job/x?purge=true", At::default(), None),
             "http://n:4646/v1/job/x?purge=true&region=eu%20west"
+        );
+        // A reference's region wins over the backend's.
+        let us = At {
+            namespace: Some("prod"),
+            region: Some("us"),
+        };
+        assert_eq!(
+            api.url("/v1/job/x", us, None),
+            "http://n:4646/v1/job/x?namespace=prod&region=us"
         );
     }
 }

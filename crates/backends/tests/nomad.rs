@@ -122,6 +122,7 @@ impl microscaler_testkit::contract::ReferenceHarness for NomadHarness {
             job: "shop".into(),
             group: Some("web".into()),
             namespace: None,
+            region: None,
         }))
     }
 
@@ -240,6 +241,7 @@ async fn a_group_in_an_active_deployment_is_held_until_it_finishes() {
         job: "shop".into(),
         group: None,
         namespace: None,
+        region: None,
     }));
     backend
         .prepare(std::slice::from_ref(&s))
@@ -274,6 +276,50 @@ async fn a_group_in_an_active_deployment_is_held_until_it_finishes() {
     backend.scale(&s, 4).await.expect("scales once it finished");
     assert_eq!(f.job("shop").unwrap()["TaskGroups"][0]["Count"], 4);
     assert_eq!(f.scale_requests().len(), 2, "the held scale was never sent");
+}
+
+/// A reference's region reaches Nomad on every call about its job (Nomad forwards it to that
+/// region's servers): the fake serves the region `global` and answers any other with Nomad's
+/// 500 "No path to region", so a reference to `eu` fails at prepare, naming the job, while one
+/// to `global` is followed and scaled; the backend itself names no region.
+#[tokio::test]
+async fn a_references_region_is_sent_with_its_jobs_calls() {
+    let (f, _) = fake(NomadOptions::default()).await;
+    f.register(plain_job("shop", 1, false));
+    let backend = NomadBackend::connect(&spec(&f.address()), &common::unique("nr"))
+        .await
+        .expect("connect");
+    let in_region = |region: &str| {
+        let mut s = service("web");
+        s.workload = Workload::Reference(Reference::Nomad(NomadReference {
+            job: "shop".into(),
+            group: None,
+            namespace: None,
+            region: Some(region.into()),
+        }));
+        s
+    };
+    let elsewhere = in_region("eu");
+    let e = backend
+        .prepare(std::slice::from_ref(&elsewhere))
+        .await
+        .expect_err("no path to region eu");
+    assert!(
+        e.to_string().contains("No path to region") && e.to_string().contains("shop"),
+        "{e}"
+    );
+    let here = in_region("global");
+    backend
+        .prepare(std::slice::from_ref(&here))
+        .await
+        .expect("prepare in region global");
+    backend.scale(&here, 2).await.expect("scale");
+    let obs = common::wait_for(&backend, SETTLE, |o| {
+        o.services.get(&here.name).is_some_and(|x| x.running == 2)
+    })
+    .await;
+    assert_eq!(obs.services[&here.name].running, 2, "{obs:?}");
+    assert_eq!(f.job("shop").unwrap()["TaskGroups"][0]["Count"], 2);
 }
 
 /// With ACLs on: without a token the API refuses with 403 and microscaler says what token it
@@ -361,6 +407,7 @@ async fn drained_and_down_nodes_are_not_hosts_and_system_jobs_are_counted() {
         job: "agent".into(),
         group: None,
         namespace: None,
+        region: None,
     }));
     backend
         .prepare(std::slice::from_ref(&s))

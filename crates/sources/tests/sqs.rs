@@ -99,6 +99,9 @@ async fn missing_queue_and_dead_endpoint_are_named() {
     if absent("moto server", 5000).await {
         return;
     }
+    // moto loads its SQS emulation on the first SQS request, which on a fresh install and a
+    // busy machine took longer than the source's 2 s timeout; warm it without one.
+    client().await.list_queues().send().await.unwrap();
     let mut s = source(
         "http://127.0.0.1:5000/123456789012/no-such-queue",
         ENDPOINT,
