@@ -14,7 +14,7 @@ use microscaler_core::validate::join;
 use microscaler_core::Validator;
 use serde::Deserialize;
 
-use crate::{docker, kubernetes, marathon, nomad, process, swarm};
+use crate::{docker, ecs, kubernetes, marathon, nomad, process, swarm};
 
 /// The plugin set of this build: every source and every backend.
 pub type Plugins = (microscaler_sources::SourceConfig, BackendConfig);
@@ -38,6 +38,8 @@ pub enum BackendConfig {
     Nomad(nomad::NomadConfig),
     /// Marathon: microscaler sets the instances of apps.
     Marathon(marathon::MarathonConfig),
+    /// AWS ECS: microscaler sets the desiredCount of ECS services.
+    Ecs(ecs::EcsConfig),
 }
 
 impl BackendPlugins for BackendConfig {
@@ -49,6 +51,7 @@ impl BackendPlugins for BackendConfig {
         "kubernetes",
         "nomad",
         "marathon",
+        "ecs",
     ];
 
     fn validate(kind: &str, options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {
@@ -66,6 +69,7 @@ impl BackendPlugins for BackendConfig {
             "marathon" => {
                 BackendConfig::Marathon(marathon::MarathonConfig::validate(options, v, path)?)
             }
+            "ecs" => BackendConfig::Ecs(ecs::EcsConfig::validate(options, v, path)?),
             other => unreachable!("the core checks backend types against TYPES, got {other:?}"),
         })
     }
@@ -84,6 +88,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Kubernetes(k) => k.workload(options, cx, v, path),
             BackendConfig::Nomad(n) => n.workload(options, cx, v, path),
             BackendConfig::Marathon(m) => m.workload(options, cx, v, path),
+            BackendConfig::Ecs(e) => e.workload(options, cx, v, path),
         }
     }
 
@@ -95,6 +100,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Kubernetes(_) => kubernetes::CAPABILITIES,
             BackendConfig::Nomad(_) => nomad::CAPABILITIES,
             BackendConfig::Marathon(_) => marathon::CAPABILITIES,
+            BackendConfig::Ecs(_) => ecs::CAPABILITIES,
         }
     }
 
@@ -106,6 +112,7 @@ impl BackendPlugins for BackendConfig {
             BackendConfig::Kubernetes(_) => "kubernetes",
             BackendConfig::Nomad(_) => "nomad",
             BackendConfig::Marathon(_) => "marathon",
+            BackendConfig::Ecs(_) => "ecs",
         }
     }
 }
@@ -214,6 +221,8 @@ pub enum Reference {
     Nomad(nomad::NomadReference),
     /// An existing Marathon app.
     Marathon(marathon::MarathonReference),
+    /// An existing ECS service.
+    Ecs(ecs::EcsReference),
 }
 
 impl std::fmt::Display for Reference {
@@ -223,6 +232,7 @@ impl std::fmt::Display for Reference {
             Reference::Kubernetes(r) => r.fmt(f),
             Reference::Nomad(r) => r.fmt(f),
             Reference::Marathon(r) => r.fmt(f),
+            Reference::Ecs(r) => r.fmt(f),
         }
     }
 }
@@ -293,10 +303,10 @@ pub(crate) mod tests {
     fn unknown_types_list_valid_ones() {
         assert_eq!(
             config("type = \"k8s\"", "").unwrap_err(),
-            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes, nomad, marathon"]
+            vec!["backend.type: unknown backend \"k8s\": valid types are docker, swarm, process, kubernetes, nomad, marathon, ecs"]
         );
         assert!(
-            BackendConfig::TYPES.len() == 6
+            BackendConfig::TYPES.len() == 7
                 && microscaler_sources::SourceConfig::TYPES.contains(&"random")
         );
     }

@@ -3,7 +3,7 @@
 //! Two kinds, one trait:
 //! - container-level ([`docker`], [`process`]): the backend itself creates, starts, stops and
 //!   removes replicas, and chooses which replica to stop;
-//! - service-level ([`swarm`], [`kubernetes`], [`nomad`], [`marathon`]): the backend sets a replica count and the orchestrator places
+//! - service-level ([`swarm`], [`kubernetes`], [`nomad`], [`marathon`], [`ecs`]): the backend sets a replica count and the orchestrator places
 //!   the replicas.
 //!
 //! Every backend answers the same questions (what runs, what is pending, which hosts) and takes
@@ -19,6 +19,7 @@ use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservati
 pub mod config;
 pub mod docker;
 pub mod docker_api;
+pub mod ecs;
 mod http;
 #[cfg(feature = "kubernetes")]
 pub mod kube_lease;
@@ -41,6 +42,33 @@ pub(crate) fn managed(service: &Service) -> &RunSpec {
         env: std::collections::BTreeMap::new(),
     };
     service.workload.run().unwrap_or(&BUILT_IN)
+}
+
+/// Removes what microscaler created for each service, one after the other (the shutdown of the
+/// service-level backends): `remove` gives the removal of a service's object, with what it is
+/// for the log, or `None` for a service with nothing of ours (a reference, one never
+/// prepared). A failure is logged and the others still go; the first failure is returned.
+pub(crate) async fn remove_each<'a, F, Fut>(
+    services: &'a [Service],
+    mut remove: F,
+) -> Result<(), BackendError>
+where
+    F: FnMut(&'a Service) -> Option<Fut>,
+    Fut: Future<Output = (String, Result<(), BackendError>)>,
+{
+    let mut first_error = None;
+    for s in services {
+        let Some(removal) = remove(s) else { continue };
+        let (what, result) = removal.await;
+        match result {
+            Ok(()) => tracing::info!(service = %s.name, "removed {what}"),
+            Err(e) => {
+                tracing::warn!(service = %s.name, error = %e, "removing {what} failed; going on with the others");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Label keys put on everything microscaler creates. Only objects carrying both the instance
@@ -321,6 +349,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Gives the backend the control loop's waker: a backend told of a change by its
+    /// orchestrator (an event queue) rings it so the loop ticks at once instead of at its next
+    /// period. Default: unused.
+    fn wake_on_change(&self, waker: std::sync::Arc<tokio::sync::Notify>) {
+        let _ = waker;
+    }
+
     /// Called once on shutdown: with `remove`, stops and removes every managed replica (and
     /// Swarm service); without, leaves them for the next start to adopt.
     fn shutdown(
@@ -345,6 +380,9 @@ pub enum AnyBackend {
     Nomad(nomad::NomadBackend),
     /// Marathon.
     Marathon(marathon::MarathonBackend),
+    /// AWS ECS.
+    #[cfg(feature = "ecs")]
+    Ecs(ecs::EcsBackend),
 }
 
 macro_rules! dispatch {
@@ -357,6 +395,8 @@ macro_rules! dispatch {
             AnyBackend::Kubernetes($b) => $e,
             AnyBackend::Nomad($b) => $e,
             AnyBackend::Marathon($b) => $e,
+            #[cfg(feature = "ecs")]
+            AnyBackend::Ecs($b) => $e,
         }
     };
 }
@@ -387,6 +427,9 @@ impl Backend for AnyBackend {
     }
     fn leading(&self) -> bool {
         dispatch!(self, b => b.leading())
+    }
+    fn wake_on_change(&self, waker: std::sync::Arc<tokio::sync::Notify>) {
+        dispatch!(self, b => b.wake_on_change(waker))
     }
     async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
         dispatch!(self, b => b.shutdown(services, remove).await)

@@ -809,26 +809,21 @@ impl Backend for MarathonBackend {
         if !remove {
             return Ok(());
         }
-        let mut first_error = None;
-        for s in services {
-            let Some(t) = self.target(s) else { continue };
-            if !t.managed {
-                continue; // A referenced app is never deleted.
-            }
-            // Its own app: a deployment of microscaler's last change must not keep it.
-            let path = format!("/v2/apps{}?force=true", encode_id(&t.app));
-            let op = format!("delete Marathon app {}", t.app);
-            match self.call(reqwest::Method::DELETE, &path, None, &op).await {
-                Ok(_) => {
-                    tracing::info!(service = %s.name, app = %t.app, "deleted the Marathon app")
-                }
-                Err(e) => {
-                    tracing::warn!(service = %s.name, app = %t.app, error = %e, "deleting the Marathon app failed");
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        // A referenced app is never deleted.
+        crate::remove_each(services, |s| {
+            let t = self.target(s).filter(|t| t.managed)?;
+            Some(async move {
+                // Its own app: a deployment of microscaler's last change must not keep it.
+                let path = format!("/v2/apps{}?force=true", encode_id(&t.app));
+                let op = format!("delete Marathon app {}", t.app);
+                let done = self
+                    .call(reqwest::Method::DELETE, &path, None, &op)
+                    .await
+                    .map(|_| ());
+                (format!("the Marathon app {}", t.app), done)
+            })
+        })
+        .await
     }
 }
 

@@ -1155,31 +1155,25 @@ impl Backend for NomadBackend {
         if !remove {
             return Ok(());
         }
-        let mut first_error = None;
-        for s in services {
-            let Some(t) = self.target(s) else { continue };
-            if !t.managed {
-                continue; // A referenced job is never removed.
-            }
-            let op = format!("purge Nomad job {}", t.job);
-            let url = self.api.url(
-                &format!("/v1/job/{}?purge=true", encode(&t.job)),
-                t.at(),
-                None,
-            );
-            match self
-                .api
-                .send(&op, self.api.request(reqwest::Method::DELETE, &url))
-                .await
-            {
-                Ok(_) => tracing::info!(service = %s.name, job = %t.job, "purged the Nomad job"),
-                Err(e) => {
-                    tracing::warn!(service = %s.name, job = %t.job, error = %e, "purging the Nomad job failed");
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        // A referenced job is never removed.
+        crate::remove_each(services, |s| {
+            let t = self.target(s).filter(|t| t.managed)?;
+            Some(async move {
+                let op = format!("purge Nomad job {}", t.job);
+                let url = self.api.url(
+                    &format!("/v1/job/{}?purge=true", encode(&t.job)),
+                    t.at(),
+                    None,
+                );
+                let done = self
+                    .api
+                    .send(&op, self.api.request(reqwest::Method::DELETE, &url))
+                    .await
+                    .map(|_| ());
+                (format!("the Nomad job {}", t.job), done)
+            })
+        })
+        .await
     }
 }
 

@@ -507,7 +507,9 @@ impl<B: Backend + 'static> Controller<B> {
         self.backend
             .prepare(&self.cfg.services)
             .await
-            .map_err(PrepareError::Backend)
+            .map_err(PrepareError::Backend)?;
+        self.backend.wake_on_change(self.controls.wake.clone());
+        Ok(())
     }
 
     /// When the next scheduled demand change is due (a random walk's next move), as an

@@ -40,6 +40,18 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
         BackendConfig::Marathon(m) => AnyBackend::Marathon(
             microscaler_backends::marathon::MarathonBackend::connect(m, &cfg.instance).await?,
         ),
+        #[cfg(feature = "ecs")]
+        BackendConfig::Ecs(e) => {
+            AnyBackend::Ecs(microscaler_backends::ecs::EcsBackend::connect(e, &cfg.instance).await?)
+        }
+        #[cfg(not(feature = "ecs"))]
+        BackendConfig::Ecs(_) => {
+            return Err(BackendError::Unsupported(
+                "this microscaler was built without the ecs backend: build it with \
+                 cargo build --features ecs (on by default)"
+                    .into(),
+            ))
+        }
     })
 }
 

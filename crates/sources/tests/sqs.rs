@@ -12,18 +12,7 @@ use microscaler_sources::{AnySource, Source, SourceConfig, SqsConfig};
 
 const ENDPOINT: &str = "http://127.0.0.1:5000";
 
-/// Fake credentials for moto, the same in every test (set before any client is made), and
-/// nothing from this machine's AWS profile or instance metadata.
-fn fake_credentials() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-        std::env::set_var("AWS_CONFIG_FILE", "/nonexistent");
-        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
-    });
-}
+use microscaler_testkit::moto::fake_credentials;
 
 fn source(queue_url: &str, endpoint: &str, include_in_flight: bool) -> AnySource {
     AnySource::build(

@@ -13,6 +13,8 @@
 //!   blocking queries), for the Nomad backend's tests.
 //! - [`marathon`]: a fake of Marathon's REST API (apps, tasks on agents, deployment locks,
 //!   credentials), for the Marathon backend's tests.
+//! - [`moto`] (feature `ecs`): moto server's clients, clusters of container instances and
+//!   ECS services, for the ECS backend's tests (and what moto does not simulate).
 //! - [`tls`]: a real TLS server behind a private CA, for the HTTP backends' `ca_file`.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
@@ -28,6 +30,8 @@ pub mod contract;
 #[cfg(feature = "kubernetes")]
 pub mod kube_rig;
 pub mod marathon;
+#[cfg(feature = "ecs")]
+pub mod moto;
 pub mod nomad;
 pub mod sim;
 pub mod source_contract;

@@ -1,0 +1,1127 @@
+//! AWS ECS backend (service-level): microscaler sets each ECS service's `desiredCount` with
+//! `UpdateService`, and ECS places the tasks on the cluster's container instances.
+//!
+//! - A service references an existing ECS service (`[services.reference] service = "web"`,
+//!   `cluster`), whose `desiredCount` is the only thing microscaler ever changes; or, managed
+//!   (the demo, the tests), is an ECS service `{instance}-{service}` that microscaler creates
+//!   (with a task definition of that family, from the service's `image`, `command` and `env`),
+//!   tagged [`TAG_INSTANCE`] and [`TAG_SERVICE`], and deletes with `on_exit = "stop"`. A service
+//!   of that name without both tags is never touched (that is an error).
+//! - At most one `UpdateService` per service per tick, and none when the count is already what
+//!   the plan asks (the last count seen by `DescribeServices` or returned by `UpdateService`).
+//! - Observation per tick: `DescribeServices` in batches of 10 (desired, running, pending, the
+//!   primary deployment's rollout state) and the cluster's container instances
+//!   (`ListContainerInstances` + `DescribeContainerInstances`) as hosts: an ACTIVE instance with
+//!   its agent connected is ready, a DRAINING one is not; registered CPU and memory are kept on
+//!   the host. ECS tasks are not listed (two more calls per tick): the per-host view has no
+//!   replicas on ECS.
+//! - One-per-host services (seed 004): a `per_host` service that references a REPLICA service
+//!   has its `desiredCount` kept equal to the number of ready container instances, like any
+//!   service the loop scales; one that references a DAEMON service (ECS keeps one task per
+//!   instance itself and refuses a `desiredCount`) is observed and counted, never updated.
+//! - Container-instance events: with `[backend] events_queue`, an SQS queue that receives the
+//!   EventBridge rule `{"source": ["aws.ecs"], "detail-type": ["ECS Container Instance State
+//!   Change"]}`, each event wakes the control loop at once (the message is read and deleted);
+//!   the per-tick observation stays the safety net.
+//! - Errors: the SDK does not retry (the control loop backs off per service, with jitter for
+//!   throttling, and reports); `ThrottlingException` is [`BackendError::Throttled`],
+//!   `ServiceNotActiveException` and missing services or clusters are not-found errors naming
+//!   them, `AccessDeniedException` names the IAM action, an endpoint that does not answer is
+//!   unreachable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
+use microscaler_core::validate::join;
+use microscaler_core::{ServiceKind, Validator};
+use serde::Deserialize;
+
+use crate::config::{Reference, Workload};
+
+/// What the ecs backend can do: per-host services are kept at one task per container instance
+/// by count (DAEMON services by ECS itself), no pause, tasks stop after the update returns,
+/// and services may reference existing ECS services.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    native_per_host: false,
+    pause: false,
+    host_resources: false,
+    stops: StopCompletion::Converges,
+    references: true,
+};
+
+/// Tag on managed ECS services and task definitions: the owning microscaler instance.
+pub const TAG_INSTANCE: &str = "microscaler.instance";
+/// Tag on managed ECS services and task definitions: the microscaler service.
+pub const TAG_SERVICE: &str = "microscaler.service";
+
+/// The `detail-type` of the EventBridge events that wake the loop.
+pub const INSTANCE_EVENT: &str = "ECS Container Instance State Change";
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+/// `[backend] type = "ecs"`: an ECS cluster, through the AWS API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EcsConfig {
+    /// The cluster whose container instances are the hosts, where managed services are
+    /// created, and of references that name none. Default `default` (ECS's own default).
+    pub cluster: String,
+    /// The AWS region; `None` means the standard chain (`AWS_REGION`, the profile).
+    pub region: Option<String>,
+    /// An endpoint instead of AWS's (an emulator such as moto, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+    /// A profile of the shared AWS files; `None` means the standard chain.
+    pub profile: Option<String>,
+    /// An SQS queue URL that receives the container-instance events of an EventBridge rule.
+    pub events_queue: Option<String>,
+    /// The launch type of managed services: `EC2` (default) or `FARGATE`.
+    pub launch_type: String,
+    /// CPU units (1024 = one vCPU) of each task of a managed service. Default 128.
+    pub cpu: u32,
+    /// Memory (MiB) of each task of a managed service. Default 128.
+    pub memory: u32,
+    /// How long one API call may take. Default 10 s.
+    pub timeout: Duration,
+}
+
+impl Default for EcsConfig {
+    fn default() -> Self {
+        EcsConfig {
+            cluster: "default".into(),
+            region: None,
+            endpoint_url: None,
+            profile: None,
+            events_queue: None,
+            launch_type: "EC2".into(),
+            cpu: 128,
+            memory: 128,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEcs {
+    cluster: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    profile: Option<String>,
+    events_queue: Option<String>,
+    launch_type: Option<String>,
+    cpu: Option<u32>,
+    memory: Option<u32>,
+    timeout: Option<String>,
+}
+
+/// Whether `s` is an ECS cluster or service name: 1-255 letters, digits, '-' and '_'.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl EcsConfig {
+    /// Validates the `[backend]` section (without `type`) at `path`. Nothing is read and no
+    /// AWS call is made here: that happens when the backend connects.
+    pub fn validate(options: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawEcs = v.part(options, path)?;
+        let d = EcsConfig::default();
+        let cluster = r.cluster.unwrap_or(d.cluster);
+        if !is_name(&cluster) {
+            v.err(
+                join(path, "cluster"),
+                format!("{cluster:?} is not an ECS cluster name (letters, digits, '-', '_')"),
+            );
+        }
+        for (key, value) in [
+            ("region", &r.region),
+            ("profile", &r.profile),
+            ("endpoint_url", &r.endpoint_url),
+            ("events_queue", &r.events_queue),
+        ] {
+            if value.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                v.err(join(path, key), "must not be empty");
+            }
+        }
+        for (key, value) in [
+            ("endpoint_url", &r.endpoint_url),
+            ("events_queue", &r.events_queue),
+        ] {
+            if let Some(u) = value {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    v.err(
+                        join(path, key),
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    );
+                }
+            }
+        }
+        let launch_type = r.launch_type.unwrap_or(d.launch_type);
+        if !matches!(launch_type.as_str(), "EC2" | "FARGATE") {
+            v.err(
+                join(path, "launch_type"),
+                format!("must be EC2 or FARGATE, got {launch_type:?}"),
+            );
+        }
+        let cpu = r.cpu.unwrap_or(d.cpu);
+        if !(2..=196_608).contains(&cpu) {
+            v.err(
+                join(path, "cpu"),
+                "must be CPU units from 2 to 196608 (1024 = one vCPU)",
+            );
+        }
+        let memory = r.memory.unwrap_or(d.memory);
+        if memory < 6 {
+            v.err(join(path, "memory"), "must be MiB of memory, at least 6");
+        }
+        let timeout = v.duration(
+            r.timeout.as_deref(),
+            &join(path, "timeout"),
+            d.timeout,
+            (Duration::from_millis(100), Duration::from_secs(120)),
+        );
+        Some(EcsConfig {
+            cluster,
+            region: r.region,
+            endpoint_url: r.endpoint_url,
+            profile: r.profile,
+            events_queue: r.events_queue,
+            launch_type,
+            cpu,
+            memory,
+            timeout,
+        })
+    }
+
+    /// Validates a service's own keys for this backend: `image` (required), `command` and
+    /// `env`; or a `[services.reference]` naming an existing ECS service.
+    pub fn workload(
+        &self,
+        options: toml::Table,
+        cx: &ServiceContext<'_>,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<Workload> {
+        let w = Workload::managed_or_reference(options, v, path, |table, v, path| {
+            EcsReference::validate(table, v, path).map(Reference::Ecs)
+        })?;
+        if let Workload::Managed(run) = &w {
+            if cx.per_host {
+                v.err(
+                    join(path, "per_host"),
+                    "a per-host service on ecs is an existing ECS service (a REPLICA one, whose \
+                     desiredCount microscaler keeps at the number of container instances, or a \
+                     DAEMON one): reference it with [services.reference] service = \"name\"",
+                );
+            }
+            if run.image.is_none() {
+                v.err(
+                    join(path, "image"),
+                    "missing: the image the tasks run (there is no built-in one on a cluster), \
+                     or reference an existing ECS service with [services.reference]",
+                );
+            }
+        }
+        Some(w)
+    }
+}
+
+/// `[services.reference]` on the ecs backend: an existing ECS service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EcsReference {
+    /// The ECS service's name.
+    pub service: String,
+    /// Its cluster; `None` means the backend's.
+    pub cluster: Option<String>,
+}
+
+impl std::fmt::Display for EcsReference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ECS service {}", self.service)?;
+        if let Some(c) = &self.cluster {
+            write!(f, " in cluster {c}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawReference {
+    service: Option<String>,
+    cluster: Option<String>,
+}
+
+impl EcsReference {
+    /// Validates the reference table at `path`.
+    pub fn validate(table: toml::Value, v: &mut Validator, path: &str) -> Option<Self> {
+        let r: RawReference = v.part(table, path)?;
+        let Some(service) = r.service else {
+            v.err(
+                join(path, "service"),
+                "missing: the name of an existing ECS service",
+            );
+            return None;
+        };
+        for (key, value) in [("service", Some(&service)), ("cluster", r.cluster.as_ref())] {
+            if let Some(s) = value {
+                if !is_name(s) {
+                    v.err(
+                        join(path, key),
+                        format!("{s:?} is not an ECS {key} name (letters, digits, '-', '_')"),
+                    );
+                }
+            }
+        }
+        Some(EcsReference {
+            service,
+            cluster: r.cluster,
+        })
+    }
+}
+
+/// Whether an EventBridge event (an SQS message's body) is a container instance's state
+/// change, which changes the hosts.
+pub fn is_instance_event(body: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return false;
+    };
+    v["source"].as_str() == Some("aws.ecs") && v["detail-type"].as_str() == Some(INSTANCE_EVENT)
+}
+
+/// Whether a service is per-host.
+fn per_host<S>(kind: &ServiceKind<S>) -> bool {
+    matches!(kind, ServiceKind::PerHost)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The live backend.
+
+#[cfg(feature = "ecs")]
+pub use live::EcsBackend;
+
+#[cfg(feature = "ecs")]
+mod live {
+    use super::*;
+
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    use aws_config::{BehaviorVersion, Region};
+    use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+    use aws_sdk_ecs::types::{
+        ContainerDefinition, DeploymentRolloutState, KeyValuePair, LaunchType, SchedulingStrategy,
+        ServiceField, Tag,
+    };
+    use microscaler_core::{Host, HostId, ServiceName, ServiceObservation};
+    use tokio::sync::Notify;
+
+    use crate::{Backend, BackendError, Observation, ScaleOutcome, Service};
+
+    /// What a service is on ECS, resolved at `prepare`.
+    #[derive(Debug, Clone)]
+    struct Target {
+        cluster: String,
+        service: String,
+        managed: bool,
+        /// A DAEMON service: counted, never updated.
+        daemon: bool,
+    }
+
+    /// The ECS backend.
+    pub struct EcsBackend {
+        ecs: aws_sdk_ecs::Client,
+        /// Where the API is, for messages.
+        endpoint: String,
+        instance: String,
+        cfg: EcsConfig,
+        targets: RwLock<HashMap<ServiceName, Target>>,
+        /// Each service's `desiredCount` as last seen (observed or returned by an update).
+        desired: Mutex<HashMap<ServiceName, u32>>,
+        /// The control loop's waker, given once; container-instance events ring it.
+        waker: Arc<OnceLock<Arc<Notify>>>,
+        /// Events read from `events_queue` so far.
+        events: Arc<std::sync::atomic::AtomicU64>,
+        events_task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Drop for EcsBackend {
+        fn drop(&mut self) {
+            if let Some(t) = &self.events_task {
+                t.abort();
+            }
+        }
+    }
+
+    /// The AWS configuration of `cfg`: the standard chain, with the region, profile and
+    /// endpoint given, no SDK retries (the control loop retries with backoff), and the
+    /// configured timeout on every call.
+    pub(super) async fn aws_config(cfg: &EcsConfig, timeout: Duration) -> aws_config::SdkConfig {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5).min(timeout))
+                    .operation_attempt_timeout(timeout)
+                    .operation_timeout(timeout)
+                    .build(),
+            );
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(p) = &cfg.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(e) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(e);
+        }
+        loader.load().await
+    }
+
+    /// Maps an SDK error of `op` to a backend error: the class decides how the loop retries.
+    fn error<E>(endpoint: &str, op: &str, e: SdkError<E>) -> BackendError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let code = e.code().unwrap_or("").to_string();
+        let message = e.message().unwrap_or("").to_string();
+        match &e {
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+                return BackendError::Unreachable {
+                    what: format!("the ECS API at {endpoint}"),
+                    hint: format!(
+                        "{op}: {}; check the region, endpoint_url and the network",
+                        aws_sdk_ecs::error::DisplayErrorContext(&e)
+                    ),
+                    source: Some(Box::new(e)),
+                };
+            }
+            SdkError::ConstructionFailure(_) => {
+                return BackendError::Unreachable {
+                    what: format!("the ECS API at {endpoint}"),
+                    hint: format!(
+                        "{op}: {}; are AWS credentials and a region set (environment, profile \
+                         or role)?",
+                        aws_sdk_ecs::error::DisplayErrorContext(&e)
+                    ),
+                    source: Some(Box::new(e)),
+                };
+            }
+            _ => {}
+        }
+        let op = op.to_string();
+        let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+        let said = if message.is_empty() {
+            code.clone()
+        } else {
+            format!("{code}: {message}")
+        };
+        match code.as_str() {
+            "ThrottlingException"
+            | "Throttling"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded" => BackendError::Throttled { op, message: said },
+            _ if message.contains("Rate exceeded") => BackendError::Throttled { op, message: said },
+            "ServiceNotActiveException"
+            | "ServiceNotFoundException"
+            | "ClusterNotFoundException" => BackendError::NotFound {
+                what: op,
+                hint: said,
+            },
+            "AccessDeniedException"
+            | "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "ExpiredTokenException" => BackendError::Unsupported(format!(
+                "{op}: refused by AWS ({said}): the role or user needs the IAM actions listed in \
+                 docs/backends.md (ecs backend)"
+            )),
+            "InvalidParameterException" | "ClientException" => {
+                BackendError::Invalid { op, message: said }
+            }
+            _ => BackendError::Api {
+                op,
+                message: if status >= 500 {
+                    format!("{status} {said}")
+                } else {
+                    said
+                },
+            },
+        }
+    }
+
+    impl EcsBackend {
+        /// Connects: builds the client from the standard AWS chain and checks that the
+        /// cluster exists (`DescribeClusters`); with `events_queue`, starts reading it.
+        pub async fn connect(cfg: &EcsConfig, instance: &str) -> Result<Self, BackendError> {
+            let conf = aws_config(cfg, cfg.timeout).await;
+            let endpoint = cfg.endpoint_url.clone().unwrap_or_else(|| {
+                format!(
+                    "ecs.{}.amazonaws.com",
+                    conf.region().map(|r| r.as_ref()).unwrap_or("<no region>")
+                )
+            });
+            if conf.region().is_none() {
+                return Err(BackendError::Unreachable {
+                    what: format!("the ECS API at {endpoint}"),
+                    hint: "no AWS region: set [backend] region, AWS_REGION or the profile's \
+                           region"
+                        .into(),
+                    source: None,
+                });
+            }
+            let ecs = aws_sdk_ecs::Client::new(&conf);
+            let op = format!("DescribeClusters {}", cfg.cluster);
+            let out = ecs
+                .describe_clusters()
+                .clusters(&cfg.cluster)
+                .send()
+                .await
+                .map_err(|e| error(&endpoint, &op, e))?;
+            let active = out.clusters().iter().any(|c| c.status() == Some("ACTIVE"));
+            if !active {
+                return Err(BackendError::NotFound {
+                    what: format!("ECS cluster {}", cfg.cluster),
+                    hint: format!(
+                        "no ACTIVE cluster of that name at {endpoint}; check [backend] cluster \
+                         and region"
+                    ),
+                });
+            }
+            tracing::info!(endpoint = %endpoint, cluster = %cfg.cluster, "connected to ECS");
+            let waker: Arc<OnceLock<Arc<Notify>>> = Arc::new(OnceLock::new());
+            let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let events_task = match &cfg.events_queue {
+                Some(queue) => {
+                    // Long polls wait up to 20 s: the queue's client allows for it.
+                    let conf = aws_config(cfg, Duration::from_secs(30)).await;
+                    let sqs = aws_sdk_sqs::Client::new(&conf);
+                    Some(tokio::spawn(read_events(
+                        sqs,
+                        queue.clone(),
+                        Arc::clone(&waker),
+                        Arc::clone(&events),
+                    )))
+                }
+                None => None,
+            };
+            Ok(EcsBackend {
+                ecs,
+                endpoint,
+                instance: instance.to_string(),
+                cfg: cfg.clone(),
+                targets: RwLock::new(HashMap::new()),
+                desired: Mutex::new(HashMap::new()),
+                waker,
+                events,
+                events_task,
+            })
+        }
+
+        /// The ECS service name of managed `service`.
+        pub fn service_name(instance: &str, service: &str) -> String {
+            format!("{instance}-{service}")
+        }
+
+        /// Container-instance events read from `events_queue` so far.
+        pub fn events_read(&self) -> u64 {
+            self.events.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
+        fn err<E>(&self, op: &str, e: SdkError<E>) -> BackendError
+        where
+            E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        {
+            error(&self.endpoint, op, e)
+        }
+
+        fn target(&self, service: &Service) -> Option<Target> {
+            self.targets
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&service.name)
+                .cloned()
+        }
+
+        fn remember(&self, name: &ServiceName, desired: u32) {
+            self.desired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), desired);
+        }
+
+        /// The ECS service `name` in `cluster`, with its tags; `None` when it is missing or
+        /// no longer ACTIVE (deleted: INACTIVE, being deleted: DRAINING).
+        async fn describe(
+            &self,
+            cluster: &str,
+            name: &str,
+        ) -> Result<Option<aws_sdk_ecs::types::Service>, BackendError> {
+            let op = format!("DescribeServices {name} in cluster {cluster}");
+            let out = self
+                .ecs
+                .describe_services()
+                .cluster(cluster)
+                .services(name)
+                .include(ServiceField::Tags)
+                .send()
+                .await
+                .map_err(|e| self.err(&op, e))?;
+            Ok(out
+                .services()
+                .iter()
+                .find(|s| s.service_name() == Some(name) && s.status() == Some("ACTIVE"))
+                .cloned())
+        }
+
+        /// Resolves what `service` is on ECS: a referenced service exists and is ACTIVE, a
+        /// managed one is created when it does not exist and adopted when it carries our tags.
+        async fn resolve(&self, service: &Service) -> Result<Target, BackendError> {
+            let (cluster, name, managed) = match service.workload.reference() {
+                Some(Reference::Ecs(r)) => (
+                    r.cluster
+                        .clone()
+                        .unwrap_or_else(|| self.cfg.cluster.clone()),
+                    r.service.clone(),
+                    false,
+                ),
+                Some(other) => {
+                    return Err(BackendError::Unsupported(format!(
+                        "service {}: the ecs backend cannot reference a {other}",
+                        service.name
+                    )))
+                }
+                None => (
+                    self.cfg.cluster.clone(),
+                    Self::service_name(&self.instance, service.name.as_str()),
+                    true,
+                ),
+            };
+            let found = self.describe(&cluster, &name).await?;
+            let Some(found) = found else {
+                if !managed {
+                    return Err(BackendError::NotFound {
+                        what: format!("ECS service {name} in cluster {cluster}"),
+                        hint: format!(
+                            "service {} references it and it is missing or not ACTIVE; check \
+                             [services.reference] service and cluster",
+                            service.name
+                        ),
+                    });
+                }
+                self.create(service, &cluster, &name).await?;
+                self.remember(&service.name, 0);
+                return Ok(Target {
+                    cluster,
+                    service: name,
+                    managed: true,
+                    daemon: false,
+                });
+            };
+            if managed {
+                let tag = |k: &str| {
+                    found
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(k))
+                        .and_then(|t| t.value())
+                        .map(str::to_string)
+                };
+                if tag(TAG_INSTANCE).as_deref() != Some(self.instance.as_str())
+                    || tag(TAG_SERVICE).as_deref() != Some(service.name.as_str())
+                {
+                    return Err(BackendError::Unsupported(format!(
+                        "service {}: the ECS service {name} in cluster {cluster} exists and is \
+                         not this microscaler's (its tags lack {TAG_INSTANCE} = {:?} and \
+                         {TAG_SERVICE} = {:?}); rename the service or the instance, or \
+                         reference it with [services.reference]",
+                        service.name, self.instance, service.name
+                    )));
+                }
+            }
+            let daemon = found.scheduling_strategy() == Some(&SchedulingStrategy::Daemon);
+            if daemon && !per_host(&service.kind) {
+                return Err(BackendError::Unsupported(format!(
+                    "service {}: ECS service {name} is a DAEMON service (one task per container \
+                     instance, kept by ECS): mark the service per_host = true",
+                    service.name
+                )));
+            }
+            self.remember(&service.name, found.desired_count().max(0) as u32);
+            Ok(Target {
+                cluster,
+                service: name,
+                managed,
+                daemon,
+            })
+        }
+
+        /// Registers managed `service`'s task definition and creates its ECS service with
+        /// desiredCount 0, both tagged.
+        async fn create(
+            &self,
+            service: &Service,
+            cluster: &str,
+            name: &str,
+        ) -> Result<(), BackendError> {
+            let run = crate::managed(service);
+            let tags = vec![
+                Tag::builder()
+                    .key(TAG_INSTANCE)
+                    .value(&self.instance)
+                    .build(),
+                Tag::builder()
+                    .key(TAG_SERVICE)
+                    .value(service.name.as_str())
+                    .build(),
+            ];
+            let mut container = ContainerDefinition::builder()
+                .name(service.name.as_str())
+                .set_image(run.image.clone())
+                .cpu(self.cfg.cpu as i32)
+                .memory(self.cfg.memory as i32)
+                .essential(true)
+                .stop_timeout(service.stop_grace.as_secs().clamp(2, 120) as i32);
+            if !run.command.is_empty() {
+                container = container.set_command(Some(run.command.clone()));
+            }
+            for (k, v) in &run.env {
+                container = container.environment(KeyValuePair::builder().name(k).value(v).build());
+            }
+            let op = format!("RegisterTaskDefinition {name}");
+            let td = self
+                .ecs
+                .register_task_definition()
+                .family(name)
+                .container_definitions(container.build())
+                .set_tags(Some(tags.clone()))
+                .send()
+                .await
+                .map_err(|e| self.err(&op, e))?;
+            let arn = td
+                .task_definition()
+                .and_then(|t| t.task_definition_arn())
+                .unwrap_or(name)
+                .to_string();
+            let op = format!("CreateService {name} in cluster {cluster}");
+            self.ecs
+                .create_service()
+                .cluster(cluster)
+                .service_name(name)
+                .task_definition(&arn)
+                .desired_count(0)
+                .launch_type(LaunchType::from(self.cfg.launch_type.as_str()))
+                .set_tags(Some(tags))
+                .send()
+                .await
+                .map_err(|e| self.err(&op, e))?;
+            tracing::info!(service = %service.name, ecs_service = name, cluster, task_definition = %arn,
+                "created the ECS service (desiredCount 0)");
+            Ok(())
+        }
+
+        /// The cluster's container instances as hosts.
+        async fn hosts(&self) -> Result<Vec<Host>, BackendError> {
+            let cluster = &self.cfg.cluster;
+            let op = format!("ListContainerInstances in cluster {cluster}");
+            let mut arns = Vec::new();
+            let mut next = None;
+            loop {
+                let out = self
+                    .ecs
+                    .list_container_instances()
+                    .cluster(cluster)
+                    .set_next_token(next)
+                    .send()
+                    .await
+                    .map_err(|e| self.err(&op, e))?;
+                arns.extend(out.container_instance_arns().iter().cloned());
+                next = out.next_token().map(str::to_string);
+                if next.is_none() {
+                    break;
+                }
+            }
+            let op = format!("DescribeContainerInstances in cluster {cluster}");
+            let batches = arns.chunks(100).map(|batch| {
+                self.ecs
+                    .describe_container_instances()
+                    .cluster(cluster)
+                    .set_container_instances(Some(batch.to_vec()))
+                    .send()
+            });
+            let mut hosts = Vec::new();
+            for out in futures::future::join_all(batches).await {
+                let out = out.map_err(|e| self.err(&op, e))?;
+                for ci in out.container_instances() {
+                    let resource = |name: &str| {
+                        ci.registered_resources()
+                            .iter()
+                            .find(|r| r.name() == Some(name))
+                            .map(|r| r.integer_value())
+                    };
+                    hosts.push(Host {
+                        id: HostId(ci.container_instance_arn().unwrap_or("").to_string()),
+                        name: ci
+                            .ec2_instance_id()
+                            .or(ci.container_instance_arn())
+                            .unwrap_or("")
+                            .to_string(),
+                        ready: ci.status() == Some("ACTIVE") && ci.agent_connected(),
+                        cpus: resource("CPU").map(|u| f64::from(u) / 1024.0),
+                        memory_bytes: resource("MEMORY").map(|m| m.max(0) as u64 * 1024 * 1024),
+                    });
+                }
+            }
+            hosts.sort_by(|a, b| a.id.0.cmp(&b.id.0));
+            Ok(hosts)
+        }
+
+        /// `DescribeServices` of `targets` (all in `cluster`), 10 at a time, all at once.
+        async fn observe_cluster(
+            &self,
+            cluster: &str,
+            targets: &[(ServiceName, Target)],
+            out: &mut Observation,
+        ) -> Result<(), BackendError> {
+            let op = format!("DescribeServices in cluster {cluster}");
+            let calls = targets.chunks(10).map(|batch| {
+                self.ecs
+                    .describe_services()
+                    .cluster(cluster)
+                    .set_services(Some(batch.iter().map(|(_, t)| t.service.clone()).collect()))
+                    .send()
+            });
+            let answers = futures::future::join_all(calls).await;
+            let mut by_name = HashMap::new();
+            for a in answers {
+                let a = a.map_err(|e| self.err(&op, e))?;
+                for s in a.services() {
+                    if let Some(n) = s.service_name() {
+                        by_name.insert(n.to_string(), s.clone());
+                    }
+                }
+            }
+            for (name, t) in targets {
+                // Missing or no longer ACTIVE: nothing runs (deleted by our shutdown, or by
+                // someone; a scale says which).
+                let Some(s) = by_name
+                    .get(&t.service)
+                    .filter(|s| s.status() == Some("ACTIVE"))
+                else {
+                    continue;
+                };
+                let desired = s.desired_count().max(0) as u32;
+                self.remember(name, desired);
+                let primary = s
+                    .deployments()
+                    .iter()
+                    .find(|d| d.status() == Some("PRIMARY"));
+                let rolling = primary.is_some_and(|d| {
+                    d.rollout_state() == Some(&DeploymentRolloutState::InProgress)
+                }) || s.deployments().len() > 1;
+                out.services.insert(
+                    name.clone(),
+                    ServiceObservation {
+                        running: s.running_count().max(0) as u32,
+                        pending: s.pending_count().max(0) as u32,
+                        orchestrator_wants: (!t.daemon).then_some(desired),
+                        caught_up: !rolling,
+                        ..ServiceObservation::default()
+                    },
+                );
+            }
+            Ok(())
+        }
+    }
+
+    /// Reads the events queue until the backend is dropped: each container-instance event
+    /// wakes the loop; every message is deleted once read (events of other kinds too, so the
+    /// queue does not fill). Errors are logged and retried with backoff.
+    async fn read_events(
+        sqs: aws_sdk_sqs::Client,
+        queue: String,
+        waker: Arc<OnceLock<Arc<Notify>>>,
+        events: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let mut wait = Duration::from_millis(500);
+        loop {
+            let got = sqs
+                .receive_message()
+                .queue_url(&queue)
+                .max_number_of_messages(10)
+                .wait_time_seconds(20)
+                .send()
+                .await;
+            let out = match got {
+                Ok(out) => {
+                    wait = Duration::from_millis(500);
+                    out
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                        "reading the ECS events queue failed; retrying (the per-tick observation goes on)");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            let mut woke = false;
+            for m in out.messages() {
+                if m.body().is_some_and(is_instance_event) {
+                    events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if !woke {
+                        if let Some(w) = waker.get() {
+                            w.notify_one();
+                        }
+                        woke = true;
+                    }
+                }
+            }
+            for m in out.messages() {
+                let Some(handle) = m.receipt_handle() else {
+                    continue;
+                };
+                if let Err(e) = sqs
+                    .delete_message()
+                    .queue_url(&queue)
+                    .receipt_handle(handle)
+                    .send()
+                    .await
+                {
+                    tracing::warn!(queue = %queue, error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                        "deleting an ECS event from the queue failed; it will be read again");
+                }
+            }
+            if woke {
+                tracing::debug!(queue = %queue, "a container instance changed; woke the loop");
+            }
+        }
+    }
+
+    impl Backend for EcsBackend {
+        fn kind(&self) -> &'static str {
+            "ecs"
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            CAPABILITIES
+        }
+
+        async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
+            for s in services {
+                let t = self.resolve(s).await?;
+                tracing::info!(service = %s.name, ecs_service = %t.service, cluster = %t.cluster,
+                    managed = t.managed, daemon = t.daemon, "following the ECS service");
+                self.targets
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s.name.clone(), t);
+            }
+            Ok(())
+        }
+
+        async fn observe(&self) -> Result<Observation, BackendError> {
+            let targets: Vec<(ServiceName, Target)> = self
+                .targets
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut by_cluster: BTreeMap<String, Vec<(ServiceName, Target)>> = BTreeMap::new();
+            for (name, t) in targets {
+                by_cluster
+                    .entry(t.cluster.clone())
+                    .or_default()
+                    .push((name, t));
+            }
+            let mut out = Observation {
+                hosts: self.hosts().await?,
+                ..Observation::default()
+            };
+            for (cluster, targets) in &by_cluster {
+                self.observe_cluster(cluster, targets, &mut out).await?;
+            }
+            Ok(out)
+        }
+
+        async fn scale(
+            &self,
+            service: &Service,
+            target: u32,
+        ) -> Result<ScaleOutcome, BackendError> {
+            let t = match self.target(service) {
+                Some(t) => t,
+                None => self.resolve(service).await?,
+            };
+            if t.daemon {
+                tracing::debug!(service = %service.name, "a DAEMON service keeps one task per container instance; nothing to scale");
+                return Ok(ScaleOutcome::default());
+            }
+            let known = self
+                .desired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&service.name)
+                .copied();
+            let from = match known {
+                Some(d) => d,
+                None => match self.describe(&t.cluster, &t.service).await? {
+                    Some(s) => s.desired_count().max(0) as u32,
+                    None => 0,
+                },
+            };
+            if from == target {
+                return Ok(ScaleOutcome::default());
+            }
+            let op = format!("UpdateService {} in cluster {}", t.service, t.cluster);
+            let out = self
+                .ecs
+                .update_service()
+                .cluster(&t.cluster)
+                .service(&t.service)
+                .desired_count(target as i32)
+                .send()
+                .await
+                .map_err(|e| match self.err(&op, e) {
+                    BackendError::NotFound { hint, .. } => BackendError::NotFound {
+                        what: format!("ECS service {} in cluster {}", t.service, t.cluster),
+                        hint: format!(
+                            "{hint}; service {} is that ECS service: was it deleted?",
+                            service.name
+                        ),
+                    },
+                    other => other,
+                })?;
+            let now = out
+                .service()
+                .map(|s| s.desired_count().max(0) as u32)
+                .unwrap_or(target);
+            self.remember(&service.name, now);
+            tracing::debug!(service = %service.name, ecs_service = %t.service, from, target, "updated the ECS service's desiredCount");
+            Ok(if target > from {
+                ScaleOutcome {
+                    started: target - from,
+                    ..ScaleOutcome::default()
+                }
+            } else {
+                ScaleOutcome {
+                    stopped: from - target,
+                    ..ScaleOutcome::default()
+                }
+            })
+        }
+
+        fn wake_on_change(&self, waker: Arc<Notify>) {
+            let _ = self.waker.set(waker);
+        }
+
+        async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
+            if !remove {
+                return Ok(());
+            }
+            // A referenced service is never deleted.
+            crate::remove_each(services, |s| {
+                let t = self.target(s).filter(|t| t.managed)?;
+                Some(async move {
+                    let op = format!("DeleteService {} in cluster {}", t.service, t.cluster);
+                    let done = self
+                        .ecs
+                        .delete_service()
+                        .cluster(&t.cluster)
+                        .service(&t.service)
+                        .force(true)
+                        .send()
+                        .await
+                        .map(|_| self.remember(&s.name, 0))
+                        .map_err(|e| self.err(&op, e));
+                    (
+                        format!("the ECS service {} in cluster {}", t.service, t.cluster),
+                        done,
+                    )
+                })
+            })
+            .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::config;
+    use crate::config::{BackendConfig, Reference, Workload};
+
+    use super::*;
+
+    #[test]
+    fn options_and_references_are_checked_with_paths() {
+        let e = config(
+            "type = \"ecs\"\ncluster = \"a b\"\nlaunch_type = \"LAMBDA\"\ncpu = 1\nendpoint_url = \"moto:5000\"\ncolour = 1",
+            "image = \"x\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec![
+                "backend.colour: unknown key",
+                "backend.cluster: \"a b\" is not an ECS cluster name (letters, digits, '-', '_')",
+                "backend.endpoint_url: \"moto:5000\" is not an http:// or https:// URL",
+                "backend.launch_type: must be EC2 or FARGATE, got \"LAMBDA\"",
+                "backend.cpu: must be CPU units from 2 to 196608 (1024 = one vCPU)",
+            ]
+        );
+        let e = config("type = \"ecs\"", "[services.reference]\ncluster = \"prod\"").unwrap_err();
+        assert_eq!(
+            e,
+            vec!["services[0].reference.service: missing: the name of an existing ECS service"]
+        );
+        let c = config(
+            "type = \"ecs\"\ntimeout = \"3s\"",
+            "[services.reference]\nservice = \"web\"\ncluster = \"prod\"",
+        )
+        .unwrap();
+        let BackendConfig::Ecs(b) = &c.backend else {
+            panic!("ecs: {:?}", c.backend)
+        };
+        assert_eq!(
+            (b.cluster.as_str(), b.timeout),
+            ("default", Duration::from_secs(3))
+        );
+        let Workload::Reference(Reference::Ecs(r)) = &c.services[0].workload else {
+            panic!("a reference: {:?}", c.services[0].workload)
+        };
+        assert_eq!(r.to_string(), "ECS service web in cluster prod");
+    }
+
+    #[test]
+    fn managed_services_need_an_image_and_per_host_ones_a_reference() {
+        let e = config("type = \"ecs\"", "").unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("services[0].image: missing"), "{e:?}");
+        let per_host = |keys: &str| {
+            crate::Config::from_toml(&format!(
+                "instance = \"t\"\n[capacity]\nslots = 4\n[backend]\ntype = \"ecs\"\n\
+                 [[services]]\nname = \"agent\"\nper_host = true\n{keys}\n"
+            ))
+            .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        };
+        let e = per_host("image = \"agent:1\"").unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("services[0].per_host: a per-host service on ecs"),
+            "{e:?}"
+        );
+        per_host("[services.reference]\nservice = \"agent\"").unwrap();
+    }
+
+    #[test]
+    fn only_container_instance_events_count() {
+        assert!(is_instance_event(
+            r#"{"version":"0","source":"aws.ecs","detail-type":"ECS Container Instance State Change","detail":{}}"#
+        ));
+        assert!(!is_instance_event(
+            r#"{"source":"aws.ecs","detail-type":"ECS Task State Change"}"#
+        ));
+        assert!(!is_instance_event("not json"));
+    }
+}

@@ -1,0 +1,277 @@
+//! The control loop on ECS, against moto server (an AWS emulator from PyPI on 127.0.0.1:5000,
+//! started by the test command): the seeds' first demo (3 container instances x 3 slots, p1 on
+//! demand, p2 the remainder), and seed 004's one-per-host service whose `desiredCount` follows
+//! the container instances, by polling and woken by the EventBridge event through SQS.
+//!
+//! moto starts no tasks (`runningCount` jumps to `desiredCount`), emits no EventBridge event
+//! (the test sends the event to the queue, as the rule would) and ignores cluster-query
+//! filters; see `microscaler_testkit::moto`.
+#![cfg(feature = "ecs")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use microscaler::control::{run_loop, Controller};
+use microscaler::wiring::build_backend;
+use microscaler_backends::ecs::EcsBackend;
+use microscaler_backends::Config;
+use microscaler_testkit::{moto, unique};
+
+const TICK: Duration = Duration::from_millis(100);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// A configuration on moto's cluster `cluster` with `services` (TOML) and `extra` backend keys.
+fn config(cluster: &str, instance: &str, tick: &str, extra: &str, services: &str) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "{tick}"
+        on_exit = "stop"
+        [capacity]
+        slots_per_host = 3
+        [backend]
+        type = "ecs"
+        cluster = "{cluster}"
+        region = "{region}"
+        endpoint_url = "{endpoint}"
+        {extra}
+        {services}
+        "#,
+        region = moto::REGION,
+        endpoint = moto::ENDPOINT,
+    ))
+    .expect("valid configuration")
+}
+
+const SEEDS: &str = r#"
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "busybox:1"
+        [[services.triggers]]
+        type = "manual"
+        initial = 4
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        image = "busybox:1"
+"#;
+
+/// The seeds' ECS demo: 3 container instances x 3 slots; as p1's demand moves, p1 runs its
+/// demand and p1 + p2 == 9 once converged; a container instance drained: p2 is shed to 3 and
+/// p1 keeps its demand; at the end `on_exit = "stop"` deletes both ECS services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_rule_holds_on_three_container_instances() {
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let cluster = unique("el");
+    let instances = moto::cluster(&ecs, &cluster, 3).await;
+    let instance = unique("el");
+    let cfg = config(&cluster, &instance, "100ms", "", SEEDS);
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
+
+    for d in [4, 7, 2, 9, 0, 5] {
+        demand.set(f64::from(d)).expect("set demand");
+        common::until(&mut ctl, "the seeds' rule", TICK, CONVERGE, |r| {
+            common::seeds_rule(r, d, 9)
+        })
+        .await;
+    }
+    let p1 = EcsBackend::service_name(&instance, "p1");
+    assert_eq!(moto::desired(&ecs, &cluster, &p1).await, Some(5));
+
+    moto::drain(&ecs, &cluster, &instances[0], true).await;
+    let reports = common::until(&mut ctl, "p2 shed", TICK, CONVERGE, |r| {
+        common::seeds_rule(r, 5, 6)
+    })
+    .await;
+    for r in &reports {
+        assert_eq!(r.target_of("p1"), Some(5), "p1 keeps its demand");
+    }
+
+    ctl.shutdown().await.expect("shutdown");
+    for s in ["p1", "p2"] {
+        let name = EcsBackend::service_name(&instance, s);
+        assert_eq!(
+            moto::desired(&ecs, &cluster, &name).await,
+            None,
+            "{name} deleted on exit"
+        );
+    }
+}
+
+/// Seed 004: a one-per-host service (an existing REPLICA service, referenced with
+/// `per_host = true`) has its desiredCount set to the number of ready container instances in
+/// the first tick after an instance is registered, drained or deregistered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_host_service_follows_the_instances_within_one_tick() {
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let cluster = unique("ep");
+    let mut instances = moto::cluster(&ecs, &cluster, 2).await;
+    moto::plain_service(&ecs, &cluster, "agent", 0, "REPLICA").await;
+    let cfg = config(
+        &cluster,
+        &unique("ep"),
+        "100ms",
+        "",
+        r#"
+        [[services]]
+        name = "agent"
+        per_host = true
+        [services.reference]
+        service = "agent"
+        "#,
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+
+    let mut one_tick = async |want: u32, after: &str| {
+        let r = ctl.tick().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(
+            moto::desired(&ecs, &cluster, "agent").await,
+            Some(want),
+            "one tick after {after}"
+        );
+    };
+    one_tick(2, "the start").await;
+    instances.push(moto::add_instance(&ecs, &cluster).await);
+    one_tick(3, "an instance registered").await;
+    moto::drain(&ecs, &cluster, &instances[0], true).await;
+    one_tick(2, "an instance drained").await;
+    moto::drain(&ecs, &cluster, &instances[0], false).await;
+    one_tick(3, "the drain ended").await;
+    moto::deregister(&ecs, &cluster, &instances[1]).await;
+    one_tick(2, "an instance deregistered").await;
+
+    ctl.shutdown().await.expect("shutdown");
+    assert_eq!(
+        moto::desired(&ecs, &cluster, "agent").await,
+        Some(2),
+        "a referenced service is never deleted"
+    );
+}
+
+/// Seed 004's event path: with `events_queue`, the EventBridge event of a container instance
+/// (sent to the SQS queue by the test, as the rule would) wakes the running loop at once, so
+/// the one-per-host service follows a new instance long before the next tick (the tick here is
+/// 20 s; the loop is woken only by the event). The event is deleted from the queue once read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_event_on_the_queue_wakes_the_loop() {
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let sqs = moto::sqs().await;
+    let cluster = unique("ee");
+    moto::cluster(&ecs, &cluster, 2).await;
+    moto::plain_service(&ecs, &cluster, "agent", 0, "REPLICA").await;
+    let queue = sqs
+        .create_queue()
+        .queue_name(unique("ecs-events"))
+        .send()
+        .await
+        .expect("CreateQueue")
+        .queue_url
+        .expect("queue URL");
+    let cfg = config(
+        &cluster,
+        &unique("ee"),
+        "20s",
+        &format!("events_queue = \"{queue}\""),
+        r#"
+        [[services]]
+        name = "agent"
+        per_host = true
+        [services.reference]
+        service = "agent"
+        "#,
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let looping = tokio::spawn(async move {
+        run_loop(
+            &mut ctl,
+            async {
+                let _ = stop_rx.await;
+            },
+            |_| {},
+        )
+        .await;
+        ctl
+    });
+    // The loop's first tick (at once) sets the agent to the 2 instances.
+    let t0 = Instant::now();
+    while moto::desired(&ecs, &cluster, "agent").await != Some(2) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "first tick");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arn = moto::add_instance(&ecs, &cluster).await;
+    let cluster_arn = format!(
+        "arn:aws:ecs:{}:123456789012:cluster/{cluster}",
+        moto::REGION
+    );
+    let sent = Instant::now();
+    sqs.send_message()
+        .queue_url(&queue)
+        .message_body(moto::instance_event(&cluster_arn, &arn, "ACTIVE"))
+        .send()
+        .await
+        .expect("SendMessage");
+    while moto::desired(&ecs, &cluster, "agent").await != Some(3) {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the event did not wake the loop (the next tick is 20 s away)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "from SendMessage to the agent's desiredCount updated: {:?}",
+        sent.elapsed()
+    );
+    // The event was deleted once read.
+    let t0 = Instant::now();
+    loop {
+        let attrs = sqs
+            .get_queue_attributes()
+            .queue_url(&queue)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(
+                aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            )
+            .send()
+            .await
+            .expect("GetQueueAttributes");
+        let left: u32 = attrs
+            .attributes()
+            .map(|a| a.values().map(|v| v.parse::<u32>().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the event is still on the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(()).expect("stop the loop");
+    let ctl = looping.await.expect("the loop");
+    ctl.shutdown().await.expect("shutdown");
+}
