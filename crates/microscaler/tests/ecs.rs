@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use microscaler::control::{run_loop, Controller};
 use microscaler::wiring::build_backend;
 use microscaler_backends::ecs::EcsBackend;
-use microscaler_backends::Config;
+use microscaler_backends::{AnyBackend, Config};
 use microscaler_testkit::{moto, unique};
 
 const TICK: Duration = Duration::from_millis(100);
@@ -42,6 +42,16 @@ fn config(cluster: &str, instance: &str, tick: &str, extra: &str, services: &str
         endpoint = moto::ENDPOINT,
     ))
     .expect("valid configuration")
+}
+
+/// A prepared controller of `cfg` (the ecs backend keeps no state on this machine).
+async fn controller(cfg: Config) -> Controller<AnyBackend> {
+    let backend = build_backend(&cfg, &std::env::temp_dir())
+        .await
+        .expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    ctl
 }
 
 const SEEDS: &str = r#"
@@ -72,10 +82,7 @@ async fn seeds_rule_holds_on_three_container_instances() {
     let instances = moto::cluster(&ecs, &cluster, 3).await;
     let instance = unique("el");
     let cfg = config(&cluster, &instance, "100ms", "", SEEDS);
-    let state = tempfile::tempdir().expect("state dir");
-    let backend = build_backend(&cfg, state.path()).await.expect("backend");
-    let mut ctl = Controller::new(cfg, backend, 1);
-    ctl.prepare().await.expect("prepare");
+    let mut ctl = controller(cfg).await;
     let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
 
     for d in [4, 7, 2, 9, 0, 5] {
@@ -133,10 +140,7 @@ async fn a_per_host_service_follows_the_instances_within_one_tick() {
         service = "agent"
         "#,
     );
-    let state = tempfile::tempdir().expect("state dir");
-    let backend = build_backend(&cfg, state.path()).await.expect("backend");
-    let mut ctl = Controller::new(cfg, backend, 1);
-    ctl.prepare().await.expect("prepare");
+    let mut ctl = controller(cfg).await;
 
     let mut one_tick = async |want: u32, after: &str| {
         let r = ctl.tick().await;
@@ -200,10 +204,7 @@ async fn an_instance_event_on_the_queue_wakes_the_loop() {
         service = "agent"
         "#,
     );
-    let state = tempfile::tempdir().expect("state dir");
-    let backend = build_backend(&cfg, state.path()).await.expect("backend");
-    let mut ctl = Controller::new(cfg, backend, 1);
-    ctl.prepare().await.expect("prepare");
+    let mut ctl = controller(cfg).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let looping = tokio::spawn(async move {
         run_loop(
@@ -273,5 +274,122 @@ async fn an_instance_event_on_the_queue_wakes_the_loop() {
     }
     stop_tx.send(()).expect("stop the loop");
     let ctl = looping.await.expect("the loop");
+    ctl.shutdown().await.expect("shutdown");
+}
+
+/// Throttling and 5xx met by the control loop (a fault proxy of ours in front of moto injects
+/// them): p1's change is throttled ("Rate exceeded"), reported with its class, and retried
+/// after the throttle's backoff (1 s, with jitter); p2's change in the meantime goes through
+/// (a failed change never holds the rest of the plan); a 503 is retried too; at the end both
+/// services run what their demand asks and nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_and_failed_changes_are_retried_with_backoff_and_the_rest_goes_on() {
+    use microscaler::control::TickReport;
+    use microscaler_backends::ErrorClass;
+    use microscaler_testkit::fault_proxy::{Fault, FaultProxy};
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let cluster = unique("et");
+    moto::cluster(&ecs, &cluster, 3).await;
+    let proxy = FaultProxy::start(moto::ENDPOINT).await;
+    let instance = unique("et");
+    let mut cfg = config(
+        &cluster,
+        &instance,
+        "100ms",
+        "",
+        r#"
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "busybox:1"
+        [[services.triggers]]
+        type = "manual"
+        initial = 0
+        [[services]]
+        name = "p2"
+        priority = 2
+        image = "busybox:1"
+        [[services.triggers]]
+        type = "manual"
+        initial = 0
+        "#,
+    );
+    if let microscaler_backends::BackendConfig::Ecs(e) = &mut cfg.backend {
+        e.endpoint_url = Some(proxy.address());
+    }
+    let mut ctl = controller(cfg).await;
+    let p1 = ctl.controls().manual_of("p1").expect("p1").clone();
+    let p2 = ctl.controls().manual_of("p2").expect("p2").clone();
+    ctl.tick().await;
+
+    // Every execution the loop reports, with when it was reported.
+    type Log = Vec<(Instant, String, Result<(), ErrorClass>, String)>;
+    fn record(log: &mut Log, r: &TickReport) {
+        for ex in &r.executions {
+            let (res, msg) = match &ex.result {
+                Ok(_) => (Ok(()), String::new()),
+                Err(e) => (Err(e.class), e.message.clone()),
+            };
+            log.push((Instant::now(), ex.service.to_string(), res, msg));
+        }
+    }
+    fn of(log: &Log, svc: &str) -> Vec<(Instant, Result<(), ErrorClass>, String)> {
+        log.iter()
+            .filter(|(_, s, _, _)| s == svc)
+            .map(|(t, _, r, m)| (*t, *r, m.clone()))
+            .collect()
+    }
+    let mut log: Log = Vec::new();
+    let (p1_name, p2_name) = (
+        EcsBackend::service_name(&instance, "p1"),
+        EcsBackend::service_name(&instance, "p2"),
+    );
+
+    proxy.inject("UpdateService", Fault::Throttle, 1);
+    p1.set(3.0).expect("p1 demand");
+    record(&mut log, &ctl.tick().await);
+    p2.set(2.0).expect("p2 demand");
+    let t0 = Instant::now();
+    while moto::desired(&ecs, &cluster, &p1_name).await != Some(3) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "p1 never applied");
+        record(&mut log, &ctl.tick().await);
+        tokio::time::sleep(TICK).await;
+    }
+    assert_eq!(moto::desired(&ecs, &cluster, &p2_name).await, Some(2));
+    let p1_log = of(&log, "p1");
+    assert_eq!(p1_log.len(), 2, "one throttled try, one retry: {log:?}");
+    assert_eq!(p1_log[0].1, Err(ErrorClass::Throttled), "{log:?}");
+    assert!(p1_log[0].2.contains("Rate exceeded"), "{log:?}");
+    assert_eq!(p1_log[1].1, Ok(()));
+    let waited = p1_log[1].0 - p1_log[0].0;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retried after the throttle's backoff, not at once: {waited:?}"
+    );
+    let p2_log = of(&log, "p2");
+    assert_eq!(p2_log.len(), 1, "{log:?}");
+    assert!(
+        p2_log[0].1.is_ok() && p2_log[0].0 < p1_log[1].0,
+        "p2's change went through while p1 waited: {log:?}"
+    );
+
+    log.clear();
+    proxy.inject("UpdateService", Fault::ServerError(503), 1);
+    p1.set(5.0).expect("p1 demand");
+    let t0 = Instant::now();
+    while moto::desired(&ecs, &cluster, &p1_name).await != Some(5) {
+        assert!(t0.elapsed() < Duration::from_secs(15), "p1 never applied");
+        record(&mut log, &ctl.tick().await);
+        tokio::time::sleep(TICK).await;
+    }
+    let p1_log = of(&log, "p1");
+    assert_eq!(p1_log.len(), 2, "{log:?}");
+    assert_eq!(p1_log[0].1, Err(ErrorClass::Failed), "{log:?}");
+    assert!(p1_log[0].2.contains("503"), "{log:?}");
+    assert!(p1_log[1].0 - p1_log[0].0 >= Duration::from_millis(400));
+    assert_eq!(proxy.faulted("UpdateService"), 2);
     ctl.shutdown().await.expect("shutdown");
 }

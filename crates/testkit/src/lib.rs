@@ -15,6 +15,8 @@
 //!   credentials), for the Marathon backend's tests.
 //! - [`moto`] (feature `ecs`): moto server's clients, clusters of container instances and
 //!   ECS services, for the ECS backend's tests (and what moto does not simulate).
+//! - [`fault_proxy`]: an HTTP proxy in front of a real API that injects AWS throttling and
+//!   5xx per operation, and counts the calls.
 //! - [`tls`]: a real TLS server behind a private CA, for the HTTP backends' `ca_file`.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
@@ -27,6 +29,7 @@ use microscaler_backends::{Backend, Observation, RunSpec, Service, Workload};
 use microscaler_core::{Priority, ServiceKind, ServiceName};
 
 pub mod contract;
+pub mod fault_proxy;
 #[cfg(feature = "kubernetes")]
 pub mod kube_rig;
 pub mod marathon;

@@ -183,6 +183,17 @@ pub async fn plain_service(
         .send()
         .await
         .expect("CreateService");
+    if strategy == "REPLICA" {
+        // moto counts a new service's tasks running only from an update on (at creation it
+        // reads MOTO_ECS_SERVICE_RUNNING, 0 by default): set the count again so they run.
+        ecs.update_service()
+            .cluster(cluster)
+            .service(name)
+            .desired_count(desired as i32)
+            .send()
+            .await
+            .expect("UpdateService");
+    }
 }
 
 /// The ECS service `name` of `cluster` as moto holds it, if ACTIVE.
