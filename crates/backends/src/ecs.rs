@@ -300,7 +300,7 @@ fn per_host<S>(kind: &ServiceKind<S>) -> bool {
 // The live backend.
 
 #[cfg(feature = "ecs")]
-pub use live::EcsBackend;
+pub use live::{create_demo_cluster, delete_demo_cluster, emulator_ec2_instance, EcsBackend};
 
 #[cfg(feature = "ecs")]
 mod live {
@@ -832,6 +832,130 @@ mod live {
             }
             Ok(())
         }
+    }
+
+    /// Starts an EC2 instance on an emulator's EC2 API at `endpoint` (moto: it registers a
+    /// container instance only for an instance it runs) and returns its id. The request is
+    /// not signed: this works on an emulator only, never on AWS.
+    pub async fn emulator_ec2_instance(
+        endpoint: &str,
+        region: &str,
+    ) -> Result<String, BackendError> {
+        let what = format!("the EC2 API at {endpoint}");
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential=demo/20260101/{region}/ec2/aws4_request, \
+             SignedHeaders=host, Signature=0"
+        );
+        let body = reqwest::Client::new()
+            .post(format!("{}/", endpoint.trim_end_matches('/')))
+            .header("Authorization", auth)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(
+                "Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b&MinCount=1&MaxCount=1",
+            )
+            .send()
+            .await
+            .map_err(|e| crate::http::unreachable(&what, format!("RunInstances: {e}")))?
+            .text()
+            .await
+            .map_err(|e| crate::http::unreachable(&what, format!("RunInstances: {e}")))?;
+        let id = body
+            .split_once("<instanceId>")
+            .and_then(|(_, rest)| rest.split_once('<'))
+            .map(|(id, _)| id.to_string());
+        id.ok_or_else(|| BackendError::Api {
+            op: "RunInstances".into(),
+            message: format!(
+                "no instance id in the answer (an emulator such as moto is needed): {}",
+                crate::http::clip(&body)
+            ),
+        })
+    }
+
+    /// The demo's cluster on an emulator: creates cluster `cfg.cluster` and registers
+    /// `instances` container instances in it (each for an EC2 instance the emulator runs).
+    /// Refused without `endpoint_url`: on AWS a container instance is a real machine with the
+    /// ECS agent, which the demo cannot make.
+    pub async fn create_demo_cluster(
+        cfg: &EcsConfig,
+        instances: usize,
+    ) -> Result<(), BackendError> {
+        let Some(endpoint) = &cfg.endpoint_url else {
+            return Err(BackendError::Unsupported(
+                "the demo makes container instances only on an emulator (--address, e.g. moto \
+                 server); on AWS give --cluster, a cluster with container instances"
+                    .into(),
+            ));
+        };
+        let conf = aws_config(cfg, cfg.timeout).await;
+        let region = conf
+            .region()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "us-east-1".into());
+        let ecs = aws_sdk_ecs::Client::new(&conf);
+        let cluster = &cfg.cluster;
+        ecs.create_cluster()
+            .cluster_name(cluster)
+            .send()
+            .await
+            .map_err(|e| error(endpoint, &format!("CreateCluster {cluster}"), e))?;
+        for _ in 0..instances {
+            let id = emulator_ec2_instance(endpoint, &region).await?;
+            let doc = serde_json::json!({"instanceId": id, "region": region}).to_string();
+            ecs.register_container_instance()
+                .cluster(cluster)
+                .instance_identity_document(doc)
+                .send()
+                .await
+                .map_err(|e| {
+                    error(
+                        endpoint,
+                        &format!("RegisterContainerInstance in {cluster}"),
+                        e,
+                    )
+                })?;
+        }
+        tracing::info!(cluster = %cluster, instances, endpoint = %endpoint, "created the demo's cluster");
+        Ok(())
+    }
+
+    /// Removes the demo's cluster: deregisters its container instances, then deletes it (its
+    /// services are deleted by the demo's `on_exit = "stop"` before).
+    pub async fn delete_demo_cluster(cfg: &EcsConfig) -> Result<(), BackendError> {
+        let conf = aws_config(cfg, cfg.timeout).await;
+        let endpoint = cfg.endpoint_url.clone().unwrap_or_else(|| "AWS".into());
+        let ecs = aws_sdk_ecs::Client::new(&conf);
+        let cluster = &cfg.cluster;
+        let arns = ecs
+            .list_container_instances()
+            .cluster(cluster)
+            .send()
+            .await
+            .map_err(|e| {
+                error(
+                    &endpoint,
+                    &format!("ListContainerInstances in {cluster}"),
+                    e,
+                )
+            })?
+            .container_instance_arns()
+            .to_vec();
+        for arn in arns {
+            ecs.deregister_container_instance()
+                .cluster(cluster)
+                .container_instance(&arn)
+                .force(true)
+                .send()
+                .await
+                .map_err(|e| error(&endpoint, &format!("DeregisterContainerInstance {arn}"), e))?;
+        }
+        ecs.delete_cluster()
+            .cluster(cluster)
+            .send()
+            .await
+            .map_err(|e| error(&endpoint, &format!("DeleteCluster {cluster}"), e))?;
+        tracing::info!(cluster = %cluster, "deleted the demo's cluster");
+        Ok(())
     }
 
     /// Reads the events queue until the backend is dropped: each container-instance event

@@ -25,6 +25,11 @@ pub enum DemoBackend {
     /// Marathon (`--address`, else MARATHON_URL, else http://127.0.0.1:8080): one app per
     /// service, a Docker container running the placeholder image.
     Marathon,
+    /// AWS ECS (credentials and region from the AWS chain): one ECS service per service. With
+    /// `--address` (an emulator's endpoint, e.g. moto server) the demo creates a cluster of 3
+    /// container instances there and deletes it at the end; on AWS, `--cluster` names a
+    /// cluster that has container instances.
+    Ecs,
 }
 
 impl DemoBackend {
@@ -34,6 +39,7 @@ impl DemoBackend {
             DemoBackend::Kubernetes => Some("kubernetes"),
             DemoBackend::Nomad => Some("nomad"),
             DemoBackend::Marathon => Some("marathon"),
+            DemoBackend::Ecs => Some("ecs"),
             DemoBackend::Auto | DemoBackend::Docker | DemoBackend::Process => None,
         }
     }
@@ -44,8 +50,19 @@ impl DemoBackend {
 pub const KUBERNETES_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
 /// The `[backend]` keys after `type` and each service's `image` line, for `backend`.
-fn backend_keys(backend: &str, address: Option<&str>) -> (String, String) {
+fn backend_keys(backend: &str, s: &DemoSettings) -> (String, String) {
+    let address = s.address.as_deref();
     match backend {
+        "ecs" => {
+            let mut keys = format!("cluster = {:?}\n", s.ecs_cluster());
+            if let Some(a) = address {
+                keys.push_str(&format!("endpoint_url = {a:?}\n"));
+            }
+            if let Some(r) = &s.region {
+                keys.push_str(&format!("region = {r:?}\n"));
+            }
+            (keys, format!("image = \"{KUBERNETES_IMAGE}\"\n"))
+        }
         "nomad" | "marathon" => (
             address
                 .map(|a| format!("address = {a:?}\n"))
@@ -81,12 +98,26 @@ pub struct DemoSettings {
     pub instance: String,
     /// The orchestrator's address (`--address`), for the backends that take one.
     pub address: Option<String>,
+    /// ecs: an existing cluster (`--cluster`); `None` means one the demo creates, named after
+    /// the instance.
+    pub cluster: Option<String>,
+    /// ecs: the AWS region, when the AWS chain has none.
+    pub region: Option<String>,
+}
+
+impl DemoSettings {
+    /// The ECS cluster the demo runs on.
+    pub fn ecs_cluster(&self) -> String {
+        self.cluster
+            .clone()
+            .unwrap_or_else(|| self.instance.clone())
+    }
 }
 
 /// The demo's configuration as TOML for `backend` ("docker", "process" or "kubernetes").
 pub fn config_toml(s: &DemoSettings, backend: &str) -> String {
     let seed = s.seed.map(|n| format!("seed = {n}\n")).unwrap_or_default();
-    let (backend_keys, image) = backend_keys(backend, s.address.as_deref());
+    let (backend_keys, image) = backend_keys(backend, s);
     format!(
         r#"# The seeds' demo: priority 1 follows random demand, priority 2 fills what is left.
 instance = "{instance}"
@@ -537,6 +568,8 @@ mod tests {
             tick: Duration::from_millis(500),
             instance: "demo".into(),
             address: Some("http://127.0.0.1:4646".into()),
+            cluster: None,
+            region: Some("us-east-1".into()),
         };
         let q = QueueSettings {
             redis: "redis://127.0.0.1:6379".into(),
@@ -573,8 +606,17 @@ mod tests {
             tick: Duration::from_millis(500),
             instance: "demo".into(),
             address: Some("http://127.0.0.1:4646".into()),
+            cluster: None,
+            region: Some("us-east-1".into()),
         };
-        for backend in ["docker", "process", "kubernetes", "nomad", "marathon"] {
+        for backend in [
+            "docker",
+            "process",
+            "kubernetes",
+            "nomad",
+            "marathon",
+            "ecs",
+        ] {
             let toml = config_toml(&s, backend);
             let cfg = microscaler_backends::Config::from_toml(&toml)
                 .unwrap_or_else(|e| panic!("{backend}: {e}\n{toml}"));
@@ -586,7 +628,7 @@ mod tests {
                 .unwrap()
                 .image
                 .clone();
-            let want = matches!(backend, "kubernetes" | "nomad" | "marathon")
+            let want = matches!(backend, "kubernetes" | "nomad" | "marathon" | "ecs")
                 .then(|| KUBERNETES_IMAGE.to_string());
             assert_eq!(image, want, "{backend}");
         }

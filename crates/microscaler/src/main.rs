@@ -73,9 +73,14 @@ struct DemoArgs {
     #[arg(long, value_enum, default_value_t = DemoBackend::Auto)]
     backend: DemoBackend,
     /// The orchestrator's API address (nomad: default NOMAD_ADDR, else http://127.0.0.1:4646;
-    /// marathon: MARATHON_URL, else http://127.0.0.1:8080).
+    /// marathon: MARATHON_URL, else http://127.0.0.1:8080; ecs: an endpoint instead of AWS's,
+    /// such as moto server's, where the demo creates its cluster).
     #[arg(long)]
     address: Option<String>,
+    /// ecs: an existing cluster with container instances to run the demo on (default: a
+    /// cluster of 3 container instances the demo creates on the --address emulator).
+    #[arg(long)]
+    cluster: Option<String>,
     /// Stop after this long (e.g. "60s"); default: run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -339,6 +344,13 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         tick: args.tick,
         instance: args.instance.clone(),
         address: args.address.clone(),
+        cluster: args.cluster.clone(),
+        // An emulator needs some region; AWS itself gets the chain's.
+        region: (args.address.is_some()
+            && ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .all(|k| std::env::var(k).map_or(true, |v| v.is_empty())))
+        .then(|| "us-east-1".to_string()),
     };
     let state_dir = args
         .state_dir
@@ -364,14 +376,25 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         None => demo_config(&settings, backend),
     };
 
-    if args.address.is_some() && !matches!(args.backend, DemoBackend::Nomad | DemoBackend::Marathon)
+    if args.address.is_some()
+        && !matches!(
+            args.backend,
+            DemoBackend::Nomad | DemoBackend::Marathon | DemoBackend::Ecs
+        )
     {
         return Err(usage(anyhow::anyhow!(
-            "--address is the API of an orchestrator that takes one: use it with --backend nomad \
-             or marathon (kubernetes reads KUBECONFIG)"
+            "--address is the API of an orchestrator that takes one: use it with --backend nomad, \
+             marathon or ecs (kubernetes reads KUBECONFIG)"
+        )));
+    }
+    if args.cluster.is_some() && args.backend != DemoBackend::Ecs {
+        return Err(usage(anyhow::anyhow!(
+            "--cluster names an ECS cluster: use it with --backend ecs"
         )));
     }
     let mut chosen = None;
+    // The ECS cluster the demo created (and deletes at the end), if any.
+    let mut demo_cluster = None;
     if let Some(orchestrator) = args.backend.orchestrator() {
         if queue.is_some() {
             return Err(usage(anyhow::anyhow!(
@@ -380,6 +403,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
             )));
         }
         let cfg = config_for(orchestrator)?;
+        demo_cluster = ecs_demo_cluster(&cfg, &settings).await?;
         let b = build_backend(&cfg, &state_dir).await?;
         chosen = Some((cfg, b));
     }
@@ -447,7 +471,9 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
     }
     let web = start_server(&server, &cfg, backend.kind(), true, &state_dir).await?;
     let (Some(q), Some((client, mut conn))) = (queue, redis) else {
-        return drive(cfg, backend, args.duration, args.json, true, &[], web, None).await;
+        let result = drive(cfg, backend, args.duration, args.json, true, &[], web, None).await;
+        remove_ecs_demo_cluster(demo_cluster).await;
+        return result;
     };
     let (producer, stats) = demo::spawn_producer(client, conn.clone(), q.key.clone(), q.rate);
     let view = demo::QueueView {
@@ -779,6 +805,49 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
 /// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
 /// `queue` adds the queue demo's state to every tick line.
 #[allow(clippy::too_many_arguments)]
+/// On ecs without `--cluster`: creates the demo's cluster of 3 container instances on the
+/// emulator at `--address`, and returns its configuration for the clean-up.
+#[cfg(feature = "ecs")]
+async fn ecs_demo_cluster(
+    cfg: &Config,
+    settings: &DemoSettings,
+) -> anyhow::Result<Option<microscaler_backends::ecs::EcsConfig>> {
+    let microscaler_backends::BackendConfig::Ecs(e) = &cfg.backend else {
+        return Ok(None);
+    };
+    if settings.cluster.is_some() {
+        return Ok(None);
+    }
+    eprintln!(
+        "creating the demo's ECS cluster {} with 3 container instances at {}",
+        e.cluster,
+        e.endpoint_url.as_deref().unwrap_or("AWS")
+    );
+    microscaler_backends::ecs::create_demo_cluster(e, 3).await?;
+    Ok(Some(e.clone()))
+}
+
+#[cfg(not(feature = "ecs"))]
+async fn ecs_demo_cluster(_cfg: &Config, _settings: &DemoSettings) -> anyhow::Result<Option<()>> {
+    Ok(None)
+}
+
+/// Deletes the ECS cluster the demo created (its services are gone by then).
+#[cfg(feature = "ecs")]
+async fn remove_ecs_demo_cluster(cluster: Option<microscaler_backends::ecs::EcsConfig>) {
+    let Some(e) = cluster else { return };
+    match microscaler_backends::ecs::delete_demo_cluster(&e).await {
+        Ok(()) => eprintln!("deleted the demo's ECS cluster {}", e.cluster),
+        Err(err) => eprintln!(
+            "warning: cannot delete the demo's ECS cluster {}: {err}",
+            e.cluster
+        ),
+    }
+}
+
+#[cfg(not(feature = "ecs"))]
+async fn remove_ecs_demo_cluster(_cluster: Option<()>) {}
+
 async fn drive(
     cfg: Config,
     backend: AnyBackend,

@@ -42,6 +42,19 @@ fn run_demo_with(
     if backend == "kubernetes" {
         cmd.env("KUBECONFIG", microscaler_testkit::kube_rig::kubeconfig());
     }
+    if backend == "ecs" {
+        // moto's fake credentials, and nothing from this machine's AWS files.
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ] {
+            cmd.env(k, v);
+        }
+        cmd.env_remove("AWS_REGION").env_remove("AWS_DEFAULT_REGION");
+    }
     let out = cmd
         .args([
             "demo",
@@ -293,4 +306,41 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// `microscaler demo --backend ecs --address URL`, the seeds' first demo, against moto server
+/// (an AWS emulator from PyPI, started by the test command): the demo creates a cluster of 3
+/// container instances and its two ECS services there, the seeds' rule holds (moto starts no
+/// tasks: `runningCount` follows `desiredCount` at once, so this checks the plans and the
+/// calls, not placement), and at the end the services and the cluster are gone.
+#[test]
+fn demo_on_ecs_meets_demand_and_fills_capacity() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    if !rt.block_on(microscaler_testkit::moto::available()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("e2e-ecs-{}", std::process::id());
+    let (ticks, stderr) = run_demo_with(
+        "ecs",
+        &instance,
+        dir.path(),
+        &["--address", microscaler_testkit::moto::ENDPOINT],
+    );
+    check_success(&ticks);
+    assert!(
+        stderr.contains(&format!("deleted the demo's ECS cluster {instance}")),
+        "{stderr}"
+    );
+    let ecs = rt.block_on(microscaler_testkit::moto::ecs());
+    let clusters = rt
+        .block_on(ecs.describe_clusters().clusters(&instance).send())
+        .expect("DescribeClusters");
+    assert!(
+        clusters
+            .clusters()
+            .iter()
+            .all(|c| c.status() != Some("ACTIVE")),
+        "the demo's cluster is deleted: {clusters:?}"
+    );
 }

@@ -66,29 +66,11 @@ pub async fn sqs() -> aws_sdk_sqs::Client {
 }
 
 /// Starts an EC2 instance in moto (moto registers a container instance only for an instance
-/// it knows) and returns its id. EC2's query API, unsigned: moto does not check signatures.
+/// it knows) and returns its id.
 pub async fn ec2_instance() -> String {
-    let auth = format!(
-        "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/ec2/aws4_request, \
-         SignedHeaders=host, Signature=0"
-    );
-    let body = reqwest::Client::new()
-        .post(format!("{ENDPOINT}/"))
-        .header("Authorization", auth)
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .body("Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b&MinCount=1&MaxCount=1")
-        .send()
+    microscaler_backends::ecs::emulator_ec2_instance(ENDPOINT, REGION)
         .await
         .expect("moto RunInstances")
-        .text()
-        .await
-        .expect("moto RunInstances answer");
-    let start = body
-        .find("<instanceId>")
-        .unwrap_or_else(|| panic!("no instanceId in {body}"))
-        + "<instanceId>".len();
-    let end = start + body[start..].find('<').expect("end of instanceId");
-    body[start..end].to_string()
 }
 
 /// Registers a new container instance in `cluster` (ACTIVE, agent connected) and returns its
