@@ -53,7 +53,8 @@ fn run_demo_with(
         ] {
             cmd.env(k, v);
         }
-        cmd.env_remove("AWS_REGION").env_remove("AWS_DEFAULT_REGION");
+        cmd.env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION");
     }
     let out = cmd
         .args([
