@@ -36,6 +36,9 @@ if cargo tree --locked -p microscaler-core -e normal --prefix none | grep -E '^(
   exit 1
 fi
 
+step "the systemd unit (systemd-analyze verify and security)"
+scripts/check-systemd.sh
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

@@ -154,6 +154,15 @@ struct ServerArgs {
     /// are refused; the demo generates one and prints it.
     #[arg(long, env = "MICROSCALER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the bearer token (trimmed; never logged), e.g. a systemd credential:
+    /// --token-file %d/api-token. Not with --token.
+    #[arg(
+        long,
+        env = "MICROSCALER_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// Let any client read the dashboard, API and metrics without the token (default: only
     /// loopback clients).
     #[arg(long)]
@@ -177,7 +186,13 @@ impl ServerArgs {
                     spec.listen.map(|a| a.to_string())
                 }
             }),
-            token: self.token.clone().or_else(|| spec.token.clone()),
+            // An empty MICROSCALER_TOKEN is no token: the file's [server] token still counts.
+            token: self
+                .token
+                .clone()
+                .filter(|t| !t.trim().is_empty())
+                .or_else(|| spec.token.clone()),
+            token_file: None,
             open_read: self.open_read || spec.open_read,
             history: self
                 .history
@@ -466,7 +481,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         }
     }
     let mut server = args.server;
-    if server.token.is_none() {
+    if server.token.is_none() && server.token_file.is_none() {
         server.token = Some(generate_token()?);
     }
     let web = start_server(&server, &cfg, backend.kind(), true, &state_dir).await?;
@@ -635,6 +650,21 @@ impl microscaler_server::Control for LoopControl {
     }
 }
 
+/// The API token kept in `path`, trimmed. The error names the file, never its content; an
+/// empty file is an error (it would silently disable the API's changes).
+fn read_token_file(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| usage(anyhow::anyhow!("--token-file {}: {e}", path.display())))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "--token-file {}: the file is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
 /// Opens the history and binds the server (unless `--listen off`). A taken default address
 /// only disables the server, with a warning; an explicit `--listen` that fails is an error.
 async fn start_server(
@@ -644,7 +674,15 @@ async fn start_server(
     demo: bool,
     state_dir: &Path,
 ) -> Result<Option<Web>, Failure> {
-    let args = &args.over(&cfg.server);
+    let file_token = match &args.token_file {
+        Some(path) => Some(read_token_file(path)?),
+        None => None,
+    };
+    let mut args = args.over(&cfg.server);
+    if file_token.is_some() {
+        args.token = file_token;
+    }
+    let args = &args;
     let addr = args
         .listen
         .clone()
@@ -699,7 +737,7 @@ async fn start_server(
             if args.token.is_some() {
                 ""
             } else {
-                "; changes disabled: no --token / MICROSCALER_TOKEN"
+                "; changes disabled: no --token, --token-file or MICROSCALER_TOKEN"
             }
         );
     }
@@ -802,9 +840,6 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
     .await
 }
 
-/// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
-/// `queue` adds the queue demo's state to every tick line.
-#[allow(clippy::too_many_arguments)]
 /// On ecs without `--cluster`: creates the demo's cluster of 3 container instances on the
 /// emulator at `--address`, and returns its configuration for the clean-up.
 #[cfg(feature = "ecs")]
@@ -848,6 +883,9 @@ async fn remove_ecs_demo_cluster(cluster: Option<microscaler_backends::ecs::EcsC
 #[cfg(not(feature = "ecs"))]
 async fn remove_ecs_demo_cluster(_cluster: Option<()>) {}
 
+/// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
+/// `queue` adds the queue demo's state to every tick line.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: Config,
     backend: AnyBackend,

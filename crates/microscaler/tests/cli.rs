@@ -191,9 +191,10 @@ fn help_on_every_command() {
     }
 }
 
-/// `run` takes the server's address and token from the configuration's `[server]` section.
-#[test]
-fn run_serves_on_the_configured_address_with_the_configured_token() {
+/// Runs `run` for 4 s with `[server] token = "config-token-0123456789"` on a free port, with
+/// `extra` arguments, and returns the status line of a demand change made with each of
+/// `tokens` ("" for none).
+fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
     use std::io::{Read, Write};
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -201,13 +202,12 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let token = "config-token-0123456789";
     let f = write(
         &dir,
         "s.toml",
         &format!(
             r#"
-            instance = "cli-server-{pid}"
+            instance = "cli-server-{pid}-{port}"
             on_exit = "stop"
             [capacity]
             slots = 2
@@ -215,7 +215,7 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
             type = "process"
             [server]
             listen = "127.0.0.1:{port}"
-            token = "{token}"
+            token = "config-token-0123456789"
             [[services]]
             name = "web"
             [[services.triggers]]
@@ -229,7 +229,9 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
     let child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
         .args(["run", "-c", &f, "--duration", "4s", "--state-dir"])
         .arg(&state)
+        .args(extra)
         .env_remove("MICROSCALER_TOKEN")
+        .env_remove("MICROSCALER_TOKEN_FILE")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -240,13 +242,6 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         Some(out)
-    };
-    let put = |auth: &str| {
-        let body = r#"{"value": 2}"#;
-        request(format!(
-            "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ))
     };
     let mut status = None;
     for _ in 0..50 {
@@ -259,14 +254,86 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
     }
     let status = status.expect("the server listens on the configured address");
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    let denied = put("").unwrap();
-    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
-    let allowed = put(&format!("Authorization: Bearer {token}\r\n")).unwrap();
-    assert!(allowed.starts_with("HTTP/1.1 2"), "{allowed}");
+    let statuses = tokens
+        .iter()
+        .map(|token| {
+            let auth = if token.is_empty() {
+                String::new()
+            } else {
+                format!("Authorization: Bearer {token}\r\n")
+            };
+            let body = r#"{"value": 2}"#;
+            let answer = request(format!(
+                "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ))
+            .unwrap();
+            answer.lines().next().unwrap_or("").to_string()
+        })
+        .collect();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    statuses
+}
+
+/// `run` takes the server's address and token from the configuration's `[server]` section.
+#[test]
+fn run_serves_on_the_configured_address_with_the_configured_token() {
+    let s = api_change_statuses(&[], &["", "config-token-0123456789"]);
+    assert!(s[0].starts_with("HTTP/1.1 401"), "{s:?}");
+    assert!(s[1].starts_with("HTTP/1.1 2"), "{s:?}");
+}
+
+/// `--token-file` (a systemd credential, say) gives the token from a file, trimmed, over the
+/// configuration's; an empty or missing file, or `--token` beside it, is a usage error (exit
+/// 2) naming the file and never printing a token.
+#[test]
+fn the_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "api-token", "file-token-9876543210\n");
+    let s = api_change_statuses(
+        &["--token-file", &file],
+        &["", "config-token-0123456789", "file-token-9876543210"],
+    );
+    assert!(s[0].starts_with("HTTP/1.1 401"), "{s:?}");
+    assert!(
+        s[1].starts_with("HTTP/1.1 401"),
+        "the file's token wins: {s:?}"
+    );
+    assert!(s[2].starts_with("HTTP/1.1 2"), "{s:?}");
+
+    let config = write(
+        &dir,
+        "c.toml",
+        "instance = \"tf\"\n[capacity]\nslots = 1\n[backend]\ntype = \"process\"\n[[services]]\nname = \"w\"\nremainder = true\n",
+    );
+    let empty = write(&dir, "empty", "\n");
+    for (args, want) in [
+        (vec!["--token-file", empty.as_str()], "the file is empty"),
+        (
+            vec!["--token-file", "/nonexistent/token"],
+            "/nonexistent/token",
+        ),
+        (
+            vec!["--token-file", file.as_str(), "--token", "x"],
+            "cannot be used with",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+            .args(["run", "-c", &config, "--duration", "1s", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .args(&args)
+            .env_remove("MICROSCALER_TOKEN")
+            .env_remove("MICROSCALER_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("file-token-9876543210"), "{err}");
+    }
 }
