@@ -9,11 +9,11 @@
 //!   of that name without both tags is never touched (that is an error).
 //! - At most one `UpdateService` per service per tick, and none when the count is already what
 //!   the plan asks (the last count seen by `DescribeServices` or returned by `UpdateService`).
-//! - Observation per tick: `DescribeServices` in batches of 10 (desired, running, pending, the
-//!   primary deployment's rollout state) and the cluster's container instances
-//!   (`ListContainerInstances` + `DescribeContainerInstances`) as hosts: an ACTIVE instance with
-//!   its agent connected is ready, a DRAINING one is not; registered CPU and memory are kept on
-//!   the host. ECS tasks are not listed (two more calls per tick): the per-host view has no
+//! - Observation per tick, all at once: `DescribeServices` in batches of 10 (desired, running,
+//!   pending, the primary deployment's rollout state) and the cluster's container instances as
+//!   hosts (`ListContainerInstances` ACTIVE and DRAINING): an ACTIVE instance with its agent
+//!   connected is ready, a DRAINING one is not. `DescribeContainerInstances` (the agent's
+//!   connection, registered CPU and memory, kept on the host) runs in the background. ECS tasks are not listed (two more calls per tick): the per-host view has no
 //!   replicas on ECS.
 //! - One-per-host services (seed 004): a `per_host` service that references a REPLICA service
 //!   has its `desiredCount` kept equal to the number of ready container instances, like any
@@ -311,13 +311,36 @@ mod live {
     use aws_config::{BehaviorVersion, Region};
     use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
     use aws_sdk_ecs::types::{
-        ContainerDefinition, DeploymentRolloutState, KeyValuePair, LaunchType, SchedulingStrategy,
-        ServiceField, Tag,
+        ContainerDefinition, ContainerInstanceStatus, DeploymentRolloutState, KeyValuePair,
+        LaunchType, SchedulingStrategy, ServiceField, Tag,
     };
     use microscaler_core::{Host, HostId, ServiceName, ServiceObservation};
     use tokio::sync::Notify;
 
     use crate::{Backend, BackendError, Observation, ScaleOutcome, Service};
+
+    /// How often every container instance is described again (its agent's connection, its
+    /// resources); new ones are described when first listed.
+    const DESCRIBE_EVERY: Duration = Duration::from_secs(10);
+
+    /// What a description of a container instance told.
+    #[derive(Debug, Clone)]
+    struct Instance {
+        name: String,
+        agent_connected: bool,
+        cpus: Option<f64>,
+        memory_bytes: Option<u64>,
+    }
+
+    /// The container instances described so far, by ARN.
+    #[derive(Debug, Default)]
+    struct Instances {
+        info: HashMap<String, Instance>,
+        /// When all were last described.
+        described: Option<std::time::Instant>,
+        /// A description is under way.
+        describing: bool,
+    }
 
     /// What a service is on ECS, resolved at `prepare`.
     #[derive(Debug, Clone)]
@@ -339,6 +362,8 @@ mod live {
         targets: RwLock<HashMap<ServiceName, Target>>,
         /// Each service's `desiredCount` as last seen (observed or returned by an update).
         desired: Mutex<HashMap<ServiceName, u32>>,
+        /// The container instances' descriptions.
+        instances: Arc<Mutex<Instances>>,
         /// The control loop's waker, given once; container-instance events ring it.
         waker: Arc<OnceLock<Arc<Notify>>>,
         /// Events read from `events_queue` so far.
@@ -512,6 +537,7 @@ mod live {
                 cfg: cfg.clone(),
                 targets: RwLock::new(HashMap::new()),
                 desired: Mutex::new(HashMap::new()),
+                instances: Arc::new(Mutex::new(Instances::default())),
                 waker,
                 events,
                 events_task,
@@ -720,10 +746,16 @@ mod live {
             Ok(())
         }
 
-        /// The cluster's container instances as hosts.
-        async fn hosts(&self) -> Result<Vec<Host>, BackendError> {
+        /// The ARNs of the cluster's container instances of `status` (all pages).
+        async fn list_instances(
+            &self,
+            status: ContainerInstanceStatus,
+        ) -> Result<Vec<String>, BackendError> {
             let cluster = &self.cfg.cluster;
-            let op = format!("ListContainerInstances in cluster {cluster}");
+            let op = format!(
+                "ListContainerInstances {} in cluster {cluster}",
+                status.as_str()
+            );
             let mut arns = Vec::new();
             let mut next = None;
             loop {
@@ -731,6 +763,7 @@ mod live {
                     .ecs
                     .list_container_instances()
                     .cluster(cluster)
+                    .status(status.clone())
                     .set_next_token(next)
                     .send()
                     .await
@@ -738,51 +771,74 @@ mod live {
                 arns.extend(out.container_instance_arns().iter().cloned());
                 next = out.next_token().map(str::to_string);
                 if next.is_none() {
-                    break;
+                    return Ok(arns);
                 }
             }
-            let op = format!("DescribeContainerInstances in cluster {cluster}");
-            let batches = arns.chunks(100).map(|batch| {
-                self.ecs
-                    .describe_container_instances()
-                    .cluster(cluster)
-                    .set_container_instances(Some(batch.to_vec()))
-                    .send()
-            });
-            let mut hosts = Vec::new();
-            for out in futures::future::join_all(batches).await {
-                let out = out.map_err(|e| self.err(&op, e))?;
-                for ci in out.container_instances() {
-                    let resource = |name: &str| {
-                        ci.registered_resources()
-                            .iter()
-                            .find(|r| r.name() == Some(name))
-                            .map(|r| r.integer_value())
-                    };
-                    hosts.push(Host {
-                        id: HostId(ci.container_instance_arn().unwrap_or("").to_string()),
-                        name: ci
-                            .ec2_instance_id()
-                            .or(ci.container_instance_arn())
-                            .unwrap_or("")
-                            .to_string(),
-                        ready: ci.status() == Some("ACTIVE") && ci.agent_connected(),
-                        cpus: resource("CPU").map(|u| f64::from(u) / 1024.0),
-                        memory_bytes: resource("MEMORY").map(|m| m.max(0) as u64 * 1024 * 1024),
-                    });
+        }
+
+        /// The cluster's container instances as hosts. Their status comes from two lists
+        /// (ACTIVE and DRAINING, at once) every tick. What only a description gives (the EC2
+        /// id, registered CPU and memory, whether the agent is connected) is fetched in the
+        /// background, for instances not seen before and for all every [`DESCRIBE_EVERY`], so
+        /// a tick never waits for it: a new ACTIVE instance counts as ready at once (it
+        /// registered through its connected agent), with its resources known a tick later.
+        async fn hosts(&self) -> Result<Vec<Host>, BackendError> {
+            let (active, draining) = futures::try_join!(
+                self.list_instances(ContainerInstanceStatus::Active),
+                self.list_instances(ContainerInstanceStatus::Draining),
+            )?;
+            let mut known = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let listed: std::collections::HashSet<&String> =
+                active.iter().chain(&draining).collect();
+            known.info.retain(|arn, _| listed.contains(arn));
+            if !known.describing {
+                let due = known
+                    .described
+                    .is_none_or(|at| at.elapsed() >= DESCRIBE_EVERY);
+                let stale: Vec<String> = listed
+                    .iter()
+                    .filter(|arn| due || !known.info.contains_key(**arn))
+                    .map(|arn| arn.to_string())
+                    .collect();
+                if !stale.is_empty() {
+                    known.describing = true;
+                    tokio::spawn(describe_instances(
+                        self.ecs.clone(),
+                        self.endpoint.clone(),
+                        self.cfg.cluster.clone(),
+                        stale,
+                        due,
+                        Arc::clone(&self.instances),
+                    ));
                 }
             }
+            let mut hosts: Vec<Host> = active
+                .iter()
+                .map(|a| (a, true))
+                .chain(draining.iter().map(|a| (a, false)))
+                .map(|(arn, is_active)| {
+                    let info = known.info.get(arn);
+                    Host {
+                        id: HostId(arn.clone()),
+                        name: info.map_or_else(|| arn.clone(), |i| i.name.clone()),
+                        ready: is_active && info.is_none_or(|i| i.agent_connected),
+                        cpus: info.and_then(|i| i.cpus),
+                        memory_bytes: info.and_then(|i| i.memory_bytes),
+                    }
+                })
+                .collect();
             hosts.sort_by(|a, b| a.id.0.cmp(&b.id.0));
             Ok(hosts)
         }
 
-        /// `DescribeServices` of `targets` (all in `cluster`), 10 at a time, all at once.
+        /// `DescribeServices` of `targets` (all in `cluster`), 10 at a time, all at once; what
+        /// each service runs.
         async fn observe_cluster(
             &self,
             cluster: &str,
             targets: &[(ServiceName, Target)],
-            out: &mut Observation,
-        ) -> Result<(), BackendError> {
+        ) -> Result<Vec<(ServiceName, ServiceObservation)>, BackendError> {
+            let mut out = Vec::new();
             let op = format!("DescribeServices in cluster {cluster}");
             let calls = targets.chunks(10).map(|batch| {
                 self.ecs
@@ -819,7 +875,7 @@ mod live {
                 let rolling = primary.is_some_and(|d| {
                     d.rollout_state() == Some(&DeploymentRolloutState::InProgress)
                 }) || s.deployments().len() > 1;
-                out.services.insert(
+                out.push((
                     name.clone(),
                     ServiceObservation {
                         running: s.running_count().max(0) as u32,
@@ -828,9 +884,9 @@ mod live {
                         caught_up: !rolling,
                         ..ServiceObservation::default()
                     },
-                );
+                ));
             }
-            Ok(())
+            Ok(out)
         }
     }
 
@@ -958,6 +1014,62 @@ mod live {
         Ok(())
     }
 
+    /// Describes container instances `arns` of `cluster` (100 a call, all at once) into
+    /// `instances`; `all` when these are every listed instance (the periodic refresh). A
+    /// failure is logged and tried again on a later tick.
+    async fn describe_instances(
+        ecs: aws_sdk_ecs::Client,
+        endpoint: String,
+        cluster: String,
+        arns: Vec<String>,
+        all: bool,
+        instances: Arc<Mutex<Instances>>,
+    ) {
+        let op = format!("DescribeContainerInstances in cluster {cluster}");
+        let batches = arns.chunks(100).map(|batch| {
+            ecs.describe_container_instances()
+                .cluster(&cluster)
+                .set_container_instances(Some(batch.to_vec()))
+                .send()
+        });
+        let mut described = Vec::new();
+        let mut failed = false;
+        for out in futures::future::join_all(batches).await {
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    tracing::warn!(error = %error(&endpoint, &op, e), "describing the container instances failed; trying again next tick");
+                    failed = true;
+                    continue;
+                }
+            };
+            for ci in out.container_instances() {
+                let resource = |name: &str| {
+                    ci.registered_resources()
+                        .iter()
+                        .find(|r| r.name() == Some(name))
+                        .map(|r| r.integer_value())
+                };
+                let arn = ci.container_instance_arn().unwrap_or("").to_string();
+                described.push((
+                    arn.clone(),
+                    Instance {
+                        name: ci.ec2_instance_id().unwrap_or(&arn).to_string(),
+                        agent_connected: ci.agent_connected(),
+                        cpus: resource("CPU").map(|u| f64::from(u) / 1024.0),
+                        memory_bytes: resource("MEMORY").map(|m| m.max(0) as u64 * 1024 * 1024),
+                    },
+                ));
+            }
+        }
+        let mut known = instances.lock().unwrap_or_else(|e| e.into_inner());
+        known.info.extend(described);
+        if all && !failed {
+            known.described = Some(std::time::Instant::now());
+        }
+        known.describing = false;
+    }
+
     /// Reads the events queue until the backend is dropped: each container-instance event
     /// wakes the loop; every message is deleted once read (events of other kinds too, so the
     /// queue does not fill). Errors are logged and retried with backoff.
@@ -1059,14 +1171,19 @@ mod live {
                     .or_default()
                     .push((name, t));
             }
-            let mut out = Observation {
-                hosts: self.hosts().await?,
+            // The hosts and every cluster's services at once: a tick waits for the slowest
+            // call, not for their sum.
+            let services = futures::future::try_join_all(
+                by_cluster
+                    .iter()
+                    .map(|(cluster, targets)| self.observe_cluster(cluster, targets)),
+            );
+            let (hosts, services) = futures::try_join!(self.hosts(), services)?;
+            Ok(Observation {
+                hosts,
+                services: services.into_iter().flatten().collect(),
                 ..Observation::default()
-            };
-            for (cluster, targets) in &by_cluster {
-                self.observe_cluster(cluster, targets, &mut out).await?;
-            }
-            Ok(out)
+            })
         }
 
         async fn scale(

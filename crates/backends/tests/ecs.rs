@@ -178,6 +178,15 @@ async fn container_instances_are_hosts_and_daemon_services_are_never_updated() {
     backend.prepare(std::slice::from_ref(&agent)).await.unwrap();
     let obs = backend.observe().await.unwrap();
     assert_eq!(obs.hosts.len(), 3, "{obs:?}");
+    assert!(
+        obs.hosts.iter().all(|h| h.ready),
+        "new ACTIVE instances are ready at once, before their description: {obs:?}"
+    );
+    // Their descriptions (EC2 id, resources) arrive in the background, a tick later.
+    let obs = common::wait_for(&backend, SETTLE, |o| {
+        o.hosts.iter().all(|h| h.cpus.is_some())
+    })
+    .await;
     assert!(obs.hosts.iter().all(|h| h.ready), "{obs:?}");
     assert!(obs
         .hosts

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 mod docker;
+mod ecs;
 mod engine;
 mod kubernetes;
 mod memory;
@@ -54,6 +55,9 @@ enum Cmd {
     /// Demand step -> Deployment's spec.replicas patched and -> new pod Ready, against a raw
     /// PATCH /scale, on the Kubernetes test rig (scripts/k8s-rig.sh start). Not in `all`.
     Kubernetes,
+    /// ECS container-instance event on SQS -> the one-per-host service's UpdateService,
+    /// against a raw SQS consumer that calls UpdateService itself, on moto server. Not in `all`.
+    EcsEvents,
 }
 
 /// Options shared by every figure.
@@ -198,6 +202,14 @@ async fn main() -> Result<()> {
             o.steps, o.tick
         );
         record("kubernetes", kubernetes::reaction(&o).await, &mut rows);
+    }
+
+    if cli.cmd == Cmd::EcsEvents {
+        eprintln!(
+            "bench: ECS container-instance events ({} steps) on moto server",
+            o.steps
+        );
+        record("ecs_events", ecs::events(&o).await, &mut rows);
     }
 
     print!("{}", report::table(&rows));
