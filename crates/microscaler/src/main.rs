@@ -62,6 +62,118 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Print a running daemon's state: every service's demand, target, what runs and why.
+    Status(InspectArgs),
+    /// Explain a service of a running daemon: its configuration, its triggers' last values,
+    /// what bound its target, and its latest decisions with their reasons.
+    Explain {
+        /// The service.
+        service: String,
+        /// How many decisions to show (newest first).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        decisions: u32,
+        #[command(flatten)]
+        api: InspectArgs,
+    },
+}
+
+/// Where a running daemon's API is (`status`, `explain`).
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The daemon's API.
+    #[arg(
+        long,
+        env = "MICROSCALER_ADDRESS",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    address: String,
+    /// The bearer token, needed only from another machine (the daemon lets loopback clients
+    /// read without it).
+    #[arg(long, env = "MICROSCALER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token. Not with --token.
+    #[arg(
+        long,
+        env = "MICROSCALER_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl InspectArgs {
+    fn api(&self) -> Result<microscaler::inspect::Api, Failure> {
+        let token = match &self.token_file {
+            Some(path) => Some(read_token_file(path)?),
+            None => self.token.clone().filter(|t| !t.trim().is_empty()),
+        };
+        let address = self.address.trim_end_matches('/').to_string();
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(usage(anyhow::anyhow!(
+                "--address {address:?} is not an http:// or https:// URL"
+            )));
+        }
+        Ok(microscaler::inspect::Api { address, token })
+    }
+}
+
+async fn status_cmd(args: InspectArgs) -> Result<(), Failure> {
+    let api = args.api()?;
+    let status = api.get("/api/v1/status").await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", microscaler::inspect::status_text(&status));
+    }
+    Ok(())
+}
+
+async fn explain_cmd(service: String, decisions: u32, args: InspectArgs) -> Result<(), Failure> {
+    let api = args.api()?;
+    let services = api.get("/api/v1/services").await?;
+    let known: Vec<&str> = services
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    if !known.contains(&service.as_str()) {
+        return Err(usage(anyhow::anyhow!(
+            "no service {service:?} in the daemon at {}: its services are {}",
+            api.address,
+            known.join(", ")
+        )));
+    }
+    let status = api.get("/api/v1/status").await?;
+    let path = format!(
+        "/api/v1/decisions?service={}&limit={decisions}",
+        service
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            })
+            .collect::<String>()
+    );
+    let list = api.get(&path).await?;
+    if args.json {
+        let doc = serde_json::json!({
+            "service": services.as_array().and_then(|a| a.iter().find(|s| s["name"] == service.as_str())),
+            "status": status,
+            "decisions": list["decisions"],
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    match microscaler::inspect::explain_text(&service, &services, &status, &list) {
+        Some(text) => print!("{text}"),
+        None => {
+            return Err(anyhow::anyhow!("the daemon's answer has no service {service:?}").into())
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -268,6 +380,12 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo_cmd(args).await,
             Command::Run(args) => run_cmd(args).await,
             Command::Validate { file } => validate_cmd(&file).map(|_| ()),
+            Command::Status(args) => status_cmd(args).await,
+            Command::Explain {
+                service,
+                decisions,
+                api,
+            } => explain_cmd(service, decisions, api).await,
         }
     });
     match result {

@@ -191,11 +191,19 @@ fn help_on_every_command() {
     }
 }
 
-/// Runs `run` for 4 s with `[server] token = "config-token-0123456789"` on a free port, with
-/// `extra` arguments, and returns the status line of a demand change made with each of
-/// `tokens` ("" for none).
-fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
+/// A plain HTTP/1.1 request to 127.0.0.1:`port`; the whole answer.
+fn http(port: u16, req: String) -> Option<String> {
     use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Runs `run` for 4 s with `[server] token = "config-token-0123456789"` on a free port, with
+/// `extra` arguments; once its API answers, `during(port)`; then checks the daemon ended well.
+fn with_daemon<T>(extra: &[&str], during: impl FnOnce(u16) -> T) -> T {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -236,17 +244,12 @@ fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let request = |req: String| -> Option<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(req.as_bytes()).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
     let mut status = None;
     for _ in 0..50 {
-        status =
-            request("GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into());
+        status = http(
+            port,
+            "GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+        );
         if status.is_some() {
             break;
         }
@@ -254,7 +257,21 @@ fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
     }
     let status = status.expect("the server listens on the configured address");
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    let statuses = tokens
+    let result = during(port);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    result
+}
+
+/// The status line of a demand change made with each of `tokens` ("" for none), on a daemon
+/// run with `extra`.
+fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
+    with_daemon(extra, |port| {
+        tokens
         .iter()
         .map(|token| {
             let auth = if token.is_empty() {
@@ -263,21 +280,97 @@ fn api_change_statuses(extra: &[&str], tokens: &[&str]) -> Vec<String> {
                 format!("Authorization: Bearer {token}\r\n")
             };
             let body = r#"{"value": 2}"#;
-            let answer = request(format!(
+            let answer = http(port, format!(
                 "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             ))
             .unwrap();
             answer.lines().next().unwrap_or("").to_string()
         })
-        .collect();
-    let out = child.wait_with_output().unwrap();
+        .collect()
+    })
+}
+
+/// `status` and `explain` read a running daemon's API: every service with its target and
+/// reason; a service's configuration, its trigger's last value, its state and its decisions.
+/// An unknown service is a usage error listing the known ones; an address where nothing
+/// listens says so and what to give.
+#[test]
+fn status_and_explain_read_a_running_daemon() {
+    let (status, explain, unknown) = with_daemon(&[], |port| {
+        let address = format!("http://127.0.0.1:{port}");
+        // Let the daemon tick and record its first decision.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let run = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_microscaler"))
+                .args(args)
+                .args(["--address", address.as_str()])
+                .env_remove("MICROSCALER_TOKEN")
+                .env_remove("MICROSCALER_TOKEN_FILE")
+                .output()
+                .unwrap()
+        };
+        (
+            run(&["status"]),
+            run(&["explain", "web"]),
+            run(&["explain", "nope"]),
+        )
+    });
+    let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
     );
-    statuses
+    assert!(
+        text.contains("backend process") && text.contains("API changes on"),
+        "{text}"
+    );
+    let web = text
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .expect("web's line");
+    assert!(web.contains("started") || web.contains("demand"), "{web}");
+
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    for want in [
+        "Service:   web",
+        "Triggers:",
+        "last value 1",
+        "State:     demand 1, target 1",
+        "Decisions (newest first):",
+        "start   0 -> 1",
+    ] {
+        assert!(text.contains(want), "{want:?} in\n{text}");
+    }
+
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no service \"nope\"") && err.contains("web"),
+        "{err}"
+    );
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["status", "--address", &format!("http://127.0.0.1:{dead}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot reach microscaler's API at http://127.0.0.1:"),
+        "{err}"
+    );
 }
 
 /// `run` takes the server's address and token from the configuration's `[server]` section.
