@@ -268,6 +268,9 @@ struct PoolState {
     /// Names of containers being filled (created, maybe started, not yet paused): neither
     /// replicas nor pooled yet, so `observe` and `scale` skip them.
     filling: Mutex<HashSet<String>>,
+    /// When recent fills ended (their pause done), by name: a listing asked for before that
+    /// may still show the container running, which it is not (see [`PoolState::hidden`]).
+    filled: Mutex<HashMap<String, std::time::Instant>>,
     /// Services with a refill task running (at most one each).
     refilling: Mutex<HashSet<ServiceName>>,
     /// Set by `shutdown`: no refill starts or creates anything afterwards.
@@ -277,8 +280,26 @@ struct PoolState {
 }
 
 impl PoolState {
-    fn is_filling(&self, name: &str) -> bool {
-        lock(&self.filling).contains(name)
+    /// Whether a container listed as `c` by a listing asked for at `asked` is none of our
+    /// replicas yet: it is being filled, or its fill ended after the listing was asked for and
+    /// the listing shows it before its pause (running). Without the second case, a listing
+    /// that raced a fill's pause counted the new pool container as running.
+    fn hidden(&self, c: &Owned, asked: std::time::Instant) -> bool {
+        if lock(&self.filling).contains(&c.name) {
+            return true;
+        }
+        !c.is_paused()
+            && lock(&self.filled)
+                .get(&c.name)
+                .is_some_and(|&done| done >= asked)
+    }
+
+    /// Records that the fill of `name` ended, and forgets fills older than a minute.
+    fn filled(&self, name: String) {
+        let now = std::time::Instant::now();
+        let mut filled = lock(&self.filled);
+        filled.retain(|_, done| now.duration_since(*done) < Duration::from_secs(60));
+        filled.insert(name, now);
     }
 }
 
@@ -423,6 +444,7 @@ impl DockerBackend {
 
     /// Lists our containers (all states), optionally of one service only.
     async fn list(&self, service: Option<&ServiceName>) -> Result<Vec<Owned>, BackendError> {
+        let asked = std::time::Instant::now();
         let mut label_filters = vec![format!("{}={}", labels::INSTANCE, self.instance)];
         match service {
             Some(s) => label_filters.push(format!("{}={}", labels::SERVICE, s)),
@@ -447,7 +469,7 @@ impl DockerBackend {
             .into_iter()
             .filter_map(|c| self.owned(c))
             .filter(|c| service.is_none_or(|s| &c.service == s))
-            .filter(|c| !self.pool.is_filling(&c.name))
+            .filter(|c| !self.pool.hidden(c, asked))
             .collect())
     }
 
@@ -772,6 +794,10 @@ impl DockerBackend {
             Ok(())
         }
         .await;
+        // Recorded before the name leaves `filling`, so no listing sees it in neither.
+        if result.is_ok() {
+            self.pool.filled(name.clone());
+        }
         lock(&self.pool.filling).remove(&name);
         result
     }
