@@ -29,13 +29,11 @@
 //!   them, `AccessDeniedException` names the IAM action, an endpoint that does not answer is
 //!   unreachable.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
 use microscaler_core::validate::join;
-use microscaler_core::{ServiceKind, Validator};
+use microscaler_core::Validator;
 use serde::Deserialize;
 
 use crate::config::{Reference, Workload};
@@ -291,11 +289,6 @@ pub fn is_instance_event(body: &str) -> bool {
     v["source"].as_str() == Some("aws.ecs") && v["detail-type"].as_str() == Some(INSTANCE_EVENT)
 }
 
-/// Whether a service is per-host.
-fn per_host<S>(kind: &ServiceKind<S>) -> bool {
-    matches!(kind, ServiceKind::PerHost)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The live backend.
 
@@ -306,6 +299,9 @@ pub use live::{create_demo_cluster, delete_demo_cluster, emulator_ec2_instance, 
 mod live {
     use super::*;
 
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -314,10 +310,15 @@ mod live {
         ContainerDefinition, ContainerInstanceStatus, DeploymentRolloutState, KeyValuePair,
         LaunchType, SchedulingStrategy, ServiceField, Tag,
     };
-    use microscaler_core::{Host, HostId, ServiceName, ServiceObservation};
+    use microscaler_core::{Host, HostId, ServiceKind, ServiceName, ServiceObservation};
     use tokio::sync::Notify;
 
     use crate::{Backend, BackendError, Observation, ScaleOutcome, Service};
+
+    /// Whether a service is per-host.
+    fn per_host<S>(kind: &ServiceKind<S>) -> bool {
+        matches!(kind, ServiceKind::PerHost)
+    }
 
     /// How often every container instance is described again (its agent's connection, its
     /// resources); new ones are described when first listed.

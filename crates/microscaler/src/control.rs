@@ -125,6 +125,40 @@ impl Controls {
             .find(|((s, _), _)| s == service)
             .map(|(_, h)| h)
     }
+
+    /// The random walks of `service`.
+    fn random_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a RandomControl> {
+        self.random
+            .iter()
+            .filter(move |((s, _), _)| s == service)
+            .map(|(_, r)| r)
+    }
+
+    /// An operator's demand for `service` (the dashboard's manual demand): its manual trigger
+    /// is set to `value` and its random walks are held there, so its demand is `value`, lower
+    /// or higher than the walk, until [`Controls::clear_demand`]. Wakes the loop.
+    pub fn override_demand(&self, service: &str, value: f64) -> Result<(), String> {
+        let h = self.manual_of(service).ok_or("no manual trigger")?;
+        for r in self.random_of(service) {
+            r.hold(Some(value.round().max(0.0) as u32));
+        }
+        h.set(value).map_err(|e| e.to_string())
+    }
+
+    /// Ends an operator's demand for `service`: its random walks walk on from where they were
+    /// held, and its manual trigger is back to 0. Wakes the loop.
+    pub fn clear_demand(&self, service: &str) -> Result<(), String> {
+        let h = self.manual_of(service).ok_or("no manual trigger")?;
+        for r in self.random_of(service) {
+            r.hold(None);
+        }
+        h.set(0.0).map_err(|e| e.to_string())
+    }
+
+    /// Whether an operator's demand overrides `service`'s random walk.
+    pub fn overriding(&self, service: &str) -> bool {
+        self.random_of(service).any(|r| r.held().is_some())
+    }
 }
 
 /// The count microscaler set for a service on a service-level orchestrator.

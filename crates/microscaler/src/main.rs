@@ -690,7 +690,9 @@ fn demo_queue_config(
 
 fn demo_config(settings: &DemoSettings, backend: &str) -> Result<Config, Failure> {
     // The dashboard's "manual demand" control: a manual trigger beside the random one, at 0
-    // until set (a service's demand is the max over its triggers).
+    // until set (a service's demand is the max over its triggers); setting it also holds the
+    // walk at the same value (`Controls::override_demand`), so it overrides the walk, lower or
+    // higher, until cleared.
     let toml = demo::config_toml(settings, backend).replacen(
         "\n[[services]]\nname = \"priority2\"",
         "\n[[services.triggers]]\nname = \"manual\"\ntype = \"manual\"\n\n[[services]]\nname = \"priority2\"",
@@ -725,8 +727,14 @@ impl microscaler_server::Control for LoopControl {
     }
     fn set_manual(&self, service: &str, value: f64) -> Result<(), String> {
         let c = self.0.get().ok_or("the control loop is not running yet")?;
-        let h = c.manual_of(service).ok_or("no manual trigger")?;
-        h.set(value).map_err(|e| e.to_string())
+        c.override_demand(service, value)
+    }
+    fn clear_manual(&self, service: &str) -> Result<(), String> {
+        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        c.clear_demand(service)
+    }
+    fn overriding(&self, service: &str) -> bool {
+        self.0.get().is_some_and(|c| c.overriding(service))
     }
     fn random(&self, service: &str) -> Option<microscaler_server::RandomState> {
         let c = self.0.get()?;

@@ -263,6 +263,63 @@ async fn a_random_walk_wakes_the_loop_when_it_moves() {
     );
 }
 
+/// An operator's demand overrides the random walk until cleared (the demo's dashboard): with
+/// a walk and a manual trigger (demand = their max), a manual demand below the walk brings the
+/// service down to it and keeps it there while the walk's moves come and go; cleared, the walk
+/// walks on from that value and the manual trigger is back to 0.
+#[tokio::test(start_paused = true)]
+async fn an_operators_demand_overrides_the_random_walk_until_cleared() {
+    let sim = Sim::default();
+    let cfg = Config::from_toml(
+        r#"
+        tick = "500ms"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "process"
+        [[services]]
+        name = "web"
+        priority = 1
+        [[services.triggers]]
+        type = "random"
+        delta = 3
+        interval = "1s"
+        initial = 7
+        seed = 7
+        [[services.triggers]]
+        name = "manual"
+        type = "manual"
+        "#,
+    )
+    .unwrap();
+    let mut ctl = Controller::new(cfg, sim.clone(), 1);
+    ctl.tick().await;
+    assert_eq!(sim.running("web"), 7, "the walk starts at 7");
+    let controls = ctl.controls().clone();
+    controls.override_demand("web", 2.0).unwrap();
+    assert!(controls.overriding("web"));
+    for _ in 0..10 {
+        ctl.tick().await;
+        assert_eq!(sim.running("web"), 2, "held at the operator's demand");
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    controls.clear_demand("web").unwrap();
+    assert!(!controls.overriding("web"));
+    assert_eq!(controls.manual_of("web").unwrap().get(), 0.0);
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        ctl.tick().await;
+        seen.push(sim.running("web"));
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    let first_move = seen.iter().find(|&&v| v != 2).copied();
+    assert!(first_move.is_some(), "the walk moves again: {seen:?}");
+    assert!(
+        first_move.is_some_and(|v| v <= 5),
+        "its first move is from the held 2 (±3): {seen:?}"
+    );
+}
+
 /// Scale-downs that stop replicas finish before any scale-up begins; the scale-down of a
 /// `preempt = "pause"` service (a pause frees no memory) runs alongside the scale-ups instead.
 #[tokio::test(start_paused = true)]

@@ -127,6 +127,12 @@ pub fn routes(hub: Arc<Hub>) -> (Router, Vec<(Method, &'static str, Access)>) {
         set_demand
     );
     route!(
+        POST,
+        "/api/v1/services/{name}/demand/clear",
+        Access::Write,
+        clear_demand
+    );
+    route!(
         PUT,
         "/api/v1/services/{name}/random",
         Access::Write,
@@ -352,6 +358,7 @@ fn service_json(hub: &Hub, s: &ServiceInfo) -> Value {
         "pool": { "size": s.pool_size, "preempt": s.preempt },
         "paused": hub.control.paused(&s.name),
         "manual": hub.control.manual(&s.name),
+        "override": hub.control.overriding(&s.name),
         "random": hub.control.random(&s.name),
         "state": state,
     })
@@ -526,6 +533,20 @@ async fn set_demand(
     }
     hub.control
         .set_manual(&name, body.value)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(service_json(&hub, svc)).into_response())
+}
+
+async fn clear_demand(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+    let svc = known(&hub, &name)?;
+    if hub.control.manual(&name).is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{name:?} has no manual trigger (add [[services.triggers]] type = \"manual\")"),
+        ));
+    }
+    hub.control
+        .clear_manual(&name)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     Ok(Json(service_json(&hub, svc)).into_response())
 }

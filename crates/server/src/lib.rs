@@ -41,8 +41,13 @@ pub struct RandomState {
 pub trait Control: Send + Sync + 'static {
     /// The value of `service`'s manual trigger, `None` if it has none.
     fn manual(&self, service: &str) -> Option<f64>;
-    /// Sets `service`'s manual trigger (callers have checked it exists and `value` is valid).
+    /// Sets `service`'s manual trigger (callers have checked it exists and `value` is valid);
+    /// it overrides the service's random walk, if it has one, until cleared.
     fn set_manual(&self, service: &str, value: f64) -> Result<(), String>;
+    /// Clears an operator's demand: the random walk walks on, the manual trigger is back to 0.
+    fn clear_manual(&self, service: &str) -> Result<(), String>;
+    /// Whether an operator's demand overrides `service`'s random walk.
+    fn overriding(&self, service: &str) -> bool;
     /// The settings of `service`'s random trigger, `None` if it has none.
     fn random(&self, service: &str) -> Option<RandomState>;
     /// Changes `service`'s random trigger.

@@ -27,6 +27,7 @@ struct FakeControl {
     manual: Mutex<BTreeMap<String, f64>>,
     random: Mutex<BTreeMap<String, RandomState>>,
     paused: Mutex<BTreeSet<String>>,
+    overriding: Mutex<BTreeSet<String>>,
 }
 
 impl Control for FakeControl {
@@ -35,7 +36,16 @@ impl Control for FakeControl {
     }
     fn set_manual(&self, s: &str, v: f64) -> Result<(), String> {
         self.manual.lock().unwrap().insert(s.into(), v);
+        self.overriding.lock().unwrap().insert(s.into());
         Ok(())
+    }
+    fn clear_manual(&self, s: &str) -> Result<(), String> {
+        self.manual.lock().unwrap().insert(s.into(), 0.0);
+        self.overriding.lock().unwrap().remove(s);
+        Ok(())
+    }
+    fn overriding(&self, s: &str) -> bool {
+        self.overriding.lock().unwrap().contains(s)
     }
     fn random(&self, s: &str) -> Option<RandomState> {
         self.random.lock().unwrap().get(s).copied()
@@ -536,6 +546,53 @@ async fn set_manual_demand_needs_the_token_and_valid_input() {
     .await;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert!(a.error().contains("manual"));
+}
+
+/// The manual demand overrides the random walk until cleared: the service shows `override`
+/// once set; `POST .../demand/clear` (token needed) ends it and puts the manual trigger back
+/// to 0; a service without a manual trigger is a 409.
+#[tokio::test]
+async fn a_manual_demand_overrides_until_cleared() {
+    let f = fixture(Some(TOKEN), false);
+    let send = |method: Method, uri: &'static str, token: Option<&'static str>, body| {
+        call(app(&f.hub, LOOPBACK), method, uri, token, body)
+    };
+    let a = send(Method::GET, "/api/v1/services", None, None).await;
+    assert_eq!(a.json()[0]["override"], false, "{}", a.body);
+    let a = send(
+        Method::PUT,
+        "/api/v1/services/web/demand",
+        Some(TOKEN),
+        Some(r#"{"value": 2}"#),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        (a.json()["manual"].clone(), a.json()["override"].clone()),
+        (2.0.into(), true.into())
+    );
+    let clear = "/api/v1/services/web/demand/clear";
+    let a = send(Method::POST, clear, None, None).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        f.control.overriding("web"),
+        "nothing changed without the token"
+    );
+    let a = send(Method::POST, clear, Some(TOKEN), None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        (a.json()["manual"].clone(), a.json()["override"].clone()),
+        (0.0.into(), false.into())
+    );
+    assert_eq!(f.control.manual("web"), Some(0.0));
+    let a = send(
+        Method::POST,
+        "/api/v1/services/batch/demand/clear",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]

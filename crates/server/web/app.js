@@ -316,7 +316,11 @@ function renderControls() {
       v.className = 'manual';
       const b = el('button', 'set-manual', 'set');
       b.addEventListener('click', () => act('PUT', API + '/services/' + encodeURIComponent(s.name) + '/demand', { value: Number(v.value) }));
-      row.append(el('span', 'muted', 'manual demand'), v, b);
+      // The manual demand overrides the random walk (held at it) until cleared.
+      const c = el('button', 'clear-manual', 'clear');
+      c.addEventListener('click', () => act('POST', API + '/services/' + encodeURIComponent(s.name) + '/demand/clear'));
+      row.append(el('span', 'muted', 'manual demand'), v, b, c);
+      if (s.override) row.append(el('span', 'muted override', 'overrides the random walk'));
       div.append(row);
     }
     box.append(div);

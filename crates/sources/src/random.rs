@@ -113,14 +113,26 @@ pub struct RandomSettings {
     pub interval: Duration,
 }
 
-/// Changes a running [`RandomSource`]'s delta and interval. Cheap to clone.
+/// Changes a running [`RandomSource`]'s delta and interval, and holds it at a value (an
+/// operator's manual demand overriding the walk). Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct RandomControl(Arc<Mutex<RandomSettings>>);
+pub struct RandomControl(Arc<Mutex<RandomSettings>>, Arc<Mutex<Option<u32>>>);
 
 impl RandomControl {
     /// The current settings.
     pub fn get(&self) -> RandomSettings {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the walk at `value` (clamped to its max) until released with `None`; it then
+    /// walks on from there. Its moves stay on their schedule meanwhile, without moving.
+    pub fn hold(&self, value: Option<u32>) {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+
+    /// The value the walk is held at, if it is.
+    pub fn held(&self) -> Option<u32> {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets new settings; they apply from the next move. An interval below 10 ms is refused.
@@ -141,6 +153,7 @@ pub struct RandomSource {
     rng: SplitMix64,
     next_move: Duration,
     settings: Arc<Mutex<RandomSettings>>,
+    held: Arc<Mutex<Option<u32>>>,
     seed: u64,
 }
 
@@ -160,6 +173,7 @@ impl RandomSource {
             rng: SplitMix64(seed),
             next_move: config.interval,
             settings: Arc::new(Mutex::new(settings)),
+            held: Arc::new(Mutex::new(None)),
             seed,
         }
     }
@@ -171,7 +185,7 @@ impl RandomSource {
 
     /// A handle that changes delta and interval while the walk runs.
     pub fn control(&self) -> RandomControl {
-        RandomControl(self.settings.clone())
+        RandomControl(self.settings.clone(), self.held.clone())
     }
 
     /// When the walk moves next (time since its start), so a loop can wake for it.
@@ -182,6 +196,13 @@ impl RandomSource {
     /// The value at `now`, advancing one move per elapsed interval.
     pub fn value_at(&mut self, now: Duration) -> u32 {
         let s = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = *self.held.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.value = v.min(self.max);
+            while now >= self.next_move {
+                self.next_move += s.interval;
+            }
+            return self.value;
+        }
         while now >= self.next_move {
             let span = 2 * s.delta as u64 + 1;
             let step = self.rng.below(span) as i64 - s.delta as i64;
@@ -222,6 +243,38 @@ mod tests {
     use super::*;
     use crate::config::testing::{config, errors, validate_with, P};
     use crate::SourceConfig;
+
+    #[test]
+    fn a_held_walk_stays_and_walks_on_from_there_when_released() {
+        let SourceConfig::Random(r) =
+            config("type = \"random\"\ndelta = 3\ninterval = \"1s\"\nseed = 7\nmax = 9")
+        else {
+            panic!()
+        };
+        let mut w = RandomSource::new(&r, 9, 1);
+        let c = w.control();
+        w.value_at(Duration::from_secs(3));
+        c.hold(Some(2));
+        assert_eq!(c.held(), Some(2));
+        for t in 3..20 {
+            assert_eq!(w.value_at(Duration::from_secs(t)), 2, "held at {t} s");
+        }
+        c.hold(Some(50));
+        assert_eq!(w.value_at(Duration::from_secs(20)), 9, "clamped to max");
+        c.hold(Some(2));
+        w.value_at(Duration::from_secs(21));
+        c.hold(None);
+        let next = w.next_move();
+        assert!(
+            next > Duration::from_secs(21),
+            "the schedule went on: {next:?}"
+        );
+        let moved = w.value_at(next);
+        assert!(
+            moved.abs_diff(2) <= 3,
+            "walks on from the held value: {moved}"
+        );
+    }
 
     #[test]
     fn defaults_and_options() {
