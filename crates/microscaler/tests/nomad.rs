@@ -4,6 +4,8 @@
 //! fake places allocations asynchronously on nodes of 3 slots each, blocks evaluations when
 //! there is no room, and drains nodes; see its doc comment for what it does not model.
 
+mod common;
+
 use std::time::Duration;
 
 use microscaler::control::{Controller, TickReport};
@@ -45,37 +47,17 @@ fn config(address: &str, instance: &str) -> Config {
     .expect("valid configuration")
 }
 
-/// Ticks until p1 runs `demand` and p1 + p2 fill `capacity` with nothing pending; at every
-/// tick: no error, the plan within capacity and p1's target never below its demand once it
-/// was met. Returns the reports.
+/// Ticks until the seeds' rule holds for `demand` on `capacity` (see `common::until`: no error
+/// and every change succeeded at every tick); returns the reports.
 async fn converged(
     ctl: &mut Controller<AnyBackend>,
     demand: u32,
     capacity: u32,
 ) -> Vec<TickReport> {
-    let t0 = std::time::Instant::now();
-    let mut reports = Vec::new();
-    loop {
-        let r = ctl.tick().await;
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        for ex in &r.executions {
-            assert!(ex.result.is_ok(), "{ex:?}");
-        }
-        let (p1, p2) = (r.observed_of("p1"), r.observed_of("p2"));
-        let done = p1.running == demand
-            && p1.running + p2.running == capacity
-            && p1.pending + p2.pending == 0
-            && p2.orchestrator_wants == Some(capacity - demand);
-        reports.push(r);
-        if done {
-            return reports;
-        }
-        assert!(
-            t0.elapsed() < CONVERGE,
-            "p1 == {demand}, p1 + p2 == {capacity} not reached: p1 {p1:?}, p2 {p2:?}"
-        );
-        tokio::time::sleep(TICK).await;
-    }
+    common::until(ctl, "the seeds' rule", TICK, CONVERGE, |r| {
+        common::seeds_rule(r, demand, capacity)
+    })
+    .await
 }
 
 /// The seeds' rule on 3 nodes x 3 slots while demand moves; a node drained: capacity drops,
