@@ -54,6 +54,15 @@ async fn controller(cfg: Config) -> Controller<AnyBackend> {
     ctl
 }
 
+/// Seed 004's one-per-host service: the existing REPLICA service "agent".
+const AGENT: &str = r#"
+        [[services]]
+        name = "agent"
+        per_host = true
+        [services.reference]
+        service = "agent"
+"#;
+
 const SEEDS: &str = r#"
         [[services]]
         name = "p1"
@@ -127,19 +136,7 @@ async fn a_per_host_service_follows_the_instances_within_one_tick() {
     let cluster = unique("ep");
     let mut instances = moto::cluster(&ecs, &cluster, 2).await;
     moto::plain_service(&ecs, &cluster, "agent", 0, "REPLICA").await;
-    let cfg = config(
-        &cluster,
-        &unique("ep"),
-        "100ms",
-        "",
-        r#"
-        [[services]]
-        name = "agent"
-        per_host = true
-        [services.reference]
-        service = "agent"
-        "#,
-    );
+    let cfg = config(&cluster, &unique("ep"), "100ms", "", AGENT);
     let mut ctl = controller(cfg).await;
 
     let mut one_tick = async |want: u32, after: &str| {
@@ -196,13 +193,7 @@ async fn an_instance_event_on_the_queue_wakes_the_loop() {
         &unique("ee"),
         "20s",
         &format!("events_queue = \"{queue}\""),
-        r#"
-        [[services]]
-        name = "agent"
-        per_host = true
-        [services.reference]
-        service = "agent"
-        "#,
+        AGENT,
     );
     let mut ctl = controller(cfg).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
