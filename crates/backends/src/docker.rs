@@ -58,8 +58,8 @@ use tokio::sync::OnceCell;
 use crate::config::{Service, Workload};
 use crate::docker_api;
 use crate::{
-    labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
-    StartFailure,
+    labels, managed, Apply, Backend, BackendError, Observation, Replica, ReplicaState,
+    ScaleOutcome, StartFailure,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -379,6 +379,86 @@ fn name_suffix() -> String {
 }
 
 impl DockerBackend {
+    /// `prepare`, or with [`Apply::No`] its checks only: what it would import or remove is
+    /// logged instead.
+    async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+        *lock(&self.pool.services) = services
+            .iter()
+            .filter(|s| s.pool.pauses())
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        // Explicit images must already be on the engine: no registry is reachable, so pulling is
+        // not an option. Report every missing image at once.
+        let mut missing = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for image in services.iter().filter_map(|s| managed(s).image.as_deref()) {
+            if !seen.insert(image) {
+                continue;
+            }
+            match self.docker.inspect_image(image).await {
+                Ok(_) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => missing.push(image),
+                Err(e) => return Err(self.error(format!("inspect image {image}"), e)),
+            }
+        }
+        if !missing.is_empty() {
+            let list = missing.join(", ");
+            let (noun, verb) = if missing.len() == 1 {
+                ("image", "is")
+            } else {
+                ("images", "are")
+            };
+            return Err(BackendError::Api {
+                op: "prepare the docker backend".into(),
+                message: format!(
+                    "{noun} {list} {verb} not on the engine at {}; no registry is reachable here: \
+                     build or import it first (docker build / docker import)",
+                    self.address
+                ),
+            });
+        }
+        if services.iter().any(|s| managed(s).image.is_none()) && apply == Apply::No {
+            let image = docker_api::replica_image();
+            if self.docker.inspect_image(&image).await.is_err() {
+                tracing::info!(image = %image, "dry run: would import the built-in replica image");
+            }
+        } else if services.iter().any(|s| managed(s).image.is_none()) {
+            let image = self
+                .replica_image
+                .get_or_try_init(|| docker_api::ensure_replica_image(&self.docker))
+                .await?;
+            tracing::debug!(image = %image, "built-in replica image is on the engine");
+        }
+
+        // Adoption: running replicas of an earlier run are kept and counted by `observe`. What
+        // that run left half-done (created but never started) or stopped is removed, so it is
+        // neither counted as pending forever nor left behind.
+        let ours = self.list(None).await?;
+        let leftovers: Vec<Owned> = ours
+            .iter()
+            .filter(|c| c.is_finished() || c.state == ContainerSummaryStateEnum::CREATED)
+            .cloned()
+            .collect();
+        let adopted = ours.iter().filter(|c| c.is_running()).count();
+        // Paused containers of ours are the warm pool (or preempted replicas kept paused).
+        let pooled = ours.iter().filter(|c| c.is_paused()).count();
+        if apply == Apply::Yes {
+            self.sweep(&leftovers).await;
+        } else if !leftovers.is_empty() {
+            tracing::info!(
+                count = leftovers.len(),
+                "dry run: would remove replicas an earlier run left created or stopped"
+            );
+        }
+        tracing::info!(
+            engine = %self.address, instance = %self.instance, adopted, pooled,
+            removed = leftovers.len(), "docker backend prepared"
+        );
+        Ok(())
+    }
+
     /// Connects to the engine named by `spec.host` (or `DOCKER_HOST`, or the default socket)
     /// and checks that it answers. `instance` is this microscaler's name: only containers
     /// labelled with it are ever touched.
@@ -960,69 +1040,11 @@ impl Backend for DockerBackend {
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-        *lock(&self.pool.services) = services
-            .iter()
-            .filter(|s| s.pool.pauses())
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect();
-        // Explicit images must already be on the engine: no registry is reachable, so pulling is
-        // not an option. Report every missing image at once.
-        let mut missing = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
-        for image in services.iter().filter_map(|s| managed(s).image.as_deref()) {
-            if !seen.insert(image) {
-                continue;
-            }
-            match self.docker.inspect_image(image).await {
-                Ok(_) => {}
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => missing.push(image),
-                Err(e) => return Err(self.error(format!("inspect image {image}"), e)),
-            }
-        }
-        if !missing.is_empty() {
-            let list = missing.join(", ");
-            let (noun, verb) = if missing.len() == 1 {
-                ("image", "is")
-            } else {
-                ("images", "are")
-            };
-            return Err(BackendError::Api {
-                op: "prepare the docker backend".into(),
-                message: format!(
-                    "{noun} {list} {verb} not on the engine at {}; no registry is reachable here: \
-                     build or import it first (docker build / docker import)",
-                    self.address
-                ),
-            });
-        }
-        if services.iter().any(|s| managed(s).image.is_none()) {
-            let image = self
-                .replica_image
-                .get_or_try_init(|| docker_api::ensure_replica_image(&self.docker))
-                .await?;
-            tracing::debug!(image = %image, "built-in replica image is on the engine");
-        }
+        self.prepare_as(services, Apply::Yes).await
+    }
 
-        // Adoption: running replicas of an earlier run are kept and counted by `observe`. What
-        // that run left half-done (created but never started) or stopped is removed, so it is
-        // neither counted as pending forever nor left behind.
-        let ours = self.list(None).await?;
-        let leftovers: Vec<Owned> = ours
-            .iter()
-            .filter(|c| c.is_finished() || c.state == ContainerSummaryStateEnum::CREATED)
-            .cloned()
-            .collect();
-        let adopted = ours.iter().filter(|c| c.is_running()).count();
-        // Paused containers of ours are the warm pool (or preempted replicas kept paused).
-        let pooled = ours.iter().filter(|c| c.is_paused()).count();
-        self.sweep(&leftovers).await;
-        tracing::info!(
-            engine = %self.address, instance = %self.instance, adopted, pooled,
-            removed = leftovers.len(), "docker backend prepared"
-        );
-        Ok(())
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        self.prepare_as(services, Apply::No).await
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {

@@ -313,7 +313,7 @@ mod live {
     use microscaler_core::{Host, HostId, ServiceKind, ServiceName, ServiceObservation};
     use tokio::sync::Notify;
 
-    use crate::{Backend, BackendError, Observation, ScaleOutcome, Service};
+    use crate::{resolved, Apply, Backend, BackendError, Observation, ScaleOutcome, Service};
 
     /// Whether a service is per-host.
     fn per_host<S>(kind: &ServiceKind<S>) -> bool {
@@ -601,9 +601,30 @@ mod live {
                 .cloned())
         }
 
+        /// `prepare`, or with [`Apply::No`] its checks only.
+        async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+            for s in services {
+                let Some(t) = self.resolve(s, apply).await? else {
+                    continue;
+                };
+                tracing::info!(service = %s.name, ecs_service = %t.service, cluster = %t.cluster,
+                    managed = t.managed, daemon = t.daemon, "following the ECS service");
+                self.targets
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s.name.clone(), t);
+            }
+            Ok(())
+        }
+
         /// Resolves what `service` is on ECS: a referenced service exists and is ACTIVE, a
         /// managed one is created when it does not exist and adopted when it carries our tags.
-        async fn resolve(&self, service: &Service) -> Result<Target, BackendError> {
+        /// With [`Apply::No`], a managed object that does not exist yet is not created: `None`.
+        async fn resolve(
+            &self,
+            service: &Service,
+            apply: Apply,
+        ) -> Result<Option<Target>, BackendError> {
             let (cluster, name, managed) = match service.workload.reference() {
                 Some(Reference::Ecs(r)) => (
                     r.cluster
@@ -636,14 +657,18 @@ mod live {
                         ),
                     });
                 }
+                if apply == Apply::No {
+                    tracing::info!(service = %service.name, ecs_service = %name, cluster = %cluster, "dry run: would register a task definition and create the ECS service (0 tasks)");
+                    return Ok(None);
+                }
                 self.create(service, &cluster, &name).await?;
                 self.remember(&service.name, 0);
-                return Ok(Target {
+                return Ok(Some(Target {
                     cluster,
                     service: name,
                     managed: true,
                     daemon: false,
-                });
+                }));
             };
             if managed {
                 let tag = |k: &str| {
@@ -675,12 +700,12 @@ mod live {
                 )));
             }
             self.remember(&service.name, found.desired_count().max(0) as u32);
-            Ok(Target {
+            Ok(Some(Target {
                 cluster,
                 service: name,
                 managed,
                 daemon,
-            })
+            }))
         }
 
         /// Registers managed `service`'s task definition and creates its ECS service with
@@ -1145,16 +1170,11 @@ mod live {
         }
 
         async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-            for s in services {
-                let t = self.resolve(s).await?;
-                tracing::info!(service = %s.name, ecs_service = %t.service, cluster = %t.cluster,
-                    managed = t.managed, daemon = t.daemon, "following the ECS service");
-                self.targets
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(s.name.clone(), t);
-            }
-            Ok(())
+            self.prepare_as(services, Apply::Yes).await
+        }
+
+        async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+            self.prepare_as(services, Apply::No).await
         }
 
         async fn observe(&self) -> Result<Observation, BackendError> {
@@ -1194,7 +1214,7 @@ mod live {
         ) -> Result<ScaleOutcome, BackendError> {
             let t = match self.target(service) {
                 Some(t) => t,
-                None => self.resolve(service).await?,
+                None => resolved(self.resolve(service, Apply::Yes).await?)?,
             };
             if t.daemon {
                 tracing::debug!(service = %service.name, "a DAEMON service keeps one task per container instance; nothing to scale");

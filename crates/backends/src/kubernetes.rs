@@ -580,7 +580,9 @@ mod live {
     };
     use crate::config::{Reference, Service};
     use crate::kube_lease::Elector;
-    use crate::{labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome};
+    use crate::{
+        labels, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+    };
 
     /// Annotation on a managed Deployment: a hash of the pod template microscaler wrote, so a
     /// restarted daemon rewrites the template only when the configuration changed.
@@ -669,6 +671,49 @@ mod live {
     }
 
     impl KubernetesBackend {
+        /// `prepare`, or with [`Apply::No`] its checks and watches only: the Deployments and
+        /// PriorityClasses it would create or update are logged instead.
+        async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+            let mut targets = BTreeMap::new();
+            let mut seen: HashMap<(ObjectKind, String, String), ServiceName> = HashMap::new();
+            for s in services {
+                let t = self.target_of(s);
+                if let Some(other) = seen.insert(
+                    (t.kind, t.namespace.clone(), t.name.clone()),
+                    s.name.clone(),
+                ) {
+                    return Err(BackendError::Unsupported(format!(
+                        "services {other} and {} both stand for {} {}/{}: one object can stand for one service only",
+                        s.name, t.kind.as_str(), t.namespace, t.name
+                    )));
+                }
+                if matches!(s.kind, ServiceKind::PerHost) != (t.kind == ObjectKind::DaemonSet) {
+                    return Err(BackendError::Unsupported(format!(
+                        "service {}: a per-host service references a DaemonSet, and a DaemonSet only a per-host service",
+                        s.name
+                    )));
+                }
+                self.watch(&t.namespace).await?;
+                if s.workload.reference().is_some() {
+                    self.check_reference(&t).await?;
+                } else {
+                    match self.priority_class_of(s) {
+                        Some((class, made)) if apply == Apply::Yes => {
+                            self.ensure_priority_class(s, &class, made).await?
+                        }
+                        Some((class, _)) => {
+                            info!(service = %s.name, class = %class, "dry run: would make sure the PriorityClass exists")
+                        }
+                        None => {}
+                    }
+                    self.ensure_managed(s, &t, apply).await?;
+                }
+                targets.insert(s.name.clone(), t);
+            }
+            *self.targets.write().unwrap_or_else(|e| e.into_inner()) = targets;
+            Ok(())
+        }
+
         /// Maps a failed call to its class: what the apiserver answered (409 conflict, 404
         /// not found, 429 throttled, 400/422 invalid, 403 refused by RBAC), or unreachable.
         fn error(&self, op: impl Into<String>, e: kube::Error) -> BackendError {
@@ -1043,6 +1088,7 @@ mod live {
             &self,
             service: &Service,
             target: &Target,
+            apply: Apply,
         ) -> Result<(), BackendError> {
             let api: Api<Deployment> = Api::namespaced(self.client.clone(), &target.namespace);
             let want = self.deployment(service, target)?;
@@ -1052,6 +1098,10 @@ mod live {
                 .await
                 .map_err(|e| self.error(format!("read {what}"), e))?;
             let Some(have) = existing else {
+                if apply == Apply::No {
+                    info!(service = %service.name, deployment = %what, "dry run: would create the Deployment (0 replicas)");
+                    return Ok(());
+                }
                 match api
                     .create(
                         &PostParams {
@@ -1087,6 +1137,10 @@ mod live {
             let hash = |d: &Deployment| d.annotations().get(TEMPLATE_ANNOTATION).cloned();
             if hash(&have) == hash(&want) {
                 info!(instance = %self.instance, service = %service.name, deployment = %what, replicas = have.spec.as_ref().and_then(|s| s.replicas), "adopted Deployment as it is");
+                return Ok(());
+            }
+            if apply == Apply::No {
+                info!(service = %service.name, deployment = %what, "dry run: would update the Deployment's pod template (replicas kept)");
                 return Ok(());
             }
             let patch = json!({
@@ -1454,38 +1508,11 @@ mod live {
         }
 
         async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-            let mut targets = BTreeMap::new();
-            let mut seen: HashMap<(ObjectKind, String, String), ServiceName> = HashMap::new();
-            for s in services {
-                let t = self.target_of(s);
-                if let Some(other) = seen.insert(
-                    (t.kind, t.namespace.clone(), t.name.clone()),
-                    s.name.clone(),
-                ) {
-                    return Err(BackendError::Unsupported(format!(
-                        "services {other} and {} both stand for {} {}/{}: one object can stand for one service only",
-                        s.name, t.kind.as_str(), t.namespace, t.name
-                    )));
-                }
-                if matches!(s.kind, ServiceKind::PerHost) != (t.kind == ObjectKind::DaemonSet) {
-                    return Err(BackendError::Unsupported(format!(
-                        "service {}: a per-host service references a DaemonSet, and a DaemonSet only a per-host service",
-                        s.name
-                    )));
-                }
-                self.watch(&t.namespace).await?;
-                if s.workload.reference().is_some() {
-                    self.check_reference(&t).await?;
-                } else {
-                    if let Some((class, made)) = self.priority_class_of(s) {
-                        self.ensure_priority_class(s, &class, made).await?;
-                    }
-                    self.ensure_managed(s, &t).await?;
-                }
-                targets.insert(s.name.clone(), t);
-            }
-            *self.targets.write().unwrap_or_else(|e| e.into_inner()) = targets;
-            Ok(())
+            self.prepare_as(services, Apply::Yes).await
+        }
+
+        async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+            self.prepare_as(services, Apply::No).await
         }
 
         async fn observe(&self) -> Result<Observation, BackendError> {

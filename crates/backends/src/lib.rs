@@ -318,6 +318,16 @@ pub trait Backend: Send + Sync {
         services: &[Service],
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// `run --dry-run`: what [`Backend::prepare`] checks (the orchestrator answers, references
+    /// exist, images are there) and what observing needs (watches), changing nothing in the
+    /// orchestrator: what `prepare` would create, import, update or remove is logged instead.
+    /// After it only `observe` is called. A managed object a service-level orchestrator does
+    /// not have yet is observed as running nothing.
+    fn prepare_dry_run(
+        &self,
+        services: &[Service],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
     /// What runs now.
     fn observe(&self) -> impl Future<Output = Result<Observation, BackendError>> + Send;
 
@@ -365,6 +375,24 @@ pub trait Backend: Send + Sync {
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
+/// Whether `prepare` may change the orchestrator, or only check it (`run --dry-run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// Create, import, update and remove what the services need.
+    Yes,
+    /// Check and log what would be done.
+    No,
+}
+
+/// The target of a service-level backend's `resolve` with [`Apply::Yes`], which creates what
+/// is missing and so always has one.
+pub(crate) fn resolved<T>(target: Option<T>) -> Result<T, BackendError> {
+    target.ok_or_else(|| BackendError::Api {
+        op: "resolve a service".into(),
+        message: "no target after creating it".into(),
+    })
+}
+
 /// The backends as one closed enum: adding a backend means one module, one variant, one arm.
 pub enum AnyBackend {
     /// A single Docker Engine.
@@ -410,6 +438,9 @@ impl Backend for AnyBackend {
     }
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
         dispatch!(self, b => b.prepare(services).await)
+    }
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        dispatch!(self, b => b.prepare_dry_run(services).await)
     }
     async fn observe(&self) -> Result<Observation, BackendError> {
         dispatch!(self, b => b.observe().await)

@@ -41,7 +41,8 @@ use serde_json::{json, Value};
 use crate::config::{Reference, Workload};
 use crate::http::{client, clip, encode, env, read_secret};
 use crate::{
-    labels, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, Service,
+    labels, resolved, Apply, Backend, BackendError, Observation, Replica, ReplicaState,
+    ScaleOutcome, Service,
 };
 
 /// What the marathon backend can do: per-host services are apps microscaler keeps at one task
@@ -445,9 +446,29 @@ impl MarathonBackend {
             .map(|v| v["app"].clone()))
     }
 
+    /// `prepare`, or with [`Apply::No`] its checks only.
+    async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+        for s in services {
+            let Some(t) = self.resolve(s, apply).await? else {
+                continue;
+            };
+            tracing::info!(service = %s.name, app = %t.app, managed = t.managed, "following the Marathon app");
+            self.targets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(s.name.clone(), t);
+        }
+        Ok(())
+    }
+
     /// Resolves what `service` is: its app exists (a managed one is created when it does not)
     /// and fits the service (a per-host service's app is `hostname UNIQUE`).
-    async fn resolve(&self, service: &Service) -> Result<Target, BackendError> {
+    /// With [`Apply::No`], a managed object that does not exist yet is not created: `None`.
+    async fn resolve(
+        &self,
+        service: &Service,
+        apply: Apply,
+    ) -> Result<Option<Target>, BackendError> {
         let per_host = matches!(service.kind, ServiceKind::PerHost);
         let (app, managed) = match service.workload.reference() {
             Some(Reference::Marathon(r)) => (r.app.clone(), false),
@@ -481,11 +502,15 @@ impl MarathonBackend {
                 spec
             }
             (Some(spec), false) => spec,
+            (None, true) if apply == Apply::No => {
+                tracing::info!(service = %service.name, app = %app, "dry run: would create the Marathon app (0 instances)");
+                return Ok(None);
+            }
             (None, true) => {
                 self.create(service, &app, per_host).await?;
                 // Its creation is a deployment too: let it end before the first change.
                 self.unlocked(&app, CREATE_WAIT).await?;
-                return Ok(Target { app, managed });
+                return Ok(Some(Target { app, managed }));
             }
             (None, false) => {
                 return Err(BackendError::NotFound {
@@ -510,7 +535,7 @@ impl MarathonBackend {
                 service.name
             )));
         }
-        Ok(Target { app, managed })
+        Ok(Some(Target { app, managed }))
     }
 
     /// Creates managed `service`'s app, with 0 instances.
@@ -662,15 +687,11 @@ impl Backend for MarathonBackend {
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-        for s in services {
-            let t = self.resolve(s).await?;
-            tracing::info!(service = %s.name, app = %t.app, managed = t.managed, "following the Marathon app");
-            self.targets
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(s.name.clone(), t);
-        }
-        Ok(())
+        self.prepare_as(services, Apply::Yes).await
+    }
+
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        self.prepare_as(services, Apply::No).await
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
@@ -745,7 +766,7 @@ impl Backend for MarathonBackend {
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
         let t = match self.target(service) {
             Some(t) => t,
-            None => self.resolve(service).await?,
+            None => resolved(self.resolve(service, Apply::Yes).await?)?,
         };
         let op = format!("scale Marathon app {}", t.app);
         let Some(app) = self.get_app(&t.app).await? else {

@@ -45,7 +45,10 @@ use tokio::sync::watch;
 
 use crate::config::{Reference, RunSpec, Workload};
 use crate::http::{client, clip, encode, env, read_secret};
-use crate::{Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome, Service};
+use crate::{
+    resolved, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+    Service,
+};
 
 /// Job meta key naming the owning microscaler instance of a managed job.
 pub const META_INSTANCE: &str = "microscaler_instance";
@@ -648,9 +651,33 @@ impl NomadBackend {
             .cloned()
     }
 
+    /// `prepare`, or with [`Apply::No`] its checks and long polls only.
+    async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+        for s in services {
+            let Some(t) = self.resolve(s, apply).await? else {
+                continue;
+            };
+            for path in Self::paths(&t) {
+                self.follow(&path, t.at());
+            }
+            tracing::info!(service = %s.name, job = %t.job, group = %t.group, namespace = %t.namespace,
+                managed = t.managed, system = t.system, "following the Nomad job");
+            self.targets
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(s.name.clone(), t);
+        }
+        Ok(())
+    }
+
     /// Resolves what `service` is on Nomad: its job exists (a managed one is registered when
     /// it does not), the group is there, and the job's type fits the service.
-    async fn resolve(&self, service: &Service) -> Result<Target, BackendError> {
+    /// With [`Apply::No`], a managed object that does not exist yet is not created: `None`.
+    async fn resolve(
+        &self,
+        service: &Service,
+        apply: Apply,
+    ) -> Result<Option<Target>, BackendError> {
         let (job, group, namespace, region, managed) = match service.workload.reference() {
             Some(Reference::Nomad(r)) => (
                 r.job.clone(),
@@ -699,16 +726,20 @@ impl NomadBackend {
                 spec
             }
             (Some((spec, _)), false) => spec,
+            (None, true) if apply == Apply::No => {
+                tracing::info!(service = %service.name, job = %job, namespace = %namespace, "dry run: would register the Nomad job (count 0)");
+                return Ok(None);
+            }
             (None, true) => {
                 self.register(service, &job, &namespace).await?;
-                return Ok(Target {
+                return Ok(Some(Target {
                     job,
                     group: service.name.to_string(),
                     namespace,
                     region: None,
                     managed: true,
                     system: false,
-                });
+                }));
             }
             (None, false) => {
                 return Err(BackendError::NotFound {
@@ -769,14 +800,14 @@ impl NomadBackend {
                 )
             }));
         }
-        Ok(Target {
+        Ok(Some(Target {
             job,
             group,
             namespace,
             region,
             managed,
             system,
-        })
+        }))
     }
 
     /// Registers managed `service`'s job, with count 0 and deployments off.
@@ -1006,19 +1037,11 @@ impl Backend for NomadBackend {
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-        for s in services {
-            let t = self.resolve(s).await?;
-            for path in Self::paths(&t) {
-                self.follow(&path, t.at());
-            }
-            tracing::info!(service = %s.name, job = %t.job, group = %t.group, namespace = %t.namespace,
-                managed = t.managed, system = t.system, "following the Nomad job");
-            self.targets
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(s.name.clone(), t);
-        }
-        Ok(())
+        self.prepare_as(services, Apply::Yes).await
+    }
+
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        self.prepare_as(services, Apply::No).await
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
@@ -1060,7 +1083,7 @@ impl Backend for NomadBackend {
     ) -> Result<ScaleOutcome, BackendError> {
         let t = match self.target(service) {
             Some(t) => t,
-            None => self.resolve(service).await?,
+            None => resolved(self.resolve(service, Apply::Yes).await?)?,
         };
         if t.system {
             tracing::debug!(service = %service.name, "a system job keeps one allocation per node; nothing to scale");

@@ -245,6 +245,15 @@ impl Backend for ProcessBackend {
         self.inner.adopt(services)
     }
 
+    /// Adoption only reads the state directory (and forgets the records of replicas that are
+    /// gone); the built-in replica is not written.
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        if services.iter().any(|s| managed(s).command.is_empty()) {
+            tracing::info!("dry run: would write the built-in replica into the state directory");
+        }
+        self.inner.adopt(services)
+    }
+
     async fn observe(&self) -> Result<Observation, BackendError> {
         let inner = &self.inner;
         let mut obs = Observation {

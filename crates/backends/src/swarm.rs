@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Reference, Service, Workload};
 use crate::docker_api;
 use crate::{
-    labels, managed, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+    labels, managed, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -433,6 +433,84 @@ fn host_of(node: &Node) -> Host {
 }
 
 impl SwarmBackend {
+    /// `prepare`, or with [`Apply::No`] its checks only: the Swarm services it would create
+    /// or update are logged instead.
+    async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
+        let mut references: BTreeMap<String, ServiceName> = BTreeMap::new();
+        for s in services {
+            let Some(Reference::Swarm(r)) = s.workload.reference() else {
+                continue;
+            };
+            if let Some(other) = references.insert(r.service.clone(), s.name.clone()) {
+                return Err(BackendError::Unsupported(format!(
+                    "services {other} and {} both reference Swarm service {}: one Swarm \
+                     service can stand for one microscaler service only",
+                    s.name, r.service
+                )));
+            }
+        }
+        *self.references.write().expect("references lock") = references;
+        for s in services {
+            if s.workload.reference().is_some() {
+                continue;
+            }
+            let name = swarm_service_name(&self.instance, &s.name);
+            if name.len() > MAX_NAME {
+                return Err(BackendError::Unsupported(format!(
+                    "Swarm service name {name} is {} characters long, Swarm allows {MAX_NAME}: \
+                     shorten the instance or the service name",
+                    name.len()
+                )));
+            }
+        }
+        let network = self.network().await?;
+        let mut owned = self.owned().await?;
+        for s in services {
+            if let Some(Reference::Swarm(r)) = s.workload.reference() {
+                self.check_reference(s, &r.service).await?;
+                if let Some(o) = owned.remove(&s.name) {
+                    warn!(
+                        instance = %self.instance,
+                        service = %s.name,
+                        swarm_service = %o.name,
+                        "the Swarm service microscaler created for this service when it was \
+                         managed remains; the service now references another one, so it is \
+                         left as it is (remove it with docker service rm)"
+                    );
+                }
+                continue;
+            }
+            if apply == Apply::No {
+                let name = swarm_service_name(&self.instance, &s.name);
+                match owned.remove(&s.name) {
+                    Some(_) => {
+                        info!(service = %s.name, swarm_service = %name, "dry run: would adopt the Swarm service (and update its template if it changed)")
+                    }
+                    None => {
+                        info!(service = %s.name, swarm_service = %name, "dry run: would create the Swarm service")
+                    }
+                }
+                continue;
+            }
+            let image = self.image_for(s).await?;
+            let template = self.template(s, image, network.clone());
+            match owned.remove(&s.name) {
+                Some(o) => self.adopt(s, o, &template).await?,
+                None => self.create(s, &template).await?,
+            }
+        }
+        for o in owned.values() {
+            warn!(
+                instance = %self.instance,
+                service = %o.service,
+                swarm_service = %o.name,
+                "a Swarm service carries this instance's labels but its service is not \
+                 configured; it is left as it is (remove it with docker service rm)"
+            );
+        }
+        Ok(())
+    }
+
     /// Connects to the manager's engine named by `spec.host` (else `DOCKER_HOST`, else the
     /// default socket) and checks that it is an active swarm manager. `instance` is the owning
     /// microscaler instance (`Config::instance`).
@@ -924,67 +1002,11 @@ impl Backend for SwarmBackend {
     }
 
     async fn prepare(&self, services: &[Service]) -> Result<(), BackendError> {
-        let mut references: BTreeMap<String, ServiceName> = BTreeMap::new();
-        for s in services {
-            let Some(Reference::Swarm(r)) = s.workload.reference() else {
-                continue;
-            };
-            if let Some(other) = references.insert(r.service.clone(), s.name.clone()) {
-                return Err(BackendError::Unsupported(format!(
-                    "services {other} and {} both reference Swarm service {}: one Swarm \
-                     service can stand for one microscaler service only",
-                    s.name, r.service
-                )));
-            }
-        }
-        *self.references.write().expect("references lock") = references;
-        for s in services {
-            if s.workload.reference().is_some() {
-                continue;
-            }
-            let name = swarm_service_name(&self.instance, &s.name);
-            if name.len() > MAX_NAME {
-                return Err(BackendError::Unsupported(format!(
-                    "Swarm service name {name} is {} characters long, Swarm allows {MAX_NAME}: \
-                     shorten the instance or the service name",
-                    name.len()
-                )));
-            }
-        }
-        let network = self.network().await?;
-        let mut owned = self.owned().await?;
-        for s in services {
-            if let Some(Reference::Swarm(r)) = s.workload.reference() {
-                self.check_reference(s, &r.service).await?;
-                if let Some(o) = owned.remove(&s.name) {
-                    warn!(
-                        instance = %self.instance,
-                        service = %s.name,
-                        swarm_service = %o.name,
-                        "the Swarm service microscaler created for this service when it was \
-                         managed remains; the service now references another one, so it is \
-                         left as it is (remove it with docker service rm)"
-                    );
-                }
-                continue;
-            }
-            let image = self.image_for(s).await?;
-            let template = self.template(s, image, network.clone());
-            match owned.remove(&s.name) {
-                Some(o) => self.adopt(s, o, &template).await?,
-                None => self.create(s, &template).await?,
-            }
-        }
-        for o in owned.values() {
-            warn!(
-                instance = %self.instance,
-                service = %o.service,
-                swarm_service = %o.name,
-                "a Swarm service carries this instance's labels but its service is not \
-                 configured; it is left as it is (remove it with docker service rm)"
-            );
-        }
-        Ok(())
+        self.prepare_as(services, Apply::Yes).await
+    }
+
+    async fn prepare_dry_run(&self, services: &[Service]) -> Result<(), BackendError> {
+        self.prepare_as(services, Apply::No).await
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {

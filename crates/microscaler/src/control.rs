@@ -406,6 +406,8 @@ pub struct Controller<B: Backend + 'static> {
     ticks: u64,
     /// Whether the last tick could act (for the transitions' log lines).
     leading: bool,
+    /// `run --dry-run`: the backend is prepared read-only and nothing is ever dispatched.
+    dry_run: bool,
 }
 
 impl<B: Backend + 'static> Controller<B> {
@@ -473,7 +475,16 @@ impl<B: Backend + 'static> Controller<B> {
             collecting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ticks: 0,
             leading: true,
+            dry_run: false,
         }
+    }
+
+    /// `run --dry-run`: from now on [`Controller::prepare`] only checks the backend, the
+    /// ticks observe, sample, decide and report (logging every change as one they would make)
+    /// and dispatch nothing, and [`Controller::shutdown`] leaves everything as it is.
+    pub fn dry_run(&mut self) {
+        self.dry_run = true;
+        self.leading = false;
     }
 
     /// Services whose change is still running (dispatched by an earlier tick or this one).
@@ -538,10 +549,12 @@ impl<B: Backend + 'static> Controller<B> {
                 }
             }
         }
-        self.backend
-            .prepare(&self.cfg.services)
-            .await
-            .map_err(PrepareError::Backend)?;
+        let prepared = if self.dry_run {
+            self.backend.prepare_dry_run(&self.cfg.services).await
+        } else {
+            self.backend.prepare(&self.cfg.services).await
+        };
+        prepared.map_err(PrepareError::Backend)?;
         self.backend.wake_on_change(self.controls.wake.clone());
         Ok(())
     }
@@ -631,7 +644,7 @@ impl<B: Backend + 'static> Controller<B> {
             }
         };
 
-        let leading = self.backend.leading();
+        let leading = !self.dry_run && self.backend.leading();
         if leading != self.leading {
             if leading {
                 tracing::info!("leading: this microscaler changes replicas from now on");
@@ -666,7 +679,11 @@ impl<B: Backend + 'static> Controller<B> {
         observed.hosts = engine_view.hosts;
         self.memory = memory;
         for a in &plan.actions {
-            tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
+            if self.dry_run {
+                tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "dry run: would scale: {}", a.reason);
+            } else {
+                tracing::info!(service = %a.service, bound = %a.bound, from = a.from, to = a.to, "{}", a.reason);
+            }
         }
         phases.decide = t.elapsed();
         if leading {
@@ -1148,6 +1165,10 @@ impl<B: Backend + 'static> Controller<B> {
                 "waiting for the changes in flight"
             );
             self.drain(grace + Duration::from_secs(30)).await;
+        }
+        if self.dry_run {
+            tracing::info!("dry run: nothing was changed, nothing to remove");
+            return Ok(OnExit::Leave);
         }
         // A follower removes nothing: the replicas are the leader's.
         let remove = on_exit == OnExit::Stop && self.backend.leading();

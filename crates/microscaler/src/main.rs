@@ -259,8 +259,9 @@ struct QueueArgs {
 #[derive(clap::Args)]
 struct ServerArgs {
     /// Address of the dashboard, API and /metrics [default: 127.0.0.1:8080; if that is taken the
-    /// daemon runs without them and says so]. "off" disables the server.
-    #[arg(long, value_name = "ADDR")]
+    /// daemon runs without them and says so]. "off" disables the server. microscaler's image
+    /// sets MICROSCALER_LISTEN=0.0.0.0:8080.
+    #[arg(long, value_name = "ADDR", env = "MICROSCALER_LISTEN")]
     listen: Option<String>,
     /// Bearer token for the API's changes (manual demand, pause, ...). Without one, changes
     /// are refused; the demo generates one and prints it.
@@ -335,6 +336,11 @@ struct RunArgs {
     /// Directory for the process backend's records (and the history's default place).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Observe, sample, decide and report, logging every change as one it would make, and
+    /// change nothing: no replica, container, service or orchestrator object is created,
+    /// scaled, updated or removed (leader election and ECS's event queue are off).
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -604,7 +610,18 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
     }
     let web = start_server(&server, &cfg, backend.kind(), true, &state_dir).await?;
     let (Some(q), Some((client, mut conn))) = (queue, redis) else {
-        let result = drive(cfg, backend, args.duration, args.json, true, &[], web, None).await;
+        let result = drive(
+            cfg,
+            backend,
+            args.duration,
+            args.json,
+            true,
+            &[],
+            false,
+            web,
+            None,
+        )
+        .await;
         remove_ecs_demo_cluster(demo_cluster).await;
         return result;
     };
@@ -621,6 +638,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         args.json,
         true,
         &[],
+        false,
         web,
         Some(&view),
     )
@@ -914,7 +932,7 @@ fn tick_of(r: &TickReport, paused: Vec<String>) -> Tick {
 }
 
 async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
-    let cfg = load_config(&args.config)?;
+    let mut cfg = load_config(&args.config)?;
     let mut manual = Vec::new();
     for s in &args.set_demand {
         let (svc, value) = s.split_once('=').ok_or_else(|| {
@@ -950,8 +968,14 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&cfg.instance));
+    if args.dry_run {
+        microscaler::wiring::read_only(&mut cfg);
+    }
     let backend = build_backend(&cfg, &state_dir).await?;
-    tracing::info!(backend = backend.kind(), instance = %cfg.instance, services = cfg.services.len(), "starting");
+    tracing::info!(backend = backend.kind(), instance = %cfg.instance, services = cfg.services.len(), dry_run = args.dry_run, "starting");
+    if args.dry_run {
+        eprintln!("dry run: observing and deciding only; nothing will be changed");
+    }
     let web = start_server(&args.server, &cfg, backend.kind(), false, &state_dir).await?;
     drive(
         cfg,
@@ -960,6 +984,7 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         args.json,
         args.ticks,
         &manual,
+        args.dry_run,
         web,
         None,
     )
@@ -1019,10 +1044,14 @@ async fn drive(
     json: bool,
     text: bool,
     manual: &[(String, f64)],
+    dry_run: bool,
     web: Option<Web>,
     queue: Option<&demo::QueueView>,
 ) -> Result<(), Failure> {
     let mut ctl = Controller::new(cfg, backend, clock_seed());
+    if dry_run {
+        ctl.dry_run();
+    }
     if let Some(w) = &web {
         let _ = w.controls_set.set(ctl.controls().clone());
     }
@@ -1080,6 +1109,7 @@ async fn drive(
         let _ = tokio::time::timeout(Duration::from_secs(2), w.task).await;
     }
     match ctl.shutdown().await? {
+        _ if dry_run => eprintln!("dry run: changed nothing"),
         OnExit::Stop => eprintln!("stopped and removed the managed replicas"),
         OnExit::Leave => eprintln!("left the managed replicas running for the next start to adopt"),
     }

@@ -55,6 +55,17 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
     })
 }
 
+/// `run --dry-run`: turns off what would write to the orchestrator outside `prepare` and
+/// `scale`: Kubernetes leader election (it writes a Lease) and ECS's event queue (reading it
+/// deletes the messages).
+pub fn read_only(cfg: &mut Config) {
+    match &mut cfg.backend {
+        BackendConfig::Kubernetes(k) => k.leader_election = None,
+        BackendConfig::Ecs(e) => e.events_queue = None,
+        _ => {}
+    }
+}
+
 /// Where the process backend keeps its records and the built-in replica:
 /// `$XDG_STATE_HOME/microscaler/<instance>`, else `~/.local/state/microscaler/<instance>`, else
 /// `/tmp/microscaler-<uid>/<instance>`.

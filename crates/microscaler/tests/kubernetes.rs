@@ -740,3 +740,130 @@ async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
     assert_eq!(holder().await, None, "released at shutdown");
     assert_eq!(scale("web").await, Some(4), "on_exit = leave");
 }
+
+/// `run --dry-run` on the real control plane: a referenced Deployment at 1 replica with a
+/// demand of 3 and a managed service that does not exist yet. The run plans web 1 -> 3 and
+/// says so, and changes nothing: web's spec (generation) and scale stay as they were, no
+/// Deployment is created for the managed service, and leader election (configured) writes no
+/// Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plans_and_changes_nothing() {
+    let _rig = RIG.lock().await;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(client) = admin().await else {
+        return;
+    };
+    let namespace = unique("k8s-dry");
+    let _ns = NamespaceGuard::create(&client, &namespace).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let web: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [{"name": "web", "image": IMAGE}],
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    deployments
+        .create(&Default::default(), &web)
+        .await
+        .expect("create web");
+    let generation = || async {
+        let d = deployments.get("web").await.expect("read web");
+        (
+            d.metadata.generation,
+            d.spec.and_then(|s| s.replicas),
+            d.status.and_then(|s| s.ready_replicas),
+        )
+    };
+    let before = poll(Duration::from_secs(60), "web's pod Ready", || async {
+        let g = generation().await;
+        (g.2 == Some(1)).then_some(g)
+    })
+    .await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("dry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            instance = "dry"
+            tick = "200ms"
+            on_exit = "stop"
+            [capacity]
+            slots_per_host = 3
+            [backend]
+            type = "kubernetes"
+            kubeconfig = "{kubeconfig}"
+            namespace = "{namespace}"
+            tolerations = [{{ key = "kwok.x-k8s.io/node", operator = "Exists", effect = "NoSchedule" }}]
+            [backend.leader_election]
+            lease_duration = "3s"
+            renew_deadline = "2s"
+            retry_period = "500ms"
+            [[services]]
+            name = "web"
+            priority = 1
+            [services.reference]
+            deployment = "web"
+            [[services.triggers]]
+            type = "manual"
+            [[services]]
+            name = "batch"
+            priority = 2
+            remainder = true
+            image = "{IMAGE}"
+            "#,
+            kubeconfig = kubeconfig(),
+        ),
+    )
+    .expect("write the configuration");
+    let out = run_command(&config, 3, dir.path())
+        .args(["--dry-run", "--duration", "4s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .expect("run microscaler");
+    let log = std::fs::read_to_string(dir.path().join("log-3.txt")).unwrap_or_default();
+    assert!(out.status.success(), "dry run failed: {log}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let planned = stdout.lines().any(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        v["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == "web" && s["target"] == 3 && s["running"] == 1)
+    });
+    assert!(planned, "no tick planned web 1 -> 3:\n{stdout}\n{log}");
+    assert!(log.contains("dry run: would scale"), "{log}");
+    assert!(
+        log.contains("dry run: would create the Deployment"),
+        "{log}"
+    );
+
+    assert_eq!(generation().await, before, "web was changed");
+    let names: Vec<String> = deployments
+        .list(&Default::default())
+        .await
+        .expect("list deployments")
+        .items
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    assert_eq!(names, ["web"], "a Deployment was created");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let leases = leases
+        .list(&Default::default())
+        .await
+        .expect("list leases")
+        .items;
+    assert!(leases.is_empty(), "a Lease was written: {leases:?}");
+}

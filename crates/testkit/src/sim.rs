@@ -553,6 +553,10 @@ impl Backend for Sim {
         self.check_reachable()
     }
 
+    async fn prepare_dry_run(&self, _services: &[Service]) -> Result<(), BackendError> {
+        self.check_reachable()
+    }
+
     fn leading(&self) -> bool {
         !self.lock().following
     }
