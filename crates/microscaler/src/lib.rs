@@ -6,4 +6,5 @@ pub mod control;
 pub mod demo;
 pub mod inspect;
 pub mod report;
+pub mod simulate;
 pub mod wiring;

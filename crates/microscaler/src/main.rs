@@ -64,6 +64,10 @@ enum Command {
     },
     /// Print a running daemon's state: every service's demand, target, what runs and why.
     Status(InspectArgs),
+    /// Replay demand (a trace, or the configuration's random walks) through the real engine
+    /// against a modelled cluster in virtual time, no containers, and print the seeds' figures
+    /// (demand met, capacity used, reaction, churn) for each configuration side by side.
+    Simulate(SimulateArgs),
     /// Explain a service of a running daemon: its configuration, its triggers' last values,
     /// what bound its target, and its latest decisions with their reasons.
     Explain {
@@ -75,6 +79,217 @@ enum Command {
         #[command(flatten)]
         api: InspectArgs,
     },
+}
+
+/// `microscaler simulate`'s flags.
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Configurations to compare [default: the seeds' demo: 9 slots, priority 1 on a ±3 random
+    /// walk every 3 s, priority 2 the remainder, 500 ms ticks].
+    configs: Vec<PathBuf>,
+    /// Demand over time: CSV lines `time,service,value` or JSON lines
+    /// `{"time": 1.5, "service": "web", "value": 3}`; time in seconds from the start, service as
+    /// NAME or NAME/TRIGGER. Random and manual triggers without values in it keep their own.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Run each configuration with a key set to each value: PATH=V1,V2,... (repeatable; every
+    /// combination runs). PATH: `tick`, `capacity.slots`, `services.NAME.max_step`,
+    /// `services.NAME.pool.size`, ...
+    #[arg(long = "vary", value_name = "PATH=V1,V2")]
+    vary: Vec<String>,
+    /// Simulated time [default: 1h; with --trace, until its last change + 10 s].
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Time at the start left out of the figures.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Hosts of the modelled cluster (all ready).
+    #[arg(long, default_value_t = 3)]
+    hosts: u32,
+    /// From a start to the replica running: "250ms", or uniform between two: "180ms..260ms"
+    /// [default: Docker's create + start measured here].
+    #[arg(long, default_value = "180ms..260ms")]
+    start_latency: microscaler::simulate::Latency,
+    /// From a stop to the replica gone.
+    #[arg(long, default_value = "40ms..60ms")]
+    stop_latency: microscaler::simulate::Latency,
+    /// From a pause to the replica frozen.
+    #[arg(long, default_value = "10ms")]
+    pause_latency: microscaler::simulate::Latency,
+    /// From an unpause to the replica running.
+    #[arg(long, default_value = "10ms..14ms")]
+    unpause_latency: microscaler::simulate::Latency,
+    /// Share of starts that fail (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Seed of the latencies, failures and random walks that have no seed of their own.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also write the figures (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
+    use microscaler::simulate::{combinations, set_key, simulate, table, Model, Trace};
+    if !(0.0..=1.0).contains(&args.failure_rate) {
+        return Err(usage(anyhow::anyhow!(
+            "--failure-rate {}: a share between 0 and 1",
+            args.failure_rate
+        )));
+    }
+    let trace = match &args.trace {
+        None => Trace::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(usage)?;
+            Trace::parse(&text).map_err(|errs| {
+                usage(anyhow::anyhow!(
+                    "{} is not a trace:\n  {}",
+                    path.display(),
+                    errs.join("\n  ")
+                ))
+            })?
+        }
+    };
+    let mut varies = Vec::new();
+    for v in &args.vary {
+        let (path, values) = v
+            .split_once('=')
+            .ok_or_else(|| usage(anyhow::anyhow!("--vary {v:?}: write it as PATH=V1,V2,...")))?;
+        varies.push((
+            path.trim().to_string(),
+            values.split(',').map(|s| s.trim().to_string()).collect(),
+        ));
+    }
+    let sources: Vec<(String, String)> = if args.configs.is_empty() {
+        let demo = DemoSettings {
+            capacity: 9,
+            delta: 3,
+            interval: Duration::from_secs(3),
+            seed: None,
+            tick: Duration::from_millis(500),
+            instance: "simulate".into(),
+            address: None,
+            cluster: None,
+            region: None,
+        };
+        vec![("demo".into(), demo::config_toml(&demo, "docker"))]
+    } else {
+        let mut v = Vec::new();
+        for path in &args.configs {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(usage)?;
+            v.push((path.display().to_string(), text));
+        }
+        v
+    };
+    let mut runs = Vec::new();
+    for (name, text) in &sources {
+        let doc: toml::Table = text
+            .parse()
+            .map_err(|e| usage(anyhow::anyhow!("{name}: {e}")))?;
+        for combo in combinations(&varies) {
+            let mut doc = doc.clone();
+            let mut label = name.clone();
+            for (path, value) in &combo {
+                set_key(&mut doc, path, value).map_err(|e| usage(anyhow::anyhow!("--vary {e}")))?;
+                label.push_str(&format!(" {path}={value}"));
+            }
+            let cfg = Config::from_toml(&doc.to_string()).map_err(|errs| {
+                usage(anyhow::anyhow!(
+                    "{label} is invalid:\n  {}",
+                    errs.0
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ))
+            })?;
+            runs.push((label, cfg));
+        }
+    }
+    let duration = args.duration.unwrap_or(if args.trace.is_some() {
+        trace.end() + Duration::from_secs(10)
+    } else {
+        Duration::from_secs(3600)
+    });
+    let model = Model {
+        hosts: args.hosts,
+        start: args.start_latency,
+        stop: args.stop_latency,
+        pause: args.pause_latency,
+        unpause: args.unpause_latency,
+        failure_rate: args.failure_rate,
+        seed: args.seed,
+        duration,
+        warmup: args.warmup,
+    };
+    eprintln!(
+        "simulating {} configuration{} over {} (start {}, stop {}, unpause {}, {} hosts)...",
+        runs.len(),
+        if runs.len() == 1 { "" } else { "s" },
+        humantime::format_duration(duration),
+        model.start,
+        model.stop,
+        model.unpause,
+        model.hosts
+    );
+    let t0 = std::time::Instant::now();
+    // One thread per configuration, at most as many at once as there are cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut results = Vec::new();
+    for chunk in runs.chunks(cores) {
+        let done: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(_, cfg)| scope.spawn(|| simulate(cfg, &model, &trace)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a simulation panicked"))
+                .collect()
+        });
+        results.extend(done);
+    }
+    let mut figures = Vec::new();
+    for ((label, _), r) in runs.iter().zip(results) {
+        figures
+            .push(r.map_err(|errs| usage(anyhow::anyhow!("{label}:\n  {}", errs.join("\n  "))))?);
+    }
+    eprintln!("done in {:.2} s", t0.elapsed().as_secs_f64());
+    let names: Vec<String> = runs.iter().map(|(l, _)| l.clone()).collect();
+    let json = serde_json::json!({
+        "duration_s": duration.as_secs_f64(),
+        "warmup_s": args.warmup.as_secs_f64(),
+        "model": {
+            "hosts": model.hosts,
+            "start_latency": model.start.to_string(),
+            "stop_latency": model.stop.to_string(),
+            "pause_latency": model.pause.to_string(),
+            "unpause_latency": model.unpause.to_string(),
+            "failure_rate": model.failure_rate,
+            "seed": model.seed,
+        },
+        "configurations": names.iter().zip(&figures).map(|(n, f)| {
+            serde_json::json!({"name": n, "figures": f})
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(path) = &args.output {
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{}", table(&names, &figures));
+    }
+    Ok(())
 }
 
 /// Where a running daemon's API is (`status`, `explain`).
@@ -387,6 +602,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run_cmd(args).await,
             Command::Validate { file } => validate_cmd(&file).map(|_| ()),
             Command::Status(args) => status_cmd(args).await,
+            Command::Simulate(args) => simulate_cmd(args),
             Command::Explain {
                 service,
                 decisions,

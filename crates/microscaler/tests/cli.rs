@@ -181,6 +181,9 @@ fn help_on_every_command() {
         &["demo", "--help"],
         &["run", "--help"],
         &["validate", "--help"],
+        &["simulate", "--help"],
+        &["status", "--help"],
+        &["explain", "--help"],
     ] {
         let out = microscaler(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");
@@ -429,4 +432,111 @@ fn the_token_can_come_from_a_file() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("file-token-9876543210"), "{err}");
     }
+}
+
+/// `simulate` with a known trace, two variants side by side (no pool, a pool of 3), the
+/// figures worked out by hand (see the engine-side test in src/simulate.rs): web goes from 2
+/// to 5 at 1.05 s; seen at the 1.1 s tick; batch's stops (50 ms) first; without a pool web's
+/// starts (300 ms) run at 1.45 s, with one its unpauses (10 ms) at 1.16 s.
+#[test]
+fn simulate_a_known_trace_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "seeds.toml",
+        r#"
+        tick = "100ms"
+        [capacity]
+        slots = 9
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "web"
+        priority = 1
+        [[services.triggers]]
+        type = "manual"
+        initial = 2
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        "#,
+    );
+    let trace = write(
+        &dir,
+        "trace.jsonl",
+        "{\"time\": 1.05, \"service\": \"web\", \"value\": 5}\n",
+    );
+    let output = dir.path().join("figures.json");
+    let out = microscaler(&[
+        "simulate",
+        &config,
+        "--trace",
+        &trace,
+        "--vary",
+        "services.web.pool.size=0,3",
+        "--duration",
+        "3s",
+        "--warmup",
+        "1s",
+        "--start-latency",
+        "300ms",
+        "--stop-latency",
+        "50ms",
+        "--unpause-latency",
+        "10ms",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("services.web.pool.size=0"), "{stdout}");
+    assert!(stdout.contains("services.web.pool.size=3"), "{stdout}");
+    assert!(stdout.contains("82.50%"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    let f = |i: usize, k: &str| v["configurations"][i]["figures"][k].as_f64().unwrap();
+    assert!((f(0, "demand_met") - 0.825).abs() < 1e-9, "{v}");
+    assert!((f(0, "reaction_p50_ms") - 400.0).abs() < 0.5, "{v}");
+    assert!((f(1, "demand_met") - 0.97).abs() < 1e-9, "{v}");
+    assert!((f(1, "reaction_p50_ms") - 110.0).abs() < 0.5, "{v}");
+    assert_eq!(f(1, "unpaused"), 3.0, "{v}");
+}
+
+/// A bad trace names every bad line, and a trigger with no values of its own and none in the
+/// trace is named with its path; both exit 2.
+#[test]
+fn simulate_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = write(&dir, "bad.csv", "time,service,value\n1,web\nx,web,1\n");
+    let out = microscaler(&["simulate", "--trace", &trace]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 2:") && stderr.contains("line 3:"),
+        "{stderr}"
+    );
+    let config = write(
+        &dir,
+        "redis.toml",
+        r#"
+        [capacity]
+        slots = 4
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "worker"
+        [[services.triggers]]
+        type = "redis_list"
+        url = "redis://127.0.0.1:6379"
+        key = "jobs"
+        "#,
+    );
+    let out = microscaler(&["simulate", &config, "--duration", "10s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("services[0].triggers[0] (worker/redis_list)"),
+        "{stderr}"
+    );
 }
