@@ -271,6 +271,8 @@ struct PoolState {
     /// When recent fills ended (their pause done), by name: a listing asked for before that
     /// may still show the container running, which it is not (see [`PoolState::hidden`]).
     filled: Mutex<HashMap<String, std::time::Instant>>,
+    /// Names of paused containers being removed beyond the pool: counted nowhere.
+    trimming: Mutex<HashSet<String>>,
     /// Services with a refill task running (at most one each).
     refilling: Mutex<HashSet<ServiceName>>,
     /// Set by `shutdown`: no refill starts or creates anything afterwards.
@@ -285,7 +287,7 @@ impl PoolState {
     /// the listing shows it before its pause (running). Without the second case, a listing
     /// that raced a fill's pause counted the new pool container as running.
     fn hidden(&self, c: &Owned, asked: std::time::Instant) -> bool {
-        if lock(&self.filling).contains(&c.name) {
+        if lock(&self.filling).contains(&c.name) || lock(&self.trimming).contains(&c.name) {
             return true;
         }
         !c.is_paused()
@@ -921,7 +923,19 @@ impl DockerBackend {
             paused.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
             let extra = &paused[..paused.len() - limit];
             tracing::info!(service = %service.name, paused = paused.len(), keep = limit, "removing paused replicas beyond the pool");
-            let (_, errors) = self.stop_all(extra, |_| Some(service.stop_grace)).await;
+            // Removed while frozen (the engine kills them without thawing them): a trimmed
+            // replica never runs again, not even for the moment a clean stop would need, and
+            // it is counted nowhere while it goes.
+            let names: Vec<String> = extra.iter().map(|c| c.name.clone()).collect();
+            lock(&self.pool.trimming).extend(names.iter().cloned());
+            let results = futures::future::join_all(extra.iter().map(|c| self.remove(c))).await;
+            {
+                let mut trimming = lock(&self.pool.trimming);
+                for n in &names {
+                    trimming.remove(n);
+                }
+            }
+            let errors: Vec<BackendError> = results.into_iter().filter_map(Result::err).collect();
             if let Some(e) = combine(
                 &format!("trim the pool of service {}", service.name),
                 errors,

@@ -442,3 +442,79 @@ async fn a_pooled_replica_gone_since_observe_is_replaced_by_a_start() {
 
     removed_on_shutdown(&backend, &docker, &instance, &svc).await;
 }
+
+/// Trimming the pool (its size lowered from 2 to 1) removes a paused replica while it is
+/// frozen: the engine reports its kill, die and destroy but never an unpause or a start, and
+/// no observation meanwhile counts a replica running or pending.
+#[tokio::test]
+async fn a_trimmed_paused_replica_never_runs_again() {
+    use bollard::query_parameters::EventsOptionsBuilder;
+    use futures::StreamExt;
+    let instance = unique("pool-trim");
+    let _cleanup = Cleanup(instance.clone());
+    let Some((backend, docker, _, pooled)) = settled_pool(&instance).await else {
+        return;
+    };
+    let events_client = docker.clone().with_timeout(Duration::from_secs(600));
+    let filters = HashMap::from([
+        ("type", vec!["container".to_string()]),
+        ("label", vec![format!("{}={instance}", labels::INSTANCE)]),
+    ]);
+    let opts = EventsOptionsBuilder::new().filters(&filters).build();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        let mut stream = Box::pin(events_client.events(Some(opts)));
+        while let Some(Ok(ev)) = stream.next().await {
+            let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+            let _ = tx.send((id, ev.action.unwrap_or_default()));
+        }
+    });
+    // Subscribed once the engine has answered; give it that time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let smaller = service("web", 1, Preempt::Stop);
+    backend
+        .prepare(std::slice::from_ref(&smaller))
+        .await
+        .expect("prepare with a pool of 1");
+    let t0 = std::time::Instant::now();
+    loop {
+        let obs = backend.observe().await.expect("observe");
+        assert_eq!(
+            running(&obs, &smaller),
+            0,
+            "a trimmed replica counted running"
+        );
+        assert_eq!(
+            pending(&obs, &smaller),
+            0,
+            "a trimmed replica counted pending"
+        );
+        if ids(&docker, &instance, None).await.len() == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < SETTLE,
+            "the pool was not trimmed to 1: {obs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ids(&docker, &instance, Some("paused")).await;
+    assert_eq!(left.len(), 1, "one pooled replica stays paused");
+    let trimmed: Vec<&String> = pooled.difference(&left).collect();
+    assert_eq!(trimmed.len(), 1, "{pooled:?} -> {left:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher.abort();
+    let mut actions = Vec::new();
+    while let Ok((id, action)) = rx.try_recv() {
+        if &id == trimmed[0] {
+            actions.push(action);
+        }
+    }
+    assert!(actions.iter().any(|a| a == "destroy"), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| a == "unpause" || a == "start"),
+        "the trimmed replica ran again: {actions:?}"
+    );
+    removed_on_shutdown(&backend, &docker, &instance, &smaller).await;
+}
