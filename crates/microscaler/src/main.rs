@@ -26,7 +26,7 @@ use microscaler_server::{Hub, ServerOptions, Setup, Store, Tick, TickError, Tick
 /// Every tick (500 ms by default) microscaler observes what runs, samples each service's
 /// demand, decides how many replicas every service gets inside the cluster's fixed capacity
 /// (priority 1 first; remainder services fill what is left) and makes it so through Docker,
-/// Docker Swarm or local processes.
+/// Docker Swarm, Kubernetes, AWS ECS, Nomad, Marathon or local processes.
 #[derive(Parser)]
 #[command(name = "microscaler", version, propagate_version = true)]
 struct Cli {
