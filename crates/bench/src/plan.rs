@@ -68,6 +68,7 @@ pub(crate) fn samples(cfg: &Config, round: usize) -> Samples {
 pub fn run(iterations: usize) -> (Value, Vec<Row>) {
     let cfg = config();
     let mut observed = Observed {
+        placement: Default::default(),
         services: Default::default(),
         hosts: (0..HOSTS)
             .map(|i| Host {

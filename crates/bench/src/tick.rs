@@ -114,6 +114,7 @@ async fn sim_view(sim: &Sim) -> Observed {
         .await
         .expect("the simulated orchestrator answers");
     Observed {
+        placement: Default::default(),
         services: o.services,
         hosts: o.hosts,
     }

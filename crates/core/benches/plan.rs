@@ -87,6 +87,7 @@ fn samples(cfg: &Config, round: usize) -> Samples {
 /// A converged tick: (observed, memory) after deciding round 0 and running its targets.
 fn converged(cfg: &Config) -> (Observed, EngineState) {
     let mut observed = Observed {
+        placement: Default::default(),
         services: Default::default(),
         hosts: hosts(),
     };
@@ -117,6 +118,7 @@ fn bench_plan(c: &mut Criterion) {
     });
     g.bench_function("first tick 10000 services on 1000 hosts", |b| {
         let empty = Observed {
+            placement: Default::default(),
             services: Default::default(),
             hosts: observed.hosts.clone(),
         };

@@ -138,6 +138,16 @@ struct RawServer {
 struct RawCapacity {
     slots: Option<u32>,
     slots_per_host: Option<u32>,
+    #[serde(default)]
+    resources: bool,
+    reserve_cpu: Option<toml::Value>,
+    reserve_memory: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawResources {
+    cpu: Option<toml::Value>,
+    memory: Option<toml::Value>,
 }
 
 /// The keys of a service the core reads; the others belong to the backend
@@ -158,6 +168,7 @@ struct RawService {
     stop_grace: Option<String>,
     scaling: Option<toml::Value>,
     pool: Option<toml::Value>,
+    resources: Option<toml::Value>,
 }
 
 /// The keys of [`RawService`], split off before the backend's own.
@@ -173,6 +184,7 @@ const SERVICE_KEYS: &[&str] = &[
     "stop_grace",
     "scaling",
     "pool",
+    "resources",
 ];
 
 #[derive(Deserialize)]
@@ -393,6 +405,32 @@ impl Validator {
             return None;
         };
         let c: RawCapacity = self.part(raw, "capacity")?;
+        if c.resources {
+            if c.slots.is_some() || c.slots_per_host.is_some() {
+                self.err(
+                    "capacity",
+                    "set exactly one of slots, slots_per_host or resources = true",
+                );
+                return None;
+            }
+            let reserve = Resources {
+                cpu_milli: match &c.reserve_cpu {
+                    None => 0,
+                    Some(v) => self.cpu(v, "capacity.reserve_cpu")?,
+                },
+                memory: match &c.reserve_memory {
+                    None => 0,
+                    Some(v) => self.memory(v, "capacity.reserve_memory")?,
+                },
+            };
+            return Some(Capacity::Resources { reserve });
+        }
+        if c.reserve_cpu.is_some() || c.reserve_memory.is_some() {
+            self.err(
+                "capacity",
+                "reserve_cpu and reserve_memory go with resources = true",
+            );
+        }
         match (c.slots, c.slots_per_host) {
             (Some(0), None) => {
                 self.err("capacity.slots", "must be >= 1, got 0");
@@ -405,10 +443,92 @@ impl Validator {
             (Some(n), None) => Some(Capacity::Slots(n)),
             (None, Some(n)) => Some(Capacity::SlotsPerHost(n)),
             _ => {
-                self.err("capacity", "set exactly one of slots or slots_per_host");
+                self.err(
+                    "capacity",
+                    "set exactly one of slots, slots_per_host or resources = true",
+                );
                 None
             }
         }
+    }
+
+    /// A CPU quantity: cores as a number or string (`0.5`, `"2"`), or millicores (`"250m"`).
+    fn cpu(&mut self, v: &toml::Value, path: &str) -> Option<u64> {
+        let text = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => {
+                self.err(
+                    path,
+                    format!(
+                        "must be a number of cores or a string like \"250m\", got {}",
+                        other.type_str()
+                    ),
+                );
+                return None;
+            }
+        };
+        match Resources::parse_cpu(&text) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    /// A memory quantity: bytes as a number, or a string like `"256Mi"`.
+    fn memory(&mut self, v: &toml::Value, path: &str) -> Option<u64> {
+        let text = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                self.err(
+                    path,
+                    format!(
+                        "must be a string like \"256Mi\" or a number of bytes, got {}",
+                        other.type_str()
+                    ),
+                );
+                return None;
+            }
+        };
+        match Resources::parse_memory(&text) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    /// `resources = { cpu = ..., memory = ... }` of a service: both, each above zero.
+    fn resources(&mut self, raw: toml::Value, path: &str) -> Option<Resources> {
+        let r: RawResources = self.part(raw, path)?;
+        let cpu = match &r.cpu {
+            None => {
+                self.err(format!("{path}.cpu"), "missing (e.g. cpu = \"250m\")");
+                None
+            }
+            Some(v) => self.cpu(v, &format!("{path}.cpu")),
+        };
+        let memory = match &r.memory {
+            None => {
+                self.err(
+                    format!("{path}.memory"),
+                    "missing (e.g. memory = \"256Mi\")",
+                );
+                None
+            }
+            Some(v) => self.memory(v, &format!("{path}.memory")),
+        };
+        let (cpu_milli, memory) = (cpu?, memory?);
+        if cpu_milli == 0 && memory == 0 {
+            self.err(path, "a replica must ask for some CPU or memory");
+            return None;
+        }
+        Some(Resources { cpu_milli, memory })
     }
 
     fn backend<B: BackendPlugins>(&mut self, raw: Option<toml::Value>) -> Option<B> {
@@ -592,6 +712,19 @@ impl Validator {
             Some(raw) => self.pool(raw, &p("pool"), backend.map(|b| (b.type_name(), caps)), max),
         };
 
+        let resources = match s.resources {
+            Some(raw) => self.resources(raw, &p("resources")),
+            None => {
+                if matches!(capacity, Some(Capacity::Resources { .. })) {
+                    self.err(
+                        p("resources"),
+                        "missing: capacity is counted in resources, so every service says what one replica asks for (resources = { cpu = \"250m\", memory = \"256Mi\" })",
+                    );
+                }
+                None
+            }
+        };
+
         let service = Service {
             name: name?,
             priority,
@@ -602,6 +735,7 @@ impl Validator {
             workload: workload?,
             stop_grace,
             pool,
+            resources,
         };
         Some((service, scaling))
     }

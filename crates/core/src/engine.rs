@@ -494,41 +494,22 @@ pub fn decide<P: Plugins>(
         });
     }
 
-    // Mins first, then what everyone keeps, both in allocation order: when they do not fit (the
-    // cluster shrank under what is placed), the lowest priority gives way first, even beyond
-    // its max_step. The floors that protect from growth are cut to what is kept.
-    let mut left = capacity as u64;
-    let mins: Vec<u64> = work
-        .iter()
-        .map(|w| {
-            let m = (w.min as u64).min(left);
-            left -= m;
-            m
-        })
-        .collect();
-    for (w, m) in work.iter_mut().zip(mins) {
-        let extra = ((w.keep - w.min) as u64).min(left);
-        left -= extra;
-        w.keep = (m + extra) as u32;
-        w.floor = w.floor.min(w.keep);
-    }
+    let placed = match cfg.capacity {
+        Capacity::Resources { reserve } => Some(place_resources(&mut work, observed, reserve)),
+        _ => None,
+    };
+    let (capacity, used) = match &placed {
+        Some(p) => {
+            let used: u64 = p.iter().map(|p| p.target as u64).sum();
+            (used.min(u32::MAX as u64) as u32, used)
+        }
+        None => (capacity, allocate_slots(&mut work, capacity)),
+    };
 
-    // Growth in allocation order, reserving the floors of everyone after: a higher priority
-    // takes from the lowest priority first, but never below its floor; a remainder service
-    // gets exactly what is left.
-    let mut suffix: Vec<u64> = vec![0; work.len() + 1];
-    for i in (0..work.len()).rev() {
-        suffix[i] = suffix[i + 1] + work[i].floor as u64;
+    let mut plan = build_plan(&work, &keys, capacity, used);
+    if let Some(p) = &placed {
+        explain_placement(&mut plan, &work, &p[..], &observed.hosts);
     }
-    let mut used: u64 = 0;
-    for (i, w) in work.iter_mut().enumerate() {
-        let avail = (capacity as u64).saturating_sub(used + suffix[i + 1]);
-        let t = (w.want as u64).min(avail).max(w.floor as u64) as u32;
-        w.target = t;
-        used += t as u64;
-    }
-
-    let plan = build_plan(&work, &keys, capacity, used);
     // The next memory. First what each service ends with, gathered in allocation order (the
     // order of `work`, read front to back), then the commitments built in name order (a
     // sorted build, no per-service insert) from the index-ordered inputs.
@@ -571,6 +552,144 @@ pub fn decide<P: Plugins>(
         name_order: NameOrder(Some(by_name.iter().map(|&(_, i)| i as u32).collect())),
     };
     (plan, next)
+}
+
+/// Slots: mins first, then what everyone keeps, then growth in allocation order (see the
+/// module documentation); returns the slots allocated.
+fn allocate_slots<P: Plugins>(work: &mut [Work<P>], capacity: u32) -> u64 {
+    // Mins first, then what everyone keeps, both in allocation order: when they do not fit (the
+    // cluster shrank under what is placed), the lowest priority gives way first, even beyond
+    // its max_step. The floors that protect from growth are cut to what is kept.
+    let mut left = capacity as u64;
+    let mins: Vec<u64> = work
+        .iter()
+        .map(|w| {
+            let m = (w.min as u64).min(left);
+            left -= m;
+            m
+        })
+        .collect();
+    for (w, m) in work.iter_mut().zip(mins) {
+        let extra = ((w.keep - w.min) as u64).min(left);
+        left -= extra;
+        w.keep = (m + extra) as u32;
+        w.floor = w.floor.min(w.keep);
+    }
+
+    // Growth in allocation order, reserving the floors of everyone after: a higher priority
+    // takes from the lowest priority first, but never below its floor; a remainder service
+    // gets exactly what is left.
+    let mut suffix: Vec<u64> = vec![0; work.len() + 1];
+    for i in (0..work.len()).rev() {
+        suffix[i] = suffix[i + 1] + work[i].floor as u64;
+    }
+    let mut used: u64 = 0;
+    for (i, w) in work.iter_mut().enumerate() {
+        let avail = (capacity as u64).saturating_sub(used + suffix[i + 1]);
+        let t = (w.want as u64).min(avail).max(w.floor as u64) as u32;
+        w.target = t;
+        used += t as u64;
+    }
+    used
+}
+
+/// CPU and memory: the placement simulation of [`crate::placement`] from where the replicas
+/// are, with each service's want and floor; sets every target and returns the placement.
+fn place_resources<P: Plugins>(
+    work: &mut [Work<P>],
+    observed: &Observed,
+    reserve: Resources,
+) -> Vec<crate::placement::Placed> {
+    use crate::placement::{place, Ask, Growth, Room};
+    let rooms: Vec<Room> = observed
+        .hosts
+        .iter()
+        .map(|h| {
+            let allocatable = Resources::of_host(h, reserve);
+            Room {
+                allocatable: allocatable.unwrap_or(Resources::ZERO),
+                ready: h.ready && allocatable.is_some(),
+            }
+        })
+        .collect();
+    let asks: Vec<Ask> = work
+        .iter()
+        .map(|w| Ask {
+            need: w.svc.resources.unwrap_or(Resources::ZERO),
+            want: w.want,
+            floor: w.floor,
+            growth: match w.svc.kind {
+                ServiceKind::PerHost => Growth::PerHost,
+                ServiceKind::Remainder => Growth::Remainder,
+                ServiceKind::Triggered(_) => Growth::Priority,
+            },
+        })
+        .collect();
+    let start: Vec<Vec<u32>> = work
+        .iter()
+        .map(|w| {
+            observed
+                .hosts
+                .iter()
+                .map(|h| {
+                    observed
+                        .placement
+                        .get(&h.id)
+                        .and_then(|m| m.get(&w.svc.name))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect()
+        })
+        .collect();
+    let placed = place(&asks, &rooms, &start);
+    for (w, p) in work.iter_mut().zip(&placed) {
+        w.target = p.target;
+    }
+    placed
+}
+
+/// The reasons of a placement: a service short of its want names what no host had free, and
+/// what it took from whom on which host; a service that gave room says to whom.
+fn explain_placement<P: Plugins>(
+    plan: &mut Plan,
+    work: &[Work<P>],
+    placed: &[crate::placement::Placed],
+    hosts: &[Host],
+) {
+    let host = |h: usize| hosts.get(h).map_or("?", |h| h.name.as_str());
+    let mut gave: Vec<Vec<String>> = vec![Vec::new(); work.len()];
+    for (a, p) in placed.iter().enumerate() {
+        for &(b, h, n) in &p.took {
+            gave[b].push(format!("gave {n} to {} on {}", work[a].svc.name, host(h)));
+        }
+    }
+    for (i, (w, p)) in work.iter().zip(placed).enumerate() {
+        let sp = &mut plan.services[i];
+        let need = w.svc.resources.unwrap_or(Resources::ZERO);
+        let mut parts = Vec::new();
+        if p.blocked && p.target < w.want {
+            sp.bound = Bound::Capacity;
+            parts.push(format!(
+                "wants {}, runs {}: no host has {need} free, even from lower priorities",
+                w.want, p.target
+            ));
+        }
+        for &(b, h, n) in &p.took {
+            parts.push(format!(
+                "took {n} of {} on {} for room",
+                work[b].svc.name,
+                host(h)
+            ));
+        }
+        if !gave[i].is_empty() {
+            sp.bound = Bound::Preempted;
+            parts.extend(gave[i].iter().cloned());
+        }
+        if !parts.is_empty() {
+            sp.reason = format!("{}; {}", sp.reason, parts.join("; "));
+        }
+    }
 }
 
 fn want<'a, P: Plugins>(

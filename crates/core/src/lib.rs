@@ -11,6 +11,7 @@
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod placement;
 pub mod plan;
 pub mod plugin;
 pub mod rules;

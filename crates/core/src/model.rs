@@ -237,6 +237,10 @@ pub struct Service<P: Plugins> {
     /// The warm pool and what a scale-down does (`[services.pool]`); the default keeps no pool
     /// and stops replicas.
     pub pool: PoolSpec,
+    /// What one replica asks for (`resources = { cpu = "250m", memory = "256Mi" }`): required
+    /// when capacity is counted in resources; container backends also set it as each replica's
+    /// limits.
+    pub resources: Option<Resources>,
 }
 
 /// What a scale-down of a service does to the replicas it gives up.
@@ -281,28 +285,161 @@ impl<P: Plugins> Service<P> {
     }
 }
 
-/// The cluster's capacity, in slots (one replica takes one slot).
-///
-/// Kept as an enum so per-host CPU and memory can be added as further variants (or fields of a
-/// resources vector) without changing how the engine allocates: it only asks "how many slots".
+/// The cluster's capacity: slots (one replica takes one slot), or the hosts' CPU and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capacity {
     /// A fixed total, whatever the hosts.
     Slots(u32),
     /// This many slots on every ready host.
     SlotsPerHost(u32),
+    /// Each ready host's CPU and memory, less this reserve per host; every service's replica
+    /// asks for its `resources`, and the engine plans where they fit.
+    Resources {
+        /// Kept free on every host (for the system, the orchestrator's agents).
+        reserve: Resources,
+    },
 }
 
 impl Capacity {
-    /// Total slots given the observed hosts.
+    /// Total slots given the observed hosts; 0 when capacity is counted in resources (the
+    /// engine places replicas on hosts then, and counts no slots).
     pub fn slots(&self, hosts: &[Host]) -> u32 {
         match *self {
             Capacity::Slots(n) => n,
             Capacity::SlotsPerHost(n) => {
                 n.saturating_mul(hosts.iter().filter(|h| h.ready).count() as u32)
             }
+            Capacity::Resources { .. } => 0,
         }
     }
+}
+
+/// CPU and memory: what one replica asks for, or what a host has free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Resources {
+    /// CPU in thousandths of a core (Kubernetes' millicores).
+    pub cpu_milli: u64,
+    /// Memory in bytes.
+    pub memory: u64,
+}
+
+impl Resources {
+    /// Nothing.
+    pub const ZERO: Resources = Resources {
+        cpu_milli: 0,
+        memory: 0,
+    };
+
+    /// Whether `self` fits in `free`, in every dimension.
+    pub fn fits(&self, free: &Resources) -> bool {
+        self.cpu_milli <= free.cpu_milli && self.memory <= free.memory
+    }
+
+    /// `self - other`, each dimension at least zero.
+    pub fn saturating_sub(self, other: Resources) -> Resources {
+        Resources {
+            cpu_milli: self.cpu_milli.saturating_sub(other.cpu_milli),
+            memory: self.memory.saturating_sub(other.memory),
+        }
+    }
+
+    /// `self + other`, saturating.
+    pub fn plus(self, other: Resources) -> Resources {
+        Resources {
+            cpu_milli: self.cpu_milli.saturating_add(other.cpu_milli),
+            memory: self.memory.saturating_add(other.memory),
+        }
+    }
+
+    /// `n` times `self`, saturating.
+    pub fn times(self, n: u32) -> Resources {
+        Resources {
+            cpu_milli: self.cpu_milli.saturating_mul(u64::from(n)),
+            memory: self.memory.saturating_mul(u64::from(n)),
+        }
+    }
+
+    /// What a host can give: its CPUs and memory less `reserve`; `None` when the backend does
+    /// not know them (the host then takes nothing).
+    pub fn of_host(host: &Host, reserve: Resources) -> Option<Resources> {
+        let cpus = host.cpus.filter(|c| c.is_finite() && *c >= 0.0)?;
+        let total = Resources {
+            cpu_milli: (cpus * 1000.0).round() as u64,
+            memory: host.memory_bytes?,
+        };
+        Some(total.saturating_sub(reserve))
+    }
+
+    /// Parses a CPU quantity: cores (`2`, `0.5`) or millicores (`250m`).
+    pub fn parse_cpu(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let (number, scale) = match t.strip_suffix('m') {
+            Some(n) => (n, 1.0),
+            None => (t, 1000.0),
+        };
+        match number.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => {
+                let milli = v * scale;
+                if (milli - milli.round()).abs() > 1e-6 {
+                    Err(format!(
+                        "{text:?} is finer than a millicore (1m = 0.001 CPU)"
+                    ))
+                } else {
+                    Ok(milli.round() as u64)
+                }
+            }
+            _ => Err(format!(
+                "{text:?} is not a CPU quantity: cores (\"0.5\", \"2\") or millicores (\"250m\")"
+            )),
+        }
+    }
+
+    /// Parses a memory quantity: bytes, or with a suffix `Ki`, `Mi`, `Gi`, `Ti` (powers of
+    /// 1024) or `k`, `M`, `G`, `T` (powers of 1000), as Kubernetes writes them.
+    pub fn parse_memory(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let units: [(&str, f64); 8] = [
+            ("Ki", 1024.0),
+            ("Mi", 1024.0 * 1024.0),
+            ("Gi", 1024.0 * 1024.0 * 1024.0),
+            ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+            ("k", 1e3),
+            ("M", 1e6),
+            ("G", 1e9),
+            ("T", 1e12),
+        ];
+        let (number, scale) = units
+            .iter()
+            .find_map(|(suffix, scale)| t.strip_suffix(suffix).map(|n| (n, *scale)))
+            .unwrap_or((t, 1.0));
+        match number.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 && v * scale < u64::MAX as f64 => {
+                Ok((v * scale).round() as u64)
+            }
+            _ => Err(format!(
+                "{text:?} is not a memory quantity: bytes, or a number with Ki, Mi, Gi, Ti (or k, M, G, T), like \"256Mi\""
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cpu = self.cpu_milli as f64 / 1000.0;
+        let mib = self.memory as f64 / (1024.0 * 1024.0);
+        let memory = if mib >= 1024.0 {
+            format!("{} GiB", trim(mib / 1024.0))
+        } else {
+            format!("{} MiB", trim(mib))
+        };
+        write!(f, "{} CPU and {memory}", trim(cpu))
+    }
+}
+
+/// A number with at most 3 decimals, without trailing zeros.
+fn trim(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A host's id as its orchestrator knows it (a Swarm node id, a Kubernetes Node's name, an
@@ -409,6 +546,10 @@ pub struct Observed {
     pub services: BTreeMap<ServiceName, ServiceObservation>,
     /// The hosts of the cluster.
     pub hosts: Vec<Host>,
+    /// Where the replicas are (running, pending on a host, or stopping: each holds its
+    /// resources until it is gone), per host and service. Read only when capacity is counted
+    /// in resources.
+    pub placement: BTreeMap<HostId, BTreeMap<ServiceName, u32>>,
 }
 
 impl Observed {

@@ -58,6 +58,7 @@ fn service(n: &str, priority: u32, kind: ServiceKind) -> Service {
         workload: Default::default(),
         stop_grace: Duration::from_secs(10),
         pool: Default::default(),
+        resources: None,
     }
 }
 
@@ -947,6 +948,7 @@ impl SlowBackend {
 
     fn observed(&self) -> Observed {
         Observed {
+            placement: Default::default(),
             services: self
                 .state
                 .iter()

@@ -104,6 +104,7 @@ fn service(i: usize) -> impl Strategy<Value = Service> {
             workload: Default::default(),
             stop_grace: Duration::from_secs(10),
             pool: Default::default(),
+            resources: None,
         })
 }
 
@@ -169,6 +170,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         .prop_map(|(services, capacity, hosts, per)| {
             let now = Duration::from_secs(100);
             let mut observed = Observed {
+                placement: Default::default(),
                 services: BTreeMap::new(),
                 hosts: hosts
                     .iter()

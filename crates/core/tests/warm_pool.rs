@@ -31,6 +31,7 @@ fn svc(n: &str, priority: u32, kind: ServiceKind, pool: PoolSpec) -> Service {
         workload: Default::default(),
         stop_grace: Duration::from_secs(10),
         pool,
+        resources: None,
     }
 }
 

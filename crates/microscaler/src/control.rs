@@ -19,7 +19,8 @@ use futures::future::join_all;
 use microscaler_backends::{Backend, BackendError, Config, ErrorClass, Observation, ScaleOutcome};
 use microscaler_core::config::OnExit;
 use microscaler_core::{
-    decide, EngineState, Observed, Plan, Preempt, Samples, ServiceKind, ServiceName, TriggerSample,
+    decide, EngineState, HostId, Observed, Plan, Preempt, Samples, ServiceKind, ServiceName,
+    TriggerSample,
 };
 use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, SourceError};
 use tokio::sync::{mpsc, Semaphore};
@@ -416,6 +417,8 @@ impl<B: Backend + 'static> Controller<B> {
         let capacity = match cfg.capacity {
             microscaler_core::Capacity::Slots(n) => n,
             microscaler_core::Capacity::SlotsPerHost(n) => n,
+            // Sources that need a bound (a random walk) have their own max then.
+            microscaler_core::Capacity::Resources { .. } => 0,
         };
         let mut controls = Controls::default();
         let mut triggers = Vec::new();
@@ -670,7 +673,23 @@ impl<B: Backend + 'static> Controller<B> {
         self.memory.paused_replicas = observed.paused.clone();
         // The engine's view is the observation's own maps, lent and given back (no copy).
         let mut observed = observed;
+        // Where the replicas are, when capacity is counted in resources: each one on a host
+        // (running, pending there, or stopping) holds its resources until it is gone.
+        let placement = match self.cfg.capacity {
+            microscaler_core::Capacity::Resources { .. } => {
+                let mut p: BTreeMap<HostId, BTreeMap<ServiceName, u32>> = BTreeMap::new();
+                for r in observed.replicas.iter().filter(|r| !r.host.0.is_empty()) {
+                    *p.entry(r.host.clone())
+                        .or_default()
+                        .entry(r.service.clone())
+                        .or_default() += 1;
+                }
+                p
+            }
+            _ => BTreeMap::new(),
+        };
         let engine_view = Observed {
+            placement,
             services: std::mem::take(&mut observed.services),
             hosts: std::mem::take(&mut observed.hosts),
         };

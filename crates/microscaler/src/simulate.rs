@@ -361,6 +361,11 @@ impl<'a> Sim<'a> {
         let slots = match cfg.capacity {
             microscaler_core::Capacity::Slots(n) => n,
             microscaler_core::Capacity::SlotsPerHost(n) => n,
+            microscaler_core::Capacity::Resources { .. } => {
+                return Err(vec![
+                    "capacity: the simulation models slots only; capacity in resources is not simulated yet".into(),
+                ]);
+            }
         };
         let mut feeds = Vec::new();
         let mut errors = Vec::new();
@@ -449,6 +454,7 @@ impl<'a> Sim<'a> {
             seq: 0,
             next_id: 0,
             observed: Observed {
+                placement: Default::default(),
                 services: BTreeMap::new(),
                 hosts,
             },

@@ -67,10 +67,10 @@ impl RandomConfig {
             }
         }
         if r.max.is_none() && cap.is_none() {
-            if let Some(Capacity::SlotsPerHost(_)) = cx.capacity {
+            if let Some(Capacity::SlotsPerHost(_) | Capacity::Resources { .. }) = cx.capacity {
                 v.err(
                     join(path, "max"),
-                    "required when capacity is per host (the random walk needs a fixed bound)",
+                    "required when capacity is per host or in resources (the random walk needs a fixed bound)",
                 );
             }
         }

@@ -99,6 +99,7 @@ pub fn service(name: &str, command: Vec<String>) -> Service {
         }),
         stop_grace: Duration::from_secs(5),
         pool: Default::default(),
+        resources: None,
     }
 }
 
