@@ -51,7 +51,7 @@ use bollard::Docker;
 use futures::StreamExt;
 use microscaler_core::plugin::{Capabilities, ServiceContext};
 use microscaler_core::validate::join;
-use microscaler_core::{Host, Preempt, ServiceName, ServiceObservation, Validator};
+use microscaler_core::{Host, Preempt, Resources, ServiceName, ServiceObservation, Validator};
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
@@ -75,6 +75,10 @@ pub struct DockerConfig {
     pub start_parallelism: usize,
     /// Network mode of the replicas (`none`, the default, `host`, `bridge` or a network name).
     pub network: String,
+    /// What the host gives to microscaler's replicas, instead of the engine's CPUs and memory
+    /// (`allocatable = { cpu = "2", memory = "4Gi" }`), for `[capacity] resources = true` on a
+    /// host shared with other work.
+    pub allocatable: Option<Resources>,
 }
 
 impl Default for DockerConfig {
@@ -83,6 +87,7 @@ impl Default for DockerConfig {
             host: None,
             start_parallelism: 8,
             network: "none".into(),
+            allocatable: None,
         }
     }
 }
@@ -92,6 +97,7 @@ struct RawDocker {
     host: Option<String>,
     start_parallelism: Option<u32>,
     network: Option<String>,
+    allocatable: Option<toml::Value>,
 }
 
 /// What the docker backend can do: it pauses (warm pools), reports the engine's CPUs and
@@ -117,10 +123,15 @@ impl DockerConfig {
                 8
             }
         };
+        let allocatable = match r.allocatable {
+            None => None,
+            Some(raw) => Some(v.resources(raw, &join(path, "allocatable"))?),
+        };
         Some(DockerConfig {
             host: r.host,
             start_parallelism,
             network: r.network.unwrap_or_else(|| "none".into()),
+            allocatable,
         })
     }
 
@@ -156,6 +167,8 @@ pub struct DockerBackend {
     instance: String,
     start_parallelism: usize,
     network: String,
+    /// `[backend] allocatable`, reported as the host's CPUs and memory when set.
+    allocatable: Option<Resources>,
     /// The built-in replica image, imported once on first use.
     replica_image: Arc<OnceCell<String>>,
     /// The warm pool's state.
@@ -482,6 +495,7 @@ impl DockerBackend {
         };
         tracing::debug!(engine = %address, instance, network = %network, "connected to the Docker engine");
         Ok(DockerBackend {
+            allocatable: spec.allocatable,
             docker,
             address,
             instance: instance.to_string(),
@@ -606,8 +620,14 @@ impl DockerBackend {
                 .into(),
             name,
             ready: true,
-            cpus: info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
-            memory_bytes: info.mem_total.and_then(|m| u64::try_from(m).ok()),
+            cpus: match self.allocatable {
+                Some(a) => Some(a.cpu_milli as f64 / 1000.0),
+                None => info.ncpu.filter(|n| *n > 0).map(|n| n as f64),
+            },
+            memory_bytes: match self.allocatable {
+                Some(a) => Some(a.memory),
+                None => info.mem_total.and_then(|m| u64::try_from(m).ok()),
+            },
         })
     }
 
@@ -788,6 +808,15 @@ impl DockerBackend {
             labels: Some(labels),
             stop_timeout: Some(i64::from(grace_secs(service.stop_grace))),
             host_config: Some(HostConfig {
+                // The service's resources are each replica's limits.
+                nano_cpus: service
+                    .resources
+                    .map(|r| r.cpu_milli.saturating_mul(1_000_000) as i64)
+                    .filter(|n| *n > 0),
+                memory: service
+                    .resources
+                    .map(|r| r.memory as i64)
+                    .filter(|m| *m > 0),
                 network_mode: Some(self.network.clone()),
                 restart_policy: Some(RestartPolicy {
                     name: Some(RestartPolicyNameEnum::NO),

@@ -28,6 +28,7 @@ fn spec() -> DockerConfig {
         host: None,
         start_parallelism: 4,
         network: "none".into(),
+        allocatable: None,
     }
 }
 

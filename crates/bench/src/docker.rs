@@ -67,6 +67,7 @@ fn probe_spec(o: &Opts) -> DockerConfig {
         host: None,
         start_parallelism: o.parallelism,
         network: "none".into(),
+        allocatable: None,
     }
 }
 

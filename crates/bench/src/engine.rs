@@ -428,6 +428,7 @@ where
             host: None,
             start_parallelism: 8,
             network: "none".into(),
+            allocatable: None,
         },
     };
     let backend = DockerBackend::connect(&spec, &cfg.instance).await?;

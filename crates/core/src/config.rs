@@ -323,6 +323,17 @@ impl Validator {
                 services.push(s);
             }
         }
+        if let (Some(Capacity::Resources { .. }), Some(b)) = (capacity, backend.as_ref()) {
+            if !b.capabilities().host_resources {
+                self.err(
+                    "capacity.resources",
+                    format!(
+                        "the {} backend does not report its hosts' CPU and memory, so capacity cannot be counted in resources with it; count it in slots",
+                        b.type_name()
+                    ),
+                );
+            }
+        }
         if let Some(Capacity::Slots(slots)) = capacity {
             let mins: u64 = services.iter().map(|s| s.min as u64).sum();
             if mins > slots as u64 {
@@ -503,8 +514,9 @@ impl Validator {
         }
     }
 
-    /// `resources = { cpu = ..., memory = ... }` of a service: both, each above zero.
-    fn resources(&mut self, raw: toml::Value, path: &str) -> Option<Resources> {
+    /// `{ cpu = ..., memory = ... }` (a service's `resources`, a backend's `allocatable`):
+    /// both, not both zero; every error with its path.
+    pub fn resources(&mut self, raw: toml::Value, path: &str) -> Option<Resources> {
         let r: RawResources = self.part(raw, path)?;
         let cpu = match &r.cpu {
             None => {
