@@ -19,22 +19,39 @@ const HOSTS: usize = 1_000;
 const SLOTS_PER_HOST: u32 = 20;
 /// The issue's target.
 const TARGET_MS: f64 = 5.0;
+/// Issue 13's target for the same workload with capacity in CPU and memory.
+const RESOURCES_TARGET_MS: f64 = 10.0;
 
 pub(crate) fn config() -> Config {
+    config_with(false)
+}
+
+/// The workload; with `resources`, capacity in CPU and memory: every replica 1 CPU and 1 GiB,
+/// every host 20 CPUs and 64 GiB (so the same 20 replicas per host as the slots).
+fn config_with(resources: bool) -> Config {
+    let (capacity, backend, each) = if resources {
+        (
+            "resources = true".to_string(),
+            "docker",
+            "resources = { cpu = \"1\", memory = \"1Gi\" }\n",
+        )
+    } else {
+        (format!("slots_per_host = {SLOTS_PER_HOST}"), "process", "")
+    };
     let mut t = format!(
-        "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\nslots_per_host = {SLOTS_PER_HOST}\n\
-         [backend]\ntype = \"process\"\n"
+        "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\n{capacity}\n\
+         [backend]\ntype = \"{backend}\"\n"
     );
     for i in 0..SERVICES - REMAINDER {
         t.push_str(&format!(
-            "[[services]]\nname = \"svc-{i}\"\npriority = {}\nmax = 8\n\
+            "[[services]]\nname = \"svc-{i}\"\npriority = {}\nmax = 8\n{each}\
              [[services.triggers]]\ntype = \"manual\"\n",
             1 + i % 10
         ));
     }
     for i in 0..REMAINDER {
         t.push_str(&format!(
-            "[[services]]\nname = \"rest-{i}\"\npriority = 11\nremainder = true\n"
+            "[[services]]\nname = \"rest-{i}\"\npriority = 11\nremainder = true\n{each}"
         ));
     }
     Config::from_toml(&t).expect("the benchmark's configuration is valid")
@@ -64,9 +81,42 @@ pub(crate) fn samples(cfg: &Config, round: usize) -> Samples {
     s
 }
 
-/// Times `decide` `iterations` times on a converged tick with 10% of demands moved.
+/// Times `decide` `iterations` times on a converged tick with 10% of demands moved: capacity
+/// in slots, then the same workload in CPU and memory (replicas placed where the first tick
+/// put them, first fit, 20 per host).
 pub fn run(iterations: usize) -> (Value, Vec<Row>) {
-    let cfg = config();
+    let (slots, slots_actions) = time(false, iterations);
+    let (res, res_actions) = time(true, iterations);
+    let rows = vec![
+        Row::values(
+            "plan: 10,000 services, 1,000 hosts",
+            format!("p50 {:.2} / max {:.2} ms", slots.p50, slots.max),
+            format!("{TARGET_MS} ms (the issue's target)"),
+            ratio(slots.p50, TARGET_MS),
+            "< 5 ms",
+        ),
+        Row::values(
+            "plan: 10,000 services, 1,000 hosts, CPU and memory",
+            format!("p50 {:.2} / max {:.2} ms", res.p50, res.max),
+            format!("slots in the same run: p50 {:.2} ms", slots.p50),
+            ratio(res.p50, slots.p50),
+            "< 10 ms",
+        ),
+    ];
+    let v = json!({
+        "services": SERVICES, "hosts": HOSTS, "slots_per_host": SLOTS_PER_HOST,
+        "actions_in_plan": slots_actions, "iterations": iterations,
+        "decide": slots.json(), "target_ms": TARGET_MS, "ratio_p50_to_target": ratio(slots.p50, TARGET_MS),
+        "resources": {
+            "actions_in_plan": res_actions, "decide": res.json(),
+            "target_ms": RESOURCES_TARGET_MS, "ratio_p50_to_slots": ratio(res.p50, slots.p50),
+        },
+    });
+    (v, rows)
+}
+
+fn time(resources: bool, iterations: usize) -> (Dist, usize) {
+    let cfg = config_with(resources);
     let mut observed = Observed {
         placement: Default::default(),
         services: Default::default(),
@@ -75,8 +125,8 @@ pub fn run(iterations: usize) -> (Value, Vec<Row>) {
                 id: format!("h{i}").into(),
                 name: format!("host-{i}"),
                 ready: true,
-                cpus: Some(2.0),
-                memory_bytes: None,
+                cpus: Some(SLOTS_PER_HOST as f64),
+                memory_bytes: Some(64 << 30),
             })
             .collect(),
     };
@@ -87,10 +137,31 @@ pub fn run(iterations: usize) -> (Value, Vec<Row>) {
         &EngineState::default(),
         Duration::ZERO,
     );
+    let mut host = 0;
+    let mut room = SLOTS_PER_HOST;
     for sp in &plan.services {
         observed
             .services
             .insert(sp.service.clone(), ServiceObservation::counts(sp.target, 0));
+        let mut left = sp.target;
+        while left > 0 && host < HOSTS {
+            let n = left.min(room);
+            *observed
+                .placement
+                .entry(observed.hosts[host].id.clone())
+                .or_default()
+                .entry(sp.service.clone())
+                .or_default() += n;
+            left -= n;
+            room -= n;
+            if room == 0 {
+                host += 1;
+                room = SLOTS_PER_HOST;
+            }
+        }
+    }
+    if !resources {
+        observed.placement.clear();
     }
     let next = samples(&cfg, 1);
     let now = Duration::from_secs(1);
@@ -102,18 +173,5 @@ pub fn run(iterations: usize) -> (Value, Vec<Row>) {
         black_box(decide(black_box(&cfg), &observed, &next, &memory, now));
         times.push(t0.elapsed());
     }
-    let d = Dist::new(&times);
-    let row = Row::values(
-        "plan: 10,000 services, 1,000 hosts",
-        format!("p50 {:.2} / max {:.2} ms", d.p50, d.max),
-        format!("{TARGET_MS} ms (the issue's target)"),
-        ratio(d.p50, TARGET_MS),
-        "< 5 ms",
-    );
-    let v = json!({
-        "services": SERVICES, "hosts": HOSTS, "slots_per_host": SLOTS_PER_HOST,
-        "actions_in_plan": actions, "iterations": iterations,
-        "decide": d.json(), "target_ms": TARGET_MS, "ratio_p50_to_target": ratio(d.p50, TARGET_MS),
-    });
-    (v, vec![row])
+    (Dist::new(&times), actions)
 }

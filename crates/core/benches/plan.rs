@@ -27,21 +27,32 @@ const REMAINDER: usize = 10;
 const HOSTS: usize = 1_000;
 const SLOTS_PER_HOST: u32 = 20;
 
-fn config() -> Config {
+/// The workload; with `resources`, capacity in CPU and memory: every replica 1 CPU and 1 GiB on
+/// hosts of 20 CPUs and 64 GiB (the same 20 replicas per host as the slots).
+fn config(resources: bool) -> Config {
+    let (capacity, backend, each) = if resources {
+        (
+            "resources = true".to_string(),
+            "docker",
+            "resources = { cpu = \"1\", memory = \"1Gi\" }\n",
+        )
+    } else {
+        (format!("slots_per_host = {SLOTS_PER_HOST}"), "process", "")
+    };
     let mut t = format!(
-        "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\nslots_per_host = {SLOTS_PER_HOST}\n\
-         [backend]\ntype = \"process\"\n"
+        "instance = \"bench\"\ntick = \"100ms\"\n[capacity]\n{capacity}\n\
+         [backend]\ntype = \"{backend}\"\n"
     );
     for i in 0..SERVICES - REMAINDER {
         t.push_str(&format!(
-            "[[services]]\nname = \"svc-{i}\"\npriority = {}\nmax = 8\n\
+            "[[services]]\nname = \"svc-{i}\"\npriority = {}\nmax = 8\n{each}\
              [[services.triggers]]\ntype = \"manual\"\n",
             1 + i % 10
         ));
     }
     for i in 0..REMAINDER {
         t.push_str(&format!(
-            "[[services]]\nname = \"rest-{i}\"\npriority = 11\nremainder = true\n"
+            "[[services]]\nname = \"rest-{i}\"\npriority = 11\nremainder = true\n{each}"
         ));
     }
     Config::from_toml(&t).expect("the benchmark's configuration is valid")
@@ -53,8 +64,8 @@ fn hosts() -> Vec<Host> {
             id: format!("h{i}").into(),
             name: format!("host-{i}"),
             ready: true,
-            cpus: Some(2.0),
-            memory_bytes: None,
+            cpus: Some(SLOTS_PER_HOST as f64),
+            memory_bytes: Some(64 << 30),
         })
         .collect()
 }
@@ -98,16 +109,34 @@ fn converged(cfg: &Config) -> (Observed, EngineState) {
         &EngineState::default(),
         Duration::ZERO,
     );
+    // Placed first fit, 20 per host (read only with capacity in resources).
+    let (mut host, mut room) = (0, SLOTS_PER_HOST);
     for sp in &plan.services {
         observed
             .services
             .insert(sp.service.clone(), ServiceObservation::counts(sp.target, 0));
+        let mut left = sp.target;
+        while left > 0 && host < HOSTS {
+            let n = left.min(room);
+            *observed
+                .placement
+                .entry(observed.hosts[host].id.clone())
+                .or_default()
+                .entry(sp.service.clone())
+                .or_default() += n;
+            left -= n;
+            room -= n;
+            if room == 0 {
+                host += 1;
+                room = SLOTS_PER_HOST;
+            }
+        }
     }
     (observed, memory)
 }
 
 fn bench_plan(c: &mut Criterion) {
-    let cfg = config();
+    let cfg = config(false);
     let (observed, memory) = converged(&cfg);
     let next = samples(&cfg, 1);
     let now = Duration::from_secs(1);
@@ -123,6 +152,11 @@ fn bench_plan(c: &mut Criterion) {
             hosts: observed.hosts.clone(),
         };
         b.iter(|| decide(black_box(&cfg), &empty, &next, &EngineState::default(), now))
+    });
+    let res = config(true);
+    let (observed, memory) = converged(&res);
+    g.bench_function("decide 10000 services on 1000 hosts, CPU and memory", |b| {
+        b.iter(|| decide(black_box(&res), &observed, &next, &memory, now))
     });
     g.finish();
 }

@@ -625,23 +625,29 @@ fn place_resources<P: Plugins>(
             },
         })
         .collect();
-    let start: Vec<Vec<u32>> = work
+    // Where the replicas are, sparse: by host index and position in `work`.
+    let host_index: std::collections::HashMap<&HostId, usize> = observed
+        .hosts
         .iter()
-        .map(|w| {
-            observed
-                .hosts
-                .iter()
-                .map(|h| {
-                    observed
-                        .placement
-                        .get(&h.id)
-                        .and_then(|m| m.get(&w.svc.name))
-                        .copied()
-                        .unwrap_or(0)
-                })
-                .collect()
-        })
+        .enumerate()
+        .map(|(i, h)| (&h.id, i))
         .collect();
+    let position: std::collections::HashMap<&ServiceName, usize> = work
+        .iter()
+        .enumerate()
+        .map(|(a, w)| (&w.svc.name, a))
+        .collect();
+    let mut start: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
+    for (id, services) in &observed.placement {
+        let Some(&h) = host_index.get(id) else {
+            continue;
+        };
+        for (name, &n) in services {
+            if let Some(&a) = position.get(name) {
+                start[a].push((h, n));
+            }
+        }
+    }
     let placed = place(&asks, &rooms, &start);
     for (w, p) in work.iter_mut().zip(&placed) {
         w.target = p.target;

@@ -9,8 +9,8 @@
 //!    below its want places replicas one at a time: on the first host with room for one in
 //!    every dimension, or else on the first host where replicas of lower priorities (the
 //!    lowest first, none below its floor) can make that room; a per-host service places one
-//!    on each ready host that lacks it;
-//! 3. remainder services fill what is left, host by host, first fit.
+//!    on each ready host that lacks it; remainder services come last and fill what is left the
+//!    same way, the first taking from the later ones.
 //!
 //! So the plan never asks for a replica no host can take (free resources that add up to
 //! enough but fit on no single host are not room), and a higher priority that needs room
@@ -56,8 +56,8 @@ pub struct Room {
 pub struct Placed {
     /// Replicas placed in all.
     pub target: u32,
-    /// Per host.
-    pub per_host: Vec<u32>,
+    /// Where: `(host, count)`, by host, counts above zero.
+    pub per_host: Vec<(usize, u32)>,
     /// Short of its want because no host could take one more, even with room taken from lower
     /// priorities.
     pub blocked: bool,
@@ -65,115 +65,187 @@ pub struct Placed {
     pub took: Vec<(usize, usize, u32)>,
 }
 
-/// Simulates the placement: `start[service][host]` is where the replicas are now.
-pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<u32>]) -> Vec<Placed> {
-    let nh = hosts.len();
-    let mut count: Vec<Vec<u32>> = start.iter().map(|c| c[..nh].to_vec()).collect();
-    let mut used = vec![Resources::ZERO; nh];
-    for (a, per) in asks.iter().zip(&count) {
-        for (h, &n) in per.iter().enumerate() {
-            used[h] = used[h].plus(a.need.times(n));
+impl Placed {
+    /// Replicas on host `h`.
+    pub fn on(&self, h: usize) -> u32 {
+        self.per_host
+            .binary_search_by_key(&h, |&(x, _)| x)
+            .map_or(0, |i| self.per_host[i].1)
+    }
+}
+
+/// The simulation's state: who is where, both ways (sparse: a cluster of 1,000 hosts and
+/// 10,000 services has a few replicas of a few services on each host).
+struct State {
+    /// Per service: `(host, count)`.
+    by_service: Vec<Vec<(usize, u32)>>,
+    /// Per host: `(service, count)`.
+    by_host: Vec<Vec<(usize, u32)>>,
+    total: Vec<u32>,
+    used: Vec<Resources>,
+}
+
+impl State {
+    fn add(&mut self, asks: &[Ask], a: usize, h: usize, n: i64) {
+        fn bump(v: &mut Vec<(usize, u32)>, k: usize, n: i64) {
+            match v.iter().position(|&(x, _)| x == k) {
+                Some(i) => {
+                    let c = (i64::from(v[i].1) + n).max(0) as u32;
+                    if c == 0 {
+                        v.swap_remove(i);
+                    } else {
+                        v[i].1 = c;
+                    }
+                }
+                None if n > 0 => v.push((k, n as u32)),
+                None => {}
+            }
+        }
+        bump(&mut self.by_service[a], h, n);
+        bump(&mut self.by_host[h], a, n);
+        let need = asks[a].need.times(n.unsigned_abs() as u32);
+        if n > 0 {
+            self.total[a] += n as u32;
+            self.used[h] = self.used[h].plus(need);
+        } else {
+            self.total[a] -= n.unsigned_abs() as u32;
+            self.used[h] = self.used[h].saturating_sub(need);
         }
     }
-    let mut total: Vec<u32> = count.iter().map(|c| c.iter().sum()).collect();
-    let mut out: Vec<Placed> = vec![Placed::default(); asks.len()];
 
-    // 1. Surplus back: per-host services keep one per ready host.
+    fn count(&self, a: usize, h: usize) -> u32 {
+        self.by_host[h]
+            .iter()
+            .find(|&&(x, _)| x == a)
+            .map_or(0, |&(_, c)| c)
+    }
+}
+
+/// Simulates the placement: `start[service]` is where its replicas are now, `(host, count)`.
+pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<Placed> {
+    let nh = hosts.len();
+    let mut st = State {
+        by_service: vec![Vec::new(); asks.len()],
+        by_host: vec![Vec::new(); nh],
+        total: vec![0; asks.len()],
+        used: vec![Resources::ZERO; nh],
+    };
+    for (a, per) in start.iter().enumerate().take(asks.len()) {
+        for &(h, n) in per {
+            if h < nh && n > 0 {
+                st.add(asks, a, h, i64::from(n));
+            }
+        }
+    }
+    let mut out: Vec<Placed> = vec![Placed::default(); asks.len()];
+    let free = |st: &State, h: usize| hosts[h].allocatable.saturating_sub(st.used[h]);
+
+    // 1. Surplus back: per-host services keep one per ready host; the others give back from
+    //    hosts that are not ready first, then from the host where they have the most.
     for (a, ask) in asks.iter().enumerate() {
         if ask.growth == Growth::PerHost {
-            for h in 0..nh {
-                let keep = u32::from(hosts[h].ready);
-                while count[a][h] > keep {
-                    count[a][h] -= 1;
-                    total[a] -= 1;
-                    used[h] = used[h].saturating_sub(ask.need);
-                }
+            let extra: Vec<(usize, u32)> = st.by_service[a]
+                .iter()
+                .map(|&(h, c)| (h, c.saturating_sub(u32::from(hosts[h].ready))))
+                .filter(|&(_, n)| n > 0)
+                .collect();
+            for (h, n) in extra {
+                st.add(asks, a, h, -i64::from(n));
             }
             continue;
         }
-        while total[a] > ask.want {
-            let h = (0..nh)
-                .filter(|&h| count[a][h] > 0)
-                .max_by_key(|&h| (!hosts[h].ready, count[a][h], h))
-                .expect("a service with replicas has them on some host");
-            count[a][h] -= 1;
-            total[a] -= 1;
-            used[h] = used[h].saturating_sub(ask.need);
+        while st.total[a] > ask.want {
+            let Some(&(h, c)) = st.by_service[a]
+                .iter()
+                .max_by_key(|&&(h, c)| (!hosts[h].ready, c, h))
+            else {
+                break;
+            };
+            let n = c.min(st.total[a] - ask.want);
+            st.add(asks, a, h, -i64::from(n));
         }
     }
 
-    let free = |used: &[Resources], h: usize| hosts[h].allocatable.saturating_sub(used[h]);
     // 2. Growth in allocation order (remainder services last: they fill what is left, the
-    //    first taking from the later ones as a higher priority does).
+    //    first taking from the later ones as a higher priority does). First fit starts at a
+    //    cursor per size: the hosts before it had no room for that size when last looked at.
+    let mut cursor: std::collections::HashMap<Resources, usize> = Default::default();
     for a in 0..asks.len() {
         let ask = asks[a];
-        let mut only: Vec<usize> = Vec::new();
-        if ask.growth == Growth::PerHost {
-            only = (0..nh)
-                .filter(|&h| hosts[h].ready && count[a][h] == 0)
-                .collect();
-        }
-        let mut next_host = only.into_iter();
+        let per_host: Vec<usize> = if ask.growth == Growth::PerHost {
+            (0..nh)
+                .filter(|&h| hosts[h].ready && st.count(a, h) == 0)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut next_host = per_host.into_iter();
         loop {
-            let candidates: Vec<usize> = if ask.growth == Growth::PerHost {
+            let only = if ask.growth == Growth::PerHost {
                 match next_host.next() {
-                    Some(h) => vec![h],
+                    Some(h) => Some(h),
                     None => break,
                 }
             } else {
-                if total[a] >= ask.want {
+                if st.total[a] >= ask.want {
                     break;
                 }
-                (0..nh).filter(|&h| hosts[h].ready).collect()
+                None
             };
             // First fit.
-            if let Some(&h) = candidates.iter().find(|&&h| ask.need.fits(&free(&used, h))) {
-                count[a][h] += 1;
-                total[a] += 1;
-                used[h] = used[h].plus(ask.need);
+            let fit = match only {
+                Some(h) => ask.need.fits(&free(&st, h)).then_some(h),
+                None => {
+                    let from = cursor.get(&ask.need).copied().unwrap_or(0);
+                    let h = (from..nh).find(|&h| hosts[h].ready && ask.need.fits(&free(&st, h)));
+                    cursor.insert(ask.need, h.unwrap_or(nh));
+                    h
+                }
+            };
+            if let Some(h) = fit {
+                st.add(asks, a, h, 1);
                 continue;
             }
-            // Room taken from lower priorities, the lowest first. None goes below its floor:
-            // a replica that would take it there is moved to another host where it fits, or
-            // stays.
+            // Room taken from lower priorities, the lowest first, none below its floor.
+            let candidates: Box<dyn Iterator<Item = usize>> = match only {
+                Some(h) => Box::new(std::iter::once(h)),
+                None => Box::new((0..nh).filter(|&h| hosts[h].ready)),
+            };
             let mut done = false;
-            for &h in &candidates {
-                // Tried on copies, kept only if the replica then fits.
-                let (mut c2, mut t2, mut u2) = (count.clone(), total.clone(), used.clone());
-                let mut took = Vec::new();
-                for b in (a + 1..asks.len()).rev() {
-                    if ask.need.fits(&free(&u2, h)) {
-                        break;
-                    }
-                    let need = asks[b].need;
-                    while c2[b][h] > 0 && !ask.need.fits(&free(&u2, h)) {
-                        let elsewhere =
-                            (0..nh).find(|&x| x != h && hosts[x].ready && need.fits(&free(&u2, x)));
-                        match (t2[b] > asks[b].floor, elsewhere) {
-                            (true, _) => {
-                                c2[b][h] -= 1;
-                                t2[b] -= 1;
-                                u2[h] = u2[h].saturating_sub(need);
-                                took.push((b, h, 1));
-                            }
-                            (false, Some(x)) => {
-                                c2[b][h] -= 1;
-                                c2[b][x] += 1;
-                                u2[h] = u2[h].saturating_sub(need);
-                                u2[x] = u2[x].plus(need);
-                            }
-                            (false, None) => break,
-                        }
-                    }
-                }
-                if !ask.need.fits(&free(&u2, h)) {
+            for h in candidates {
+                let mut room = free(&st, h);
+                let mut lower: Vec<(usize, u32)> = st.by_host[h]
+                    .iter()
+                    .copied()
+                    .filter(|&(b, _)| b > a)
+                    .collect();
+                if lower.is_empty() {
                     continue;
                 }
-                (count, total, used) = (c2, t2, u2);
-                out[a].took.extend(took);
-                count[a][h] += 1;
-                total[a] += 1;
-                used[h] = used[h].plus(ask.need);
+                lower.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
+                let mut plan: Vec<(usize, u32)> = Vec::new();
+                for (b, c) in lower {
+                    if ask.need.fits(&room) {
+                        break;
+                    }
+                    let spare = st.total[b].saturating_sub(asks[b].floor).min(c);
+                    let mut n = 0;
+                    while n < spare && !ask.need.fits(&room) {
+                        room = room.plus(asks[b].need);
+                        n += 1;
+                    }
+                    if n > 0 {
+                        plan.push((b, n));
+                    }
+                }
+                if !ask.need.fits(&room) {
+                    continue;
+                }
+                for (b, n) in plan {
+                    st.add(asks, b, h, -i64::from(n));
+                    out[a].took.push((b, h, n));
+                }
+                st.add(asks, a, h, 1);
                 done = true;
                 break;
             }
@@ -187,14 +259,13 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<u32>]) -> Vec<Placed> {
     }
 
     for (a, o) in out.iter_mut().enumerate() {
-        o.target = total[a];
-        o.per_host = std::mem::take(&mut count[a]);
-    }
-    // Merge what each service took per (victim, host).
-    for o in &mut out {
+        o.target = st.total[a];
+        let mut per_host = std::mem::take(&mut st.by_service[a]);
+        per_host.sort_unstable();
+        o.per_host = per_host;
         o.took.sort_unstable();
         let mut merged: Vec<(usize, usize, u32)> = Vec::with_capacity(o.took.len());
-        for &(b, h, n) in o.took.iter().filter(|t| t.2 > 0) {
+        for &(b, h, n) in &o.took {
             match merged.last_mut() {
                 Some(last) if last.0 == b && last.1 == h => last.2 += n,
                 _ => merged.push((b, h, n)),
@@ -223,6 +294,24 @@ mod tests {
         }
     }
 
+    /// A dense start (`[service][host]`) as `place` takes it.
+    fn sparse(dense: &[Vec<u32>]) -> Vec<Vec<(usize, u32)>> {
+        dense
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|&(_, n)| n > 0)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn dense(p: &Placed, nh: usize) -> Vec<u32> {
+        (0..nh).map(|h| p.on(h)).collect()
+    }
+
     fn ask(need: Resources, want: u32, growth: Growth) -> Ask {
         Ask {
             need,
@@ -244,7 +333,7 @@ mod tests {
                 ..ask(r(600, 256), 2, Growth::Priority)
             },
         ];
-        let out = place(&asks, &hosts, &[vec![0, 0], vec![1, 1]]);
+        let out = place(&asks, &hosts, &sparse(&[vec![0, 0], vec![1, 1]]));
         assert_eq!(out[0].target, 0, "{out:?}");
         assert!(out[0].blocked);
         assert_eq!(out[1].target, 2);
@@ -261,14 +350,14 @@ mod tests {
         ];
         // mid has one replica per host; low fills the rest.
         let start = vec![vec![0, 0], vec![1, 1], vec![2, 6]];
-        let out = place(&asks, &hosts, &start);
+        let out = place(&asks, &hosts, &sparse(&start));
         // Host 1 cannot make room even from everyone below; host 2 can, from the remainder
         // alone (1.5 CPU: all 6 of its replicas there), mid keeps both.
         assert_eq!(out[0].target, 1, "{out:?}");
-        assert_eq!(out[0].per_host, vec![0, 1]);
+        assert_eq!(dense(&out[0], hosts.len()), vec![0, 1]);
         assert_eq!(out[0].took, vec![(2, 1, 6)]);
         assert_eq!(out[1].target, 2);
-        assert_eq!(out[2].per_host, vec![2, 0]);
+        assert_eq!(dense(&out[2], hosts.len()), vec![2, 0]);
     }
 
     #[test]
@@ -279,9 +368,9 @@ mod tests {
             ask(r(100, 64), 2, Growth::PerHost),
             ask(r(300, 256), 10, Growth::Remainder),
         ];
-        let out = place(&asks, &hosts, &[vec![0, 2, 1], vec![3, 3, 0]]);
-        assert_eq!(out[0].per_host, vec![1, 1, 0], "{out:?}");
-        assert_eq!(out[1].per_host, vec![3, 3, 0]);
+        let out = place(&asks, &hosts, &sparse(&[vec![0, 2, 1], vec![3, 3, 0]]));
+        assert_eq!(dense(&out[0], hosts.len()), vec![1, 1, 0], "{out:?}");
+        assert_eq!(dense(&out[1], hosts.len()), vec![3, 3, 0]);
     }
 
     #[test]
@@ -289,7 +378,7 @@ mod tests {
         let mut hosts = vec![host(4000, 4096); 2];
         hosts[0].ready = false;
         let asks = [ask(r(500, 256), 2, Growth::Priority)];
-        let out = place(&asks, &hosts, &[vec![2, 2]]);
-        assert_eq!(out[0].per_host, vec![0, 2]);
+        let out = place(&asks, &hosts, &sparse(&[vec![2, 2]]));
+        assert_eq!(dense(&out[0], hosts.len()), vec![0, 2]);
     }
 }

@@ -284,20 +284,25 @@ proptest! {
     /// of its want says it was blocked.
     #[test]
     fn placements_fit_and_respect_wants_and_floors(w in world()) {
-        let out = place(&w.asks, &w.hosts, &w.start);
+        let start: Vec<Vec<(usize, u32)>> = w
+            .start
+            .iter()
+            .map(|c| c.iter().copied().enumerate().filter(|&(_, n)| n > 0).collect())
+            .collect();
+        let out = place(&w.asks, &w.hosts, &start);
         for (h, room) in w.hosts.iter().enumerate() {
             let used = w.asks.iter().zip(&out).fold(Resources::ZERO, |u, (a, p)| {
-                u.plus(a.need.times(p.per_host[h]))
+                u.plus(a.need.times(p.on(h)))
             });
             prop_assert!(used.fits(&room.allocatable), "host {h}: {used:?} > {:?}", room.allocatable);
             if !room.ready {
                 for (a, p) in out.iter().enumerate() {
-                    prop_assert!(p.per_host[h] <= w.start[a][h], "placed on a host that is not ready");
+                    prop_assert!(p.on(h) <= w.start[a][h], "placed on a host that is not ready");
                 }
             }
         }
         for (a, p) in out.iter().enumerate() {
-            prop_assert_eq!(p.target, p.per_host.iter().sum::<u32>());
+            prop_assert_eq!(p.target, p.per_host.iter().map(|x| x.1).sum::<u32>());
             let ask = w.asks[a];
             if ask.growth == Growth::Priority {
                 prop_assert!(p.target <= ask.want.max(w.start[a].iter().sum()));
