@@ -362,7 +362,7 @@ mod tests {
         assert_eq!(
             e,
             vec![format!(
-                "{P}.max: required when capacity is per host (the random walk needs a fixed bound)"
+                "{P}.max: required when capacity is per host or in resources (the random walk needs a fixed bound)"
             )]
         );
         let (_, e) = validate_with(
@@ -371,6 +371,10 @@ mod tests {
             Some(Capacity::SlotsPerHost(4)),
         );
         assert!(e.is_empty(), "{e:?}");
+        // In resources, too.
+        let reserve = microscaler_core::Resources::ZERO;
+        let (_, e) = validate_with(r#"type = "random""#, Some(Capacity::Resources { reserve }));
+        assert_eq!(e.len(), 1, "{e:?}");
         // An invalid capacity section reports its own errors: no more here.
         let (_, e) = validate_with(r#"type = "random""#, None);
         assert!(e.is_empty(), "{e:?}");
