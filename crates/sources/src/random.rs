@@ -157,7 +157,10 @@ pub struct RandomSource {
     value: u32,
     max: u32,
     rng: SplitMix64,
-    next_move: Duration,
+    /// When the last move was due (zero before the first): the schedule's anchor.
+    last_move: Duration,
+    /// The interval the schedule last ran on, to notice a change of settings.
+    interval: Duration,
     settings: Arc<Mutex<RandomSettings>>,
     held: Arc<Mutex<Option<u32>>>,
     seed: u64,
@@ -177,7 +180,8 @@ impl RandomSource {
             value: config.initial.unwrap_or(max / 2).min(max),
             max,
             rng: SplitMix64(seed),
-            next_move: config.interval,
+            last_move: Duration::ZERO,
+            interval: config.interval,
             settings: Arc::new(Mutex::new(settings)),
             held: Arc::new(Mutex::new(None)),
             seed,
@@ -194,26 +198,40 @@ impl RandomSource {
         RandomControl(self.settings.clone(), self.held.clone())
     }
 
-    /// When the walk moves next (time since its start), so a loop can wake for it.
+    /// When the walk moves next (time since its start), so a loop can wake for it: the last
+    /// move plus the current interval, so a new interval counts before the next sample.
     pub fn next_move(&self) -> Duration {
-        self.next_move
+        self.last_move
+            + self
+                .settings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .interval
     }
 
     /// The value at `now`, advancing one move per elapsed interval.
+    ///
+    /// A new interval applies from the last move: when the move it puts in the past is due
+    /// already, it happens now, once (not the burst of moves a shorter interval would have
+    /// made since), and the next ones follow every new interval from now.
     pub fn value_at(&mut self, now: Duration) -> u32 {
         let s = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = *self.held.lock().unwrap_or_else(|e| e.into_inner()) {
-            self.value = v.min(self.max);
-            while now >= self.next_move {
-                self.next_move += s.interval;
-            }
-            return self.value;
+        if s.interval != self.interval {
+            self.interval = s.interval;
+            self.last_move = self.last_move.max(now.saturating_sub(s.interval));
         }
-        while now >= self.next_move {
-            let span = 2 * s.delta as u64 + 1;
-            let step = self.rng.below(span) as i64 - s.delta as i64;
-            self.value = (self.value as i64 + step).clamp(0, self.max as i64) as u32;
-            self.next_move += s.interval;
+        let held = *self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while now >= self.last_move + s.interval {
+            // Held: the moves stay on their schedule, without moving.
+            if held.is_none() {
+                let span = 2 * s.delta as u64 + 1;
+                let step = self.rng.below(span) as i64 - s.delta as i64;
+                self.value = (self.value as i64 + step).clamp(0, self.max as i64) as u32;
+            }
+            self.last_move += s.interval;
+        }
+        if let Some(v) = held {
+            self.value = v.min(self.max);
         }
         self.value
     }
@@ -444,6 +462,58 @@ mod tests {
         assert_eq!(
             seen.into_iter().collect::<Vec<_>>(),
             vec![-3, -2, -1, 0, 1, 2, 3]
+        );
+    }
+
+    /// An interval set long and then short again takes effect at once: the move the long
+    /// one scheduled does not hold the walk (it froze for the long interval before).
+    #[test]
+    fn an_interval_set_long_then_short_applies_at_once() {
+        let mut s = RandomSource::new(&spec(5), 9, 0);
+        let c = s.control();
+        let every = |ms| RandomSettings {
+            delta: 3,
+            interval: Duration::from_millis(ms),
+        };
+        s.value_at(Duration::from_secs(4)); // moved at 3 s
+        c.set(every(3_600_000)).unwrap();
+        s.value_at(Duration::from_secs(6));
+        s.value_at(Duration::from_secs(7));
+        assert!(
+            s.next_move() > Duration::from_secs(3600),
+            "long: no move for an hour"
+        );
+        c.set(every(1000)).unwrap();
+        assert!(
+            s.next_move() <= Duration::from_secs(10),
+            "the loop is told at once that a move is due: {:?}",
+            s.next_move()
+        );
+        let before = s.rng.clone().0;
+        s.value_at(Duration::from_secs(10));
+        assert_eq!(
+            s.rng.0,
+            before.wrapping_add(0x9e37_79b9_7f4a_7c15),
+            "one move now, not a burst"
+        );
+        for t in 10..40 {
+            assert_eq!(
+                s.next_move(),
+                Duration::from_secs(t + 1),
+                "every second from now"
+            );
+            s.value_at(Duration::from_secs(t + 1));
+        }
+        let mut moves = 0;
+        let mut prev = s.value_at(Duration::from_secs(40));
+        for t in 41..100 {
+            let v = s.value_at(Duration::from_secs(t));
+            moves += usize::from(v != prev);
+            prev = v;
+        }
+        assert!(
+            moves > 20,
+            "the walk moves every second: {moves} changes in 59 s"
         );
     }
 
