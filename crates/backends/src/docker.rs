@@ -127,10 +127,29 @@ impl DockerConfig {
             None => None,
             Some(raw) => Some(v.resources(raw, &join(path, "allocatable"))?),
         };
+        if r.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+            v.err(join(path, "host"), "must not be empty");
+        }
+        // Docker reads the mode only when it creates a container: refused here, not then.
+        let network = match r.network {
+            None => "none".to_string(),
+            Some(n)
+                if n.is_empty() || n.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+            {
+                v.err(
+                    join(path, "network"),
+                    format!(
+                        "must be none (the default), host, bridge or a network's name, got {n:?}"
+                    ),
+                );
+                "none".to_string()
+            }
+            Some(n) => n,
+        };
         Some(DockerConfig {
             host: r.host,
             start_parallelism,
-            network: r.network.unwrap_or_else(|| "none".into()),
+            network,
             allocatable,
         })
     }
@@ -1281,5 +1300,35 @@ impl Backend for DockerBackend {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::config;
+    use crate::BackendConfig;
+
+    #[test]
+    fn network_and_host_are_checked_with_paths() {
+        let net = |n: &str| config(&format!("type = \"docker\"\nnetwork = {n:?}"), "");
+        for bad in ["", " ", "my net", "bridge\n"] {
+            assert_eq!(
+                net(bad).unwrap_err(),
+                vec![format!(
+                    "backend.network: must be none (the default), host, bridge or a network's name, got {bad:?}"
+                )]
+            );
+        }
+        for good in ["none", "host", "bridge", "my-net_1.a", "container:db"] {
+            let c = net(good).unwrap();
+            let BackendConfig::Docker(d) = &c.backend else {
+                panic!()
+            };
+            assert_eq!(d.network, good);
+        }
+        assert_eq!(
+            config("type = \"docker\"\nhost = \"\"", "").unwrap_err(),
+            vec!["backend.host: must not be empty"]
+        );
     }
 }
