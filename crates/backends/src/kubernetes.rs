@@ -552,15 +552,16 @@ pub fn owned_labels(instance: &str, service: &str) -> BTreeMap<String, String> {
 
 #[cfg(feature = "kubernetes")]
 mod live {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::{BTreeMap, HashMap, HashSet};
     use std::fmt::Debug;
     use std::sync::{Arc, Mutex, RwLock};
     use std::time::Duration;
 
     use futures::StreamExt;
     use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
     use k8s_openapi::api::scheduling::v1::PriorityClass;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
     use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -569,7 +570,7 @@ mod live {
     use kube::runtime::{watcher, WatchStreamExt};
     use kube::{Client, Resource, ResourceExt};
     use microscaler_core::plugin::Capabilities;
-    use microscaler_core::{Host, ServiceKind, ServiceName};
+    use microscaler_core::{Host, Resources, ServiceKind, ServiceName};
     use serde::de::DeserializeOwned;
     use serde_json::json;
     use tokio::task::JoinHandle;
@@ -634,6 +635,10 @@ mod live {
         /// Nodes exist and none counts as a host (warned once per change).
         hostless: std::sync::atomic::AtomicBool,
         priority_classes: PriorityClasses,
+        /// With capacity counted in resources ([`KubernetesBackend::count_resources`]): every
+        /// pod of the cluster, so that what the pods of others request is taken off their
+        /// node's allocatable.
+        all_pods: Option<Store<Pod>>,
     }
 
     /// `$POD_NAME` (the manifests set it from the pod's name), else `<hostname>-<pid>`.
@@ -695,7 +700,7 @@ mod live {
                 }
                 self.watch(&t.namespace).await?;
                 if s.workload.reference().is_some() {
-                    self.check_reference(&t).await?;
+                    self.check_reference(s, &t).await?;
                 } else {
                     match self.priority_class_of(s) {
                         Some((class, made)) if apply == Apply::Yes => {
@@ -827,6 +832,7 @@ mod live {
                 elector: None,
                 hostless: Default::default(),
                 priority_classes: spec.priority_classes.clone(),
+                all_pods: None,
             };
             let version = tokio::time::timeout(SYNC_TIMEOUT, backend.client.apiserver_version())
                 .await
@@ -867,6 +873,22 @@ mod live {
                 "connected to a Kubernetes apiserver"
             );
             Ok(backend)
+        }
+
+        /// Capacity is counted in CPU and memory (`[capacity] resources = true`): watches every
+        /// pod of the cluster, so that a host's room is its Node's allocatable less what the
+        /// pods that are not the services' request (other workloads, system pods), and checks
+        /// that a referenced object's pods request what its service's `resources` say. Needs
+        /// list and watch on pods cluster wide (`deploy/kubernetes/resources/rbac.yaml`).
+        pub async fn count_resources(&mut self) -> Result<(), BackendError> {
+            let store = self.reflect(Api::<Pod>::all(self.client.clone()));
+            self.synced(
+                &store,
+                "the pods of every namespace (for [capacity] resources = true)",
+            )
+            .await?;
+            self.all_pods = Some(store);
+            Ok(())
         }
 
         /// Starts a reflector on `api`, kept until the backend is dropped.
@@ -1043,6 +1065,19 @@ mod live {
             });
             if !run.command.is_empty() {
                 container["command"] = json!(run.command);
+            }
+            // What the scheduler places each pod by: the service's resources, requested, and
+            // its memory as the limit too (a pod over it is killed, not its neighbours).
+            if let Some(r) = service.resources {
+                let mut requests = serde_json::Map::new();
+                if r.cpu_milli > 0 {
+                    requests.insert("cpu".into(), json!(format!("{}m", r.cpu_milli)));
+                }
+                if r.memory > 0 {
+                    requests.insert("memory".into(), json!(r.memory.to_string()));
+                    container["resources"]["limits"] = json!({"memory": r.memory.to_string()});
+                }
+                container["resources"]["requests"] = json!(requests);
             }
             let tolerations: Vec<_> = self
                 .tolerations
@@ -1252,29 +1287,55 @@ mod live {
         }
 
         /// Checks that a referenced object exists.
-        async fn check_reference(&self, target: &Target) -> Result<(), BackendError> {
+        async fn check_reference(
+            &self,
+            service: &Service,
+            target: &Target,
+        ) -> Result<(), BackendError> {
             let c = self.client.clone();
             let ns = &target.namespace;
-            let found = match target.kind {
+            // The object's pod template, if it exists.
+            let template = match target.kind {
                 ObjectKind::Deployment => Api::<Deployment>::namespaced(c, ns)
                     .get_opt(&target.name)
                     .await
-                    .map(|o| o.is_some()),
+                    .map(|o| o.map(|o| o.spec.map(|s| s.template))),
                 ObjectKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
                     .get_opt(&target.name)
                     .await
-                    .map(|o| o.is_some()),
+                    .map(|o| o.map(|o| o.spec.map(|s| s.template))),
                 ObjectKind::DaemonSet => Api::<DaemonSet>::namespaced(c, ns)
                     .get_opt(&target.name)
                     .await
-                    .map(|o| o.is_some()),
+                    .map(|o| o.map(|o| o.spec.map(|s| s.template))),
             };
             let what = format!("{} {}/{}", target.kind.as_str(), ns, target.name);
-            if !found.map_err(|e| self.error(format!("read {what}"), e))? {
+            let Some(template) = template.map_err(|e| self.error(format!("read {what}"), e))?
+            else {
                 return Err(BackendError::NotFound {
                     what: format!("{what} (the [services.reference] of service {}) on {}", target.service, self.server),
                     hint: "create it, or fix the reference; microscaler never creates a referenced object".into(),
                 });
+            };
+            // With capacity in resources, the plan places each pod by the service's
+            // resources: the scheduler must place them by the same.
+            let pod = template.and_then(|t| t.spec);
+            if let (true, Some(want), Some(pod)) = (self.all_pods.is_some(), service.resources, pod)
+            {
+                let asked = requests(&pod);
+                if asked != want {
+                    return Err(BackendError::Invalid {
+                        op: format!(
+                            "check {what} (the [services.reference] of service {})",
+                            target.service
+                        ),
+                        message: format!(
+                            "its pods request {asked} but the service's resources are {want}: \
+                             with [capacity] resources = true the plan places each pod by the \
+                             service's resources, so make them equal"
+                        ),
+                    });
+                }
             }
             info!(instance = %self.instance, service = %target.service, object = %what,
                 "referencing an existing object: microscaler sets only its replica count and never changes or removes it");
@@ -1287,16 +1348,47 @@ mod live {
             let name = n.name_any();
             let status = n.status.as_ref();
             let allocatable = status.and_then(|s| s.allocatable.as_ref());
+            let quantity = |key: &str| allocatable.and_then(|a| a.get(key)).map(|q| q.0.as_str());
             Host {
                 id: name.clone().into(),
                 name,
                 ready: self.not_a_host(n).is_none(),
-                cpus: allocatable
-                    .and_then(|a| a.get("cpu"))
-                    .and_then(|q| cpus(&q.0)),
-                memory_bytes: allocatable
-                    .and_then(|a| a.get("memory"))
-                    .and_then(|q| bytes(&q.0)),
+                cpus: quantity("cpu")
+                    .and_then(|q| Resources::parse_cpu(q).ok())
+                    .map(|m| m as f64 / 1000.0),
+                memory_bytes: quantity("memory").and_then(|q| Resources::parse_memory(q).ok()),
+            }
+        }
+
+        /// With capacity counted in resources: takes off each host's CPUs and memory what
+        /// the pods on its Node that are not the services' (`ours`) request, while they hold
+        /// it (scheduled, not finished).
+        fn take_others(&self, hosts: &mut [Host], ours: &HashSet<(String, String)>) {
+            let Some(all) = &self.all_pods else {
+                return;
+            };
+            let mut used: HashMap<String, Resources> = HashMap::new();
+            for p in all.state() {
+                let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
+                    continue;
+                };
+                if matches!(pod_count(&p), PodCount::Failed | PodCount::Done)
+                    || ours.contains(&(p.namespace().unwrap_or_default(), p.name_any()))
+                {
+                    continue;
+                }
+                let r = p.spec.as_ref().map(requests).unwrap_or_default();
+                let e = used.entry(node.to_string()).or_default();
+                *e = e.plus(r);
+            }
+            for h in hosts {
+                let Some(u) = used.get(h.id.0.as_str()) else {
+                    continue;
+                };
+                h.cpus = h.cpus.map(|c| {
+                    ((c * 1000.0).round() as u64).saturating_sub(u.cpu_milli) as f64 / 1000.0
+                });
+                h.memory_bytes = h.memory_bytes.map(|m| m.saturating_sub(u.memory));
             }
         }
 
@@ -1366,32 +1458,43 @@ mod live {
         h
     }
 
-    /// A CPU quantity (`4`, `3500m`) in CPUs.
-    fn cpus(q: &str) -> Option<f64> {
-        match q.strip_suffix('m') {
-            Some(m) => m.parse::<f64>().ok().map(|m| m / 1000.0),
-            None => q.parse().ok(),
+    /// What a pod asks of its node, as the scheduler counts it: the sum of its containers'
+    /// (and sidecars') requests, or the largest of its init containers' if that is more, plus
+    /// its overhead. A request not given counts as nothing.
+    fn requests(spec: &PodSpec) -> Resources {
+        let of = |q: Option<&BTreeMap<String, Quantity>>| Resources {
+            cpu_milli: q
+                .and_then(|q| q.get("cpu"))
+                .and_then(|q| Resources::parse_cpu(&q.0).ok())
+                .unwrap_or(0),
+            memory: q
+                .and_then(|q| q.get("memory"))
+                .and_then(|q| Resources::parse_memory(&q.0).ok())
+                .unwrap_or(0),
+        };
+        let asked = |c: &Container| of(c.resources.as_ref().and_then(|r| r.requests.as_ref()));
+        let inits = spec.init_containers.as_deref().unwrap_or_default();
+        let sidecar = |c: &&Container| c.restart_policy.as_deref() == Some("Always");
+        let running = spec
+            .containers
+            .iter()
+            .chain(inits.iter().filter(sidecar))
+            .fold(Resources::ZERO, |sum, c| sum.plus(asked(c)));
+        let init = inits
+            .iter()
+            .filter(|c| !sidecar(c))
+            .fold(Resources::ZERO, |max, c| {
+                let r = asked(c);
+                Resources {
+                    cpu_milli: max.cpu_milli.max(r.cpu_milli),
+                    memory: max.memory.max(r.memory),
+                }
+            });
+        Resources {
+            cpu_milli: running.cpu_milli.max(init.cpu_milli),
+            memory: running.memory.max(init.memory),
         }
-    }
-
-    /// A memory quantity (`8Gi`, `512Mi`, `1G`, `1000`) in bytes.
-    fn bytes(q: &str) -> Option<u64> {
-        const UNITS: [(&str, u64); 8] = [
-            ("Ki", 1 << 10),
-            ("Mi", 1 << 20),
-            ("Gi", 1 << 30),
-            ("Ti", 1 << 40),
-            ("k", 1_000),
-            ("M", 1_000_000),
-            ("G", 1_000_000_000),
-            ("T", 1_000_000_000_000),
-        ];
-        for (suffix, mult) in UNITS {
-            if let Some(n) = q.strip_suffix(suffix) {
-                return n.parse::<u64>().ok().map(|n| n * mult);
-            }
-        }
-        q.parse().ok()
+        .plus(of(spec.overhead.as_ref()))
     }
 
     /// How a pod counts.
@@ -1531,6 +1634,8 @@ mod live {
                 .collect();
             // Pods by namespace, listed once per tick from the stores.
             let mut pods: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+            // The services' pods (namespace, name), when others' are taken off the hosts.
+            let mut ours = HashSet::new();
             for t in &targets {
                 let Some(w) = self.watched_in(&t.namespace) else {
                     continue;
@@ -1552,6 +1657,9 @@ mod live {
                     let labels = p.metadata.labels.clone().unwrap_or_default();
                     if !selector.matches(&labels) {
                         continue;
+                    }
+                    if self.all_pods.is_some() {
+                        ours.insert((t.namespace.clone(), p.name_any()));
                     }
                     let state = match pod_count(p) {
                         PodCount::Running => {
@@ -1589,6 +1697,7 @@ mod live {
                     entry.pending += w.saturating_sub(entry.running + entry.pending);
                 }
             }
+            self.take_others(&mut obs.hosts, &ours);
             Ok(obs)
         }
 
@@ -1786,13 +1895,36 @@ mod live {
     mod tests {
         use super::*;
 
+        /// A pod spec from JSON.
+        fn spec(v: serde_json::Value) -> PodSpec {
+            serde_json::from_value(v).expect("a pod spec")
+        }
+
+        fn asks(cpu: &str, memory: &str) -> serde_json::Value {
+            json!({"requests": {"cpu": cpu, "memory": memory}})
+        }
+
         #[test]
-        fn quantities() {
-            assert_eq!(cpus("4"), Some(4.0));
-            assert_eq!(cpus("3500m"), Some(3.5));
-            assert_eq!(bytes("8Gi"), Some(8 << 30));
-            assert_eq!(bytes("1G"), Some(1_000_000_000));
-            assert_eq!(bytes("1024"), Some(1024));
+        fn a_pods_requests_are_counted_as_the_scheduler_counts_them() {
+            let r = |cpu_milli, memory| Resources { cpu_milli, memory };
+            // Containers add up; a request not given counts as nothing.
+            let two = spec(json!({"containers": [
+                {"name": "a", "resources": asks("250m", "256Mi")},
+                {"name": "b", "resources": asks("1", "1Gi")},
+                {"name": "c"},
+            ]}));
+            assert_eq!(requests(&two), r(1250, 1280 << 20));
+            // An init container runs alone: only the largest one counts, if it is more, each
+            // dimension on its own; a sidecar (restartPolicy Always) runs beside the rest.
+            let init = spec(json!({
+                "containers": [{"name": "a", "resources": asks("500m", "128Mi")}],
+                "initContainers": [
+                    {"name": "big-cpu", "resources": asks("2", "64Mi")},
+                    {"name": "sidecar", "restartPolicy": "Always", "resources": asks("100m", "64Mi")},
+                ],
+                "overhead": {"cpu": "10m", "memory": "1Mi"},
+            }));
+            assert_eq!(requests(&init), r(2000 + 10, (192 << 20) + (1 << 20)));
         }
     }
 }

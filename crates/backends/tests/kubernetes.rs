@@ -21,7 +21,9 @@ use microscaler_backends::kubernetes::{
     KubernetesBackend, KubernetesConfig, KubernetesReference, ObjectKind,
 };
 use microscaler_backends::{BackendError, Reference, Service, Workload};
-use microscaler_testkit::kube_rig::{admin, kubeconfig, kwok_toleration, NamespaceGuard, IMAGE};
+use microscaler_testkit::kube_rig::{
+    admin, kubeconfig, kwok_toleration, plain_deployment, NamespaceGuard, IMAGE,
+};
 use serde_json::json;
 
 /// kwok makes a scheduled pod Ready at once; a minute covers a loaded machine.
@@ -49,25 +51,6 @@ fn service(name: &str) -> Service {
         run.image = Some(IMAGE.into());
     }
     s
-}
-
-/// A Deployment `name` in `namespace` without microscaler's labels, tolerating kwok's nodes.
-fn plain_deployment(namespace: &str, name: &str, replicas: u32) -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": namespace, "labels": {"team": "payments"}},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "containers": [{"name": "app", "image": IMAGE, "env": [{"name": "OWNER", "value": "someone-else"}]}],
-                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-                },
-            },
-        },
-    }))
-    .expect("deployment")
 }
 
 struct KubeHarness {

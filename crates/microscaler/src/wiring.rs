@@ -23,9 +23,15 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
             state_dir.to_path_buf(),
         )?),
         #[cfg(feature = "kubernetes")]
-        BackendConfig::Kubernetes(k) => AnyBackend::Kubernetes(
-            microscaler_backends::kubernetes::KubernetesBackend::connect(k, &cfg.instance).await?,
-        ),
+        BackendConfig::Kubernetes(k) => {
+            let mut b =
+                microscaler_backends::kubernetes::KubernetesBackend::connect(k, &cfg.instance)
+                    .await?;
+            if matches!(cfg.capacity, microscaler_core::Capacity::Resources { .. }) {
+                b.count_resources().await?;
+            }
+            AnyBackend::Kubernetes(b)
+        }
         #[cfg(not(feature = "kubernetes"))]
         BackendConfig::Kubernetes(_) => {
             return Err(BackendError::Unsupported(

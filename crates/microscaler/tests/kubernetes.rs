@@ -21,7 +21,10 @@ use kube::Client;
 use microscaler::control::{Controller, TickError, TickReport};
 use microscaler::wiring::build_backend;
 use microscaler_backends::{AnyBackend, Config};
-use microscaler_testkit::kube_rig::{admin, kubeconfig, KwokNode, NamespaceGuard, IMAGE};
+use microscaler_sources::ManualHandle;
+use microscaler_testkit::kube_rig::{
+    admin, kubeconfig, plain_deployment, KwokNode, NamespaceGuard, IMAGE,
+};
 use microscaler_testkit::unique;
 use serde_json::json;
 
@@ -71,8 +74,9 @@ fn config(namespace: &str, instance: &str) -> Config {
 /// The control loop, ticked by the test, with the invariants checked at every tick.
 struct Run {
     ctl: Controller<AnyBackend>,
-    /// Ticks in a row in which a pod of p1 was Unschedulable.
-    p1_unschedulable: u32,
+    /// The services none of whose pods may be Unschedulable for more than one tick, and for
+    /// how many ticks in a row one was.
+    unschedulable: BTreeMap<&'static str, u32>,
     ticks: u64,
 }
 
@@ -83,6 +87,25 @@ fn ready_hosts(r: &TickReport) -> usize {
 }
 
 impl Run {
+    /// The prepared control loop of `cfg`, holding `watched` services to at most one tick
+    /// Unschedulable; p1's manual demand; the state directory.
+    async fn start(
+        cfg: Config,
+        watched: &[&'static str],
+    ) -> (Run, ManualHandle, tempfile::TempDir) {
+        let state = tempfile::tempdir().expect("state dir");
+        let backend = build_backend(&cfg, state.path()).await.expect("backend");
+        let mut ctl = Controller::new(cfg, backend, 1);
+        ctl.prepare().await.expect("prepare");
+        let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
+        let run = Run {
+            ctl,
+            unschedulable: watched.iter().map(|s| (*s, 0)).collect(),
+            ticks: 0,
+        };
+        (run, demand, state)
+    }
+
     async fn tick(&mut self) -> TickReport {
         let r = self.ctl.tick().await;
         self.ticks += 1;
@@ -97,17 +120,15 @@ impl Run {
         for ex in &r.executions {
             assert!(ex.result.is_ok(), "tick {}: {ex:?}", self.ticks);
         }
-        if r.observed_of("p1").unschedulable > 0 {
-            self.p1_unschedulable += 1;
-        } else {
-            self.p1_unschedulable = 0;
+        for (service, ticks) in &mut self.unschedulable {
+            let o = r.observed_of(service);
+            *ticks = if o.unschedulable > 0 { *ticks + 1 } else { 0 };
+            assert!(
+                *ticks <= 1,
+                "tick {}: a pod of {service} was Unschedulable for more than one tick: {o:?}",
+                self.ticks,
+            );
         }
-        assert!(
-            self.p1_unschedulable <= 1,
-            "tick {}: a pod of p1 was Unschedulable for more than one tick: {:?}",
-            self.ticks,
-            r.observed_of("p1")
-        );
         tokio::time::sleep(TICK).await;
         r
     }
@@ -177,17 +198,7 @@ async fn seeds_rule_holds_as_demand_moves_and_nodes_come_and_go() {
     let namespace = unique("k8s-loop");
     let _ns = NamespaceGuard::create(&client, &namespace).await;
     let instance = unique("kl");
-    let cfg = config(&namespace, &instance);
-    let state = tempfile::tempdir().expect("state dir");
-    let backend = build_backend(&cfg, state.path()).await.expect("backend");
-    let mut ctl = Controller::new(cfg, backend, 1);
-    ctl.prepare().await.expect("prepare");
-    let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
-    let mut run = Run {
-        ctl,
-        p1_unschedulable: 0,
-        ticks: 0,
-    };
+    let (mut run, demand, _state) = Run::start(config(&namespace, &instance), &["p1"]).await;
 
     // Demand moves on the rig's 3 nodes (9 pod slots): the seeds' rule after each move.
     run.converged(5, 9).await;
@@ -341,21 +352,7 @@ async fn two_microscalers_one_lease_only_the_leader_acts() {
     let namespace = unique("k8s-ha");
     let _ns = NamespaceGuard::create(&client, &namespace).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let web: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 0,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "containers": [{"name": "web", "image": IMAGE}],
-                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-                },
-            },
-        },
-    }))
-    .expect("deployment");
+    let web = plain_deployment(&namespace, "web", 0);
     deployments
         .create(&Default::default(), &web)
         .await
@@ -539,21 +536,7 @@ async fn the_manifests_least_rbac_runs_microscaler_and_refuses_the_rest() {
     let _manifests = Manifests;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     for name in ["web", "worker"] {
-        let d: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name}},
-                    "spec": {
-                        "containers": [{"name": name, "image": IMAGE}],
-                        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-                    },
-                },
-            },
-        }))
-        .expect("deployment");
+        let d = plain_deployment("default", name, 0);
         deployments
             .create(&Default::default(), &d)
             .await
@@ -756,21 +739,7 @@ async fn dry_run_plans_and_changes_nothing() {
     let namespace = unique("k8s-dry");
     let _ns = NamespaceGuard::create(&client, &namespace).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let web: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "containers": [{"name": "web", "image": IMAGE}],
-                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
-                },
-            },
-        },
-    }))
-    .expect("deployment");
+    let web = plain_deployment(&namespace, "web", 1);
     deployments
         .create(&Default::default(), &web)
         .await
@@ -866,4 +835,222 @@ async fn dry_run_plans_and_changes_nothing() {
         .expect("list leases")
         .items;
     assert!(leases.is_empty(), "a Lease was written: {leases:?}");
+}
+
+/// Capacity in CPU and memory on the real scheduler (issue 13). Two nodes of the test's own
+/// (2 CPUs, 4 GiB, a taint only this test tolerates: the rig's nodes are no hosts here and no
+/// one else's pods land on these), and on the first a pod of someone else's that requests
+/// 500m CPU and 3 GiB. p1 (1 CPU, 1 GiB, manual demand) and p2 (the remainder, 1 CPU,
+/// 512 MiB) share what is left: one pod on the first node (1 GiB of memory left), two on the
+/// other (2 CPUs): 3 in all, whatever the mix. Counting the foreign pod's requests is what
+/// keeps the plan at 3: without it the plan asks for 4 and one pod stays Unschedulable. At
+/// every tick no pod of p1 or p2 is Unschedulable for more than one tick; each demand
+/// converges to p1 == demand, p1 + p2 == 3; the managed pods request the services' resources;
+/// when the foreign pod goes, its room is used within the ticks that see it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_plans_fit_the_nodes_beside_others_pods() {
+    use k8s_openapi::api::core::v1::Pod;
+    use microscaler_core::Resources;
+    use microscaler_testkit::kube_rig::NodeShape;
+
+    let _rig = RIG.lock().await;
+    let Some(client) = admin().await else {
+        return;
+    };
+    let namespace = unique("k8s-res");
+    let _ns = NamespaceGuard::create(&client, &namespace).await;
+    let instance = unique("kr");
+    let taint = ("microscaler.test/resources", instance.as_str());
+    let shape = NodeShape {
+        cpu: "2",
+        memory: "4Gi",
+        pods: "110",
+        taint,
+    };
+    let first = KwokNode::create_shaped(&client, &unique("kwok-node-r"), shape).await;
+    let _second = KwokNode::create_shaped(&client, &unique("kwok-node-r"), shape).await;
+    let toleration =
+        json!({"key": taint.0, "operator": "Equal", "value": taint.1, "effect": "NoSchedule"});
+
+    // Someone else's pod on the first node.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let other: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "someone-elses", "labels": {"app": "other"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": first.0},
+            "tolerations": [toleration],
+            "containers": [{"name": "c", "image": IMAGE,
+                            "resources": {"requests": {"cpu": "500m", "memory": "3Gi"}}}],
+        },
+    }))
+    .expect("a pod");
+    pods.create(&Default::default(), &other)
+        .await
+        .expect("create someone else's pod");
+    poll(
+        Duration::from_secs(60),
+        "someone else's pod Ready",
+        || async {
+            let p = pods.get("someone-elses").await.ok()?;
+            let ready = p
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        },
+    )
+    .await;
+
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "{tick}ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        type = "kubernetes"
+        kubeconfig = "{kubeconfig}"
+        namespace = "{namespace}"
+        tolerations = [{{ key = "{key}", operator = "Equal", value = "{value}", effect = "NoSchedule" }}]
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "{IMAGE}"
+        stop_grace = "1s"
+        resources = {{ cpu = "1", memory = "1Gi" }}
+        [[services.triggers]]
+        type = "manual"
+        initial = 1
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        image = "{IMAGE}"
+        stop_grace = "1s"
+        resources = {{ cpu = "1", memory = "512Mi" }}
+        "#,
+        tick = TICK.as_millis(),
+        kubeconfig = kubeconfig(),
+        key = taint.0,
+        value = taint.1,
+    ))
+    .expect("valid configuration");
+    let (mut run, demand, state) = Run::start(cfg, &["p1", "p2"]).await;
+
+    let reports = run.converged(1, 3).await;
+    let last = reports.last().expect("a tick");
+    let hosts = &last.observed.as_ref().expect("observed").hosts;
+    assert_eq!(
+        ready_hosts(last),
+        2,
+        "only the test's nodes are hosts: {hosts:?}"
+    );
+    let host = hosts
+        .iter()
+        .find(|h| h.name == first.0)
+        .expect("the first node");
+    assert_eq!(
+        (host.cpus, host.memory_bytes),
+        (Some(1.5), Some(1 << 30)),
+        "the first node's room is its allocatable less someone else's requests"
+    );
+    for d in [3, 0, 2] {
+        demand.set(f64::from(d)).expect("set demand");
+        run.converged(d, 3).await;
+    }
+
+    // The managed pods request the services' resources, and their memory is their limit.
+    for (service, want) in [("p1", (1000, 1 << 30)), ("p2", (1000, 512 << 20))] {
+        let list = pods
+            .list(
+                &kube::api::ListParams::default()
+                    .labels(&format!("io.microscaler.service={service}")),
+            )
+            .await
+            .expect("list pods");
+        assert!(!list.items.is_empty(), "{service} has pods");
+        for p in list.items {
+            let c = &p.spec.expect("spec").containers[0];
+            let r = c.resources.as_ref().expect("resources");
+            let q = |m: Option<
+                &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
+                     k: &str| {
+                m.and_then(|m| m.get(k))
+                    .map(|q| q.0.clone())
+                    .unwrap_or_default()
+            };
+            let cpu = Resources::parse_cpu(&q(r.requests.as_ref(), "cpu")).expect("cpu");
+            let memory =
+                Resources::parse_memory(&q(r.requests.as_ref(), "memory")).expect("memory");
+            let limit = Resources::parse_memory(&q(r.limits.as_ref(), "memory")).expect("limit");
+            assert_eq!(
+                (cpu, memory, limit),
+                (want.0, want.1, want.1),
+                "{service}'s pod requests"
+            );
+        }
+    }
+
+    // Someone else's pod goes: its room is the services' again.
+    pods.delete("someone-elses", &Default::default())
+        .await
+        .expect("delete someone else's pod");
+    run.converged(2, 4).await;
+    run.ctl.shutdown().await.expect("shutdown");
+
+    // A referenced Deployment's pods must request what its service's resources say: the plan
+    // places them by those.
+    let mut shop = plain_deployment(&namespace, "shop", 0);
+    let template = shop.spec.as_mut().and_then(|s| s.template.spec.as_mut());
+    template.expect("a pod template").containers[0].resources = Some(
+        serde_json::from_value(json!({"requests": {"cpu": "250m", "memory": "256Mi"}}))
+            .expect("requirements"),
+    );
+    Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .create(&Default::default(), &shop)
+        .await
+        .expect("create shop");
+    for (cpu, fits) in [("500m", false), ("250m", true)] {
+        let cfg = Config::from_toml(&format!(
+            r#"
+            instance = "{instance}"
+            [capacity]
+            resources = true
+            [backend]
+            type = "kubernetes"
+            kubeconfig = "{kubeconfig}"
+            namespace = "{namespace}"
+            [[services]]
+            name = "shop"
+            priority = 1
+            resources = {{ cpu = "{cpu}", memory = "256Mi" }}
+            [services.reference]
+            deployment = "shop"
+            [[services.triggers]]
+            type = "manual"
+            initial = 1
+            "#,
+            kubeconfig = kubeconfig(),
+        ))
+        .expect("valid configuration");
+        let backend = build_backend(&cfg, state.path()).await.expect("backend");
+        let mut ctl = Controller::new(cfg, backend, 1);
+        match ctl.prepare().await {
+            Ok(()) => assert!(fits, "a reference whose pods ask for less was accepted"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!fits, "{e}");
+                assert!(
+                    e.contains("Deployment")
+                        && e.contains("shop")
+                        && e.contains("request 0.25 CPU and 256 MiB")
+                        && e.contains("resources are 0.5 CPU and 256 MiB"),
+                    "{e}"
+                );
+            }
+        }
+    }
 }

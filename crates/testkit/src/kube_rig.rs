@@ -2,6 +2,7 @@
 //! docs/kubernetes-rig.md): an admin client, a namespace per test removed even when the test
 //! fails, and nodes of kwok's own.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::Client;
@@ -12,6 +13,26 @@ use crate::{block_on_own_runtime, missing_service};
 
 /// Any image: kwok runs no container.
 pub const IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+/// A Deployment `name` in `namespace` that is someone else's (no microscaler label), its pods
+/// labelled `app: <name>` and tolerating kwok's nodes.
+pub fn plain_deployment(namespace: &str, name: &str, replicas: u32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": {"team": "payments"}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [{"name": "app", "image": IMAGE, "env": [{"name": "OWNER", "value": "someone-else"}]}],
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                },
+            },
+        },
+    }))
+    .expect("deployment")
+}
 
 /// The rig's admin kubeconfig (`MICROSCALER_KUBECONFIG` overrides it).
 pub fn kubeconfig() -> String {
@@ -236,24 +257,51 @@ impl Drop for NamespaceGuard {
     }
 }
 
-/// A node of kwok's own (as the rig's: 3 pods, 4 CPUs, 8 GiB, kwok's taint), created by
-/// [`KwokNode::create`] and deleted when dropped. kwok makes it Ready within a second or so.
+/// A node of kwok's own, created by [`KwokNode::create`] (shaped as the rig's: 3 pods, 4 CPUs,
+/// 8 GiB, kwok's taint) or [`KwokNode::create_shaped`], and deleted when dropped. kwok makes it
+/// Ready within a second or so.
 pub struct KwokNode(pub String);
 
+/// What a node of kwok's has, and the taint that keeps other pods off it.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeShape<'a> {
+    /// Allocatable CPUs, a Kubernetes quantity.
+    pub cpu: &'a str,
+    /// Allocatable memory, a Kubernetes quantity.
+    pub memory: &'a str,
+    /// How many pods it takes.
+    pub pods: &'a str,
+    /// Its `NoSchedule` taint, key and value.
+    pub taint: (&'a str, &'a str),
+}
+
+impl NodeShape<'_> {
+    /// The rig's nodes.
+    pub const RIG: NodeShape<'static> = NodeShape {
+        cpu: "4",
+        memory: "8Gi",
+        pods: "3",
+        taint: ("kwok.x-k8s.io/node", "fake"),
+    };
+}
+
 impl KwokNode {
-    /// Creates node `name`.
+    /// Creates node `name`, shaped as the rig's.
     pub async fn create(client: &Client, name: &str) -> KwokNode {
+        Self::create_shaped(client, name, NodeShape::RIG).await
+    }
+
+    /// Creates node `name` with `shape`.
+    pub async fn create_shaped(client: &Client, name: &str, shape: NodeShape<'_>) -> KwokNode {
+        let has = json!({"cpu": shape.cpu, "memory": shape.memory, "pods": shape.pods});
         let node: Node = serde_json::from_value(json!({
             "metadata": {
                 "name": name,
                 "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
                 "labels": {"type": "kwok", "kubernetes.io/hostname": name},
             },
-            "spec": {"taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]},
-            "status": {
-                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "3"},
-                "capacity": {"cpu": "4", "memory": "8Gi", "pods": "3"},
-            },
+            "spec": {"taints": [{"key": shape.taint.0, "value": shape.taint.1, "effect": "NoSchedule"}]},
+            "status": {"allocatable": has, "capacity": has},
         }))
         .expect("node");
         Api::<Node>::all(client.clone())
