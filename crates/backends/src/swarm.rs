@@ -37,9 +37,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    LocalNodeState, NetworkAttachmentConfig, Node, NodeSpecAvailabilityEnum, NodeState,
-    Service as SwarmService, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceUpdateStatusStateEnum, SwarmInfo, Task, TaskSpec, TaskSpecContainerSpec, TaskState,
+    Limit, LocalNodeState, NetworkAttachmentConfig, Node, NodeSpecAvailabilityEnum, NodeState,
+    ResourceObject, Service as SwarmService, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, ServiceUpdateStatusStateEnum, SwarmInfo, Task, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecResources, TaskState,
 };
 use bollard::query_parameters::{
     InspectNetworkOptions, InspectServiceOptions, ListNodesOptions, ListServicesOptions,
@@ -261,6 +262,29 @@ struct Template {
     stop_grace_ns: i64,
     /// Network name and, when known, its ID (Swarm stores the ID).
     network: Option<(String, String)>,
+    /// The service's `resources`: each task's reservation (what the scheduler places it by)
+    /// and limits.
+    resources: Option<TaskSpecResources>,
+}
+
+/// A service's `resources` as a task's reservation and limits (CPU and memory, as the docker
+/// backend limits its containers).
+fn task_resources(r: microscaler_core::Resources) -> TaskSpecResources {
+    let nano_cpus = Some(r.cpu_milli.saturating_mul(1_000_000) as i64).filter(|n| *n > 0);
+    let memory_bytes = Some(r.memory as i64).filter(|m| *m > 0);
+    TaskSpecResources {
+        limits: Some(Limit {
+            nano_cpus,
+            memory_bytes,
+            ..Default::default()
+        }),
+        reservations: Some(ResourceObject {
+            nano_cpus,
+            memory_bytes,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 impl Template {
@@ -274,6 +298,9 @@ impl Template {
         let l = c.labels.get_or_insert_with(HashMap::new);
         l.extend(self.labels.clone());
         c.stop_grace_period = Some(self.stop_grace_ns);
+        if let Some(r) = &self.resources {
+            t.resources = Some(r.clone());
+        }
         if let Some((name, _)) = &self.network {
             t.networks = Some(vec![NetworkAttachmentConfig {
                 target: Some(name.clone()),
@@ -304,6 +331,21 @@ impl Template {
         }
         if c.stop_grace_period != Some(self.stop_grace_ns) {
             out.push("stop grace period");
+        }
+        if let Some(want) = &self.resources {
+            let have = t.resources.as_ref();
+            let limits = |r: Option<&TaskSpecResources>| {
+                r.and_then(|r| r.limits.as_ref())
+                    .map(|l| (l.nano_cpus, l.memory_bytes))
+            };
+            let reservations = |r: Option<&TaskSpecResources>| {
+                r.and_then(|r| r.reservations.as_ref())
+                    .map(|l| (l.nano_cpus, l.memory_bytes))
+            };
+            if limits(have) != limits(Some(want)) || reservations(have) != reservations(Some(want))
+            {
+                out.push("resources");
+            }
         }
         if let Some((name, id)) = &self.network {
             // Older services may carry their networks at the top level (deprecated field).
@@ -809,6 +851,7 @@ impl SwarmBackend {
             labels: self.labels(&service.name),
             stop_grace_ns: i64::try_from(service.stop_grace.as_nanos()).unwrap_or(i64::MAX),
             network,
+            resources: service.resources.map(task_resources),
         }
     }
 

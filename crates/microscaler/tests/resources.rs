@@ -14,21 +14,25 @@ use microscaler_testkit::{missing_service, unique};
 
 const MIB: i64 = 1024 * 1024;
 
+/// The ids that `docker <list> --filter label=io.microscaler.instance=<instance>` prints.
+fn ids_of(list: &[&str], instance: &str) -> Vec<String> {
+    let filter = format!("label=io.microscaler.instance={instance}");
+    Command::new("docker")
+        .args(list)
+        .args(["--filter", &filter])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `(service, NanoCpus, Memory)` of every container of `instance` that is not gone.
 fn containers(instance: &str) -> Vec<(String, i64, i64)> {
-    let ids = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=io.microscaler.instance={instance}"),
-        ])
-        .output()
-        .expect("docker ps");
-    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let ids = ids_of(&["ps", "-aq"], instance);
     if ids.is_empty() {
         return Vec::new();
     }
@@ -54,29 +58,37 @@ fn containers(instance: &str) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
-struct Cleanup(String);
+/// Removes an instance's containers (`docker ps -aq`, `docker rm -f`) or Swarm services
+/// (`docker service ls -q`, `docker service rm`) when dropped.
+struct Cleanup {
+    instance: String,
+    list: &'static [&'static str],
+    remove: &'static [&'static str],
+}
+
+impl Cleanup {
+    fn containers(instance: &str) -> Cleanup {
+        Cleanup {
+            instance: instance.to_string(),
+            list: &["ps", "-aq"],
+            remove: &["rm", "-f"],
+        }
+    }
+
+    fn swarm_services(instance: &str) -> Cleanup {
+        Cleanup {
+            instance: instance.to_string(),
+            list: &["service", "ls", "-q"],
+            remove: &["service", "rm"],
+        }
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=io.microscaler.instance={}", self.0),
-            ])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
+        let ids = ids_of(self.list, &self.instance);
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(self.remove).args(&ids).output();
         }
     }
 }
@@ -84,7 +96,7 @@ impl Drop for Cleanup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
     let instance = unique("res");
-    let _cleanup = Cleanup(instance.clone());
+    let _cleanup = Cleanup::containers(&instance);
     let cfg = Config::from_toml(&format!(
         r#"
         instance = "{instance}"
@@ -178,4 +190,123 @@ async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
     converge(&mut ctl, (3, 0), "web at 3 again").await;
     ctl.shutdown().await.expect("shutdown");
     assert!(containers(&instance).is_empty());
+}
+
+/// The same on the real single-node Swarm, whose node has the machine's CPUs: the tasks are
+/// sized in eighths of them (p1 two eighths, the remainder p2 one), so the plan never reserves
+/// more than the node has; each Swarm service's tasks reserve, and are limited to, their
+/// service's resources (what Swarm's scheduler places them by); p1 follows its demand and p2
+/// fills what is left, once the stops have converged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
+    let node = Command::new("docker")
+        .args([
+            "node",
+            "inspect",
+            "self",
+            "--format",
+            "{{.Description.Resources.NanoCPUs}}",
+        ])
+        .output();
+    let nano: i64 = match node {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("the node's NanoCPUs"),
+        other => {
+            missing_service("Docker Swarm (docker swarm init)", format!("{other:?}"));
+            return;
+        }
+    };
+    let eighth = nano / 8 / 1_000_000; // millicores
+    let instance = unique("sres");
+    let _cleanup = Cleanup::swarm_services(&instance);
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "200ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        type = "swarm"
+        [[services]]
+        name = "p1"
+        priority = 1
+        stop_grace = "1s"
+        resources = {{ cpu = "{p1}m", memory = "64Mi" }}
+        [[services.triggers]]
+        type = "manual"
+        initial = 1
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        stop_grace = "1s"
+        resources = {{ cpu = "{eighth}m", memory = "32Mi" }}
+        "#,
+        p1 = 2 * eighth,
+    ))
+    .expect("config");
+    let backend = build_backend(&cfg, &std::env::temp_dir())
+        .await
+        .expect("the swarm backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let p1 = ctl.controls().manual_of("p1").expect("p1").clone();
+
+    // What each Swarm service's tasks reserve and are limited to.
+    for (service, cpu, memory) in [("p1", 2 * eighth, 64 * MIB), ("p2", eighth, 32 * MIB)] {
+        let out = Command::new("docker")
+            .args([
+                "service",
+                "inspect",
+                &format!("{instance}-{service}"),
+                "--format",
+                "{{json .Spec.TaskTemplate.Resources}}",
+            ])
+            .output()
+            .expect("docker service inspect");
+        let r: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("the task template's resources");
+        for part in ["Reservations", "Limits"] {
+            assert_eq!(
+                (
+                    r[part]["NanoCPUs"].as_i64(),
+                    r[part]["MemoryBytes"].as_i64()
+                ),
+                (Some(cpu * 1_000_000), Some(memory)),
+                "{service}'s {part}: {r}"
+            );
+        }
+    }
+
+    let mut converge = async |want: (u32, u32)| {
+        let t0 = Instant::now();
+        loop {
+            let r = ctl.tick().await;
+            let plan = r.plan.as_ref().expect("plan");
+            let eighths = 2 * plan.target("p1") + plan.target("p2");
+            assert!(
+                eighths <= 8,
+                "the plan reserves more than the node: {plan:?}"
+            );
+            let (o1, o2) = (r.observed_of("p1"), r.observed_of("p2"));
+            if (o1.running, o2.running) == want && o1.pending + o2.pending == 0 {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "{want:?} not reached: p1 {o1:?}, p2 {o2:?}, errors {:?}",
+                r.errors
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    converge((1, 6)).await;
+    p1.set(3.0).expect("set p1's demand");
+    converge((3, 2)).await;
+    p1.set(0.0).expect("set p1's demand");
+    converge((0, 8)).await;
+    ctl.shutdown().await.expect("shutdown");
 }
