@@ -312,6 +312,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn resources_need_a_backend_that_reports_its_hosts() {
+        let with = |backend: &str, service: &str| {
+            let text = format!(
+                "instance = \"t\"\n[capacity]\nresources = true\n[backend]\n{backend}\n[[services]]\nname = \"w\"\nremainder = true\nresources = {{ cpu = \"1\", memory = \"1Gi\" }}\n{service}\n"
+            );
+            Config::from_toml(&text)
+                .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        };
+        for (backend, service) in [
+            ("type = \"docker\"", ""),
+            ("type = \"swarm\"", ""),
+            ("type = \"process\"", ""),
+            ("type = \"kubernetes\"", "image = \"i\""),
+        ] {
+            let c = with(backend, service);
+            assert!(c.is_ok(), "{backend}: {:?}", c.err());
+        }
+        assert_eq!(
+            with("type = \"nomad\"\naddress = \"http://127.0.0.1:4646\"", "image = \"i\"").unwrap_err(),
+            vec!["capacity.resources: the nomad backend does not report its hosts' CPU and memory, so capacity cannot be counted in resources with it; count it in slots"]
+        );
+        assert_eq!(
+            with("type = \"process\"\nallocatable = { cpu = \"x\" }", "").unwrap_err()[0],
+            "backend.allocatable.cpu: \"x\" is not a CPU quantity: cores (\"0.5\", \"2\") or millicores (\"250m\")"
+        );
+    }
+
+    #[test]
     fn run_keys_are_checked_with_paths() {
         let e = config(
             "type = \"docker\"",

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use microscaler_core::plugin::{Capabilities, ServiceContext};
 use microscaler_core::validate::join;
-use microscaler_core::{Host, ServiceName, ServiceObservation, Validator};
+use microscaler_core::{Host, Resources, ServiceName, ServiceObservation, Validator};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -54,16 +54,24 @@ use crate::{
 pub struct ProcessConfig {
     /// Working directory of the replicas; `None` means the daemon's.
     pub work_dir: Option<String>,
+    /// What the machine gives to microscaler's replicas, instead of all its CPUs and memory
+    /// (`allocatable = { cpu = "2", memory = "4Gi" }`), for `[capacity] resources = true` on
+    /// a machine shared with other work.
+    pub allocatable: Option<Resources>,
 }
 
 #[derive(Deserialize)]
 struct RawProcess {
     work_dir: Option<String>,
+    allocatable: Option<toml::Value>,
 }
 
-/// What the process backend can do: it stops its replicas itself, and nothing more (no pause
-/// yet, no host resources).
-pub const CAPABILITIES: Capabilities = Capabilities::CONTAINER_LEVEL;
+/// What the process backend can do: it stops its replicas itself and reports the machine's
+/// CPUs and memory (no pause yet).
+pub const CAPABILITIES: Capabilities = Capabilities {
+    host_resources: true,
+    ..Capabilities::CONTAINER_LEVEL
+};
 
 impl ProcessConfig {
     /// Validates the `[backend]` section (without `type`) at `path`. Whether `work_dir` exists
@@ -73,8 +81,13 @@ impl ProcessConfig {
         if r.work_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             v.err(join(path, "work_dir"), "must not be empty");
         }
+        let allocatable = match r.allocatable {
+            None => None,
+            Some(raw) => Some(v.resources(raw, &join(path, "allocatable"))?),
+        };
         Some(ProcessConfig {
             work_dir: r.work_dir,
+            allocatable,
         })
     }
 
@@ -121,6 +134,8 @@ struct Inner {
     instance: String,
     state_dir: PathBuf,
     work_dir: Option<PathBuf>,
+    /// `[backend] allocatable`, else the machine's CPUs and memory.
+    allocatable: Option<Resources>,
     hostname: String,
     boot_id: String,
     books: Mutex<Books>,
@@ -209,6 +224,7 @@ impl ProcessBackend {
                 instance: instance.to_string(),
                 state_dir,
                 work_dir,
+                allocatable: spec.allocatable,
                 hostname,
                 boot_id: boot_id(),
                 books: Mutex::new(Books::default()),
@@ -367,10 +383,16 @@ impl Inner {
             id: self.hostname.as_str().into(),
             name: self.hostname.clone(),
             ready: true,
-            cpus: std::thread::available_parallelism()
-                .ok()
-                .map(|n| n.get() as f64),
-            memory_bytes: mem_total(),
+            cpus: match self.allocatable {
+                Some(a) => Some(a.cpu_milli as f64 / 1000.0),
+                None => std::thread::available_parallelism()
+                    .ok()
+                    .map(|n| n.get() as f64),
+            },
+            memory_bytes: match self.allocatable {
+                Some(a) => Some(a.memory),
+                None => mem_total(),
+            },
         }
     }
 

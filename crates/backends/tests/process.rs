@@ -549,6 +549,7 @@ async fn work_dir_and_path_lookup() {
     let work = tempfile::tempdir().unwrap();
     let spec = ProcessConfig {
         work_dir: Some(work.path().to_string_lossy().into_owned()),
+        ..Default::default()
     };
     let b = ProcessBackend::new(&spec, &unique("workdir"), dir.path().to_path_buf()).unwrap();
     // A bare program name is looked up on PATH: the replica gets the daemon's PATH for that.
@@ -581,6 +582,7 @@ async fn work_dir_and_path_lookup() {
 
     let missing = ProcessConfig {
         work_dir: Some("/nonexistent/work".into()),
+        ..Default::default()
     };
     let err = ProcessBackend::new(&missing, "x", dir.path().to_path_buf())
         .err()

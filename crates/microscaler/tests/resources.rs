@@ -58,6 +58,45 @@ fn containers(instance: &str) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
+/// Two services on `backend` (its `[backend]` keys), counted in CPU and memory: `web`
+/// (priority 1, manual demand from `initial`) and the remainder `batch`, each of its
+/// `(cpu, memory)`.
+fn two_services(
+    instance: &str,
+    backend: &str,
+    web: (&str, &str),
+    batch: (&str, &str),
+    initial: u32,
+) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "200ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        {backend}
+        [[services]]
+        name = "web"
+        priority = 1
+        stop_grace = "1s"
+        resources = {{ cpu = "{}", memory = "{}" }}
+        [[services.triggers]]
+        type = "manual"
+        initial = {initial}
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        stop_grace = "1s"
+        resources = {{ cpu = "{}", memory = "{}" }}
+        "#,
+        web.0, web.1, batch.0, batch.1,
+    ))
+    .expect("config")
+}
+
 /// Removes an instance's containers (`docker ps -aq`, `docker rm -f`) or Swarm services
 /// (`docker service ls -q`, `docker service rm`) when dropped.
 struct Cleanup {
@@ -97,33 +136,13 @@ impl Drop for Cleanup {
 async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
     let instance = unique("res");
     let _cleanup = Cleanup::containers(&instance);
-    let cfg = Config::from_toml(&format!(
-        r#"
-        instance = "{instance}"
-        tick = "200ms"
-        on_exit = "stop"
-        [capacity]
-        resources = true
-        [backend]
-        type = "docker"
-        allocatable = {{ cpu = "1", memory = "1Gi" }}
-        [[services]]
-        name = "web"
-        priority = 1
-        stop_grace = "1s"
-        resources = {{ cpu = "250m", memory = "128Mi" }}
-        [[services.triggers]]
-        type = "manual"
-        initial = 3
-        [[services]]
-        name = "batch"
-        priority = 2
-        remainder = true
-        stop_grace = "1s"
-        resources = {{ cpu = "500m", memory = "256Mi" }}
-        "#
-    ))
-    .expect("config");
+    let cfg = two_services(
+        &instance,
+        "type = \"docker\"\nallocatable = { cpu = \"1\", memory = \"1Gi\" }",
+        ("250m", "128Mi"),
+        ("500m", "256Mi"),
+        3,
+    );
     let backend = match build_backend(&cfg, &std::env::temp_dir()).await {
         Ok(b) => b,
         Err(e) => {
@@ -193,9 +212,9 @@ async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
 }
 
 /// The same on the real single-node Swarm, whose node has the machine's CPUs: the tasks are
-/// sized in eighths of them (p1 two eighths, the remainder p2 one), so the plan never reserves
+/// sized in eighths of them (web two eighths, the remainder batch one), so the plan never reserves
 /// more than the node has; each Swarm service's tasks reserve, and are limited to, their
-/// service's resources (what Swarm's scheduler places them by); p1 follows its demand and p2
+/// service's resources (what Swarm's scheduler places them by); web follows its demand and batch
 /// fills what is left, once the stops have converged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
@@ -221,42 +240,22 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
     let eighth = nano / 8 / 1_000_000; // millicores
     let instance = unique("sres");
     let _cleanup = Cleanup::swarm_services(&instance);
-    let cfg = Config::from_toml(&format!(
-        r#"
-        instance = "{instance}"
-        tick = "200ms"
-        on_exit = "stop"
-        [capacity]
-        resources = true
-        [backend]
-        type = "swarm"
-        [[services]]
-        name = "p1"
-        priority = 1
-        stop_grace = "1s"
-        resources = {{ cpu = "{p1}m", memory = "64Mi" }}
-        [[services.triggers]]
-        type = "manual"
-        initial = 1
-        [[services]]
-        name = "p2"
-        priority = 2
-        remainder = true
-        stop_grace = "1s"
-        resources = {{ cpu = "{eighth}m", memory = "32Mi" }}
-        "#,
-        p1 = 2 * eighth,
-    ))
-    .expect("config");
+    let cfg = two_services(
+        &instance,
+        "type = \"swarm\"",
+        (&format!("{}m", 2 * eighth), "64Mi"),
+        (&format!("{eighth}m"), "32Mi"),
+        1,
+    );
     let backend = build_backend(&cfg, &std::env::temp_dir())
         .await
         .expect("the swarm backend");
     let mut ctl = Controller::new(cfg, backend, 1);
     ctl.prepare().await.expect("prepare");
-    let p1 = ctl.controls().manual_of("p1").expect("p1").clone();
+    let web = ctl.controls().manual_of("web").expect("web").clone();
 
     // What each Swarm service's tasks reserve and are limited to.
-    for (service, cpu, memory) in [("p1", 2 * eighth, 64 * MIB), ("p2", eighth, 32 * MIB)] {
+    for (service, cpu, memory) in [("web", 2 * eighth, 64 * MIB), ("batch", eighth, 32 * MIB)] {
         let out = Command::new("docker")
             .args([
                 "service",
@@ -286,27 +285,74 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
         loop {
             let r = ctl.tick().await;
             let plan = r.plan.as_ref().expect("plan");
-            let eighths = 2 * plan.target("p1") + plan.target("p2");
+            let eighths = 2 * plan.target("web") + plan.target("batch");
             assert!(
                 eighths <= 8,
                 "the plan reserves more than the node: {plan:?}"
             );
-            let (o1, o2) = (r.observed_of("p1"), r.observed_of("p2"));
+            let (o1, o2) = (r.observed_of("web"), r.observed_of("batch"));
             if (o1.running, o2.running) == want && o1.pending + o2.pending == 0 {
                 return;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(90),
-                "{want:?} not reached: p1 {o1:?}, p2 {o2:?}, errors {:?}",
+                "{want:?} not reached: web {o1:?}, batch {o2:?}, errors {:?}",
                 r.errors
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
     converge((1, 6)).await;
-    p1.set(3.0).expect("set p1's demand");
+    web.set(3.0).expect("set web's demand");
     converge((3, 2)).await;
-    p1.set(0.0).expect("set p1's demand");
+    web.set(0.0).expect("set web's demand");
     converge((0, 8)).await;
+    ctl.shutdown().await.expect("shutdown");
+}
+
+/// The same with local processes, on a machine whose allocatable is configured (1 CPU,
+/// 1 GiB): the plan never counts more, priority 1 follows its demand and the remainder fills
+/// what fits, in the processes that run (processes are counted, not limited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_fit_a_configured_allocatable() {
+    let state = tempfile::tempdir().expect("state dir");
+    let cfg = two_services(
+        &unique("pres"),
+        "type = \"process\"\nallocatable = { cpu = \"1\", memory = \"1Gi\" }",
+        ("250m", "128Mi"),
+        ("250m", "512Mi"),
+        2,
+    );
+    let backend = build_backend(&cfg, state.path())
+        .await
+        .expect("process backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let web = ctl.controls().manual_of("web").expect("web").clone();
+    let mut converge = async |want: (u32, u32)| {
+        let t0 = Instant::now();
+        loop {
+            let r = ctl.tick().await;
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            let plan = r.plan.as_ref().expect("plan");
+            let (w, b) = (plan.target("web"), plan.target("batch"));
+            assert!(w * 250 + b * 250 <= 1000, "plan over 1 CPU: {plan:?}");
+            assert!(w * 128 + b * 512 <= 1024, "plan over 1 GiB: {plan:?}");
+            let have = (r.observed_of("web").running, r.observed_of("batch").running);
+            if have == want && ctl.in_flight() == 0 {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "{want:?}: {have:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // web 2 x (0.25 CPU, 128 MiB); batch is bound by memory: 768 MiB left, one of 512 MiB.
+    converge((2, 1)).await;
+    // web 4: the CPU is all web's; batch gives its room up.
+    web.set(4.0).expect("set web's demand");
+    converge((4, 0)).await;
+    // web 0: batch by memory, 2 of 512 MiB (CPU would allow 4).
+    web.set(0.0).expect("set web's demand");
+    converge((0, 2)).await;
     ctl.shutdown().await.expect("shutdown");
 }
