@@ -195,8 +195,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[test]
-fn dashboard_in_a_real_browser() {
+/// Whether Chromium and chromedriver are here; under CI=true a missing one fails.
+fn have_browser() -> bool {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     for bin in [CHROMIUM, CHROMEDRIVER] {
         if !Path::new(bin).exists() {
@@ -205,8 +205,59 @@ fn dashboard_in_a_real_browser() {
                 "{bin} is missing: install Debian's chromium and chromium-driver (scripts/services.sh does)"
             );
             eprintln!("SKIPPED (not CI): {bin} is missing");
-            return;
+            return false;
         }
+    }
+    true
+}
+
+/// chromedriver, and a headless Chromium session on `url` with its profile in `dir`.
+fn open_browser(dir: &Path, url: &str) -> (Guard, Session) {
+    let port = free_port();
+    let driver = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let driver = Guard(driver, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err()
+        || http(port, "GET", "/status", None)["value"]["ready"] != true
+    {
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let profile = dir.join("profile");
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--disable-dev-shm-usage", "--window-size=1280,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }
+    }}});
+    let v = http(port, "POST", "/session", Some(&caps));
+    let id = v["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
+        .to_string();
+    let s = Session { port, id };
+    s.cmd("POST", "/url", Some(json!({ "url": url })));
+    (driver, s)
+}
+
+#[test]
+fn dashboard_in_a_real_browser() {
+    if !have_browser() {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
@@ -250,46 +301,7 @@ fn dashboard_in_a_real_browser() {
         .expect("the demo prints its dashboard URL");
     assert!(url.contains("#token="), "{url}");
 
-    // chromedriver, and a headless Chromium session.
-    let port = free_port();
-    let driver = Command::new(CHROMEDRIVER)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromedriver");
-    let _driver = Guard(driver, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err()
-        || http(port, "GET", "/status", None)["value"]["ready"] != true
-    {
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let profile = tmp.path().join("profile");
-    let caps = json!({"capabilities": {"alwaysMatch": {
-        "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--disable-dev-shm-usage", "--window-size=1280,1000",
-                format!("--user-data-dir={}", profile.display()),
-            ]
-        }
-    }}});
-    let v = http(port, "POST", "/session", Some(&caps));
-    let id = v["value"]["sessionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
-        .to_string();
-    let s = Session { port, id };
-
-    s.cmd("POST", "/url", Some(json!({ "url": url })));
+    let (_driver, s) = open_browser(tmp.path(), &url);
 
     // Live: ticks arrive over the stream and the chart draws them.
     s.wait(
@@ -372,4 +384,81 @@ fn dashboard_in_a_real_browser() {
 
     drop(s);
     drop(demo);
+}
+
+/// Capacity in CPU and memory on the dashboard: `microscaler run` on the process backend with
+/// a machine of 1 CPU and 1 GiB (`allocatable`), web (2 x 250m, 128 MiB) and the remainder
+/// batch (250m, 512 MiB: 1 fits by memory). The host's card shows a bar per resource, a
+/// segment per service, and what they take of the host's room.
+#[test]
+fn resource_bars_in_a_real_browser() {
+    if !have_browser() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("resources.toml");
+    std::fs::write(
+        &config,
+        r#"
+        instance = "browser-resources"
+        tick = "200ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        type = "process"
+        allocatable = { cpu = "1", memory = "1Gi" }
+        [[services]]
+        name = "web"
+        priority = 1
+        resources = { cpu = "250m", memory = "128Mi" }
+        [[services.triggers]]
+        type = "manual"
+        initial = 2
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        resources = { cpu = "250m", memory = "512Mi" }
+        "#,
+    )
+    .unwrap();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start microscaler run");
+    let stderr = run.stderr.take().unwrap();
+    let _run = Guard(run, libc::SIGTERM);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("dashboard and API on ").nth(1) {
+                let url = rest.split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("microscaler run prints its dashboard's address");
+    let (_driver, s) = open_browser(tmp.path(), &url);
+    let bars = s.wait(
+        30,
+        "the host's resource bars",
+        "return [...document.querySelectorAll('#hosts .res .rlabel')].map(e => e.textContent).concat([document.querySelectorAll('#hosts .rbar i').length])",
+        |v| {
+            v[0] == "cpu 0.75 CPU of 1 CPU"
+                && v[1] == "memory 768 MiB of 1 GiB"
+                && v[2].as_u64() == Some(4)
+        },
+    );
+    eprintln!("{bars}");
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    s.screenshot(&out_dir.join("dashboard-resources.png"));
 }

@@ -356,6 +356,7 @@ fn service_json(hub: &Hub, s: &ServiceInfo) -> Value {
         "max_step": s.max_step,
         "triggers": s.triggers,
         "pool": { "size": s.pool_size, "preempt": s.preempt },
+        "resources": s.resources,
         "paused": hub.control.paused(&s.name),
         "manual": hub.control.manual(&s.name),
         "override": hub.control.overriding(&s.name),

@@ -35,6 +35,18 @@ pub struct ServiceInfo {
     /// What a scale-down does: `stop` or `pause`.
     #[serde(default = "default_preempt")]
     pub preempt: String,
+    /// What one replica asks for (`resources`), if set.
+    #[serde(default)]
+    pub resources: Option<ResourcesInfo>,
+}
+
+/// CPU and memory.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ResourcesInfo {
+    /// CPUs (0.25 for 250m).
+    pub cpu: f64,
+    /// Bytes.
+    pub memory: u64,
 }
 
 fn default_preempt() -> String {
@@ -104,6 +116,10 @@ impl Setup {
                         microscaler_core::Preempt::Pause => "pause",
                     }
                     .to_string(),
+                    resources: s.resources.map(|r| ResourcesInfo {
+                        cpu: r.cpu_milli as f64 / 1000.0,
+                        memory: r.memory,
+                    }),
                 })
                 .collect(),
         }
@@ -167,6 +183,12 @@ pub struct HostTick {
     pub name: String,
     /// Ready for replicas?
     pub ready: bool,
+    /// The CPUs its replicas may use, if the backend reports them.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// The memory its replicas may use, in bytes, if the backend reports it.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
     /// Replicas per service: `[running, pending]`.
     pub services: BTreeMap<String, [u32; 2]>,
 }
@@ -287,6 +309,8 @@ impl Tick {
                     id: h.id.to_string(),
                     name: h.name.clone(),
                     ready: h.ready,
+                    cpus: h.cpus,
+                    memory_bytes: h.memory_bytes,
                     services: BTreeMap::new(),
                 });
             }
@@ -304,6 +328,8 @@ impl Tick {
                                 r.host.to_string()
                             },
                             ready: true,
+                            cpus: None,
+                            memory_bytes: None,
                             services: BTreeMap::new(),
                         });
                         hosts.len() - 1
@@ -420,8 +446,13 @@ mod tests {
             host: host.into(),
             state,
         };
+        let sized = Host {
+            cpus: Some(1.5),
+            memory_bytes: Some(1 << 30),
+            ..host("n1x9", "node-a")
+        };
         let observed = Observation {
-            hosts: vec![host("n1x9", "node-a"), host("n2y8", "node-b")],
+            hosts: vec![sized, host("n2y8", "node-b")],
             replicas: vec![
                 replica("t1", "n1x9", ReplicaState::Running),
                 replica("t2", "n1x9", ReplicaState::Pending),
@@ -457,6 +488,16 @@ mod tests {
                 ("node-b", [1, 0]),
                 ("(not placed yet)", [0, 1])
             ]
+        );
+        // A host's room is shown as the backend reports it.
+        let room: Vec<_> = tick
+            .hosts
+            .iter()
+            .map(|h| (h.cpus, h.memory_bytes))
+            .collect();
+        assert_eq!(
+            room,
+            [(Some(1.5), Some(1 << 30)), (None, None), (None, None)]
         );
     }
 }

@@ -153,6 +153,8 @@ fn tick(ts: i64, demand: f64, p1: u32, p2: u32, decisions: Vec<Decision>) -> Tic
             id: "id-1".into(),
             name: "h1".into(),
             ready: true,
+            cpus: Some(2.0),
+            memory_bytes: Some(4 << 30),
             services: [("web".to_string(), [p1, 0]), ("batch".to_string(), [p2, 0])].into(),
         }],
         samples: vec![SampleTick {

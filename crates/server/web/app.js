@@ -243,8 +243,45 @@ function renderHosts() {
       counts.push(name + ' ' + rp[0] + (rp[1] ? ' (+' + rp[1] + ' pending)' : ''));
     }
     card.append(reps, el('div', 'counts', counts.join(' · ') || 'no replicas'));
+    const bars = resourceBars(h);
+    if (bars) card.append(bars);
     box.append(card);
   }
+}
+
+// A number of CPUs or bytes, for people.
+function cpus(v) { return (Math.round(v * 1000) / 1000) + ' CPU'; }
+function bytes(v) {
+  const gib = v / 1073741824;
+  return gib >= 1 ? (Math.round(gib * 100) / 100) + ' GiB' : Math.round(v / 1048576) + ' MiB';
+}
+
+// What a host's replicas take of its CPU and memory, by service, when services ask for
+// resources and the backend reports the host's room.
+function resourceBars(h) {
+  const sized = new Map(state.services.filter((s) => s.resources).map((s) => [s.name, s.resources]));
+  if (sized.size === 0) return null;
+  const box = el('div', 'res');
+  for (const [dim, total, show] of [['cpu', h.cpus, cpus], ['memory', h.memory_bytes, bytes]]) {
+    if (total === null || total === undefined) continue;
+    const bar = el('div', 'rbar');
+    bar.dataset.dim = dim;
+    let used = 0;
+    for (const name of state.order) {
+      const r = sized.get(name);
+      const rp = h.services[name];
+      if (!r || !rp) continue;
+      const v = (rp[0] + rp[1]) * r[dim];
+      used += v;
+      const seg = el('i');
+      seg.style.width = (total > 0 ? Math.min(100, (100 * v) / total) : 0) + '%';
+      seg.style.background = colorOf(name);
+      seg.title = name + ': ' + show(v);
+      bar.append(seg);
+    }
+    box.append(el('div', 'rlabel', dim + ' ' + show(used) + ' of ' + show(total)), bar);
+  }
+  return box;
 }
 
 // ---------- decisions ----------
