@@ -23,6 +23,8 @@ use microscaler_core::{
     TriggerSample,
 };
 use microscaler_sources::{AnySource, ManualHandle, RandomControl, Source, SourceError};
+
+use crate::repeat::{Repeats, Say};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
@@ -409,6 +411,16 @@ pub struct Controller<B: Backend + 'static> {
     leading: bool,
     /// `run --dry-run`: the backend is prepared read-only and nothing is ever dispatched.
     dry_run: bool,
+    /// Failures that go on tick after tick, logged once and then counted.
+    repeats: Repeats<Failing>,
+}
+
+/// What can fail tick after tick.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Failing {
+    Observe,
+    /// A trigger: its service's index in `triggers`, and its name.
+    Sample(usize, Arc<str>),
 }
 
 impl<B: Backend + 'static> Controller<B> {
@@ -479,6 +491,7 @@ impl<B: Backend + 'static> Controller<B> {
             ticks: 0,
             leading: true,
             dry_run: false,
+            repeats: Repeats::default(),
         }
     }
 
@@ -626,9 +639,31 @@ impl<B: Backend + 'static> Controller<B> {
             }),
         };
         let observed = match observed {
-            Ok(o) => o,
+            Ok(o) => {
+                if let Some((times, over)) = self
+                    .repeats
+                    .recovered(&Failing::Observe, std::time::Instant::now())
+                {
+                    tracing::info!(failures = times, after = ?over, "observe works again");
+                }
+                o
+            }
             Err(e) => {
-                tracing::warn!(error = %e, kind = e.kind(), "observe failed; skipping this tick");
+                match self.repeats.failed(
+                    Failing::Observe,
+                    &e.to_string(),
+                    std::time::Instant::now(),
+                ) {
+                    Say::Anew => {
+                        tracing::warn!(error = %e, kind = e.kind(), "observe failed; skipping this tick (while it goes on, logged once a minute)")
+                    }
+                    Say::StillFailing { times, over } => {
+                        tracing::warn!(error = %e, kind = e.kind(), failures = times, over = ?over, "observe still failing; skipping ticks")
+                    }
+                    Say::Quiet => {
+                        tracing::debug!(error = %e, kind = e.kind(), "observe failed; skipping this tick")
+                    }
+                }
                 errors.push(TickError::Observe {
                     class: e.class(),
                     message: e.to_string(),
@@ -823,15 +858,39 @@ impl<B: Backend + 'static> Controller<B> {
         let mut current: Option<(usize, Vec<TriggerSample>)> = None;
         for (i, name, value) in got {
             let value = match value.unwrap_or_else(|| Err("not sampled".into())) {
-                Ok(v) => Some(v),
+                Ok(v) => {
+                    if !self.repeats.is_empty() {
+                        let key = Failing::Sample(i, Arc::clone(&name));
+                        if let Some((times, over)) =
+                            self.repeats.recovered(&key, std::time::Instant::now())
+                        {
+                            tracing::info!(service = %self.triggers[i].0, trigger = %name, failures = times, after = ?over, "sample works again");
+                        }
+                    }
+                    Some(v)
+                }
                 Err(message) => {
                     let service = self.triggers[i].0.clone();
+                    let key = Failing::Sample(i, Arc::clone(&name));
+                    let say = self
+                        .repeats
+                        .failed(key, &message, std::time::Instant::now());
                     let e = TickError::Sample {
                         service,
                         trigger: name.clone(),
                         message,
                     };
-                    tracing::warn!(service = %self.triggers[i].0, "sample failed: {e}");
+                    match say {
+                        Say::Anew => {
+                            tracing::warn!(service = %self.triggers[i].0, "sample failed: {e} (while it goes on, logged once a minute)")
+                        }
+                        Say::StillFailing { times, over } => {
+                            tracing::warn!(service = %self.triggers[i].0, failures = times, over = ?over, "sample still failing: {e}")
+                        }
+                        Say::Quiet => {
+                            tracing::debug!(service = %self.triggers[i].0, "sample failed: {e}")
+                        }
+                    }
                     errors.push(e);
                     None
                 }

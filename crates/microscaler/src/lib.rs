@@ -5,6 +5,7 @@
 pub mod control;
 pub mod demo;
 pub mod inspect;
+pub mod repeat;
 pub mod report;
 pub mod simulate;
 pub mod wiring;

@@ -540,3 +540,55 @@ fn simulate_names_what_is_wrong() {
         "{stderr}"
     );
 }
+
+/// A failure that goes on every tick is logged once, not once per tick: a trigger whose Redis
+/// is not there (a port nothing listens on, `required = false`) fails at each of about 25
+/// ticks of 100 ms, and the log says "sample failed" once (it would say it again, counted, a
+/// minute later). The failure is still in every tick's report (the API and metrics count it).
+#[test]
+fn a_failure_that_goes_on_is_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = write(
+        &dir,
+        "away.toml",
+        &format!(
+            r#"
+            instance = "repeat-{pid}"
+            tick = "100ms"
+            [capacity]
+            slots = 2
+            [backend]
+            type = "process"
+            [[services]]
+            name = "worker"
+            [[services.triggers]]
+            type = "redis_list"
+            url = "redis://127.0.0.1:{port}"
+            key = "jobs"
+            required = false
+            timeout = "50ms"
+            "#,
+            pid = std::process::id()
+        ),
+    );
+    let state = dir.path().join("state");
+    let out = microscaler(&[
+        "run",
+        "-c",
+        &f,
+        "--duration",
+        "3s",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let said = log.matches("sample failed").count();
+    assert_eq!(said, 1, "logged {said} times:\n{log}");
+    assert!(log.contains("logged once a minute"), "{log}");
+}
