@@ -322,46 +322,6 @@ impl<S> Default for Scratch<'_, S> {
     }
 }
 
-/// What a triggered service's triggers asked, worded only when a reason is written.
-#[derive(Debug, Clone, PartialEq)]
-enum Asks {
-    /// "no demand sample".
-    NoSample,
-    /// The default rules: "demand 4" (or "demand none").
-    Demand(Option<f64>),
-    /// Already in words.
-    Words(String),
-}
-
-impl Asks {
-    fn push_to(&self, s: &mut String) {
-        match self {
-            Asks::NoSample => s.push_str("no demand sample"),
-            Asks::Demand(v) => {
-                s.push_str("demand ");
-                match v {
-                    Some(v) => push_num(s, *v),
-                    None => s.push_str("none"),
-                }
-            }
-            Asks::Words(w) => s.push_str(w),
-        }
-    }
-}
-
-impl std::fmt::Display for Asks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Asks::Words(w) => f.write_str(w),
-            _ => {
-                let mut s = String::new();
-                self.push_to(&mut s);
-                f.write_str(&s)
-            }
-        }
-    }
-}
-
 struct Work<'a, P: Plugins> {
     svc: &'a Service<P>,
     /// The service's index in the configuration.
@@ -693,7 +653,7 @@ fn explain_placement<P: Plugins>(
             parts.extend(gave[i].iter().cloned());
         }
         if !parts.is_empty() {
-            sp.reason = format!("{}; {}", sp.reason, parts.join("; "));
+            sp.reason = format!("{}; {}", sp.reason, parts.join("; ")).into();
         }
     }
 }
@@ -924,37 +884,6 @@ fn num(v: f64) -> String {
     let mut s = String::new();
     push_num(&mut s, v);
     s
-}
-
-/// Appends `v` rounded to three decimals, as `format!("{}", ..)` writes it (integers without
-/// the formatting machinery).
-fn push_num(s: &mut String, v: f64) {
-    let x = (v * 1000.0).round() / 1000.0;
-    if x.fract() == 0.0 && x.abs() < 1e15 && !(x == 0.0 && x.is_sign_negative()) {
-        let i = x as i64;
-        if i < 0 {
-            s.push('-');
-        }
-        push_u64(s, i.unsigned_abs());
-    } else {
-        use std::fmt::Write;
-        let _ = write!(s, "{x}");
-    }
-}
-
-/// Appends `n` in decimal.
-fn push_u64(s: &mut String, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    s.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 /// The triggers' rules: each trigger's value (live, kept or fallback) becomes replicas by its
@@ -1301,7 +1230,7 @@ fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocat
             index: i,
             work,
         };
-        let reason = service_reason(w, bound, &ctx);
+        let reason = Reason::new(service_reason(w, bound, &ctx));
         services.push(ServicePlan {
             service: keys[w.index].to_name(),
             priority: w.svc.priority,
@@ -1321,48 +1250,46 @@ fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocat
     for (i, w) in work.iter().enumerate().rev() {
         if w.target < w.current {
             let sp = &services[i];
+            let count = w.current - w.target;
             actions.push(Action {
                 kind: ActionKind::Stop,
                 service: sp.service.clone(),
-                count: w.current - w.target,
+                count,
                 from: w.current,
                 to: w.target,
                 bound: sp.bound,
-                reason: format!(
-                    "stopped {} of {}: {}",
-                    w.current - w.target,
-                    w.svc.name,
-                    sp.reason
-                ),
+                reason: Reason::new(Words::Action(Box::new(ActionWords {
+                    kind: ActionKind::Stop,
+                    count,
+                    service: sp.service.clone(),
+                    reason: sp.reason.words().clone(),
+                    took: Vec::new(),
+                }))),
             });
         }
     }
     for (i, w) in work.iter().enumerate() {
         if w.target > w.current {
             let sp = &services[i];
-            let mut reason = format!(
-                "started {} of {}: {}",
-                w.target - w.current,
-                w.svc.name,
-                sp.reason
-            );
-            for (v, n) in &took[i] {
-                let victim = work[*v].svc;
-                reason.push_str(&format!(
-                    "; took {n} slot{} from {} (priority {})",
-                    plural(*n),
-                    victim.name,
-                    victim.priority
-                ));
-            }
+            let count = w.target - w.current;
+            let took = took[i]
+                .iter()
+                .map(|&(v, n)| (keys[work[v].index].to_name(), work[v].svc.priority, n))
+                .collect();
             actions.push(Action {
                 kind: ActionKind::Start,
                 service: sp.service.clone(),
-                count: w.target - w.current,
+                count,
                 from: w.current,
                 to: w.target,
                 bound: sp.bound,
-                reason,
+                reason: Reason::new(Words::Action(Box::new(ActionWords {
+                    kind: ActionKind::Start,
+                    count,
+                    service: sp.service.clone(),
+                    reason: sp.reason.words().clone(),
+                    took,
+                }))),
             });
         }
     }
@@ -1434,22 +1361,25 @@ fn push_asks<P: Plugins>(s: &mut String, w: &Work<P>) {
     }
 }
 
-fn service_reason<P: Plugins>(w: &Work<P>, bound: Bound, ctx: &Ctx<P>) -> String {
+fn service_reason<P: Plugins>(w: &Work<P>, bound: Bound, ctx: &Ctx<P>) -> Words {
+    if bound == Bound::Demand && matches!(w.svc.kind, ServiceKind::Triggered(_)) {
+        // The common case, written when read: "{asks} {cmp} {current}".
+        return Words::Demand {
+            asks: w.asks.clone(),
+            cmp: w.asked.unwrap_or(0).cmp(&w.current),
+            current: w.current,
+        };
+    }
+    Words::Text(service_text(w, bound, ctx))
+}
+
+/// A service's reason in words (every bound but the common demand's).
+fn service_text<P: Plugins>(w: &Work<P>, bound: Bound, ctx: &Ctx<P>) -> String {
     let cmp = |a: u32, b: u32| match a.cmp(&b) {
         std::cmp::Ordering::Greater => ">",
         std::cmp::Ordering::Less => "<",
         std::cmp::Ordering::Equal => "=",
     };
-    if bound == Bound::Demand {
-        // The common case, written without the formatting machinery: "{asks} {cmp} {current}".
-        let mut s = String::with_capacity(24);
-        push_asks(&mut s, w);
-        s.push(' ');
-        s.push_str(cmp(w.asked.unwrap_or(0), w.current));
-        s.push(' ');
-        push_u64(&mut s, w.current as u64);
-        return s;
-    }
     let capacity = ctx.capacity;
     let asks = {
         let mut s = String::new();

@@ -26,4 +26,4 @@ pub use plugin::{
 };
 pub use validate::{ConfigError, ConfigErrors, Validator};
 
-pub use plan::{Action, ActionKind, Bound, Plan, ServicePlan};
+pub use plan::{Action, ActionKind, Bound, Plan, Reason, ServicePlan};

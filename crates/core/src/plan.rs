@@ -2,6 +2,7 @@
 //! one with its reason.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use crate::model::{Priority, ServiceName};
 
@@ -104,7 +105,7 @@ pub struct ServicePlan {
     /// The rule that had the last word.
     pub bound: Bound,
     /// Human-readable reason for the target.
-    pub reason: String,
+    pub reason: Reason,
 }
 
 /// What an action does.
@@ -132,7 +133,7 @@ pub struct Action {
     /// The rule that decided it.
     pub bound: Bound,
     /// Why, in words: "started 2 of web: demand 7 > 5; took 2 slots from batch (priority 2)".
-    pub reason: String,
+    pub reason: Reason,
 }
 
 /// The plan of one tick.
@@ -164,4 +165,283 @@ impl Plan {
     pub fn free(&self) -> u32 {
         self.capacity.saturating_sub(self.allocated)
     }
+}
+
+/// Why, in words: a service's reason for its target, or an action's. Read it as a string
+/// (`&*reason`, [`as_str`](Self::as_str), `Display`).
+///
+/// A tick gives every service a reason and few are ever shown, so the common ones are kept as
+/// what they say (the demand and the current target, the service and what it took) and written
+/// when first read, once; equal when their words are.
+#[derive(Clone, Default)]
+pub struct Reason {
+    words: Words,
+    text: OnceLock<String>,
+}
+
+/// A reason before it is written.
+#[derive(Debug, Clone)]
+pub(crate) enum Words {
+    /// Already written.
+    Text(String),
+    /// A service whose demand decided: "{asks} {>, < or =} {current}".
+    Demand {
+        asks: Asks,
+        cmp: std::cmp::Ordering,
+        current: u32,
+    },
+    /// An action: "stopped 3 of batch: {reason}", "started 2 of web: {reason}; took 2 slots
+    /// from batch (priority 2)".
+    Action(Box<ActionWords>),
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        Words::Text(String::new())
+    }
+}
+
+/// An action's reason before it is written.
+#[derive(Debug, Clone)]
+pub(crate) struct ActionWords {
+    pub(crate) kind: ActionKind,
+    pub(crate) count: u32,
+    pub(crate) service: ServiceName,
+    /// The service's reason.
+    pub(crate) reason: Words,
+    /// The slots a start took: from whom (and its priority), how many.
+    pub(crate) took: Vec<(ServiceName, Priority, u32)>,
+}
+
+/// What a triggered service's triggers asked, worded only when a reason is written.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Asks {
+    /// "no demand sample".
+    NoSample,
+    /// The default rules: "demand 4" (or "demand none").
+    Demand(Option<f64>),
+    /// Already in words.
+    Words(String),
+}
+
+impl Asks {
+    pub(crate) fn push_to(&self, s: &mut String) {
+        match self {
+            Asks::NoSample => s.push_str("no demand sample"),
+            Asks::Demand(v) => {
+                s.push_str("demand ");
+                match v {
+                    Some(v) => push_num(s, *v),
+                    None => s.push_str("none"),
+                }
+            }
+            Asks::Words(w) => s.push_str(w),
+        }
+    }
+}
+
+impl fmt::Display for Asks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Asks::Words(w) => f.write_str(w),
+            _ => {
+                let mut s = String::new();
+                self.push_to(&mut s);
+                f.write_str(&s)
+            }
+        }
+    }
+}
+
+impl Words {
+    fn push_to(&self, s: &mut String) {
+        match self {
+            Words::Text(t) => s.push_str(t),
+            Words::Demand { asks, cmp, current } => {
+                asks.push_to(s);
+                s.push_str(match cmp {
+                    std::cmp::Ordering::Greater => " > ",
+                    std::cmp::Ordering::Less => " < ",
+                    std::cmp::Ordering::Equal => " = ",
+                });
+                push_u64(s, u64::from(*current));
+            }
+            Words::Action(a) => {
+                s.push_str(match a.kind {
+                    ActionKind::Stop => "stopped ",
+                    ActionKind::Start => "started ",
+                });
+                push_u64(s, u64::from(a.count));
+                s.push_str(" of ");
+                s.push_str(a.service.as_str());
+                s.push_str(": ");
+                a.reason.push_to(s);
+                for (victim, priority, n) in &a.took {
+                    s.push_str("; took ");
+                    push_u64(s, u64::from(*n));
+                    s.push_str(if *n == 1 {
+                        " slot from "
+                    } else {
+                        " slots from "
+                    });
+                    s.push_str(victim.as_str());
+                    s.push_str(" (priority ");
+                    push_u64(s, u64::from(priority.get()));
+                    s.push(')');
+                }
+            }
+        }
+    }
+}
+
+impl Reason {
+    pub(crate) fn new(words: Words) -> Self {
+        Reason {
+            words,
+            text: OnceLock::new(),
+        }
+    }
+
+    /// What it says, before it is written (for an action that repeats it).
+    pub(crate) fn words(&self) -> &Words {
+        &self.words
+    }
+
+    /// The reason as a string slice (written at the first read).
+    pub fn as_str(&self) -> &str {
+        match &self.words {
+            Words::Text(t) => t,
+            words => self.text.get_or_init(|| {
+                let mut s = String::with_capacity(48);
+                words.push_to(&mut s);
+                s
+            }),
+        }
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Reason {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Reason {
+    fn from(text: String) -> Self {
+        Reason::new(Words::Text(text))
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(text: &str) -> Self {
+        Reason::new(Words::Text(text.to_string()))
+    }
+}
+
+impl From<Reason> for String {
+    fn from(r: Reason) -> Self {
+        match r.words {
+            Words::Text(t) => t,
+            words => r.text.into_inner().unwrap_or_else(|| {
+                let mut s = String::new();
+                words.push_to(&mut s);
+                s
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq for Reason {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Reason {}
+
+impl PartialEq<str> for Reason {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Reason {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<Reason> for str {
+    fn eq(&self, other: &Reason) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<Reason> for &str {
+    fn eq(&self, other: &Reason) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<Reason> for String {
+    fn eq(&self, other: &Reason) -> bool {
+        self == other.as_str()
+    }
+}
+
+/// Appends `v` rounded to three decimals, as `format!("{}", ..)` writes it (integers without
+/// the formatting machinery).
+pub(crate) fn push_num(s: &mut String, v: f64) {
+    let x = (v * 1000.0).round() / 1000.0;
+    if x.fract() == 0.0 && x.abs() < 1e15 && !(x == 0.0 && x.is_sign_negative()) {
+        let i = x as i64;
+        if i < 0 {
+            s.push('-');
+        }
+        push_u64(s, i.unsigned_abs());
+    } else {
+        use std::fmt::Write;
+        let _ = write!(s, "{x}");
+    }
+}
+
+/// Appends `n` in decimal.
+pub(crate) fn push_u64(s: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }

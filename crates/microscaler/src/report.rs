@@ -79,7 +79,7 @@ impl TickLine {
                         bound: s.bound.as_str(),
                     })
                     .collect(),
-                p.actions.iter().map(|a| a.reason.clone()).collect(),
+                p.actions.iter().map(|a| a.reason.to_string()).collect(),
             ),
             None => (0, 0, Vec::new(), Vec::new()),
         };

@@ -279,7 +279,7 @@ impl Tick {
                         pending: s.pending,
                         paused: s.paused,
                         bound: s.bound.as_str().to_string(),
-                        reason: s.reason.clone(),
+                        reason: s.reason.to_string(),
                     })
                     .collect(),
                 plan.actions
@@ -296,7 +296,7 @@ impl Tick {
                         from: a.from,
                         to: a.to,
                         bound: a.bound.as_str().to_string(),
-                        reason: a.reason.clone(),
+                        reason: a.reason.to_string(),
                     })
                     .collect(),
             ),
