@@ -325,13 +325,18 @@ pub(crate) mod tests {
             ("type = \"swarm\"", ""),
             ("type = \"process\"", ""),
             ("type = \"kubernetes\"", "image = \"i\""),
+            ("type = \"nomad\"\nmhz_per_cpu = 2400", "image = \"i\""),
         ] {
             let c = with(backend, service);
             assert!(c.is_ok(), "{backend}: {:?}", c.err());
         }
         assert_eq!(
-            with("type = \"nomad\"\naddress = \"http://127.0.0.1:4646\"", "image = \"i\"").unwrap_err(),
-            vec!["capacity.resources: the nomad backend does not report its hosts' CPU and memory, so capacity cannot be counted in resources with it; count it in slots"]
+            with("type = \"marathon\"\naddress = \"http://mesos:8080\"", "image = \"i\"").unwrap_err(),
+            vec!["capacity.resources: the marathon backend does not report its hosts' CPU and memory, so capacity cannot be counted in resources with it; count it in slots"]
+        );
+        assert_eq!(
+            with("type = \"nomad\"\nmhz_per_cpu = 0", "image = \"i\"").unwrap_err(),
+            vec!["backend.mhz_per_cpu: must be between 1 and 1000000 (MHz of Nomad's CPU per CPU), got 0"]
         );
         assert_eq!(
             with("type = \"process\"\nallocatable = { cpu = \"x\" }", "").unwrap_err()[0],

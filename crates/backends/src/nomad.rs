@@ -60,7 +60,7 @@ pub const META_SERVICE: &str = "microscaler_service";
 pub const CAPABILITIES: Capabilities = Capabilities {
     native_per_host: true,
     pause: false,
-    host_resources: false,
+    host_resources: true,
     stops: StopCompletion::Converges,
     references: true,
 };
@@ -110,6 +110,9 @@ pub struct NomadConfig {
     pub datacenters: Vec<String>,
     /// The task driver of managed jobs. Default `docker`.
     pub driver: Driver,
+    /// Nomad counts CPU in MHz: how many make one CPU of a service's `resources` (and of a
+    /// host's room). Default 1000.
+    pub mhz_per_cpu: u64,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +124,7 @@ struct RawNomad {
     region: Option<String>,
     datacenters: Option<Vec<String>>,
     driver: Option<String>,
+    mhz_per_cpu: Option<i64>,
 }
 
 /// Whether `s` is a Nomad name (a job, group, namespace or region): 1-128 characters, no
@@ -185,7 +189,19 @@ impl NomadConfig {
                 Driver::Docker
             }
         };
+        let mhz_per_cpu = match r.mhz_per_cpu {
+            None => 1000,
+            Some(m @ 1..=1_000_000) => m as u64,
+            Some(m) => {
+                v.err(
+                    join(path, "mhz_per_cpu"),
+                    format!("must be between 1 and 1000000 (MHz of Nomad's CPU per CPU), got {m}"),
+                );
+                1000
+            }
+        };
         Some(NomadConfig {
+            mhz_per_cpu,
             address: r.address.map(|a| a.trim_end_matches('/').to_string()),
             token_file: r.token_file,
             ca_file: r.ca_file,
@@ -500,7 +516,23 @@ pub struct NomadBackend {
     targets: RwLock<HashMap<ServiceName, Target>>,
     /// Long polls by URL path (with its namespace): kept while the backend lives.
     follows: Mutex<HashMap<String, Arc<Follow>>>,
+    /// MHz per CPU of `resources` (`[backend] mhz_per_cpu`).
+    mhz_per_cpu: u64,
+    /// Capacity is counted in CPU and memory ([`NomadBackend::count_resources`]).
+    resources: bool,
 }
+
+/// Where the nodes are followed: with their resources when capacity is counted in them.
+fn nodes_path(resources: bool) -> &'static str {
+    if resources {
+        "/v1/nodes?resources=true"
+    } else {
+        "/v1/nodes"
+    }
+}
+
+/// Every allocation of every namespace, with what it was given.
+const ALL_ALLOCATIONS: &str = "/v1/allocations?resources=true";
 
 impl NomadBackend {
     /// Connects: reads the token and CA files, checks that the API answers
@@ -556,9 +588,129 @@ impl NomadBackend {
             driver: cfg.driver,
             targets: RwLock::new(HashMap::new()),
             follows: Mutex::new(HashMap::new()),
+            mhz_per_cpu: cfg.mhz_per_cpu,
+            resources: false,
         };
-        backend.follow("/v1/nodes", At::default());
+        backend.follow(nodes_path(false), At::default());
         Ok(backend)
+    }
+
+    /// Capacity is counted in CPU and memory (`[capacity] resources = true`): the nodes are
+    /// followed with their resources, and every allocation of every namespace, so that a
+    /// host's room is its node's CPU and memory less what Nomad reserves and what the
+    /// allocations that are not the services' were given. Managed tasks ask for their
+    /// service's resources.
+    pub fn count_resources(&mut self) {
+        self.resources = true;
+        // The nodes without their resources are followed no more.
+        self.follows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&format!("{}@@", nodes_path(false)));
+        self.follow(nodes_path(true), At::default());
+        self.follow(
+            ALL_ALLOCATIONS,
+            At {
+                namespace: Some("*"),
+                region: None,
+            },
+        );
+    }
+
+    /// `resources` as a Nomad task's `Resources` (CPU in MHz, memory in whole MB, rounded up).
+    fn task_resources(&self, r: microscaler_core::Resources) -> Value {
+        let cpu = (r.cpu_milli * self.mhz_per_cpu).div_ceil(1000).max(1);
+        json!({"CPU": cpu, "MemoryMB": r.memory.div_ceil(1 << 20).max(1)})
+    }
+
+    /// With capacity in resources, the plan places each allocation by its service's
+    /// `resources`: the group's tasks must ask for as much (CPU in MHz, memory in MB). A
+    /// referenced job that asks for something else is refused; a managed one made by an
+    /// earlier configuration is said to be out of date (microscaler never re-registers it, which
+    /// would reset its count).
+    fn check_resources(
+        &self,
+        service: &Service,
+        spec: &Value,
+        job: &str,
+        group: &str,
+        managed: bool,
+        want: microscaler_core::Resources,
+    ) -> Result<(), BackendError> {
+        let want = self.task_resources(want);
+        let tasks = spec["TaskGroups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|g| g["Name"].as_str() == Some(group))
+            .flat_map(|g| g["Tasks"].as_array().into_iter().flatten());
+        let (mut cpu, mut mem) = (0, 0);
+        for t in tasks {
+            let r = &t["Resources"];
+            cpu += r["CPU"].as_u64().unwrap_or(100);
+            mem += r["MemoryMB"].as_u64().unwrap_or(300);
+        }
+        if (Some(cpu), Some(mem)) == (want["CPU"].as_u64(), want["MemoryMB"].as_u64()) {
+            return Ok(());
+        }
+        let message = format!(
+            "service {}: the tasks of group {group} of Nomad job {job} ask for {cpu} MHz and \
+             {mem} MB, but its resources are {} MHz and {} MB ([backend] mhz_per_cpu = {})",
+            service.name, want["CPU"], want["MemoryMB"], self.mhz_per_cpu
+        );
+        if managed {
+            tracing::warn!("{message}: the job was registered by an earlier configuration; stop and purge it (nomad job stop -purge {job}) to register it again");
+            return Ok(());
+        }
+        Err(BackendError::Invalid {
+            op: format!("reference Nomad job {job}"),
+            message: format!("{message}: with [capacity] resources = true they must agree"),
+        })
+    }
+
+    /// Takes off each host's room what Nomad reserves on its node and what the live
+    /// allocations that are not the services' (`ours`: (namespace, job, group)) were given.
+    fn take_others(
+        &self,
+        nodes: &Value,
+        allocs: &Value,
+        hosts: &mut [Host],
+        ours: &[(String, String, String)],
+    ) {
+        let mut used: HashMap<&str, (u64, u64)> = HashMap::new();
+        for a in allocs.as_array().into_iter().flatten() {
+            let live = a["DesiredStatus"].as_str() == Some("run")
+                && matches!(a["ClientStatus"].as_str(), Some("pending" | "running"));
+            let mine = ours.iter().any(|(ns, job, group)| {
+                a["Namespace"].as_str() == Some(ns)
+                    && a["JobID"].as_str() == Some(job)
+                    && a["TaskGroup"].as_str() == Some(group)
+            });
+            if !live || mine {
+                continue;
+            }
+            let e = used.entry(a["NodeID"].as_str().unwrap_or("")).or_default();
+            for t in a["AllocatedResources"]["Tasks"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|t| t.1)
+            {
+                e.0 += t["Cpu"]["CpuShares"].as_u64().unwrap_or(0);
+                e.1 += t["Memory"]["MemoryMB"].as_u64().unwrap_or(0);
+            }
+        }
+        for (h, n) in hosts.iter_mut().zip(nodes.as_array().into_iter().flatten()) {
+            let total = |k: &str, v: &str| n["NodeResources"][k][v].as_u64();
+            let reserved = |k: &str, v: &str| n["ReservedResources"][k][v].as_u64().unwrap_or(0);
+            let (cpu, mem) = used.get(h.id.0.as_str()).copied().unwrap_or_default();
+            h.cpus = total("Cpu", "CpuShares").map(|t| {
+                t.saturating_sub(reserved("Cpu", "CpuShares") + cpu) as f64
+                    / self.mhz_per_cpu as f64
+            });
+            h.memory_bytes = total("Memory", "MemoryMB")
+                .map(|t| t.saturating_sub(reserved("Memory", "MemoryMB") + mem) << 20);
+        }
     }
 
     /// The job ID of managed `service`.
@@ -782,6 +934,9 @@ impl NomadBackend {
                 })
             }
         };
+        if let (true, Some(r)) = (self.resources, service.resources) {
+            self.check_resources(service, &spec, &job, &group, managed, r)?;
+        }
         let system = spec["Type"].as_str() == Some("system");
         let per_host = matches!(service.kind, microscaler_core::ServiceKind::PerHost);
         if system != per_host {
@@ -850,6 +1005,7 @@ impl NomadBackend {
                     "Config": config,
                     "Env": run.env,
                     "KillTimeout": service.stop_grace.as_nanos() as u64,
+                    "Resources": service.resources.map(|r| self.task_resources(r)),
                 }],
             }],
         }});
@@ -1045,7 +1201,9 @@ impl Backend for NomadBackend {
     }
 
     async fn observe(&self) -> Result<Observation, BackendError> {
-        let nodes = self.latest("/v1/nodes", At::default()).await?;
+        let nodes = self
+            .latest(nodes_path(self.resources), At::default())
+            .await?;
         let mut out = Observation::default();
         for n in nodes.as_array().into_iter().flatten() {
             out.hosts.push(Host {
@@ -1067,6 +1225,18 @@ impl Backend for NomadBackend {
             .collect();
         for (name, t) in &targets {
             self.observe_service(name, t, &mut out).await?;
+        }
+        if self.resources {
+            let all = At {
+                namespace: Some("*"),
+                region: None,
+            };
+            let allocs = self.latest(ALL_ALLOCATIONS, all).await?;
+            let ours: Vec<_> = targets
+                .iter()
+                .map(|(_, t)| (t.namespace.clone(), t.job.clone(), t.group.clone()))
+                .collect();
+            self.take_others(&nodes, &allocs, &mut out.hosts, &ours);
         }
         Ok(out)
     }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use microscaler_backends::nomad::{NomadBackend, NomadConfig, NomadReference};
 use microscaler_backends::{Backend, BackendError, ErrorClass, Reference, Service, Workload};
 use microscaler_core::ServiceKind;
-use microscaler_testkit::nomad::{NomadFake, NomadOptions};
-use serde_json::{json, Value};
+use microscaler_testkit::nomad::{plain_job, NomadFake, NomadOptions};
+use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -34,24 +34,6 @@ fn service(name: &str) -> Service {
         run.image = Some("registry.k8s.io/pause:3.10".into());
     }
     s
-}
-
-/// A job of someone else: no microscaler meta, a label-like meta and an env of its own that
-/// every scale must leave alone. `deployments` false turns them off (`MaxParallel: 0`).
-fn plain_job(id: &str, count: u32, deployments: bool) -> Value {
-    let update = if deployments {
-        json!({"MaxParallel": 1, "MinHealthyTime": 0})
-    } else {
-        json!({"MaxParallel": 0})
-    };
-    json!({
-        "ID": id, "Name": id, "Type": "service", "Datacenters": ["dc1"],
-        "Meta": {"team": "payments"},
-        "TaskGroups": [{
-            "Name": "web", "Count": count, "Update": update,
-            "Tasks": [{"Name": "web", "Driver": "docker", "Config": {"image": "shop:1"}, "Env": {"OWNER": "someone-else"}}],
-        }],
-    })
 }
 
 /// A fake with 3 nodes of 3 slots (the seeds' 9).

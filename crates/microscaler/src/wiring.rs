@@ -40,9 +40,14 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
                     .into(),
             ))
         }
-        BackendConfig::Nomad(n) => AnyBackend::Nomad(
-            microscaler_backends::nomad::NomadBackend::connect(n, &cfg.instance).await?,
-        ),
+        BackendConfig::Nomad(n) => {
+            let mut b =
+                microscaler_backends::nomad::NomadBackend::connect(n, &cfg.instance).await?;
+            if matches!(cfg.capacity, microscaler_core::Capacity::Resources { .. }) {
+                b.count_resources();
+            }
+            AnyBackend::Nomad(b)
+        }
         BackendConfig::Marathon(m) => AnyBackend::Marathon(
             microscaler_backends::marathon::MarathonBackend::connect(m, &cfg.instance).await?,
         ),

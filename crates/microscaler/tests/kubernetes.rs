@@ -1038,19 +1038,15 @@ async fn resources_plans_fit_the_nodes_beside_others_pods() {
         .expect("valid configuration");
         let backend = build_backend(&cfg, state.path()).await.expect("backend");
         let mut ctl = Controller::new(cfg, backend, 1);
-        match ctl.prepare().await {
-            Ok(()) => assert!(fits, "a reference whose pods ask for less was accepted"),
-            Err(e) => {
-                let e = e.to_string();
-                assert!(!fits, "{e}");
-                assert!(
-                    e.contains("Deployment")
-                        && e.contains("shop")
-                        && e.contains("request 0.25 CPU and 256 MiB")
-                        && e.contains("resources are 0.5 CPU and 256 MiB"),
-                    "{e}"
-                );
-            }
-        }
+        microscaler_testkit::assert_start(
+            ctl.prepare().await,
+            fits,
+            &[
+                "Deployment",
+                "shop",
+                "request 0.25 CPU and 256 MiB",
+                "resources are 0.5 CPU and 256 MiB",
+            ],
+        );
     }
 }

@@ -126,6 +126,21 @@ pub async fn wait_for<B: Backend>(
     }
 }
 
+/// A start that must succeed when `fits`, and otherwise fail with an error that says every one
+/// of `says`.
+pub fn assert_start<E: std::fmt::Display>(result: Result<(), E>, fits: bool, says: &[&str]) {
+    match result {
+        Ok(()) => assert!(fits, "started, but it should not have"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(!fits, "{e}");
+            for s in says {
+                assert!(e.contains(s), "{e:?} does not say {s:?}");
+            }
+        }
+    }
+}
+
 /// Reads `value` every 50 ms until it gives `want` or 5 s pass; returns the last reading.
 pub async fn poll_until<T: PartialEq>(mut value: impl FnMut() -> T, want: T) -> T {
     let mut got = value();

@@ -14,8 +14,13 @@
 //! (`?index=`, `?wait=`) over one global raft index; `?region=` and `?namespace=`; plain-text
 //! errors with Nomad's codes and texts.
 //!
-//! **Not modelled**: bin-packing on CPU, memory or ports (a node has room for a number of
-//! allocations, its *slots*; an eval's `DimensionExhausted` therefore says `"slots"`);
+//! **Resources**: a node has room for a number of allocations, its *slots*, and, when made with
+//! [`NomadFake::add_node_sized`], CPU (MHz) and memory (MB) that its live allocations' tasks
+//! (`Resources.CPU`, `Resources.MemoryMB`, Nomad's defaults 100 and 300 when absent) must fit
+//! in; `/v1/nodes?resources=true` shows `NodeResources` and `ReservedResources` (nothing
+//! reserved), `/v1/allocations?resources=true` each allocation's `AllocatedResources.Tasks`.
+//!
+//! **Not modelled**: ports, cores, devices; an eval's `DimensionExhausted` says `"slots"`;
 //! constraints, affinities, spreads and datacenters (every node is in `dc1`); canaries,
 //! rolling-update batches (`MaxParallel` only matters as `0`, which disables deployments),
 //! progress deadlines and auto-revert; restart and reschedule policies, failed allocations,
@@ -113,6 +118,9 @@ struct Node {
     id: String,
     name: String,
     slots: u32,
+    /// CPU in MHz and memory in MB its allocations may use; 0: not counted.
+    cpu_mhz: u64,
+    memory_mb: u64,
     down: bool,
     drain: bool,
     eligible: bool,
@@ -141,6 +149,8 @@ struct Alloc {
     job_type: String,
     group: String,
     slot: u32,
+    /// What its tasks ask for: (task, CPU MHz, memory MB).
+    tasks: Vec<(String, u64, u64)>,
     node_id: String,
     node_name: String,
     job_version: u64,
@@ -241,6 +251,30 @@ fn task_groups(spec: &Value) -> Vec<(String, u32)> {
     tgs.into_iter()
         .flatten()
         .map(|g| (str_of(g, "Name").to_string(), u64_of(g, "Count") as u32))
+        .collect()
+}
+
+/// What each task of `group` asks for: (name, CPU MHz, memory MB), Nomad's defaults (100 MHz,
+/// 300 MB) where the job says nothing.
+fn group_tasks(spec: &Value, group: &str) -> Vec<(String, u64, u64)> {
+    let tgs = spec.get("TaskGroups").and_then(Value::as_array);
+    let g = tgs
+        .into_iter()
+        .flatten()
+        .find(|g| str_of(g, "Name") == group);
+    let tasks = g.and_then(|g| g.get("Tasks")).and_then(Value::as_array);
+    tasks
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let r = &t["Resources"];
+            let of = |k: &str, default: u64| r.get(k).and_then(Value::as_u64).unwrap_or(default);
+            (
+                str_of(t, "Name").to_string(),
+                of("CPU", 100),
+                of("MemoryMB", 300),
+            )
+        })
         .collect()
 }
 
@@ -656,11 +690,26 @@ impl St {
         self.allocs.iter().filter(on).count()
     }
 
-    /// The schedulable node with room and the fewest live allocations.
-    fn pick_node(&self) -> Option<usize> {
+    /// CPU MHz and memory MB the live allocations on `node_id` use.
+    fn used(&self, node_id: &str) -> (u64, u64) {
+        let on = |a: &&Alloc| a.node_id == node_id && a.live();
+        self.allocs
+            .iter()
+            .filter(on)
+            .flat_map(|a| &a.tasks)
+            .fold((0, 0), |(c, m), t| (c + t.1, m + t.2))
+    }
+
+    /// The schedulable node with room (a slot, and `need`'s CPU and memory where counted) and
+    /// the fewest live allocations.
+    fn pick_node(&self, need: (u64, u64)) -> Option<usize> {
         let room = |&n: &usize| {
             let node = &self.nodes[n];
-            node.schedulable() && self.load(&node.id) < node.slots as usize
+            let (cpu, mem) = self.used(&node.id);
+            node.schedulable()
+                && self.load(&node.id) < node.slots as usize
+                && (node.cpu_mhz == 0 || cpu + need.0 <= node.cpu_mhz)
+                && (node.memory_mb == 0 || mem + need.1 <= node.memory_mb)
         };
         (0..self.nodes.len())
             .filter(room)
@@ -782,7 +831,9 @@ impl St {
             .unwrap_or_default();
         let mut unplaced: BTreeMap<String, u32> = groups.iter().map(|g| (g.0.clone(), 0)).collect();
         for (g, node) in to_place {
-            let Some(n) = node.or_else(|| self.pick_node()) else {
+            let tasks = group_tasks(&self.jobs[key].spec, &g);
+            let need = tasks.iter().fold((0, 0), |(c, m), t| (c + t.1, m + t.2));
+            let Some(n) = node.or_else(|| self.pick_node(need)) else {
                 *unplaced.entry(g).or_default() += 1;
                 continue;
             };
@@ -804,6 +855,7 @@ impl St {
                 job_type: job_type.clone(),
                 group: g,
                 slot,
+                tasks,
                 node_id: node.id.clone(),
                 node_name: node.name.clone(),
                 job_version: version,
@@ -1026,11 +1078,22 @@ impl St {
     }
 
     fn node_stub(&self, n: &Node) -> Value {
-        json!({"ID": n.id, "Name": n.name, "Address": "127.0.0.1", "Datacenter": "dc1",
+        self.node_view(n, false)
+    }
+
+    /// A node as listed, with `NodeResources` and `ReservedResources` when `resources`.
+    fn node_view(&self, n: &Node, resources: bool) -> Value {
+        let mut v = json!({"ID": n.id, "Name": n.name, "Address": "127.0.0.1", "Datacenter": "dc1",
             "NodeClass": "", "NodePool": "default", "Version": "1.11.3", "Drain": n.drain,
             "SchedulingEligibility": if n.eligible { "eligible" } else { "ineligible" },
             "Status": if n.down { "down" } else { "ready" }, "StatusDescription": "",
-            "CreateIndex": n.create_index, "ModifyIndex": n.modify_index})
+            "CreateIndex": n.create_index, "ModifyIndex": n.modify_index});
+        if resources {
+            v["NodeResources"] =
+                json!({"Cpu": {"CpuShares": n.cpu_mhz}, "Memory": {"MemoryMB": n.memory_mb}});
+            v["ReservedResources"] = json!({"Cpu": {"CpuShares": 0}, "Memory": {"MemoryMB": 0}});
+        }
+        v
     }
 
     fn alloc_stub(&self, a: &Alloc) -> Value {
@@ -1216,8 +1279,45 @@ async fn leader() -> Json<Value> {
 }
 
 async fn nodes(State(sh): Sh, Query(q): Q) -> Res {
+    let resources = q.get("resources").is_some_and(|r| r == "true");
     read(&sh, &q, |st| {
-        Ok(st.nodes.iter().map(|n| st.node_stub(n)).collect())
+        Ok(st
+            .nodes
+            .iter()
+            .map(|n| st.node_view(n, resources))
+            .collect())
+    })
+    .await
+}
+
+/// `GET /v1/allocations`: the allocations of the namespace (`*`: all), with
+/// `AllocatedResources` when `resources=true`.
+async fn all_allocations(State(sh): Sh, Query(q): Q) -> Res {
+    let ns = namespace(&q);
+    let resources = q.get("resources").is_some_and(|r| r == "true");
+    read(&sh, &q, |st| {
+        Ok(st
+            .allocs
+            .iter()
+            .filter(|a| ns == "*" || a.ns == ns)
+            .map(|a| {
+                let mut v = st.alloc_stub(a);
+                if resources {
+                    let tasks: Map<String, Value> = a
+                        .tasks
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.0.clone(),
+                                json!({"Cpu": {"CpuShares": t.1}, "Memory": {"MemoryMB": t.2}}),
+                            )
+                        })
+                        .collect();
+                    v["AllocatedResources"] = json!({"Tasks": tasks});
+                }
+                v
+            })
+            .collect())
     })
     .await
 }
@@ -1376,6 +1476,7 @@ fn router(sh: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/status/leader", get(leader))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/allocations", get(all_allocations))
         .route("/v1/node/{id}", get(node))
         .route("/v1/jobs", get(jobs).post(register).put(register))
         .route(
@@ -1396,6 +1497,24 @@ fn router(sh: Arc<Shared>) -> Router {
         .fallback(|| async { err(404, "Invalid URL") })
         .layer(middleware::from_fn_with_state(sh.clone(), gate))
         .with_state(sh)
+}
+
+/// A job of someone else: no microscaler meta, a label-like meta and an env of its own that
+/// every scale must leave alone. `deployments` false turns them off (`MaxParallel: 0`).
+pub fn plain_job(id: &str, count: u32, deployments: bool) -> Value {
+    let update = if deployments {
+        json!({"MaxParallel": 1, "MinHealthyTime": 0})
+    } else {
+        json!({"MaxParallel": 0})
+    };
+    json!({
+        "ID": id, "Name": id, "Type": "service", "Datacenters": ["dc1"],
+        "Meta": {"team": "payments"},
+        "TaskGroups": [{
+            "Name": "web", "Count": count, "Update": update,
+            "Tasks": [{"Name": "web", "Driver": "docker", "Config": {"image": "shop:1"}, "Env": {"OWNER": "someone-else"}}],
+        }],
+    })
 }
 
 impl NomadFake {
@@ -1462,6 +1581,11 @@ impl NomadFake {
     /// fake models capacity as slots per node (allocations of any job), not CPU, memory or
     /// ports. Returns its ID (a UUID-like string, distinct from the name).
     pub fn add_node(&self, name: &str, slots: u32) -> String {
+        self.add_node_sized(name, slots, 0, 0)
+    }
+
+    /// Adds a ready node with `slots`, `cpu_mhz` MHz and `memory_mb` MB (0: not counted).
+    pub fn add_node_sized(&self, name: &str, slots: u32, cpu_mhz: u64, memory_mb: u64) -> String {
         self.with(|st| {
             let (idx, id) = (st.idx(), st.uuid());
             let (down, drain, eligible) = (false, false, true);
@@ -1470,6 +1594,8 @@ impl NomadFake {
                 id: id.clone(),
                 name,
                 slots,
+                cpu_mhz,
+                memory_mb,
                 down,
                 drain,
                 eligible,
