@@ -70,6 +70,9 @@ pub struct ServerSpec {
     pub token: Option<String>,
     /// Let any client read without the token (default: loopback clients only).
     pub open_read: bool,
+    /// Host names that token-less reads from loopback clients may name in their `Host`
+    /// besides `localhost`, `127.0.0.1` and `[::1]` (e.g. a reverse proxy's name).
+    pub allowed_hosts: Vec<String>,
     /// SQLite file of the history (default: `<state dir>/history.sqlite`).
     pub history: Option<String>,
     /// How long the history keeps ticks and decisions (default 24 h when unset).
@@ -130,6 +133,8 @@ struct RawServer {
     token: Option<String>,
     #[serde(default)]
     open_read: bool,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
     history: Option<String>,
     retention: Option<String>,
 }
@@ -387,6 +392,21 @@ impl Validator {
                 );
             } else {
                 spec.token = Some(t);
+            }
+        }
+        for (i, h) in r.allowed_hosts.into_iter().enumerate() {
+            let name_chars = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
+            let ipv6 = h
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+            if ipv6 || (!h.is_empty() && h.chars().all(name_chars)) {
+                spec.allowed_hosts.push(h);
+            } else {
+                self.err(
+                    format!("server.allowed_hosts[{i}]"),
+                    format!("must be a host name or address without a port, got {h:?}"),
+                );
             }
         }
         if let Some(h) = r.history {
@@ -1278,6 +1298,20 @@ mod tests {
         assert_eq!(c.server.token.as_deref(), Some("0123456789abcdef"));
         assert!(c.server.open_read && !c.server.disabled);
         assert_eq!(c.server.retention, Some(Duration::from_secs(7200)));
+        let hosts = |list: &str| format!("{GOOD}\n[server]\nallowed_hosts = {list}\n");
+        let c = Config::from_toml(&hosts(r#"["scaler.internal", "10.0.0.5", "[fd00::1]"]"#));
+        assert_eq!(
+            c.unwrap().server.allowed_hosts,
+            ["scaler.internal", "10.0.0.5", "[fd00::1]"]
+        );
+        assert_eq!(
+            errors(&hosts(r#"["ok", "", "a b", "host:8080"]"#)),
+            [
+                "server.allowed_hosts[1]: must be a host name or address without a port, got \"\"",
+                "server.allowed_hosts[2]: must be a host name or address without a port, got \"a b\"",
+                "server.allowed_hosts[3]: must be a host name or address without a port, got \"host:8080\"",
+            ]
+        );
         let off = Config::from_toml(&format!("{GOOD}\n[server]\nlisten = \"off\"\n")).unwrap();
         assert!(off.server.disabled);
         assert_eq!(

@@ -495,6 +495,11 @@ struct ServerArgs {
     /// loopback clients).
     #[arg(long)]
     open_read: bool,
+    /// A host name (without port) that token-less reads from this machine may use in their
+    /// Host header besides localhost, 127.0.0.1 and [::1], e.g. a local reverse proxy's
+    /// (repeatable). Any other name needs the token, against DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// SQLite file of the history [default: <state dir>/history.sqlite].
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
@@ -522,6 +527,11 @@ impl ServerArgs {
                 .or_else(|| spec.token.clone()),
             token_file: None,
             open_read: self.open_read || spec.open_read,
+            allowed_hosts: if self.allowed_hosts.is_empty() {
+                spec.allowed_hosts.clone()
+            } else {
+                self.allowed_hosts.clone()
+            },
             history: self
                 .history
                 .clone()
@@ -1074,6 +1084,8 @@ async fn start_server(
         ServerOptions {
             token: args.token.clone().filter(|t| !t.is_empty()),
             open_read: args.open_read,
+            allowed_hosts: args.allowed_hosts.clone(),
+            ..ServerOptions::default()
         },
         Arc::new(LoopControl(controls_set.clone())),
         store,

@@ -251,7 +251,8 @@ fn with_daemon<T>(extra: &[&str], during: impl FnOnce(u16) -> T) -> T {
     for _ in 0..50 {
         status = http(
             port,
-            "GET /api/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+            // A loopback Host: without the token, no other name is served.
+            "GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".into(),
         );
         if status.is_some() {
             break;
@@ -382,6 +383,33 @@ fn run_serves_on_the_configured_address_with_the_configured_token() {
     let s = api_change_statuses(&[], &["", "config-token-0123456789"]);
     assert!(s[0].starts_with("HTTP/1.1 401"), "{s:?}");
     assert!(s[1].starts_with("HTTP/1.1 2"), "{s:?}");
+}
+
+/// Token-less reads are served under a loopback name or one of `--allowed-host` (a local
+/// reverse proxy's), not under any other name (DNS rebinding).
+#[test]
+fn token_less_reads_need_a_loopback_or_allowed_host() {
+    let lines = with_daemon(&["--allowed-host", "scaler.internal"], |port| {
+        [
+            "127.0.0.1",
+            "localhost:1",
+            "Scaler.Internal:8443",
+            "evil.example",
+        ]
+        .map(|host| {
+            let answer = http(
+                port,
+                format!("GET /api/v1/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            )
+            .unwrap();
+            answer.lines().next().unwrap_or("").to_string()
+        })
+    });
+    assert!(
+        lines[..3].iter().all(|l| l.starts_with("HTTP/1.1 200")),
+        "{lines:?}"
+    );
+    assert!(lines[3].starts_with("HTTP/1.1 401"), "{lines:?}");
 }
 
 /// `--token-file` (a systemd credential, say) gives the token from a file, trimmed, over the

@@ -11,13 +11,17 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::MockConnectInfo;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -32,7 +36,8 @@ pub const BODY_LIMIT: usize = 4096;
 pub enum Access {
     /// Anyone (the dashboard's static assets: they hold no data).
     Open,
-    /// Loopback clients, or any client with the token (or anyone with `open_read`).
+    /// Loopback clients that name a loopback `Host` (or an allowed one), or any client with the
+    /// token (or anyone with `open_read`).
     Read,
     /// Only with the bearer token.
     Write,
@@ -154,27 +159,84 @@ pub fn routes(hub: Arc<Hub>) -> (Router, Vec<(Method, &'static str, Access)>) {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(hub.clone(), read_body))
         .layer(middleware::from_fn(security_headers))
         .with_state(hub);
     (r, table)
 }
 
+/// The headers of every answer, the HTTP layer's own errors included.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "content-security-policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    ),
+];
+
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
     let h = res.headers_mut();
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-        ),
-    );
+    for (name, value) in SECURITY_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
     res
+}
+
+/// A whole HTTP/1.1 answer `{"error": message}` with the security headers that closes the
+/// connection, for the errors the HTTP layer answers before any route (see `conn`).
+pub(crate) fn raw_error(status: StatusCode, message: &str) -> Vec<u8> {
+    let body = json!({ "error": message }).to_string();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    for (name, value) in SECURITY_HEADERS {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// Reads the request's body before routing, within the read timeout (a client that sends it
+/// slowly holds no connection longer: 408) and the size limit (413).
+async fn read_body(State(hub): State<Arc<Hub>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = hub.options.read_timeout;
+    let bytes = match tokio::time::timeout(limit, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {BODY_LIMIT} bytes"),
+                )
+            } else {
+                ApiError::bad(format!("cannot read the request body: {e}"))
+            }
+            .into_response();
+        }
+        Err(_) => {
+            let mut res = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {limit:?}"),
+            )
+            .into_response();
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Compares without leaking the position of the first difference through timing.
@@ -186,13 +248,42 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The token of `Authorization: Bearer <token>`; the scheme in any case (RFC 7235).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Whether the request names a loopback host, or one of `allowed`, in its `Host` (or its
+/// absolute URI): any port; a name resolved to 127.0.0.1 by a rebinding DNS is neither.
+fn loopback_host(req: &Request, allowed: &[String]) -> bool {
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => match req.headers().get(header::HOST).map(|h| h.to_str()) {
+            Some(Ok(h)) => h,
+            _ => return false,
+        },
+    };
+    let Ok(authority) = authority.parse::<axum::http::uri::Authority>() else {
+        return false;
+    };
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+        || allowed.iter().any(|a| {
+            let a = a.trim_start_matches('[').trim_end_matches(']');
+            a.eq_ignore_ascii_case(host)
+        })
 }
 
 /// The `access_token` query parameter (for `EventSource`, which cannot send headers).
@@ -229,15 +320,16 @@ async fn guard(
                 });
             let loopback = peer.is_some_and(|p| p.ip().is_loopback());
             let ok = hub.options.open_read
-                || loopback
                 || valid(given.as_deref())
-                || valid(query_token(req.uri()).as_deref());
+                || valid(query_token(req.uri()).as_deref())
+                || (loopback && loopback_host(&req, &hub.options.allowed_hosts));
             if !ok {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "read access from this address needs the bearer token (or start with --open-read)",
-                )
-                .into_response();
+                let message = if loopback {
+                    "read access with this Host needs the bearer token: without it, only a loopback Host (localhost, 127.0.0.1, [::1]) or a name of --allowed-host is served"
+                } else {
+                    "read access from this address needs the bearer token (or start with --open-read)"
+                };
+                return ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
             }
         }
         Access::Write => {
@@ -393,10 +485,11 @@ impl RangeQuery {
         max_limit: usize,
     ) -> Result<(i64, i64, usize), ApiError> {
         let to = self.to.unwrap_or_else(now_ms);
-        let from = self.from.unwrap_or(to - default_span_ms);
-        if from < 0 || to < 0 {
+        if self.from.is_some_and(|f| f < 0) || to < 0 {
             return Err(ApiError::bad("from and to are Unix milliseconds >= 0"));
         }
+        // The default span reaches back no further than 0: `to=0` is valid.
+        let from = self.from.unwrap_or((to - default_span_ms).max(0));
         if from > to {
             return Err(ApiError::bad(format!("from ({from}) must be <= to ({to})")));
         }
@@ -501,6 +594,50 @@ fn known<'a>(hub: &'a Hub, name: &str) -> Result<&'a ServiceInfo, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))
 }
 
+/// The `{name}` of a route's path; one that is not UTF-8 once decoded is a 400 in JSON.
+struct Name(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(name)) => Ok(Name(name)),
+            Err(e) => Err(ApiError::bad(format!("invalid path: {}", e.body_text()))),
+        }
+    }
+}
+
+/// A JSON body that must be an object (serde would take an array for a struct's fields in
+/// order), read into `T`: not JSON, or not an object, is a 400; wrong fields a 422.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::bad(format!(
+                "the body must be a JSON object, got {}",
+                match value {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    Value::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            )));
+        }
+        serde_json::from_value(value).map(Body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("invalid body: {e}"),
+            )
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DemandBody {
@@ -512,11 +649,11 @@ const MAX_DEMAND: f64 = 1_000_000.0;
 
 async fn set_demand(
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
-    body: Result<Json<DemandBody>, JsonRejection>,
+    Name(name): Name,
+    body: Result<Body<DemandBody>, ApiError>,
 ) -> ApiResult {
     let svc = known(&hub, &name)?;
-    let Json(body) = body?;
+    let Body(body) = body?;
     if !body.value.is_finite() || !(0.0..=MAX_DEMAND).contains(&body.value) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -538,7 +675,7 @@ async fn set_demand(
     Ok(Json(service_json(&hub, svc)).into_response())
 }
 
-async fn clear_demand(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+async fn clear_demand(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
     let svc = known(&hub, &name)?;
     if hub.control.manual(&name).is_none() {
         return Err(ApiError::new(
@@ -555,55 +692,72 @@ async fn clear_demand(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RandomBody {
-    delta: Option<u32>,
-    interval_ms: Option<u64>,
+    delta: Option<serde_json::Number>,
+    interval_ms: Option<serde_json::Number>,
+}
+
+/// `field`'s value, a whole number within `range` (JSON Schema's integer: `8577.0` is one,
+/// `8577.5` is not), or a 422 that says so.
+fn whole(
+    field: &str,
+    value: Option<&serde_json::Number>,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, ApiError> {
+    let Some(n) = value else {
+        return Ok(None);
+    };
+    let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let v = match n.as_u64() {
+        Some(v) => v as f64,
+        None => n.as_f64().unwrap_or(f64::NAN),
+    };
+    if v.fract() != 0.0 || !v.is_finite() {
+        return Err(unprocessable(format!(
+            "{field} must be a whole number, got {n}"
+        )));
+    }
+    if v < *range.start() as f64 || v > *range.end() as f64 {
+        return Err(unprocessable(format!(
+            "{field} must be between {} and {}, got {n}",
+            range.start(),
+            range.end()
+        )));
+    }
+    Ok(Some(v as u64))
 }
 
 async fn set_random(
     State(hub): State<Arc<Hub>>,
-    Path(name): Path<String>,
-    body: Result<Json<RandomBody>, JsonRejection>,
+    Name(name): Name,
+    body: Result<Body<RandomBody>, ApiError>,
 ) -> ApiResult {
     let svc = known(&hub, &name)?;
-    let Json(body) = body?;
+    let Body(body) = body?;
     let Some(current) = hub.control.random(&name) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("{name:?} has no random trigger"),
         ));
     };
+    let delta = whole("delta", body.delta.as_ref(), 0..=1000)?;
+    let interval_ms = whole("interval_ms", body.interval_ms.as_ref(), 100..=3_600_000)?;
     let new = RandomState {
-        delta: body.delta.unwrap_or(current.delta),
-        interval_ms: body.interval_ms.unwrap_or(current.interval_ms),
+        delta: delta.map_or(current.delta, |d| d as u32),
+        interval_ms: interval_ms.unwrap_or(current.interval_ms),
     };
-    if new.delta > 1000 {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("delta must be between 0 and 1000, got {}", new.delta),
-        ));
-    }
-    if !(100..=3_600_000).contains(&new.interval_ms) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "interval_ms must be between 100 and 3600000, got {}",
-                new.interval_ms
-            ),
-        ));
-    }
     hub.control
         .set_random(&name, new)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     Ok(Json(service_json(&hub, svc)).into_response())
 }
 
-async fn pause(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+async fn pause(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
     let svc = known(&hub, &name)?;
     hub.control.set_paused(&name, true);
     Ok(Json(service_json(&hub, svc)).into_response())
 }
 
-async fn resume(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> ApiResult {
+async fn resume(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
     let svc = known(&hub, &name)?;
     hub.control.set_paused(&name, false);
     Ok(Json(service_json(&hub, svc)).into_response())

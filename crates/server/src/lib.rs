@@ -6,17 +6,21 @@
 //! Requests that change something go through the [`Control`] trait, which the binary implements
 //! on top of the loop's thread-safe handles.
 //!
-//! Security: mutating routes need `Authorization: Bearer <token>`, and are refused (403) when
-//! the server has no token. Read-only routes answer without a token only to loopback clients,
-//! unless [`ServerOptions::open_read`] is set. No CORS headers are sent, so other origins'
-//! pages cannot read the API. Request bodies are limited to [`BODY_LIMIT`] bytes.
+//! Security: mutating routes need `Authorization: Bearer <token>` (the scheme in any case),
+//! and are refused (403) when the server has no token. Read-only routes answer without a token
+//! only loopback clients whose `Host` is a loopback name or one of
+//! [`ServerOptions::allowed_hosts`] (against DNS rebinding), unless [`ServerOptions::open_read`]
+//! is set. No CORS headers are sent, so other origins' pages cannot read the API. Request bodies
+//! are limited to [`BODY_LIMIT`] bytes; a request's head and body must arrive within
+//! [`ServerOptions::read_timeout`] (slowloris). Every error, the HTTP layer's own included
+//! (400, 414, 431), is `{"error": message}` with the security headers.
 #![deny(missing_docs)]
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 pub mod api;
+mod conn;
 pub mod metrics;
 pub mod model;
 pub mod store;
@@ -58,14 +62,36 @@ pub trait Control: Send + Sync + 'static {
     fn set_paused(&self, service: &str, paused: bool);
 }
 
-/// How the server guards its routes.
-#[derive(Debug, Clone, Default)]
+/// How the server guards its routes and its connections.
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Bearer token for mutating routes (and for read-only routes from non-loopback clients).
     /// `None`: mutating routes are refused.
     pub token: Option<String>,
     /// Let any client read without a token (default: only loopback clients).
     pub open_read: bool,
+    /// Host names (without port) that token-less reads may name in their `Host` besides the
+    /// loopback ones (`localhost`, `127.0.0.1`, `[::1]`), e.g. the name a reverse proxy on the
+    /// same machine forwards. Any other `Host` needs the token, so that a page whose name
+    /// was rebound to 127.0.0.1 (DNS rebinding) cannot read the state.
+    pub allowed_hosts: Vec<String>,
+    /// How long a client has to send a request's head (and, between requests, how long an
+    /// idle connection stays open), and then its body. Default [`READ_TIMEOUT`].
+    pub read_timeout: Duration,
+}
+
+/// The default [`ServerOptions::read_timeout`].
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            token: None,
+            open_read: false,
+            allowed_hosts: Vec::new(),
+            read_timeout: READ_TIMEOUT,
+        }
+    }
 }
 
 /// The shared state of the server: what the loop recorded, and how to reach the loop.
@@ -147,7 +173,10 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Serves `hub` on `listener` until `shutdown` resolves.
+/// Serves `hub` on `listener` until `shutdown` resolves, then waits for the connections to
+/// end (live streams end with [`Hub::close`]). Each connection has
+/// [`ServerOptions::read_timeout`] to send a request's head, and then its body; an idle one is
+/// closed after it too.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
@@ -155,11 +184,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(hub.clone());
     let mut closing = hub.closing.subscribe();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let timeout = hub.options.read_timeout;
+    conn::serve(listener, app, timeout, async move {
         tokio::select! {
             _ = shutdown => {},
             _ = closing.wait_for(|c| *c) => {},

@@ -86,6 +86,60 @@ fn open(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     Ok(c)
 }
 
+/// Makes the database readable by its owner only (0600), as a new file and as one an older
+/// version created world-readable; SQLite gives its `-wal` and `-shm` files the database's mode.
+/// The history holds the services' names, demand and decisions, which the API shows only to
+/// loopback clients or with the token.
+fn private(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                for p in [
+                    path.to_path_buf(),
+                    sidecar(path, "-wal"),
+                    sidecar(path, "-shm"),
+                ] {
+                    let Ok(meta) = std::fs::metadata(&p) else {
+                        continue;
+                    };
+                    if meta.permissions().mode() & 0o077 != 0 {
+                        if let Err(e) =
+                            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                        {
+                            tracing::warn!(
+                                "history {}: readable by others and cannot be made private: {e}",
+                                p.display()
+                            );
+                        }
+                    }
+                }
+            }
+            Err(source) => {
+                return Err(StoreError::Dir {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 impl Store {
     /// Opens (or creates) the database at `path`, keeping `retention` of history.
     pub fn open(path: &Path, retention: Duration) -> Result<Store, StoreError> {
@@ -95,6 +149,7 @@ impl Store {
                 source,
             })?;
         }
+        private(path)?;
         let w = open(path, OpenFlags::default())?;
         w.execute_batch(SCHEMA)
             .map_err(|source| StoreError::Sqlite {

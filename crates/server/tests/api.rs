@@ -99,6 +99,14 @@ struct Fixture {
 }
 
 fn fixture(token: Option<&str>, open_read: bool) -> Fixture {
+    fixture_with(ServerOptions {
+        token: token.map(str::to_string),
+        open_read,
+        ..ServerOptions::default()
+    })
+}
+
+fn fixture_with(options: ServerOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("h.sqlite"), Duration::from_secs(24 * 3600)).unwrap();
     let control = Arc::new(FakeControl::default());
@@ -110,15 +118,7 @@ fn fixture(token: Option<&str>, open_read: bool) -> Fixture {
             interval_ms: 3000,
         },
     );
-    let hub = Hub::new(
-        setup(),
-        ServerOptions {
-            token: token.map(str::to_string),
-            open_read,
-        },
-        control.clone(),
-        store,
-    );
+    let hub = Hub::new(setup(), options, control.clone(), store);
     Fixture {
         hub,
         control,
@@ -184,8 +184,20 @@ fn decision(ts: i64, service: &str, bound: &str) -> Decision {
 const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 40000);
 const REMOTE: ([u8; 4], u16) = ([10, 1, 2, 3], 40000);
 
+/// The router as a client at `peer` reaches it: through `http://127.0.0.1:8080/` unless the
+/// request names another `Host`.
 fn app(hub: &Arc<Hub>, peer: ([u8; 4], u16)) -> Router {
-    router(hub.clone()).layer(MockConnectInfo(SocketAddr::from(peer)))
+    router(hub.clone())
+        .layer(MockConnectInfo(SocketAddr::from(peer)))
+        .layer(axum::middleware::map_request(
+            |mut req: Request<Body>| async move {
+                if !req.headers().contains_key("host") {
+                    req.headers_mut()
+                        .insert("host", "127.0.0.1:8080".parse().unwrap());
+                }
+                req
+            },
+        ))
 }
 
 struct Answer {
@@ -225,15 +237,7 @@ async fn call(
         None => req.body(Body::empty()),
     }
     .unwrap();
-    let res = app.oneshot(req).await.unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&bytes).into_owned(),
-    }
+    send(app, req).await
 }
 
 async fn get(f: &Fixture, uri: &str) -> Answer {
@@ -938,6 +942,15 @@ async fn through_a_real_socket() {
         "GET /api/v1/status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".into(),
     )
     .await;
+    assert!(
+        res.starts_with("HTTP/1.1 401"),
+        "a Host that is not loopback: {res}"
+    );
+    let res = raw(
+        addr,
+        "GET /api/v1/status HTTP/1.1\r\nhost: localhost:8080\r\nconnection: close\r\n\r\n".into(),
+    )
+    .await;
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     assert!(res.contains("\"instance\":\"t\""));
     let body = r#"{"value": 6}"#;
@@ -983,4 +996,483 @@ async fn probes_need_no_token_and_readiness_follows_the_ticks() {
     );
     f.hub.record(tick(now_ms(), 4.0, 4, 5, vec![]));
     assert_eq!(probe("/readyz").await, StatusCode::OK);
+}
+
+/// A request as built, sent to `app`.
+async fn send(app: Router, req: Request<Body>) -> Answer {
+    let res = app.oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// DNS rebinding: a page of `evil.example` whose name now resolves to 127.0.0.1 reaches the
+/// server from a loopback peer, but names its own host: without the token it reads nothing.
+#[tokio::test]
+async fn token_less_reads_need_a_loopback_host() {
+    let f = fixture(Some(TOKEN), false);
+    let read = |hub: Arc<Hub>,
+                uri: &'static str,
+                host: Option<&'static str>,
+                auth: Option<&'static str>| {
+        let mut req = Request::get(uri);
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let req = req.body(Body::empty()).unwrap();
+        async move {
+            // No default Host here: the request's own, or none.
+            send(
+                router(hub).layer(MockConnectInfo(SocketAddr::from(LOOPBACK))),
+                req,
+            )
+            .await
+        }
+    };
+    for host in [
+        "localhost:8080",
+        "LocalHost",
+        "127.0.0.1:8080",
+        "127.0.0.1",
+        "[::1]:8080",
+        "localhost.",
+    ] {
+        let a = read(f.hub.clone(), "/api/v1/status", Some(host), None).await;
+        assert_eq!(a.status, StatusCode::OK, "Host {host}: {}", a.body);
+    }
+    for path in [
+        "/api/v1/status",
+        "/api/v1/services",
+        "/api/v1/history",
+        "/api/v1/stream",
+        "/metrics",
+    ] {
+        for host in [
+            Some("evil.example:8080"),
+            Some("evil.example"),
+            Some("localhost.evil.example"),
+            Some("127.0.0.1.evil.example"),
+            None,
+        ] {
+            let a = read(f.hub.clone(), path, host, None).await;
+            assert_eq!(
+                a.status,
+                StatusCode::UNAUTHORIZED,
+                "{path} with Host {host:?}"
+            );
+            assert!(a.error().contains("Host"), "{}", a.body);
+        }
+    }
+    // An absolute URI names the host too, whatever the Host header says.
+    let a = read(
+        f.hub.clone(),
+        "http://evil.example/api/v1/status",
+        Some("localhost"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    // The token is enough from any Host, in the header or the query.
+    let bearer = Box::leak(format!("Bearer {TOKEN}").into_boxed_str());
+    let a = read(
+        f.hub.clone(),
+        "/api/v1/status",
+        Some("evil.example"),
+        Some(bearer),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let uri = Box::leak(format!("/api/v1/status?access_token={TOKEN}").into_boxed_str());
+    let a = read(f.hub.clone(), uri, Some("evil.example"), None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    // The page itself holds no data.
+    let a = read(f.hub.clone(), "/", Some("evil.example"), None).await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    // A configured name (a reverse proxy's on the same machine), any case and port.
+    let named = fixture_with(ServerOptions {
+        token: Some(TOKEN.into()),
+        allowed_hosts: vec!["scaler.internal".into()],
+        ..ServerOptions::default()
+    });
+    let a = read(
+        named.hub.clone(),
+        "/api/v1/status",
+        Some("Scaler.Internal:443"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = read(
+        named.hub.clone(),
+        "/api/v1/status",
+        Some("other.internal"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    // open_read opens reads to anyone, whatever the Host.
+    let open = fixture(Some(TOKEN), true);
+    let a = read(
+        open.hub.clone(),
+        "/api/v1/status",
+        Some("evil.example"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+/// RFC 7235: the scheme of `Authorization` is case-insensitive.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let f = fixture(Some(TOKEN), false);
+    let pause = |auth: String| {
+        let req = Request::post("/api/v1/services/web/pause")
+            .header("authorization", auth)
+            .body(Body::empty())
+            .unwrap();
+        send(app(&f.hub, LOOPBACK), req)
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let a = pause(format!("{scheme} {TOKEN}")).await;
+        assert_eq!(a.status, StatusCode::OK, "{scheme}: {}", a.body);
+    }
+    for bad in [
+        format!("Basic {TOKEN}"),
+        format!("Bearer{TOKEN}"),
+        format!("bearer  {TOKEN}x"),
+        TOKEN.to_string(),
+    ] {
+        let a = pause(bad.clone()).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{bad}");
+    }
+}
+
+/// `to=0` is a valid range end (nothing before it), not the client's error.
+#[tokio::test]
+async fn a_range_may_end_at_zero() {
+    let f = fixture(Some(TOKEN), false);
+    for (path, list) in [("history", "points"), ("decisions", "decisions")] {
+        let a = get(&f, &format!("/api/v1/{path}?to=0")).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.body);
+        let v = a.json();
+        assert_eq!((v["from"].as_i64(), v["to"].as_i64()), (Some(0), Some(0)));
+        assert_eq!(v[list], json!([]));
+        let a = get(&f, &format!("/api/v1/{path}?from=0&to=0")).await;
+        assert_eq!(a.status, StatusCode::OK);
+        for bad in ["to=-1", "from=-1&to=0", &format!("to={}", i64::MIN)] {
+            let a = get(&f, &format!("/api/v1/{path}?{bad}")).await;
+            assert_eq!(a.status, StatusCode::BAD_REQUEST, "{path}?{bad}");
+            assert!(a.error().contains(">= 0"), "{}", a.body);
+        }
+    }
+}
+
+/// JSON Schema's integers include `8577.0`; `8577.5` is refused and said why.
+#[tokio::test]
+async fn integral_floats_are_integers() {
+    let f = fixture(Some(TOKEN), false);
+    let put = |body: &'static str| {
+        call(
+            app(&f.hub, LOOPBACK),
+            Method::PUT,
+            "/api/v1/services/web/random",
+            Some(TOKEN),
+            Some(body),
+        )
+    };
+    let a = put(r#"{"delta": 2.0, "interval_ms": 8577.0}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.json()["random"], json!({"delta": 2, "interval_ms": 8577}));
+    let a = put(r#"{"interval_ms": 1e4}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.json()["random"]["interval_ms"], 10000);
+    for (body, message) in [
+        (
+            r#"{"interval_ms": 8577.5}"#,
+            "interval_ms must be a whole number, got 8577.5",
+        ),
+        (r#"{"delta": 0.5}"#, "delta must be a whole number, got 0.5"),
+        (
+            r#"{"delta": -1.0}"#,
+            "delta must be between 0 and 1000, got -1.0",
+        ),
+        (
+            r#"{"interval_ms": 1e300}"#,
+            "interval_ms must be between 100 and 3600000, got 1e+300",
+        ),
+    ] {
+        let a = put(body).await;
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            a.body
+        );
+        assert_eq!(a.error(), message);
+    }
+    assert_eq!(
+        f.control.random("web"),
+        Some(RandomState {
+            delta: 2,
+            interval_ms: 10000
+        })
+    );
+}
+
+/// A body must be a JSON object: serde would read `[5]` as `{"value": 5}`.
+#[tokio::test]
+async fn bodies_must_be_json_objects() {
+    let f = fixture(Some(TOKEN), false);
+    for (uri, body, kind) in [
+        ("/api/v1/services/web/demand", "[5]", "an array"),
+        ("/api/v1/services/web/demand", "5", "a number"),
+        ("/api/v1/services/web/demand", "null", "null"),
+        ("/api/v1/services/web/random", "[2, 3000]", "an array"),
+        ("/api/v1/services/web/random", r#""x""#, "a string"),
+    ] {
+        let a = call(
+            app(&f.hub, LOOPBACK),
+            Method::PUT,
+            uri,
+            Some(TOKEN),
+            Some(body),
+        )
+        .await;
+        assert_eq!(
+            a.status,
+            StatusCode::BAD_REQUEST,
+            "{uri} {body}: {}",
+            a.body
+        );
+        assert_eq!(
+            a.error(),
+            format!("the body must be a JSON object, got {kind}")
+        );
+    }
+    assert_eq!(f.control.manual("web"), Some(0.0));
+    assert_eq!(f.control.random("web").unwrap().interval_ms, 3000);
+}
+
+/// A path that is not UTF-8 once decoded is a JSON 400 with the security headers.
+#[tokio::test]
+async fn a_path_that_is_not_utf8_is_a_json_error() {
+    let f = fixture(Some(TOKEN), false);
+    for (method, uri) in [
+        (Method::POST, "/api/v1/services/%FF/pause"),
+        (Method::PUT, "/api/v1/services/%C3%28/demand"),
+    ] {
+        let a = call(app(&f.hub, LOOPBACK), method, uri, Some(TOKEN), Some("{}")).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{uri}: {}", a.body);
+        assert!(a.error().starts_with("invalid path"), "{}", a.body);
+        assert_eq!(a.headers["x-content-type-options"], "nosniff");
+    }
+    // Documented for every route with a name.
+    let doc: Value = serde_json::from_str(microscaler_server::api::OPENAPI).unwrap();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if path.contains("{name}") {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(op["responses"].get("400").is_some(), "{method} {path}");
+            }
+        }
+    }
+}
+
+/// A server on a socket with `read_timeout`; stops when the returned sender is dropped.
+async fn listening(
+    read_timeout: Duration,
+) -> (Fixture, SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let f = fixture_with(ServerOptions {
+        token: Some(TOKEN.into()),
+        read_timeout,
+        ..ServerOptions::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(microscaler_server::serve(listener, f.hub.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    (f, addr, stop_tx)
+}
+
+/// Sends `request` and reads the answer until the server closes the connection.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What hyper answers before any route (a URI too long, too many headers, a path of raw
+/// non-ASCII bytes) has the API's JSON error and security headers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_layers_own_errors_are_json_with_the_security_headers() {
+    let (_f, addr, _stop) = listening(Duration::from_secs(10)).await;
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nhost: localhost\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many = format!("GET /healthz HTTP/1.1\r\nhost: localhost\r\n{many}\r\n");
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-big: {}\r\n\r\n",
+        "b".repeat(500_000)
+    );
+    let mut raw =
+        b"GET /api/v1/services/\xff\xfe/pause HTTP/1.1\r\nhost: localhost\r\n\r\n".to_vec();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (long.into_bytes(), "414"),
+        (many.into_bytes(), "431"),
+        (huge.into_bytes(), "431"),
+        (std::mem::take(&mut raw), "400"),
+        (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), "400"),
+    ];
+    for (request, status) in cases {
+        let res = exchange(addr, &request).await;
+        let head = res.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(
+            res.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{status}: {res}"
+        );
+        for h in [
+            "x-content-type-options: nosniff",
+            "x-frame-options: deny",
+            "content-type: application/json",
+            "content-security-policy: ",
+        ] {
+            assert!(head.contains(h), "{status}: no {h}: {res}");
+        }
+        let body: Value = serde_json::from_str(res.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert!(!body["error"].as_str().unwrap().is_empty(), "{res}");
+    }
+    // And the server still answers.
+    let res = exchange(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+}
+
+/// Slowloris: clients that send their head a byte at a time, keep an idle connection open or
+/// send their body slowly are cut off after the read timeout (here 300 ms), while they keep
+/// sending; bounds are generous, the test asserts that they are closed, not how fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (f, addr, _stop) = listening(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    // Dripping heads: 20 connections, one byte every 50 ms, a head that never ends.
+    let drips = (0..20).map(|_| {
+        tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nx-slow: ";
+            let mut sent = 0usize;
+            let mut buf = [0u8; 256];
+            loop {
+                let byte = head.get(sent).copied().unwrap_or(b'a');
+                if s.write_all(&[byte]).await.is_err() {
+                    return sent; // reset by the server
+                }
+                sent += 1;
+                match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return sent, // closed by the server
+                    Ok(Ok(n)) => panic!("an answer to an unfinished head: {:?}", &buf[..n]),
+                    Err(_) => {}
+                }
+                assert!(sent < 400, "still open after 20 s of dripping");
+            }
+        })
+    });
+    for d in drips {
+        let sent = d.await.unwrap();
+        assert!(
+            sent > 1,
+            "closed before the client sent anything much: {sent}"
+        );
+    }
+    // Idle keep-alive: one request answered, then nothing sent: the server closes.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "an idle connection stays open");
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    // A slow body: 408 in JSON, and closed.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("PUT /api/v1/services/web/demand HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n{{").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let answered = async {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {
+                    let _ = s.write_all(b" ").await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), answered)
+        .await
+        .expect("a slow body is cut off");
+    let res = String::from_utf8_lossy(&out);
+    assert!(res.starts_with("HTTP/1.1 408"), "{res}");
+    assert!(
+        res.contains("\"error\":\"the request body did not arrive within"),
+        "{res}"
+    );
+    assert_eq!(f.control.manual("web"), Some(0.0));
+    // A client at normal speed is served.
+    let res = exchange(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// The history is readable by its owner only: a new file, and one an older version created
+/// world-readable.
+#[cfg(unix)]
+#[test]
+fn the_history_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let path = dir.path().join("h.sqlite");
+    let store = Store::open(&path, Duration::from_secs(3600)).unwrap();
+    store.record(&tick(now_ms(), 1.0, 1, 8, vec![]));
+    store.flush();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = dir.path().join(format!("h.sqlite{suffix}"));
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    store.close();
+    let old = dir.path().join("old.sqlite");
+    drop(Store::open(&old, Duration::from_secs(3600)).unwrap());
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(&old, Duration::from_secs(3600)).unwrap();
+    assert_eq!(mode(&old), 0o600);
 }
