@@ -1,0 +1,312 @@
+//! Faults on the real Docker engine (issue 14): `microscaler run` killed with SIGKILL at
+//! random moments while it scales, 20 times in a row, each time restarted with another demand.
+//! After every restart: within its first two ticks microscaler has asked for everything the
+//! half-done change the killed daemon left needs (no later tick acts again, none reports an
+//! error), then every service runs its target with nothing pending (as fast as the engine
+//! starts containers: a loaded machine's engine is not held to a tick), every container of the
+//! instance is running (no orphan left created or exited, no duplicate: the containers are
+//! exactly the targets), and, sampled every 50 ms from the engine through the whole test,
+//! never more replicas run than the capacity. The moments and demands come from a seeded
+//! generator; the seed is printed (set `FAULT_SEED` to replay one).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use microscaler_testkit::{missing_service, unique};
+use serde_json::Value;
+
+const CAPACITY: u32 = 6;
+const TOKEN: &str = "fault-token-0123456789";
+const RESTARTS: u32 = 20;
+
+/// `(service, state)` of every container of `instance`.
+fn containers(instance: &str) -> Vec<(String, String)> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.microscaler.instance={instance}"),
+            "--format",
+            "{{.Label \"io.microscaler.service\"}} {{.State}}",
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(s, st)| (s.to_string(), st.to_string()))
+        .collect()
+}
+
+/// Removes the instance's containers when dropped.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=io.microscaler.instance={}", self.0),
+            ])
+            .output();
+        if let Ok(out) = out {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
+    }
+}
+
+/// A small seeded generator (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+/// A running daemon and its tick lines.
+struct Daemon {
+    child: Child,
+    ticks: mpsc::Receiver<Value>,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, state: &std::path::Path, demand: u64) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
+            .args(["run", "--json", "-c"])
+            .arg(config)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--set-demand", &format!("web={demand}")])
+            .env("MICROSCALER_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start microscaler run");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, ticks) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Daemon { child, ticks }
+    }
+
+    /// The next tick line.
+    fn tick(&self) -> Value {
+        self.ticks
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a tick line within 30 s")
+    }
+
+    fn kill(mut self) {
+        // SAFETY: kill(2) on the pid of a child we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each service's (target, running, pending) in a tick line.
+fn services(tick: &Value) -> Vec<(String, u64, u64, u64)> {
+    tick["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let n = |k: &str| s[k].as_u64().unwrap_or(0);
+            (
+                s["name"].as_str().unwrap_or("").to_string(),
+                n("target"),
+                n("running"),
+                n("pending"),
+            )
+        })
+        .collect()
+}
+
+fn set_demand(port: u16, value: u64) {
+    let body = format!("{{\"value\": {value}}}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the API");
+    write!(
+        s,
+        "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
+    match Command::new("docker").arg("info").output() {
+        Ok(o) if o.status.success() => {}
+        other => {
+            missing_service("the Docker engine", format!("docker info: {other:?}"));
+            return;
+        }
+    }
+    let seed = std::env::var("FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("FAULT_SEED={seed}");
+    let mut rng = Rng(seed);
+    let instance = unique("fault");
+    let _cleanup = Cleanup(instance.clone());
+    let dir = tempfile::tempdir().expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let config = dir.path().join("faults.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            instance = "{instance}"
+            tick = "1s"
+            on_exit = "leave"
+            [capacity]
+            slots = {CAPACITY}
+            [backend]
+            type = "docker"
+            [server]
+            listen = "127.0.0.1:{port}"
+            [[services]]
+            name = "web"
+            priority = 1
+            stop_grace = "1s"
+            [[services.triggers]]
+            type = "manual"
+            initial = 0
+            [[services]]
+            name = "batch"
+            priority = 2
+            remainder = true
+            stop_grace = "1s"
+            "#
+        ),
+    )
+    .expect("write the configuration");
+    let state = dir.path().join("state");
+
+    // Never more running than the capacity, whatever happens, as the engine sees it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicU32::new(0));
+    let sampler = {
+        let (stop, most, instance) = (stop.clone(), most.clone(), instance.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let running = containers(&instance)
+                    .iter()
+                    .filter(|c| c.1 == "running")
+                    .count() as u32;
+                most.fetch_max(running, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    for restart in 0..=RESTARTS {
+        let demand = rng.below(u64::from(CAPACITY) + 1);
+        let daemon = Daemon::start(&config, &state, demand);
+        // Within two ticks of the restart microscaler has asked for all it takes: no tick after
+        // the second acts again (no correction, no duplicate), none reports an error, and the
+        // targets then run with nothing pending (as soon as the engine has started them).
+        let mut lines: Vec<Value> = Vec::new();
+        let settled = loop {
+            let line = daemon.tick();
+            let now = services(&line);
+            lines.push(line);
+            if now
+                .iter()
+                .all(|(_, target, running, pending)| running == target && *pending == 0)
+            {
+                break now;
+            }
+            assert!(
+                lines.len() < 30,
+                "restart {restart} (seed {seed}): not settled in 30 ticks: {lines:?}"
+            );
+        };
+        for (i, line) in lines.iter().enumerate() {
+            let acted = line["actions"].as_array().is_some_and(|a| !a.is_empty());
+            assert!(
+                i < 2 || !acted,
+                "restart {restart} (seed {seed}): tick {i} acted again: {lines:?}"
+            );
+            assert!(
+                line["errors"].as_array().is_none_or(|e| e.is_empty()),
+                "restart {restart} (seed {seed}): tick {i} had errors: {line}"
+            );
+        }
+        let web = settled.iter().find(|s| s.0 == "web").map_or(0, |s| s.1);
+        assert_eq!(web, demand, "restart {restart}: web's target is its demand");
+        // The engine agrees: exactly the targets run, nothing else is left.
+        let left = containers(&instance);
+        for (name, target, ..) in &settled {
+            let n = left.iter().filter(|c| &c.0 == name).count() as u64;
+            assert_eq!(
+                n, *target,
+                "restart {restart}: {name}'s containers: {left:?}"
+            );
+        }
+        assert!(
+            left.iter().all(|c| c.1 == "running"),
+            "restart {restart}: a container not running is left: {left:?}"
+        );
+        if restart == RESTARTS {
+            break;
+        }
+        // Another demand, and a kill at a random moment of the change.
+        let next = (demand + 1 + rng.below(u64::from(CAPACITY))) % (u64::from(CAPACITY) + 1);
+        set_demand(port, next);
+        std::thread::sleep(Duration::from_millis(rng.below(1200)));
+        daemon.kill();
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("the sampler");
+    let most = most.load(Ordering::Relaxed);
+    assert!(
+        most <= CAPACITY,
+        "{most} replicas ran at once, over the capacity of {CAPACITY} (seed {seed})"
+    );
+    eprintln!("{RESTARTS} kills while scaling; at most {most} replicas ran at once");
+}
