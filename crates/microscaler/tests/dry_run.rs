@@ -30,24 +30,6 @@ fn containers(instance: &str) -> Vec<String> {
     lines
 }
 
-/// Removes the instance's containers when the test ends, passed or not.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids: Vec<String> = containers(&self.0)
-            .iter()
-            .filter_map(|l| l.split(' ').next().map(str::to_string))
-            .collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .output();
-        }
-    }
-}
-
 fn run(config: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_microscaler"))
         .args(["run", "--listen", "off", "--log-level", "info", "--json"])
@@ -97,7 +79,7 @@ fn dry_run_on_docker_plans_and_changes_nothing() {
         }
     }
     let instance = unique("dry");
-    let _cleanup = Cleanup(instance.clone());
+    let _cleanup = microscaler_testkit::Leftovers::containers(&instance);
     let dir = tempfile::tempdir().expect("dir");
     let write = |on_exit: &str| {
         let path = dir.path().join(format!("{on_exit}.toml"));

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use microscaler_testkit::{missing_service, unique};
+use microscaler_testkit::{missing_service, unique, Leftovers};
 use serde_json::Value;
 
 const CAPACITY: u32 = 6;
@@ -40,34 +40,6 @@ fn containers(instance: &str) -> Vec<(String, String)> {
         .filter_map(|l| l.split_once(' '))
         .map(|(s, st)| (s.to_string(), st.to_string()))
         .collect()
-}
-
-/// Removes the instance's containers when dropped.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=io.microscaler.instance={}", self.0),
-            ])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
-    }
 }
 
 /// A small seeded generator (SplitMix64).
@@ -188,7 +160,7 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
     eprintln!("FAULT_SEED={seed}");
     let mut rng = Rng(seed);
     let instance = unique("fault");
-    let _cleanup = Cleanup(instance.clone());
+    let _cleanup = Leftovers::containers(&instance);
     let dir = tempfile::tempdir().expect("dir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("a port")

@@ -10,29 +10,13 @@ use std::time::{Duration, Instant};
 use microscaler::control::Controller;
 use microscaler::wiring::build_backend;
 use microscaler_backends::Config;
-use microscaler_testkit::{missing_service, unique};
+use microscaler_testkit::{instance_ids, missing_service, unique, Leftovers};
 
 const MIB: i64 = 1024 * 1024;
 
-/// The ids that `docker <list> --filter label=io.microscaler.instance=<instance>` prints.
-fn ids_of(list: &[&str], instance: &str) -> Vec<String> {
-    let filter = format!("label=io.microscaler.instance={instance}");
-    Command::new("docker")
-        .args(list)
-        .args(["--filter", &filter])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `(service, NanoCpus, Memory)` of every container of `instance` that is not gone.
 fn containers(instance: &str) -> Vec<(String, i64, i64)> {
-    let ids = ids_of(&["ps", "-aq"], instance);
+    let ids = instance_ids(&["ps", "-aq"], instance);
     if ids.is_empty() {
         return Vec::new();
     }
@@ -97,45 +81,10 @@ fn two_services(
     .expect("config")
 }
 
-/// Removes an instance's containers (`docker ps -aq`, `docker rm -f`) or Swarm services
-/// (`docker service ls -q`, `docker service rm`) when dropped.
-struct Cleanup {
-    instance: String,
-    list: &'static [&'static str],
-    remove: &'static [&'static str],
-}
-
-impl Cleanup {
-    fn containers(instance: &str) -> Cleanup {
-        Cleanup {
-            instance: instance.to_string(),
-            list: &["ps", "-aq"],
-            remove: &["rm", "-f"],
-        }
-    }
-
-    fn swarm_services(instance: &str) -> Cleanup {
-        Cleanup {
-            instance: instance.to_string(),
-            list: &["service", "ls", "-q"],
-            remove: &["service", "rm"],
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = ids_of(self.list, &self.instance);
-        if !ids.is_empty() {
-            let _ = Command::new("docker").args(self.remove).args(&ids).output();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
     let instance = unique("res");
-    let _cleanup = Cleanup::containers(&instance);
+    let _cleanup = Leftovers::containers(&instance);
     let cfg = two_services(
         &instance,
         "type = \"docker\"\nallocatable = { cpu = \"1\", memory = \"1Gi\" }",
@@ -239,7 +188,7 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
     };
     let eighth = nano / 8 / 1_000_000; // millicores
     let instance = unique("sres");
-    let _cleanup = Cleanup::swarm_services(&instance);
+    let _cleanup = Leftovers::swarm_services(&instance);
     let cfg = two_services(
         &instance,
         "type = \"swarm\"",

@@ -126,6 +126,64 @@ pub async fn wait_for<B: Backend>(
     }
 }
 
+/// The ids `docker <list> --filter label=io.microscaler.instance=<instance>` prints (through the
+/// docker CLI; none when it fails).
+pub fn instance_ids(list: &[&str], instance: &str) -> Vec<String> {
+    let filter = format!("label=io.microscaler.instance={instance}");
+    std::process::Command::new("docker")
+        .args(list)
+        .args(["--filter", &filter])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes an instance's containers ([`Leftovers::containers`]) or Swarm services
+/// ([`Leftovers::swarm_services`]) when dropped, so a test leaves nothing behind, passed or
+/// not.
+pub struct Leftovers {
+    instance: String,
+    list: &'static [&'static str],
+    remove: &'static [&'static str],
+}
+
+impl Leftovers {
+    /// The instance's containers (`docker ps -aq`, `docker rm -f`).
+    pub fn containers(instance: &str) -> Leftovers {
+        Leftovers {
+            instance: instance.to_string(),
+            list: &["ps", "-aq"],
+            remove: &["rm", "-f"],
+        }
+    }
+
+    /// The instance's Swarm services (`docker service ls -q`, `docker service rm`).
+    pub fn swarm_services(instance: &str) -> Leftovers {
+        Leftovers {
+            instance: instance.to_string(),
+            list: &["service", "ls", "-q"],
+            remove: &["service", "rm"],
+        }
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let ids = instance_ids(self.list, &self.instance);
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(self.remove)
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
 /// A start that must succeed when `fits`, and otherwise fail with an error that says every one
 /// of `says`.
 pub fn assert_start<E: std::fmt::Display>(result: Result<(), E>, fits: bool, says: &[&str]) {
