@@ -8,6 +8,8 @@
 //! exactly the targets), and, sampled every 50 ms from the engine through the whole test,
 //! never more replicas run than the capacity. The moments and demands come from a seeded
 //! generator; the seed is printed (set `FAULT_SEED` to replay one).
+//!
+//! And a demand source's server (a real redis-server) killed under a running control loop.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -281,4 +283,147 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
         "{most} replicas ran at once, over the capacity of {CAPACITY} (seed {seed})"
     );
     eprintln!("{RESTARTS} kills while scaling; at most {most} replicas ran at once");
+}
+
+/// A private redis-server on `port` (no persistence), killed when dropped.
+struct Redis(Child);
+
+impl Redis {
+    fn start(port: u16) -> Option<Redis> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(r);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// `RPUSH jobs` `n` items, through redis-cli.
+    fn push(port: u16, n: u32) {
+        let items: Vec<String> = (0..n).map(|i| format!("job-{i}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "RPUSH", "jobs"])
+            .args(&items)
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A demand source's server killed (issue 14): a worker pool scaled on the length of a Redis
+/// list (a private redis-server, local processes as replicas). With the server gone, every tick
+/// reports the trigger failing and the service is never scaled down (it holds its 3 replicas,
+/// though the list it was reading is gone with the server); the server back with 1 item, the
+/// service follows it on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sources_server_killed_holds_its_service_until_it_is_back() {
+    use microscaler::control::{Controller, TickError};
+    use microscaler::wiring::build_backend;
+    use microscaler_backends::Config;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let Some(redis) = Redis::start(port) else {
+        missing_service(
+            "redis-server (Debian's redis-server package)",
+            "it did not start",
+        );
+        return;
+    };
+    Redis::push(port, 3);
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "200ms"
+        on_exit = "stop"
+        [capacity]
+        slots = 8
+        [backend]
+        type = "process"
+        [[services]]
+        name = "worker"
+        priority = 1
+        [[services.triggers]]
+        name = "queue"
+        type = "redis_list"
+        url = "redis://127.0.0.1:{port}"
+        key = "jobs"
+        timeout = "200ms"
+        "#,
+        instance = unique("srcfault"),
+    ))
+    .expect("config");
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let settle = async |ctl: &mut Controller<_>, want: u32| {
+        for _ in 0..100 {
+            let r = ctl.tick().await;
+            if r.observed_of("worker").running == want && ctl.in_flight() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("worker never ran {want}");
+    };
+    settle(&mut ctl, 3).await;
+
+    redis.kill();
+    for i in 0..15 {
+        let r = ctl.tick().await;
+        assert!(
+            r.errors
+                .iter()
+                .any(|e| matches!(e, TickError::Sample { trigger, .. } if &**trigger == "queue")),
+            "tick {i} without its server: the trigger is reported failing: {:?}",
+            r.errors
+        );
+        assert_eq!(
+            r.target_of("worker"),
+            Some(3),
+            "tick {i}: never scaled down while missing"
+        );
+        assert_eq!(r.observed_of("worker").running, 3, "tick {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let _redis = Redis::start(port).expect("redis-server again on its port");
+    Redis::push(port, 1);
+    settle(&mut ctl, 1).await;
+    let r = ctl.tick().await;
+    assert!(r.errors.is_empty(), "recovered on its own: {:?}", r.errors);
+    ctl.shutdown().await.expect("shutdown");
 }
