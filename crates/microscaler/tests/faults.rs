@@ -9,7 +9,8 @@
 //! never more replicas run than the capacity. The moments and demands come from a seeded
 //! generator; the seed is printed (set `FAULT_SEED` to replay one).
 //!
-//! And a demand source's server (a real redis-server) killed under a running control loop.
+//! And, under a running control loop: a demand source's server (a real redis-server) killed,
+//! and the Docker engine (a private dockerd) stopped and started while it scales.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -426,4 +427,210 @@ async fn a_sources_server_killed_holds_its_service_until_it_is_back() {
     let r = ctl.tick().await;
     assert!(r.errors.is_empty(), "recovered on its own: {:?}", r.errors);
     ctl.shutdown().await.expect("shutdown");
+}
+
+/// A private Docker engine (its own socket, data and exec roots, and containerd; no bridge, no
+/// iptables), so a test can stop and start it without touching the engine the other tests use.
+struct PrivateEngine {
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateEngine {
+    fn socket(&self) -> String {
+        format!("unix://{}/docker.sock", self.dir.display())
+    }
+
+    fn start(dir: &std::path::Path) -> Result<PrivateEngine, String> {
+        let mut e = PrivateEngine {
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        e.up()?;
+        Ok(e)
+    }
+
+    fn up(&mut self) -> Result<(), String> {
+        let d = &self.dir;
+        let log = std::fs::File::create(d.join("dockerd.log")).map_err(|e| e.to_string())?;
+        let child = Command::new("dockerd")
+            .arg("--host")
+            .arg(self.socket())
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .args(["--bridge", "none", "--iptables=false", "--ip6tables=false"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("dockerd: {e}"))?;
+        self.child = Some(child);
+        for _ in 0..300 {
+            let ok = Command::new("docker")
+                .args(["-H", &self.socket(), "version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "a private dockerd did not answer within 30 s (as root?): {}",
+            std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+        ))
+    }
+
+    /// Stops the engine as `systemctl stop docker` does (SIGTERM, then its containers stop).
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of a child we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// `(service, state)` of every container of `instance` on this engine.
+    fn containers(&self, instance: &str) -> Vec<(String, String)> {
+        let out = Command::new("docker")
+            .args(["-H", &self.socket(), "ps", "-a", "--filter"])
+            .arg(format!("label=io.microscaler.instance={instance}"))
+            .args([
+                "--format",
+                "{{.Label \"io.microscaler.service\"}} {{.State}}",
+            ])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(s, st)| (s.to_string(), st.to_string()))
+            .collect()
+    }
+}
+
+impl Drop for PrivateEngine {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args(["-H", &self.socket(), "ps", "-aq"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["-H", &self.socket(), "rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        self.down();
+    }
+}
+
+/// The Docker engine stopped and started while microscaler scales (a private dockerd, so the
+/// other tests keep theirs): while it is away every tick reports the observation failing and
+/// is skipped (nothing decided on stale data, nothing dispatched); its containers stop with it;
+/// once it is back the loop recovers on its own: the stopped containers are replaced, each
+/// service runs its target, and nothing is left behind (every container of the instance runs,
+/// as many as the targets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_stopped_and_started_while_scaling() {
+    use microscaler::control::{Controller, TickError};
+    use microscaler::wiring::build_backend;
+    use microscaler_backends::Config;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut engine = match PrivateEngine::start(dir.path()) {
+        Ok(e) => e,
+        Err(e) => {
+            missing_service("a private dockerd (Debian's docker.io, run as root)", e);
+            return;
+        }
+    };
+    let instance = unique("engfault");
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "200ms"
+        on_exit = "stop"
+        [capacity]
+        slots = 6
+        [backend]
+        type = "docker"
+        host = "{socket}"
+        [[services]]
+        name = "web"
+        priority = 1
+        stop_grace = "1s"
+        [[services.triggers]]
+        type = "manual"
+        initial = 2
+        [[services]]
+        name = "batch"
+        priority = 2
+        remainder = true
+        stop_grace = "1s"
+        "#,
+        socket = engine.socket(),
+    ))
+    .expect("config");
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let web = ctl.controls().manual_of("web").expect("web").clone();
+    let settle = async |ctl: &mut Controller<_>, want: (u32, u32), what: &str| {
+        for _ in 0..300 {
+            let r = ctl.tick().await;
+            let have = (r.observed_of("web").running, r.observed_of("batch").running);
+            if have == want && ctl.in_flight() == 0 && r.errors.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{what}: never settled at {want:?}");
+    };
+    settle(&mut ctl, (2, 4), "before").await;
+
+    // Demand rises, the change starts, and the engine goes away under it.
+    web.set(5.0).expect("set demand");
+    let r = ctl.tick().await;
+    assert_eq!(r.target_of("web"), Some(5));
+    engine.down();
+    for i in 0..5 {
+        let r = ctl.tick().await;
+        assert!(
+            r.errors
+                .iter()
+                .any(|e| matches!(e, TickError::Observe { .. })),
+            "tick {i} without the engine reports the observation failing: {:?}",
+            r.errors
+        );
+        assert!(
+            r.plan.is_none(),
+            "tick {i} without the engine decides nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    engine.up().expect("the engine back");
+    settle(&mut ctl, (5, 1), "after the engine came back").await;
+    let left = engine.containers(&instance);
+    assert_eq!(left.len(), 6, "as many containers as the targets: {left:?}");
+    assert!(
+        left.iter().all(|c| c.1 == "running"),
+        "nothing left behind: {left:?}"
+    );
+    ctl.shutdown().await.expect("shutdown");
+    assert!(
+        engine.containers(&instance).is_empty(),
+        "on_exit = \"stop\" removed them"
+    );
 }
