@@ -326,6 +326,7 @@ pub(crate) mod tests {
             ("type = \"process\"", ""),
             ("type = \"kubernetes\"", "image = \"i\""),
             ("type = \"nomad\"\nmhz_per_cpu = 2400", "image = \"i\""),
+            ("type = \"ecs\"", "image = \"i\""),
         ] {
             let c = with(backend, service);
             assert!(c.is_ok(), "{backend}: {:?}", c.err());

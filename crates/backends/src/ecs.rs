@@ -13,8 +13,17 @@
 //!   pending, the primary deployment's rollout state) and the cluster's container instances as
 //!   hosts (`ListContainerInstances` ACTIVE and DRAINING): an ACTIVE instance with its agent
 //!   connected is ready, a DRAINING one is not. `DescribeContainerInstances` (the agent's
-//!   connection, registered CPU and memory, kept on the host) runs in the background. ECS tasks are not listed (two more calls per tick): the per-host view has no
-//!   replicas on ECS.
+//!   connection, registered CPU and memory, kept on the host) runs in the background. With
+//!   capacity in slots ECS tasks are not listed (more calls per tick): the per-host view has
+//!   no replicas on ECS then.
+//! - Capacity in CPU and memory ([`EcsBackend::count_resources`], `[capacity] resources =
+//!   true`): each tick also describes every listed container instance (`remainingResources`
+//!   changes with each task placed or stopped) and lists the services' tasks (`ListTasks` per
+//!   service, desiredStatus RUNNING; `DescribeTasks` 100 at a time), which are the replicas on
+//!   their instances. A host's room is what remains on it plus what the services' own tasks
+//!   there reserve: its registered CPU and memory less what every other task reserves. Managed
+//!   task definitions reserve the services' `resources` (CPU units = millicores x 1024 / 1000,
+//!   rounded; MiB rounded up); a referenced service's task definition must reserve the same.
 //! - One-per-host services (seed 004): a `per_host` service that references a REPLICA service
 //!   has its `desiredCount` kept equal to the number of ready container instances, like any
 //!   service the loop scales; one that references a DAEMON service (ECS keeps one task per
@@ -44,7 +53,7 @@ use crate::config::{Reference, Workload};
 pub const CAPABILITIES: Capabilities = Capabilities {
     native_per_host: false,
     pause: false,
-    host_resources: false,
+    host_resources: true,
     stops: StopCompletion::Converges,
     references: true,
 };
@@ -280,6 +289,31 @@ impl EcsReference {
     }
 }
 
+/// ECS CPU units (1024 = one vCPU) of `cpu_milli` thousandths of a CPU, rounded to the
+/// nearest unit.
+pub fn cpu_units(cpu_milli: u64) -> u64 {
+    (cpu_milli.saturating_mul(1024) + 500) / 1000
+}
+
+/// Whole MiB of `bytes`, rounded up (ECS reserves memory in MiB).
+pub fn mebibytes(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// A task definition's task-level `cpu` or `memory` as ECS takes it: a number of units
+/// (`"1024"`), or with `unit` (`"0.5 vCPU"`, `"2 GB"`, `"2GB"`) times `per` units.
+pub fn task_level(value: &str, unit: &str, per: f64) -> Option<u64> {
+    let v = value.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(n);
+    }
+    let n = v
+        .get(..v.len().checked_sub(unit.len())?)
+        .filter(|_| v[v.len() - unit.len()..].eq_ignore_ascii_case(unit))?;
+    let n: f64 = n.trim().parse().ok()?;
+    (n >= 0.0).then(|| (n * per).round() as u64)
+}
+
 /// Whether an EventBridge event (an SQS message's body) is a container instance's state
 /// change, which changes the hosts.
 pub fn is_instance_event(body: &str) -> bool {
@@ -313,7 +347,10 @@ mod live {
     use microscaler_core::{Host, HostId, ServiceKind, ServiceName, ServiceObservation};
     use tokio::sync::Notify;
 
-    use crate::{resolved, Apply, Backend, BackendError, Observation, ScaleOutcome, Service};
+    use crate::{
+        resolved, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+        Service,
+    };
 
     /// Whether a service is per-host.
     fn per_host<S>(kind: &ServiceKind<S>) -> bool {
@@ -324,13 +361,38 @@ mod live {
     /// resources); new ones are described when first listed.
     const DESCRIBE_EVERY: Duration = Duration::from_secs(10);
 
+    /// CPU units and MiB, as ECS counts them.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    struct Units {
+        cpu: u64,
+        mib: u64,
+    }
+
+    impl Units {
+        /// What a task of `resources` reserves.
+        fn of(r: microscaler_core::Resources) -> Units {
+            Units {
+                cpu: cpu_units(r.cpu_milli),
+                mib: mebibytes(r.memory),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Units {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{} CPU units and {} MiB", self.cpu, self.mib)
+        }
+    }
+
     /// What a description of a container instance told.
     #[derive(Debug, Clone)]
     struct Instance {
         name: String,
         agent_connected: bool,
-        cpus: Option<f64>,
-        memory_bytes: Option<u64>,
+        /// `registeredResources`: CPU units and MiB, if given.
+        registered: (Option<u64>, Option<u64>),
+        /// `remainingResources`: what the tasks placed on it (anyone's) leave.
+        remaining: (Option<u64>, Option<u64>),
     }
 
     /// The container instances described so far, by ARN.
@@ -351,6 +413,10 @@ mod live {
         managed: bool,
         /// A DAEMON service: counted, never updated.
         daemon: bool,
+        /// What each of its tasks reserves, with capacity counted in resources: its
+        /// service's `resources` (set on a managed task definition, checked on a referenced
+        /// one).
+        reserves: Option<Units>,
     }
 
     /// The ECS backend.
@@ -370,6 +436,8 @@ mod live {
         /// Events read from `events_queue` so far.
         events: Arc<std::sync::atomic::AtomicU64>,
         events_task: Option<tokio::task::JoinHandle<()>>,
+        /// Capacity is counted in resources ([`EcsBackend::count_resources`]).
+        resources: bool,
     }
 
     impl Drop for EcsBackend {
@@ -542,7 +610,29 @@ mod live {
                 waker,
                 events,
                 events_task,
+                resources: false,
             })
+        }
+
+        /// Capacity is counted in CPU and memory (`[capacity] resources = true`): each tick
+        /// describes the container instances (their remaining resources) and lists the
+        /// services' tasks, so that a host's room is its registered CPU and memory less what
+        /// the tasks that are not the services' reserve, and the services' tasks are replicas
+        /// on their instances. Managed task definitions reserve the services' `resources`;
+        /// referenced services must reserve the same, and be in the backend's cluster (whose
+        /// container instances are the hosts). Refused with `launch_type = "FARGATE"`: Fargate
+        /// tasks run on no container instance.
+        pub fn count_resources(&mut self) -> Result<(), BackendError> {
+            if self.cfg.launch_type == "FARGATE" {
+                return Err(BackendError::Unsupported(
+                    "[capacity] resources = true counts the CPU and memory of the cluster's \
+                     container instances, and Fargate tasks run on none: use launch_type = \
+                     \"EC2\", or count capacity in slots"
+                        .into(),
+                ));
+            }
+            self.resources = true;
+            Ok(())
         }
 
         /// The ECS service name of managed `service`.
@@ -645,6 +735,19 @@ mod live {
                     true,
                 ),
             };
+            if self.resources && cluster != self.cfg.cluster {
+                return Err(BackendError::Unsupported(format!(
+                    "service {}: with [capacity] resources = true the hosts are the container \
+                     instances of cluster {}, and ECS service {name} is in cluster {cluster}: \
+                     reference a service of cluster {}, or count capacity in slots",
+                    service.name, self.cfg.cluster, self.cfg.cluster
+                )));
+            }
+            let reserves = self
+                .resources
+                .then_some(service.resources)
+                .flatten()
+                .map(Units::of);
             let found = self.describe(&cluster, &name).await?;
             let Some(found) = found else {
                 if !managed {
@@ -668,6 +771,7 @@ mod live {
                     service: name,
                     managed: true,
                     daemon: false,
+                    reserves,
                 }));
             };
             if managed {
@@ -699,13 +803,70 @@ mod live {
                     service.name
                 )));
             }
+            if let Some(want) = reserves {
+                self.check_reserves(service, &found, &cluster, want, managed)
+                    .await?;
+            }
             self.remember(&service.name, found.desired_count().max(0) as u32);
             Ok(Some(Target {
                 cluster,
                 service: name,
                 managed,
                 daemon,
+                reserves,
             }))
+        }
+
+        /// With capacity counted in resources: checks that ECS service `found`'s task
+        /// definition reserves what `service`'s `resources` say (`want`), since the plan
+        /// places each task by those (`DescribeTaskDefinition`, once at the start).
+        async fn check_reserves(
+            &self,
+            service: &Service,
+            found: &aws_sdk_ecs::types::Service,
+            cluster: &str,
+            want: Units,
+            managed: bool,
+        ) -> Result<(), BackendError> {
+            let name = found.service_name().unwrap_or_default();
+            let td = found.task_definition().unwrap_or_default();
+            let op = format!("DescribeTaskDefinition {td} (of ECS service {name})");
+            let out = self
+                .ecs
+                .describe_task_definition()
+                .task_definition(td)
+                .send()
+                .await
+                .map_err(|e| self.err(&op, e))?;
+            let has = out.task_definition().map(reservation).unwrap_or_default();
+            if has == want {
+                return Ok(());
+            }
+            let what = if managed {
+                format!("the ECS service {name} in cluster {cluster}, made by this microscaler")
+            } else {
+                format!(
+                    "ECS service {name} in cluster {cluster} (the [services.reference] of \
+                     service {})",
+                    service.name
+                )
+            };
+            let fix = if managed {
+                "delete the ECS service (on_exit = \"stop\" does) so that it is made again \
+                 with these resources"
+            } else {
+                "make them equal"
+            };
+            Err(BackendError::Invalid {
+                op: format!("check {what}"),
+                message: format!(
+                    "its task definition {td} reserves {has} but service {}'s resources are {} \
+                     ({want}): with [capacity] resources = true the plan places each task by \
+                     the service's resources; {fix}",
+                    service.name,
+                    service.resources.unwrap_or_default(),
+                ),
+            })
         }
 
         /// Registers managed `service`'s task definition and creates its ECS service with
@@ -727,11 +888,30 @@ mod live {
                     .value(service.name.as_str())
                     .build(),
             ];
+            // A task reserves its service's resources when it has them (what the plan places
+            // it by, with capacity in resources), else the backend's cpu and memory.
+            let reserves = match service.resources.map(Units::of) {
+                Some(u) if u.mib < 6 => {
+                    return Err(BackendError::Invalid {
+                        op: format!("RegisterTaskDefinition {name}"),
+                        message: format!(
+                            "service {}: an ECS task reserves at least 6 MiB of memory; give \
+                             resources.memory",
+                            service.name
+                        ),
+                    })
+                }
+                Some(u) => u,
+                None => Units {
+                    cpu: u64::from(self.cfg.cpu),
+                    mib: u64::from(self.cfg.memory),
+                },
+            };
             let mut container = ContainerDefinition::builder()
                 .name(service.name.as_str())
                 .set_image(run.image.clone())
-                .cpu(self.cfg.cpu as i32)
-                .memory(self.cfg.memory as i32)
+                .cpu(reserves.cpu.min(i32::MAX as u64) as i32)
+                .memory(reserves.mib.min(i32::MAX as u64) as i32)
                 .essential(true)
                 .stop_timeout(service.stop_grace.as_secs().clamp(2, 120) as i32);
             if !run.command.is_empty() {
@@ -782,9 +962,7 @@ mod live {
                 "ListContainerInstances {} in cluster {cluster}",
                 status.as_str()
             );
-            let mut arns = Vec::new();
-            let mut next = None;
-            loop {
+            all_pages(|next| async {
                 let out = self
                     .ecs
                     .list_container_instances()
@@ -794,12 +972,12 @@ mod live {
                     .send()
                     .await
                     .map_err(|e| self.err(&op, e))?;
-                arns.extend(out.container_instance_arns().iter().cloned());
-                next = out.next_token().map(str::to_string);
-                if next.is_none() {
-                    return Ok(arns);
-                }
-            }
+                Ok((
+                    out.container_instance_arns().to_vec(),
+                    out.next_token().map(str::to_string),
+                ))
+            })
+            .await
         }
 
         /// The cluster's container instances as hosts. Their status comes from two lists
@@ -838,23 +1016,116 @@ mod live {
                     ));
                 }
             }
-            let mut hosts: Vec<Host> = active
+            Ok(as_hosts(&active, &draining, &known.info, None))
+        }
+
+        /// With capacity counted in resources: the container instances, all described now
+        /// (their remaining resources change with every task placed or stopped), and the
+        /// services' tasks on them as replicas; each host's room is what remains on it plus
+        /// what the services' own tasks there reserve, i.e. its registered CPU and memory
+        /// less what the other tasks reserve.
+        async fn hosts_with_room(
+            &self,
+            targets: &[(ServiceName, Target)],
+        ) -> Result<(Vec<Host>, Vec<Replica>), BackendError> {
+            let cluster = &self.cfg.cluster;
+            let instances = async {
+                let (active, draining) = futures::try_join!(
+                    self.list_instances(ContainerInstanceStatus::Active),
+                    self.list_instances(ContainerInstanceStatus::Draining),
+                )?;
+                let all: Vec<String> = active.iter().chain(&draining).cloned().collect();
+                let mut info = HashMap::new();
+                for batch in describe_batches(&self.ecs, &self.endpoint, cluster, &all).await {
+                    info.extend(batch?);
+                }
+                Ok::<_, BackendError>((active, draining, info))
+            };
+            let ((active, draining, info), replicas) =
+                futures::try_join!(instances, self.tasks(targets))?;
+            let reserves: HashMap<&ServiceName, Units> = targets
                 .iter()
-                .map(|a| (a, true))
-                .chain(draining.iter().map(|a| (a, false)))
-                .map(|(arn, is_active)| {
-                    let info = known.info.get(arn);
-                    Host {
-                        id: HostId(arn.clone()),
-                        name: info.map_or_else(|| arn.clone(), |i| i.name.clone()),
-                        ready: is_active && info.is_none_or(|i| i.agent_connected),
-                        cpus: info.and_then(|i| i.cpus),
-                        memory_bytes: info.and_then(|i| i.memory_bytes),
-                    }
-                })
+                .map(|(name, t)| (name, t.reserves.unwrap_or_default()))
                 .collect();
-            hosts.sort_by(|a, b| a.id.0.cmp(&b.id.0));
-            Ok(hosts)
+            let mut ours: HashMap<String, Units> = HashMap::new();
+            for r in &replicas {
+                let u = reserves.get(&r.service).copied().unwrap_or_default();
+                let e = ours.entry(r.host.0.clone()).or_default();
+                e.cpu += u.cpu;
+                e.mib += u.mib;
+            }
+            Ok((as_hosts(&active, &draining, &info, Some(&ours)), replicas))
+        }
+
+        /// The ARNs of ECS service `service`'s tasks that are to run (desiredStatus RUNNING),
+        /// in the backend's cluster (all pages of 100).
+        async fn list_tasks(&self, service: &str) -> Result<Vec<String>, BackendError> {
+            let cluster = &self.cfg.cluster;
+            let op = format!("ListTasks of ECS service {service} in cluster {cluster}");
+            all_pages(|next| async {
+                let out = self
+                    .ecs
+                    .list_tasks()
+                    .cluster(cluster)
+                    .service_name(service)
+                    .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+                    .max_results(100)
+                    .set_next_token(next)
+                    .send()
+                    .await
+                    .map_err(|e| self.err(&op, e))?;
+                Ok((
+                    out.task_arns().to_vec(),
+                    out.next_token().map(str::to_string),
+                ))
+            })
+            .await
+        }
+
+        /// The services' tasks that are to run, as replicas on their container instances:
+        /// `ListTasks` per service and `DescribeTasks` 100 at a time, all at once. A task is a
+        /// service's by its `group` (`service:<name>`).
+        async fn tasks(
+            &self,
+            targets: &[(ServiceName, Target)],
+        ) -> Result<Vec<Replica>, BackendError> {
+            let cluster = &self.cfg.cluster;
+            let lists = futures::future::try_join_all(
+                targets.iter().map(|(_, t)| self.list_tasks(&t.service)),
+            )
+            .await?;
+            let mut arns: Vec<String> = lists.into_iter().flatten().collect();
+            arns.sort();
+            arns.dedup();
+            let by_group: HashMap<String, &ServiceName> = targets
+                .iter()
+                .map(|(name, t)| (format!("service:{}", t.service), name))
+                .collect();
+            let op = format!("DescribeTasks in cluster {cluster}");
+            let calls = arns.chunks(100).map(|batch| {
+                self.ecs
+                    .describe_tasks()
+                    .cluster(cluster)
+                    .set_tasks(Some(batch.to_vec()))
+                    .send()
+            });
+            let mut replicas = Vec::new();
+            for answer in futures::future::join_all(calls).await {
+                let answer = answer.map_err(|e| self.err(&op, e))?;
+                for task in answer.tasks() {
+                    let Some(service) = task.group().and_then(|g| by_group.get(g)) else {
+                        continue;
+                    };
+                    replicas.push(Replica {
+                        id: task.task_arn().unwrap_or_default().to_string(),
+                        service: (*service).clone(),
+                        host: HostId(task.container_instance_arn().unwrap_or_default().into()),
+                        state: task_state(task.last_status()),
+                    });
+                }
+            }
+            replicas.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(replicas)
         }
 
         /// `DescribeServices` of `targets` (all in `cluster`), 10 at a time, all at once; what
@@ -1040,7 +1311,144 @@ mod live {
         Ok(())
     }
 
-    /// Describes container instances `arns` of `cluster` (100 a call, all at once) into
+    /// Every page of a listing: `page` is called with the last page's next token (none the
+    /// first time) and gives its items and the next token, until there is none.
+    async fn all_pages<F, Fut>(mut page: F) -> Result<Vec<String>, BackendError>
+    where
+        F: FnMut(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<(Vec<String>, Option<String>), BackendError>>,
+    {
+        let mut items = Vec::new();
+        let mut next = None;
+        loop {
+            let (got, token) = page(next).await?;
+            items.extend(got);
+            if token.is_none() {
+                return Ok(items);
+            }
+            next = token;
+        }
+    }
+
+    /// Container instances `active` and `draining` as hosts, with what their descriptions
+    /// `info` told. With `ours` (capacity in resources: what the services' tasks reserve on
+    /// each), a host's CPU and memory are its room: what remains on it plus `ours`, at most
+    /// what it registered; else what it registered.
+    fn as_hosts(
+        active: &[String],
+        draining: &[String],
+        info: &HashMap<String, Instance>,
+        ours: Option<&HashMap<String, Units>>,
+    ) -> Vec<Host> {
+        let mut hosts: Vec<Host> = active
+            .iter()
+            .map(|a| (a, true))
+            .chain(draining.iter().map(|a| (a, false)))
+            .map(|(arn, is_active)| {
+                let i = info.get(arn);
+                let (cpu, mib) = match (i, ours) {
+                    (Some(i), Some(ours)) => {
+                        let o = ours.get(arn).copied().unwrap_or_default();
+                        let room = |remaining: Option<u64>, ours: u64, registered: Option<u64>| {
+                            remaining.map(|r| (r + ours).min(registered.unwrap_or(u64::MAX)))
+                        };
+                        (
+                            room(i.remaining.0, o.cpu, i.registered.0),
+                            room(i.remaining.1, o.mib, i.registered.1),
+                        )
+                    }
+                    (Some(i), None) => i.registered,
+                    (None, _) => (None, None),
+                };
+                Host {
+                    id: HostId(arn.clone()),
+                    name: i.map_or_else(|| arn.clone(), |i| i.name.clone()),
+                    ready: is_active && i.is_none_or(|i| i.agent_connected),
+                    cpus: cpu.map(|u| u as f64 / 1024.0),
+                    memory_bytes: mib.map(|m| m << 20),
+                }
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.id.0.cmp(&b.id.0));
+        hosts
+    }
+
+    /// What a task definition reserves on a container instance, as ECS counts it: its
+    /// task-level `cpu` and `memory` when given, else its containers' `cpu` and
+    /// `memoryReservation` (or `memory`) added up.
+    fn reservation(td: &aws_sdk_ecs::types::TaskDefinition) -> Units {
+        let containers = td.container_definitions();
+        Units {
+            cpu: td
+                .cpu()
+                .and_then(|c| task_level(c, "vCPU", 1024.0))
+                .unwrap_or_else(|| containers.iter().map(|c| c.cpu().max(0) as u64).sum()),
+            mib: td
+                .memory()
+                .and_then(|m| task_level(m, "GB", 1024.0))
+                .unwrap_or_else(|| {
+                    containers
+                        .iter()
+                        .map(|c| c.memory_reservation().or(c.memory()).unwrap_or(0).max(0) as u64)
+                        .sum()
+                }),
+        }
+    }
+
+    /// How a task counts, by its `lastStatus`.
+    fn task_state(last_status: Option<&str>) -> ReplicaState {
+        match last_status {
+            Some("RUNNING") => ReplicaState::Running,
+            None | Some("PROVISIONING" | "PENDING" | "ACTIVATING") => ReplicaState::Pending,
+            Some(_) => ReplicaState::Stopping,
+        }
+    }
+
+    /// Describes container instances `arns` of `cluster`, 100 a call, all at once.
+    async fn describe_batches(
+        ecs: &aws_sdk_ecs::Client,
+        endpoint: &str,
+        cluster: &str,
+        arns: &[String],
+    ) -> Vec<Result<Vec<(String, Instance)>, BackendError>> {
+        let op = format!("DescribeContainerInstances in cluster {cluster}");
+        let batches = arns.chunks(100).map(|batch| {
+            ecs.describe_container_instances()
+                .cluster(cluster)
+                .set_container_instances(Some(batch.to_vec()))
+                .send()
+        });
+        let answers = futures::future::join_all(batches).await;
+        answers
+            .into_iter()
+            .map(|out| {
+                let out = out.map_err(|e| error(endpoint, &op, e))?;
+                Ok(out
+                    .container_instances()
+                    .iter()
+                    .map(|ci| {
+                        let of = |list: &[aws_sdk_ecs::types::Resource], name: &str| {
+                            list.iter()
+                                .find(|r| r.name() == Some(name))
+                                .map(|r| r.integer_value().max(0) as u64)
+                        };
+                        let (registered, remaining) =
+                            (ci.registered_resources(), ci.remaining_resources());
+                        let arn = ci.container_instance_arn().unwrap_or("").to_string();
+                        let info = Instance {
+                            name: ci.ec2_instance_id().unwrap_or(&arn).to_string(),
+                            agent_connected: ci.agent_connected(),
+                            registered: (of(registered, "CPU"), of(registered, "MEMORY")),
+                            remaining: (of(remaining, "CPU"), of(remaining, "MEMORY")),
+                        };
+                        (arn, info)
+                    })
+                    .collect())
+            })
+            .collect()
+    }
+
+    /// Describes container instances `arns` of `cluster` in the background into
     /// `instances`; `all` when these are every listed instance (the periodic refresh). A
     /// failure is logged and tried again on a later tick.
     async fn describe_instances(
@@ -1051,41 +1459,15 @@ mod live {
         all: bool,
         instances: Arc<Mutex<Instances>>,
     ) {
-        let op = format!("DescribeContainerInstances in cluster {cluster}");
-        let batches = arns.chunks(100).map(|batch| {
-            ecs.describe_container_instances()
-                .cluster(&cluster)
-                .set_container_instances(Some(batch.to_vec()))
-                .send()
-        });
         let mut described = Vec::new();
         let mut failed = false;
-        for out in futures::future::join_all(batches).await {
-            let out = match out {
-                Ok(out) => out,
+        for batch in describe_batches(&ecs, &endpoint, &cluster, &arns).await {
+            match batch {
+                Ok(batch) => described.extend(batch),
                 Err(e) => {
-                    tracing::warn!(error = %error(&endpoint, &op, e), "describing the container instances failed; trying again next tick");
+                    tracing::warn!(error = %e, "describing the container instances failed; trying again next tick");
                     failed = true;
-                    continue;
                 }
-            };
-            for ci in out.container_instances() {
-                let resource = |name: &str| {
-                    ci.registered_resources()
-                        .iter()
-                        .find(|r| r.name() == Some(name))
-                        .map(|r| r.integer_value())
-                };
-                let arn = ci.container_instance_arn().unwrap_or("").to_string();
-                described.push((
-                    arn.clone(),
-                    Instance {
-                        name: ci.ec2_instance_id().unwrap_or(&arn).to_string(),
-                        agent_connected: ci.agent_connected(),
-                        cpus: resource("CPU").map(|u| f64::from(u) / 1024.0),
-                        memory_bytes: resource("MEMORY").map(|m| m.max(0) as u64 * 1024 * 1024),
-                    },
-                ));
             }
         }
         let mut known = instances.lock().unwrap_or_else(|e| e.into_inner());
@@ -1199,6 +1581,19 @@ mod live {
                     .iter()
                     .map(|(cluster, targets)| self.observe_cluster(cluster, targets)),
             );
+            if self.resources {
+                // Every target is in the backend's cluster then (checked at `prepare`).
+                let all: Vec<(ServiceName, Target)> =
+                    by_cluster.values().flatten().cloned().collect();
+                let ((hosts, replicas), services) =
+                    futures::try_join!(self.hosts_with_room(&all), services)?;
+                return Ok(Observation {
+                    hosts,
+                    replicas,
+                    services: services.into_iter().flatten().collect(),
+                    ..Observation::default()
+                });
+            }
             let (hosts, services) = futures::try_join!(self.hosts(), services)?;
             Ok(Observation {
                 hosts,
@@ -1385,5 +1780,20 @@ mod tests {
             r#"{"source":"aws.ecs","detail-type":"ECS Task State Change"}"#
         ));
         assert!(!is_instance_event("not json"));
+    }
+
+    #[test]
+    fn resources_in_ecs_units() {
+        assert_eq!(cpu_units(1000), 1024);
+        assert_eq!(cpu_units(250), 256);
+        assert_eq!(cpu_units(100), 102);
+        assert_eq!(cpu_units(700), 717);
+        assert_eq!(mebibytes(1 << 30), 1024);
+        assert_eq!(mebibytes((256 << 20) + 1), 257);
+        assert_eq!(task_level("1024", "vCPU", 1024.0), Some(1024));
+        assert_eq!(task_level("0.5 vCPU", "vCPU", 1024.0), Some(512));
+        assert_eq!(task_level("2 GB", "GB", 1024.0), Some(2048));
+        assert_eq!(task_level("2gb", "GB", 1024.0), Some(2048));
+        assert_eq!(task_level("lots", "GB", 1024.0), None);
     }
 }

@@ -64,6 +64,21 @@ impl EcsHarness {
             instance: common::unique("ei"),
         }
     }
+
+    /// The cluster's container instances' ARNs, sorted.
+    async fn instances(&self) -> Vec<String> {
+        let mut arns = self
+            .ecs
+            .list_container_instances()
+            .cluster(&self.cluster)
+            .send()
+            .await
+            .expect("ListContainerInstances")
+            .container_instance_arns()
+            .to_vec();
+        arns.sort();
+        arns
+    }
 }
 
 impl microscaler_testkit::contract::Harness for EcsHarness {
@@ -157,19 +172,7 @@ async fn container_instances_are_hosts_and_daemon_services_are_never_updated() {
         return;
     }
     let h = EcsHarness::new("eh", 3).await;
-    let arns: Vec<String> = {
-        let mut a = h
-            .ecs
-            .list_container_instances()
-            .cluster(&h.cluster)
-            .send()
-            .await
-            .unwrap()
-            .container_instance_arns()
-            .to_vec();
-        a.sort();
-        a
-    };
+    let arns = h.instances().await;
     moto::plain_service(&h.ecs, &h.cluster, "agent", 0, "DAEMON").await;
     let backend = EcsBackend::connect(&spec(&h.cluster, moto::ENDPOINT), &h.instance)
         .await
@@ -368,4 +371,168 @@ async fn throttling_5xx_and_missing_objects_are_typed() {
         Some(1),
         "a service that is not ours is left as it is"
     );
+}
+
+/// Capacity in CPU and memory: a host's room is its registered CPU and memory less what the
+/// tasks that are not the services' reserve, and the services' tasks are replicas on their
+/// instances (their reservation stays in the room: the engine places them itself). Managed
+/// task definitions reserve the services' resources; a referenced service whose task
+/// definition reserves something else, or that is in another cluster, is refused naming both;
+/// Fargate is refused.
+///
+/// moto registers every container instance with 4096 CPU units and 7482 MiB, and places and
+/// reserves only the tasks a test starts itself (`StartTask`, `RunTask`, with the group a
+/// service's tasks have): it starts none for a service, and it ignores `ListTasks`'
+/// `serviceName` (the backend tells the tasks apart by their group, as on AWS). It does take
+/// a task's containers' `cpu` and `memory` off `remainingResources` and give them back when the
+/// task stops, which is what the room is computed from.
+#[tokio::test]
+async fn resources_room_is_what_others_tasks_leave_and_references_must_agree() {
+    if !moto::available().await {
+        return;
+    }
+    use microscaler_core::{HostId, Resources};
+    let h = EcsHarness::new("er", 2).await;
+    let arns = h.instances().await;
+    // Someone else's task reserves 2 CPUs and 3 GiB of the first instance.
+    let foreign = moto::task_definition(&h.ecs, "someone-elses", 2048, 3072).await;
+    moto::start_task(
+        &h.ecs,
+        &h.cluster,
+        &foreign,
+        &arns[0],
+        "service:someone-elses",
+    )
+    .await;
+
+    let mut backend = EcsBackend::connect(&spec(&h.cluster, moto::ENDPOINT), &h.instance)
+        .await
+        .unwrap();
+    backend.count_resources().unwrap();
+    let mut web = service("web");
+    web.resources = Some(Resources {
+        cpu_milli: 1000,
+        memory: 1 << 30,
+    });
+    backend.prepare(std::slice::from_ref(&web)).await.unwrap();
+    let ecs_web = EcsBackend::service_name(&h.instance, "web");
+    let td = moto::service(&h.ecs, &h.cluster, &ecs_web)
+        .await
+        .and_then(|s| s.task_definition().map(str::to_string))
+        .expect("web's task definition");
+    let def = h
+        .ecs
+        .describe_task_definition()
+        .task_definition(&td)
+        .send()
+        .await
+        .unwrap();
+    let c = &def.task_definition().unwrap().container_definitions()[0];
+    assert_eq!(
+        (c.cpu(), c.memory()),
+        (1024, Some(1024)),
+        "a managed task reserves its service's resources"
+    );
+
+    let room = |obs: &microscaler_backends::Observation| {
+        let mut r: Vec<(String, Option<f64>, Option<u64>)> = obs
+            .hosts
+            .iter()
+            .map(|h| (h.id.0.clone(), h.cpus, h.memory_bytes.map(|b| b >> 20)))
+            .collect();
+        r.sort_by(|a, b| a.0.cmp(&b.0));
+        r
+    };
+    let empty = vec![
+        (arns[0].clone(), Some(2.0), Some(7482 - 3072)),
+        (arns[1].clone(), Some(4.0), Some(7482)),
+    ];
+    let obs = backend.observe().await.unwrap();
+    assert_eq!(room(&obs), empty, "someone else's reservation is taken off");
+    assert!(obs.replicas.is_empty(), "{:?}", obs.replicas);
+
+    // Two of web's tasks on the first instance: they are web's replicas there, and what
+    // they reserve stays in the room (the engine counts them itself).
+    let group = format!("service:{ecs_web}");
+    let mut placed = Vec::new();
+    for _ in 0..2 {
+        placed.push(moto::start_task(&h.ecs, &h.cluster, &td, &arns[0], &group).await);
+    }
+    assert_eq!(
+        moto::remaining(&h.ecs, &h.cluster, &arns[0]).await,
+        (0, 7482 - 3072 - 2048),
+        "moto reserved them on the first instance"
+    );
+    let obs = backend.observe().await.unwrap();
+    assert_eq!(room(&obs), empty, "the services' own tasks are not others'");
+    let mut on: Vec<(&str, &HostId)> = obs
+        .replicas
+        .iter()
+        .map(|r| (r.service.as_str(), &r.host))
+        .collect();
+    on.sort();
+    assert_eq!(
+        on,
+        vec![
+            ("web", &HostId(arns[0].clone())),
+            ("web", &HostId(arns[0].clone()))
+        ]
+    );
+    for arn in placed {
+        moto::stop_task(&h.ecs, &h.cluster, &arn).await;
+    }
+    assert_eq!(room(&backend.observe().await.unwrap()), empty);
+
+    // A referenced service must reserve what its service's resources say.
+    moto::plain_service(&h.ecs, &h.cluster, "shop", 0, "REPLICA").await;
+    let mut shop = referencing("shop", "shop", false);
+    shop.resources = Some(Resources {
+        cpu_milli: 500,
+        memory: 512 << 20,
+    });
+    let e = backend
+        .prepare(std::slice::from_ref(&shop))
+        .await
+        .expect_err("shop's tasks reserve 64 MiB and no CPU");
+    let said = e.to_string();
+    assert!(
+        said.contains("ECS service shop")
+            && said.contains("service shop's resources are 0.5 CPU and 512 MiB")
+            && said.contains("reserves 0 CPU units and 64 MiB"),
+        "{said}"
+    );
+    let right = moto::task_definition(&h.ecs, "shop-right", 512, 512).await;
+    h.ecs
+        .update_service()
+        .cluster(&h.cluster)
+        .service("shop")
+        .task_definition(right)
+        .send()
+        .await
+        .unwrap();
+    backend
+        .prepare(std::slice::from_ref(&shop))
+        .await
+        .expect("a reference that reserves the service's resources");
+
+    // In another cluster than the hosts', a reference is refused.
+    let mut elsewhere = shop.clone();
+    elsewhere.workload = Workload::Reference(Reference::Ecs(EcsReference {
+        service: "shop".into(),
+        cluster: Some("other".into()),
+    }));
+    let e = backend
+        .prepare(std::slice::from_ref(&elsewhere))
+        .await
+        .expect_err("another cluster");
+    assert!(e.to_string().contains("cluster other"), "{e}");
+    backend.shutdown(&[web], true).await.unwrap();
+
+    let fargate = EcsConfig {
+        launch_type: "FARGATE".into(),
+        ..spec(&h.cluster, moto::ENDPOINT)
+    };
+    let mut b = EcsBackend::connect(&fargate, &h.instance).await.unwrap();
+    let e = b.count_resources().expect_err("Fargate");
+    assert!(e.to_string().contains("Fargate"), "{e}");
 }

@@ -53,7 +53,11 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
         ),
         #[cfg(feature = "ecs")]
         BackendConfig::Ecs(e) => {
-            AnyBackend::Ecs(microscaler_backends::ecs::EcsBackend::connect(e, &cfg.instance).await?)
+            let mut b = microscaler_backends::ecs::EcsBackend::connect(e, &cfg.instance).await?;
+            if matches!(cfg.capacity, microscaler_core::Capacity::Resources { .. }) {
+                b.count_resources()?;
+            }
+            AnyBackend::Ecs(b)
         }
         #[cfg(not(feature = "ecs"))]
         BackendConfig::Ecs(_) => {

@@ -384,3 +384,149 @@ async fn throttled_and_failed_changes_are_retried_with_backoff_and_the_rest_goes
     assert_eq!(proxy.faulted("UpdateService"), 2);
     ctl.shutdown().await.expect("shutdown");
 }
+
+/// Capacity in CPU and memory on three container instances (moto registers each with 4096
+/// CPU units, 4 CPUs, and 7482 MiB), someone else's task reserving 2 CPUs and 3 GiB of the
+/// first; p1 (1 CPU, 1 GiB) on manual demand, p2 (1 CPU, 2 GiB) the remainder. At every tick
+/// the first instance's room is 2 CPUs and 4410 MiB and the others' all of theirs (someone
+/// else's reservation is taken off, the services' own tasks are not); every task the plan
+/// asks for is placed by moto within the tick after (never more than one tick short); as the
+/// demand moves, p1 runs its demand and p2 fills what fits: no instance has room for one more
+/// of p2's tasks. When someone else's task stops, p2 takes its room.
+///
+/// moto starts no task for a service (`runningCount` jumps to `desiredCount`), so the test
+/// schedules the services' tasks itself between ticks ([`moto::schedule`]: `RunTask` in the
+/// services' task groups, which moto places first fit and takes off the instances'
+/// `remainingResources`, and `StopTask`, which gives it back); the backend reads the room and
+/// the tasks as on AWS. moto advances a task's `lastStatus` past RUNNING on each
+/// `DescribeTasks` (its state manager, shared by every test, is left alone), so the replicas
+/// show as stopping; placement counts them all the same. How ECS itself places tasks
+/// (strategies, constraints) and which task a scale-in stops are not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_plans_fit_the_container_instances_beside_others_tasks() {
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let cluster = unique("er");
+    let instances = moto::cluster(&ecs, &cluster, 3).await;
+    let foreign = moto::task_definition(&ecs, "someone-elses", 2048, 3072).await;
+    let foreign = moto::start_task(
+        &ecs,
+        &cluster,
+        &foreign,
+        &instances[0],
+        "service:someone-elses",
+    )
+    .await;
+    let instance = unique("er");
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "100ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        type = "ecs"
+        cluster = "{cluster}"
+        region = "{region}"
+        endpoint_url = "{endpoint}"
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "busybox:1"
+        resources = {{ cpu = "1", memory = "1Gi" }}
+        [[services.triggers]]
+        type = "manual"
+        initial = 1
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        image = "busybox:1"
+        resources = {{ cpu = "1", memory = "2Gi" }}
+        "#,
+        region = moto::REGION,
+        endpoint = moto::ENDPOINT,
+    ))
+    .expect("valid configuration");
+    let mut ctl = controller(cfg).await;
+    let demand = ctl.controls().manual_of("p1").expect("p1's manual").clone();
+    let mut ecs_services = Vec::new();
+    for s in ["p1", "p2"] {
+        let name = EcsBackend::service_name(&instance, s);
+        let td = moto::service(&ecs, &cluster, &name)
+            .await
+            .and_then(|s| s.task_definition().map(str::to_string))
+            .expect("a managed service");
+        ecs_services.push((name, td));
+    }
+
+    // Ticks (each followed by the test's scheduling) until p1 runs `d` and p2 fills what fits.
+    let mut converge = async |d: u32, foreign_cpu: f64, foreign_mib: u64| {
+        let t0 = Instant::now();
+        let mut short_before = vec![0, 0];
+        loop {
+            let r = ctl.tick().await;
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            for ex in &r.executions {
+                assert!(ex.result.is_ok(), "{ex:?}");
+            }
+            let hosts = &r.observed.as_ref().expect("observed").hosts;
+            for h in hosts {
+                let room = if h.id.0 == instances[0] {
+                    (4.0 - foreign_cpu, 7482 - foreign_mib)
+                } else {
+                    (4.0, 7482)
+                };
+                assert_eq!(
+                    (h.cpus, h.memory_bytes.map(|b| b >> 20)),
+                    (Some(room.0), Some(room.1)),
+                    "the room of {} (the first instance is {})",
+                    h.id.0,
+                    instances[0]
+                );
+            }
+            let short = moto::schedule(&ecs, &cluster, &ecs_services).await;
+            for (i, s) in short.iter().enumerate() {
+                assert!(
+                    *s == 0 || short_before[i] == 0,
+                    "{} has tasks no instance could take for two ticks: {short:?}; plan {:?}",
+                    ecs_services[i].0,
+                    r.plan
+                );
+            }
+            short_before = short.clone();
+            let p1 = moto::desired(&ecs, &cluster, &ecs_services[0].0).await;
+            let mut full = true;
+            for arn in &instances {
+                let (cpu, mib) = moto::remaining(&ecs, &cluster, arn).await;
+                full &= cpu < 1024 || mib < 2048;
+            }
+            if p1 == Some(d) && short == [0, 0] && full {
+                return;
+            }
+            assert!(
+                t0.elapsed() < CONVERGE,
+                "p1 at {d} with p2 filling what fits not reached: p1 {p1:?}, short {short:?}, \
+                 plan {:?}",
+                r.plan
+            );
+            tokio::time::sleep(TICK).await;
+        }
+    };
+    for d in [1, 4, 0, 7, 2] {
+        demand.set(f64::from(d)).expect("set demand");
+        converge(d, 2.0, 3072).await;
+    }
+    // Someone else's task stops: its room is the services' again.
+    moto::stop_task(&ecs, &cluster, &foreign).await;
+    converge(2, 0.0, 0).await;
+    let p2 = moto::desired(&ecs, &cluster, &ecs_services[1].0).await;
+    // Three of p2's fit an instance by memory, two beside two of p1's: 8 or 9, as p1's tasks
+    // lie.
+    assert!(p2 >= Some(8), "p2 takes the room back: {p2:?}");
+
+    ctl.shutdown().await.expect("shutdown");
+}

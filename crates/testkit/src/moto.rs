@@ -4,7 +4,12 @@
 //!
 //! What moto does not simulate, and the tests therefore cannot prove: it starts no task for a
 //! service (`runningCount` jumps to `desiredCount` on `UpdateService`, `pendingCount` is 0), so
-//! placement, capacity on the instances and tasks stopping are not exercised; it emits no
+//! ECS's own placement and tasks stopping are not exercised (the resources tests start and stop
+//! the services' tasks themselves, [`schedule`], in the services' task groups: moto places a
+//! `RunTask` first fit and keeps `remainingResources` by the containers' `cpu` and `memory`);
+//! it registers every container instance with 4096 CPU units and 7482 MiB; it ignores
+//! `ListTasks`' `serviceName` and moves a task's `lastStatus` past RUNNING on each
+//! `DescribeTasks`; it emits no
 //! EventBridge event (the tests publish the container-instance event themselves); it does not
 //! throttle (a [`crate::fault_proxy`] in front of it does); it ignores `ListContainerInstances`'
 //! cluster-query `filter`; and it checks no credentials or IAM policy.
@@ -139,23 +144,7 @@ pub async fn plain_service(
     desired: u32,
     strategy: &str,
 ) {
-    let td = ecs
-        .register_task_definition()
-        .family(name)
-        .container_definitions(
-            aws_sdk_ecs::types::ContainerDefinition::builder()
-                .name(name)
-                .image("busybox")
-                .memory(64)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("RegisterTaskDefinition")
-        .task_definition()
-        .and_then(|t| t.task_definition_arn())
-        .expect("task definition ARN")
-        .to_string();
+    let td = task_definition(ecs, name, 0, 64).await;
     ecs.create_service()
         .cluster(cluster)
         .service_name(name)
@@ -235,4 +224,181 @@ pub fn instance_event(cluster_arn: &str, instance_arn: &str, status: &str) -> St
         }
     })
     .to_string()
+}
+
+/// Registers a task definition of family `family` whose one container reserves `cpu` units
+/// and `memory` MiB (moto places tasks by containers' `cpu` and `memory` only); its ARN.
+pub async fn task_definition(
+    ecs: &aws_sdk_ecs::Client,
+    family: &str,
+    cpu: i32,
+    memory: i32,
+) -> String {
+    ecs.register_task_definition()
+        .family(family)
+        .container_definitions(
+            aws_sdk_ecs::types::ContainerDefinition::builder()
+                .name(family)
+                .image("busybox")
+                .cpu(cpu)
+                .memory(memory)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("RegisterTaskDefinition")
+        .task_definition()
+        .and_then(|t| t.task_definition_arn())
+        .expect("task definition ARN")
+        .to_string()
+}
+
+/// Starts a task of `td` on container instance `instance` of `cluster` in task group `group`
+/// (a service's tasks are in `service:<name>`; moto starts none for its services); its ARN.
+/// moto takes what it reserves off the instance's `remainingResources`.
+pub async fn start_task(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    td: &str,
+    instance: &str,
+    group: &str,
+) -> String {
+    ecs.start_task()
+        .cluster(cluster)
+        .task_definition(td)
+        .container_instances(instance)
+        .group(group)
+        .send()
+        .await
+        .expect("StartTask")
+        .tasks()
+        .first()
+        .and_then(|t| t.task_arn())
+        .expect("a task ARN")
+        .to_string()
+}
+
+/// Runs `count` tasks of `td` in `cluster` in task group `group`, placed as moto places them
+/// (first fit over the ACTIVE instances in the order they registered, by CPU and memory); the
+/// ARNs of those placed: fewer than `count` when no instance has room for the rest.
+pub async fn run_tasks(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    td: &str,
+    group: &str,
+    count: u32,
+) -> Vec<String> {
+    ecs.run_task()
+        .cluster(cluster)
+        .task_definition(td)
+        .group(group)
+        .count(count as i32)
+        .send()
+        .await
+        .expect("RunTask")
+        .tasks()
+        .iter()
+        .filter_map(|t| t.task_arn().map(str::to_string))
+        .collect()
+}
+
+/// The tasks of `cluster` to run (desiredStatus RUNNING) in task group `group`, in the order
+/// they were started: (task ARN, container instance ARN).
+pub async fn tasks(ecs: &aws_sdk_ecs::Client, cluster: &str, group: &str) -> Vec<(String, String)> {
+    let arns = ecs
+        .list_tasks()
+        .cluster(cluster)
+        .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+        .send()
+        .await
+        .expect("ListTasks")
+        .task_arns()
+        .to_vec();
+    if arns.is_empty() {
+        return Vec::new();
+    }
+    let out = ecs
+        .describe_tasks()
+        .cluster(cluster)
+        .set_tasks(Some(arns.clone()))
+        .send()
+        .await
+        .expect("DescribeTasks");
+    let mut found: Vec<(String, String)> = out
+        .tasks()
+        .iter()
+        .filter(|t| t.group() == Some(group))
+        .map(|t| {
+            (
+                t.task_arn().unwrap_or_default().to_string(),
+                t.container_instance_arn().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    found.sort_by_key(|(arn, _)| arns.iter().position(|a| a == arn));
+    found
+}
+
+/// Stops task `arn` of `cluster` (moto gives back what it reserved at once).
+pub async fn stop_task(ecs: &aws_sdk_ecs::Client, cluster: &str, arn: &str) {
+    ecs.stop_task()
+        .cluster(cluster)
+        .task(arn)
+        .send()
+        .await
+        .expect("StopTask");
+}
+
+/// Container instance `arn`'s `remainingResources`: (CPU units, MiB).
+pub async fn remaining(ecs: &aws_sdk_ecs::Client, cluster: &str, arn: &str) -> (i32, i32) {
+    let out = ecs
+        .describe_container_instances()
+        .cluster(cluster)
+        .container_instances(arn)
+        .send()
+        .await
+        .expect("DescribeContainerInstances");
+    let ci = out
+        .container_instances()
+        .first()
+        .expect("the container instance");
+    let of = |name: &str| {
+        ci.remaining_resources()
+            .iter()
+            .find(|r| r.name() == Some(name))
+            .map_or(0, |r| r.integer_value())
+    };
+    (of("CPU"), of("MEMORY"))
+}
+
+/// What moto does not: the tasks of services `ecs_services` (ECS name, task definition, in
+/// priority order) in `cluster` follow their `desiredCount`, as ECS's scheduler would have
+/// them. Stops first (the newest tasks), then starts, placed by moto's `RunTask` (first fit
+/// over the instances, by CPU and memory) in the service's task group. Returns, per service,
+/// the tasks no instance could take.
+pub async fn schedule(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    ecs_services: &[(String, String)],
+) -> Vec<u32> {
+    let mut counts = Vec::new();
+    for (name, _) in ecs_services {
+        let want = desired(ecs, cluster, name).await.unwrap_or(0) as usize;
+        let have = tasks(ecs, cluster, &format!("service:{name}")).await;
+        for (arn, _) in have.iter().skip(want) {
+            stop_task(ecs, cluster, arn).await;
+        }
+        counts.push((want, have.len().min(want)));
+    }
+    let mut short = Vec::new();
+    for ((name, td), (want, have)) in ecs_services.iter().zip(counts) {
+        let missing = (want - have) as u32;
+        let placed = if missing > 0 {
+            run_tasks(ecs, cluster, td, &format!("service:{name}"), missing).await
+        } else {
+            Vec::new()
+        };
+        short.push(missing - placed.len() as u32);
+    }
+    short
 }
