@@ -25,14 +25,14 @@ const CAPACITY: u32 = 6;
 const TOKEN: &str = "fault-token-0123456789";
 const RESTARTS: u32 = 20;
 
-/// `(service, state)` of every container of `instance`.
-fn containers(instance: &str) -> Vec<(String, String)> {
+/// `(service, state)` of every container of `instance`, on the engine `docker <engine>` talks
+/// to (`[]`: the default one, `["-H", socket]`: another).
+fn containers_on(engine: &[&str], instance: &str) -> Vec<(String, String)> {
     let out = Command::new("docker")
+        .args(engine)
+        .args(["ps", "-a", "--filter"])
+        .arg(format!("label=io.microscaler.instance={instance}"))
         .args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=io.microscaler.instance={instance}"),
             "--format",
             "{{.Label \"io.microscaler.service\"}} {{.State}}",
         ])
@@ -43,6 +43,11 @@ fn containers(instance: &str) -> Vec<(String, String)> {
         .filter_map(|l| l.split_once(' '))
         .map(|(s, st)| (s.to_string(), st.to_string()))
         .collect()
+}
+
+/// `(service, state)` of every container of `instance` on the default engine.
+fn containers(instance: &str) -> Vec<(String, String)> {
+    containers_on(&[], instance)
 }
 
 /// A small seeded generator (SplitMix64).
@@ -495,20 +500,7 @@ impl PrivateEngine {
 
     /// `(service, state)` of every container of `instance` on this engine.
     fn containers(&self, instance: &str) -> Vec<(String, String)> {
-        let out = Command::new("docker")
-            .args(["-H", &self.socket(), "ps", "-a", "--filter"])
-            .arg(format!("label=io.microscaler.instance={instance}"))
-            .args([
-                "--format",
-                "{{.Label \"io.microscaler.service\"}} {{.State}}",
-            ])
-            .output()
-            .expect("docker ps");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(s, st)| (s.to_string(), st.to_string()))
-            .collect()
+        containers_on(&["-H", &self.socket()], instance)
     }
 }
 
