@@ -455,12 +455,14 @@ pub fn decide<P: Plugins>(
     }
 
     let placed = match cfg.capacity {
-        Capacity::Resources { reserve } => Some(place_resources(&mut work, observed, reserve)),
+        Capacity::Resources { reserve } => {
+            Some(place_resources(&mut work, &by_name, observed, reserve))
+        }
         _ => None,
     };
     let (capacity, used) = match &placed {
         Some(p) => {
-            let used: u64 = p.iter().map(|p| p.target as u64).sum();
+            let used: u64 = p.services.iter().map(|p| p.target as u64).sum();
             (used.min(u32::MAX as u64) as u32, used)
         }
         None => (capacity, allocate_slots(&mut work, capacity)),
@@ -468,7 +470,7 @@ pub fn decide<P: Plugins>(
 
     let mut plan = build_plan(&work, &keys, capacity, used);
     if let Some(p) = &placed {
-        explain_placement(&mut plan, &work, &p[..], &observed.hosts);
+        explain_placement(&mut plan, &work, &p.services, &observed.hosts);
     }
     // The next memory. First what each service ends with, gathered in allocation order (the
     // order of `work`, read front to back), then the commitments built in name order (a
@@ -557,10 +559,11 @@ fn allocate_slots<P: Plugins>(work: &mut [Work<P>], capacity: u32) -> u64 {
 /// are, with each service's want and floor; sets every target and returns the placement.
 fn place_resources<P: Plugins>(
     work: &mut [Work<P>],
+    by_name: &[(Key, usize)],
     observed: &Observed,
     reserve: Resources,
-) -> Vec<crate::placement::Placed> {
-    use crate::placement::{place, Ask, Growth, Room};
+) -> crate::placement::Placement {
+    use crate::placement::{simulate, Ask, Growth, Room};
     let rooms: Vec<Room> = observed
         .hosts
         .iter()
@@ -585,34 +588,84 @@ fn place_resources<P: Plugins>(
             },
         })
         .collect();
-    // Where the replicas are, sparse: by host index and position in `work`.
+    // Where the replicas are, sparse: (position in `work`, host index, count).
     let host_index: std::collections::HashMap<&HostId, usize> = observed
         .hosts
         .iter()
         .enumerate()
         .map(|(i, h)| (&h.id, i))
         .collect();
-    let position: std::collections::HashMap<&ServiceName, usize> = work
-        .iter()
-        .enumerate()
-        .map(|(a, w)| (&w.svc.name, a))
-        .collect();
-    let mut start: Vec<Vec<(usize, u32)>> = vec![Vec::new(); work.len()];
+    let mut position = vec![0u32; work.len()];
+    for (a, w) in work.iter().enumerate() {
+        position[w.index] = a as u32;
+    }
+    let names = NameTable::new(by_name);
+    let mut start: Vec<(usize, usize, u32)> = Vec::with_capacity(work.len() * 2);
     for (id, services) in &observed.placement {
         let Some(&h) = host_index.get(id) else {
             continue;
         };
         for (name, &n) in services {
-            if let Some(&a) = position.get(name) {
-                start[a].push((h, n));
+            if let Some(i) = names.get(name) {
+                start.push((position[i] as usize, h, n));
             }
         }
     }
-    let placed = place(&asks, &rooms, &start);
-    for (w, p) in work.iter_mut().zip(&placed) {
+    let placed = simulate(&asks, &rooms, &start);
+    for (w, p) in work.iter_mut().zip(&placed.services) {
         w.target = p.target;
     }
     placed
+}
+
+/// The services' names to their indices in the configuration: an open-addressing table over
+/// the names' first 32 bytes (already in their keys), so a lookup reads no name of the
+/// configuration (a name longer than 32 bytes is compared in full).
+struct NameTable<'k, 'a> {
+    /// Positions in `by_name`, plus one (0: empty).
+    slots: Vec<u32>,
+    by_name: &'k [(Key<'a>, usize)],
+}
+
+impl<'k, 'a> NameTable<'k, 'a> {
+    fn new(by_name: &'k [(Key<'a>, usize)]) -> Self {
+        let size = (by_name.len() * 2).next_power_of_two().max(8);
+        let mut slots = vec![0u32; size];
+        for (j, (k, _)) in by_name.iter().enumerate() {
+            let mut s = Self::slot(k, size);
+            while slots[s] != 0 {
+                s = (s + 1) & (size - 1);
+            }
+            slots[s] = j as u32 + 1;
+        }
+        NameTable { slots, by_name }
+    }
+
+    fn slot(k: &Key, size: usize) -> usize {
+        let h = (k.head as u64)
+            ^ ((k.head >> 64) as u64).rotate_left(23)
+            ^ (k.second as u64).rotate_left(41)
+            ^ ((k.second >> 64) as u64);
+        (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & (size - 1)
+    }
+
+    /// The configuration index of the service named `name`.
+    fn get(&self, name: &ServiceName) -> Option<usize> {
+        let k = Key::new(name);
+        let size = self.slots.len();
+        let mut s = Self::slot(&k, size);
+        loop {
+            let j = self.slots[s];
+            if j == 0 {
+                return None;
+            }
+            let (key, i) = &self.by_name[j as usize - 1];
+            if key.cmp(&k).is_eq() {
+                return Some(*i);
+            }
+            s = (s + 1) & (size - 1);
+        }
+    }
 }
 
 /// The reasons of a placement: a service short of its want names what no host had free, and

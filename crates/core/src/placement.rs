@@ -56,7 +56,8 @@ pub struct Room {
 pub struct Placed {
     /// Replicas placed in all.
     pub target: u32,
-    /// Where: `(host, count)`, by host, counts above zero.
+    /// Where: `(host, count)`, by host, counts above zero (filled by [`place`]; the engine
+    /// reads only the counts).
     pub per_host: Vec<(usize, u32)>,
     /// Short of its want because no host could take one more, even with room taken from lower
     /// priorities.
@@ -74,94 +75,210 @@ impl Placed {
     }
 }
 
-/// The simulation's state: who is where, both ways (sparse: a cluster of 1,000 hosts and
-/// 10,000 services has a few replicas of a few services on each host).
+/// The simulation's result: what each service ends with (without `per_host`), and where the
+/// replicas are.
+pub(crate) struct Placement {
+    /// Per service, in the order of the asks.
+    pub(crate) services: Vec<Placed>,
+    /// Per host: `(service, count)`, counts above zero, in no particular order.
+    by_host: Vec<Vec<(u32, u32)>>,
+}
+
+/// The count of service `a` in a host's list.
+fn count(v: &[(u32, u32)], a: usize) -> u32 {
+    v.iter()
+        .find(|&&(x, _)| x as usize == a)
+        .map_or(0, |&(_, c)| c)
+}
+
+/// The simulation's state: who is where (sparse: a cluster of 1,000 hosts and 10,000
+/// services has a few replicas of a few services on each host).
 struct State {
-    /// Per service: `(host, count)`.
-    by_service: Vec<Vec<(usize, u32)>>,
     /// Per host: `(service, count)`.
-    by_host: Vec<Vec<(usize, u32)>>,
+    by_host: Vec<Vec<(u32, u32)>>,
     total: Vec<u32>,
     used: Vec<Resources>,
+    /// A max tree over the hosts of the highest service position each holds, plus one (1: a
+    /// ready host that holds none; 0: a host that is not ready): the first host that may hold
+    /// replicas of a lower priority than a given service, in O(log hosts). A value may be too high (a removal does not
+    /// lower it until the host is looked at again), never too low.
+    tree: Vec<u32>,
+    /// The first leaf of `tree`.
+    leaves: usize,
 }
 
 impl State {
     fn add(&mut self, asks: &[Ask], a: usize, h: usize, n: i64) {
-        fn bump(v: &mut Vec<(usize, u32)>, k: usize, n: i64) {
-            match v.iter().position(|&(x, _)| x == k) {
-                Some(i) => {
-                    let c = (i64::from(v[i].1) + n).max(0) as u32;
-                    if c == 0 {
-                        v.swap_remove(i);
-                    } else {
-                        v[i].1 = c;
-                    }
+        let v = &mut self.by_host[h];
+        match v.iter().position(|&(x, _)| x as usize == a) {
+            Some(i) => {
+                let c = (i64::from(v[i].1) + n).max(0) as u32;
+                if c == 0 {
+                    v.swap_remove(i);
+                } else {
+                    v[i].1 = c;
                 }
-                None if n > 0 => v.push((k, n as u32)),
-                None => {}
             }
+            None if n > 0 => v.push((a as u32, n as u32)),
+            None => {}
         }
-        bump(&mut self.by_service[a], h, n);
-        bump(&mut self.by_host[h], a, n);
         let need = asks[a].need.times(n.unsigned_abs() as u32);
         if n > 0 {
             self.total[a] += n as u32;
             self.used[h] = self.used[h].plus(need);
+            let leaf = self.leaves + h;
+            if self.tree[leaf] != 0 && self.tree[leaf] < a as u32 + 1 {
+                self.set(h, a as u32 + 1);
+            }
         } else {
             self.total[a] -= n.unsigned_abs() as u32;
             self.used[h] = self.used[h].saturating_sub(need);
         }
     }
 
-    fn count(&self, a: usize, h: usize) -> u32 {
-        self.by_host[h]
-            .iter()
-            .find(|&&(x, _)| x == a)
-            .map_or(0, |&(_, c)| c)
+    /// Sets host `h`'s value in the tree.
+    fn set(&mut self, h: usize, value: u32) {
+        let mut i = self.leaves + h;
+        self.tree[i] = value;
+        while i > 1 {
+            i /= 2;
+            self.tree[i] = self.tree[2 * i].max(self.tree[2 * i + 1]);
+        }
+    }
+
+    /// The first host at or after `from` whose value is above `a + 1` (it may hold replicas
+    /// of a service after `a`).
+    fn next_lower(&self, from: usize, a: usize) -> Option<usize> {
+        let above = a as u32 + 1;
+        let n = self.leaves;
+        if from >= n {
+            return None;
+        }
+        // Walk up from the leaf, looking right for a subtree with a value above.
+        let mut i = n + from;
+        if self.tree[i] > above {
+            return Some(from);
+        }
+        loop {
+            // Move to the next subtree to the right at the lowest level possible.
+            while i % 2 == 1 {
+                i /= 2;
+                if i <= 1 {
+                    return None;
+                }
+            }
+            i += 1;
+            if self.tree[i] > above {
+                break;
+            }
+        }
+        // Down to the first leaf above.
+        while i < n {
+            i = if self.tree[2 * i] > above {
+                2 * i
+            } else {
+                2 * i + 1
+            };
+        }
+        Some(i - n)
     }
 }
 
 /// Simulates the placement: `start[service]` is where its replicas are now, `(host, count)`.
 pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<Placed> {
-    let nh = hosts.len();
-    let mut st = State {
-        by_service: vec![Vec::new(); asks.len()],
-        by_host: vec![Vec::new(); nh],
-        total: vec![0; asks.len()],
-        used: vec![Resources::ZERO; nh],
-    };
-    for (a, per) in start.iter().enumerate().take(asks.len()) {
-        for &(h, n) in per {
-            if h < nh && n > 0 {
-                st.add(asks, a, h, i64::from(n));
-            }
+    let flat: Vec<(usize, usize, u32)> = start
+        .iter()
+        .enumerate()
+        .flat_map(|(a, per)| per.iter().map(move |&(h, n)| (a, h, n)))
+        .collect();
+    let Placement {
+        mut services,
+        by_host,
+    } = simulate(asks, hosts, &flat);
+    for (h, on) in by_host.iter().enumerate() {
+        for &(a, n) in on {
+            services[a as usize].per_host.push((h, n));
         }
     }
-    let mut out: Vec<Placed> = vec![Placed::default(); asks.len()];
+    services
+}
+
+/// [`place`] from `start` as `(service, host, count)` (each pair of service and host at most
+/// once), without the services' `per_host`.
+pub(crate) fn simulate(asks: &[Ask], hosts: &[Room], start: &[(usize, usize, u32)]) -> Placement {
+    let nh = hosts.len();
+    let ns = asks.len();
+    let start: Vec<(usize, usize, u32)> = start
+        .iter()
+        .copied()
+        .filter(|&(a, h, n)| a < ns && h < nh && n > 0)
+        .collect();
+    let mut on_host = vec![0u32; nh];
+    let mut of_service = vec![0u32; ns + 1];
+    for &(a, h, _) in &start {
+        on_host[h] += 1;
+        of_service[a + 1] += 1;
+    }
+    let leaves = nh.next_power_of_two().max(1);
+    let mut st = State {
+        by_host: on_host
+            .iter()
+            .map(|&c| Vec::with_capacity(c as usize + 4))
+            .collect(),
+        total: vec![0; ns],
+        used: vec![Resources::ZERO; nh],
+        tree: vec![0; 2 * leaves],
+        leaves,
+    };
+    // Where each service is, by service (a counting sort of `start`), for the surplus.
+    for a in 0..ns {
+        of_service[a + 1] += of_service[a];
+    }
+    let mut fill = of_service.clone();
+    let mut mine: Vec<(usize, u32)> = vec![(0, 0); start.len()];
+    for &(a, h, n) in &start {
+        st.by_host[h].push((a as u32, n));
+        st.total[a] += n;
+        st.used[h] = st.used[h].plus(asks[a].need.times(n));
+        mine[fill[a] as usize] = (h, n);
+        fill[a] += 1;
+    }
+    for (h, room) in hosts.iter().enumerate() {
+        if room.ready {
+            let top = st.by_host[h].iter().map(|&(b, _)| b + 1).max().unwrap_or(0);
+            st.tree[leaves + h] = top.max(1);
+        }
+    }
+    for i in (1..leaves).rev() {
+        st.tree[i] = st.tree[2 * i].max(st.tree[2 * i + 1]);
+    }
+    let mut out: Vec<Placed> = vec![Placed::default(); ns];
     let free = |st: &State, h: usize| hosts[h].allocatable.saturating_sub(st.used[h]);
 
     // 1. Surplus back: per-host services keep one per ready host; the others give back from
     //    hosts that are not ready first, then from the host where they have the most.
     for (a, ask) in asks.iter().enumerate() {
+        let mine = &mut mine[of_service[a] as usize..of_service[a + 1] as usize];
         if ask.growth == Growth::PerHost {
-            let extra: Vec<(usize, u32)> = st.by_service[a]
-                .iter()
-                .map(|&(h, c)| (h, c.saturating_sub(u32::from(hosts[h].ready))))
-                .filter(|&(_, n)| n > 0)
-                .collect();
-            for (h, n) in extra {
-                st.add(asks, a, h, -i64::from(n));
+            for &(h, c) in mine.iter() {
+                let n = c.saturating_sub(u32::from(hosts[h].ready));
+                if n > 0 {
+                    st.add(asks, a, h, -i64::from(n));
+                }
             }
             continue;
         }
         while st.total[a] > ask.want {
-            let Some(&(h, c)) = st.by_service[a]
-                .iter()
-                .max_by_key(|&&(h, c)| (!hosts[h].ready, c, h))
+            let Some(e) = mine
+                .iter_mut()
+                .filter(|e| e.1 > 0)
+                .max_by_key(|&&mut (h, c)| (!hosts[h].ready, c, h))
             else {
                 break;
             };
-            let n = c.min(st.total[a] - ask.want);
+            let n = e.1.min(st.total[a] - ask.want);
+            e.1 -= n;
+            let h = e.0;
             st.add(asks, a, h, -i64::from(n));
         }
     }
@@ -169,12 +286,16 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
     // 2. Growth in allocation order (remainder services last: they fill what is left, the
     //    first taking from the later ones as a higher priority does). First fit starts at a
     //    cursor per size: the hosts before it had no room for that size when last looked at.
-    let mut cursor: std::collections::HashMap<Resources, usize> = Default::default();
-    for a in 0..asks.len() {
+    let mut cursors: std::collections::HashMap<Resources, usize> = Default::default();
+    // The cursor of the size being placed (written back when the size changes).
+    let mut cursor: Option<(Resources, usize)> = None;
+    let mut lower: Vec<(u32, u32)> = Vec::new();
+    let mut plan: Vec<(usize, u32)> = Vec::new();
+    for a in 0..ns {
         let ask = asks[a];
         let per_host: Vec<usize> = if ask.growth == Growth::PerHost {
             (0..nh)
-                .filter(|&h| hosts[h].ready && st.count(a, h) == 0)
+                .filter(|&h| hosts[h].ready && count(&st.by_host[h], a) == 0)
                 .collect()
         } else {
             Vec::new()
@@ -196,9 +317,17 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
             let fit = match only {
                 Some(h) => ask.need.fits(&free(&st, h)).then_some(h),
                 None => {
-                    let from = cursor.get(&ask.need).copied().unwrap_or(0);
+                    let from = match cursor {
+                        Some((need, at)) if need == ask.need => at,
+                        _ => {
+                            if let Some((need, at)) = cursor {
+                                cursors.insert(need, at);
+                            }
+                            cursors.get(&ask.need).copied().unwrap_or(0)
+                        }
+                    };
                     let h = (from..nh).find(|&h| hosts[h].ready && ask.need.fits(&free(&st, h)));
-                    cursor.insert(ask.need, h.unwrap_or(nh));
+                    cursor = Some((ask.need, h.unwrap_or(nh)));
                     h
                 }
             };
@@ -206,25 +335,38 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
                 st.add(asks, a, h, 1);
                 continue;
             }
-            // Room taken from lower priorities, the lowest first, none below its floor.
-            let candidates: Box<dyn Iterator<Item = usize>> = match only {
-                Some(h) => Box::new(std::iter::once(h)),
-                None => Box::new((0..nh).filter(|&h| hosts[h].ready)),
-            };
+            // Room taken from lower priorities, the lowest first, none below its floor: on
+            // the first ready host (or the one host) that holds some and where they make it.
             let mut done = false;
-            for h in candidates {
-                let mut room = free(&st, h);
-                let mut lower: Vec<(usize, u32)> = st.by_host[h]
-                    .iter()
-                    .copied()
-                    .filter(|&(b, _)| b > a)
-                    .collect();
+            let mut at = match only {
+                Some(h) => Some(h),
+                None => st.next_lower(0, a),
+            };
+            while let Some(h) = at {
+                at = match only {
+                    Some(_) => None,
+                    None => st.next_lower(h + 1, a),
+                };
+                lower.clear();
+                lower.extend(
+                    st.by_host[h]
+                        .iter()
+                        .copied()
+                        .filter(|&(b, _)| b as usize > a),
+                );
+                if only.is_none() {
+                    // The host's value, exact again.
+                    let top = st.by_host[h].iter().map(|&(b, _)| b + 1).max().unwrap_or(0);
+                    st.set(h, top.max(1));
+                }
                 if lower.is_empty() {
                     continue;
                 }
+                let mut room = free(&st, h);
                 lower.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
-                let mut plan: Vec<(usize, u32)> = Vec::new();
-                for (b, c) in lower {
+                plan.clear();
+                for &(b, c) in &lower {
+                    let b = b as usize;
                     if ask.need.fits(&room) {
                         break;
                     }
@@ -241,7 +383,7 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
                 if !ask.need.fits(&room) {
                     continue;
                 }
-                for (b, n) in plan {
+                for &(b, n) in &plan {
                     st.add(asks, b, h, -i64::from(n));
                     out[a].took.push((b, h, n));
                 }
@@ -260,20 +402,22 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
 
     for (a, o) in out.iter_mut().enumerate() {
         o.target = st.total[a];
-        let mut per_host = std::mem::take(&mut st.by_service[a]);
-        per_host.sort_unstable();
-        o.per_host = per_host;
-        o.took.sort_unstable();
-        let mut merged: Vec<(usize, usize, u32)> = Vec::with_capacity(o.took.len());
-        for &(b, h, n) in &o.took {
-            match merged.last_mut() {
-                Some(last) if last.0 == b && last.1 == h => last.2 += n,
-                _ => merged.push((b, h, n)),
+        if o.took.len() > 1 {
+            o.took.sort_unstable();
+            let mut merged: Vec<(usize, usize, u32)> = Vec::with_capacity(o.took.len());
+            for &(b, h, n) in &o.took {
+                match merged.last_mut() {
+                    Some(last) if last.0 == b && last.1 == h => last.2 += n,
+                    _ => merged.push((b, h, n)),
+                }
             }
+            o.took = merged;
         }
-        o.took = merged;
     }
-    out
+    Placement {
+        services: out,
+        by_host: st.by_host,
+    }
 }
 
 #[cfg(test)]
