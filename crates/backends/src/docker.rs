@@ -8,7 +8,8 @@
 //!
 //! Stopped containers are never left behind: a scale-down stops and then removes, a failed start
 //! removes what it created, and `observe` removes replicas that exited on their own (the project
-//! this replaces left 700 stopped containers per host after three hours).
+//! this replaces left 700 stopped containers per host after three hours) and ones created whose
+//! start was lost (the engine stopped or restarted between the create and the start).
 //!
 //! # Warm pool
 //! A service with `[services.pool] size = N` keeps N replicas created, started and paused ahead
@@ -1115,6 +1116,18 @@ impl Backend for DockerBackend {
         let changes = lock(&self.cache.changes).clone();
         let at = std::time::Instant::now();
         let (ours, host) = futures::try_join!(self.list(None), self.cached_host())?;
+        // A container created but never started, of a service none of whose changes ran
+        // while the listing was taken, was abandoned: its start was lost (the engine stopped
+        // or restarted under it). It would be counted pending forever; it is removed instead.
+        let (abandoned, ours): (Vec<Owned>, Vec<Owned>) = {
+            let after = lock(&self.cache.changes);
+            ours.into_iter().partition(|c| {
+                let (then, now) = (changes.get(&c.service), after.get(&c.service));
+                c.state == ContainerSummaryStateEnum::CREATED
+                    && then == now
+                    && now.is_none_or(|n| n.under_way == 0)
+            })
+        };
         let live: Vec<Owned> = ours.iter().filter(|c| !c.is_finished()).cloned().collect();
         *lock(&self.cache.snapshot) = Some(Snapshot {
             at,
@@ -1154,6 +1167,7 @@ impl Backend for DockerBackend {
                 state,
             });
         }
+        finished.extend(abandoned);
         self.sweep(&finished).await;
         // Top the pools up (or trim them) in the background; the tick never waits for it.
         let pools: Vec<Service> = lock(&self.pool.services).values().cloned().collect();
