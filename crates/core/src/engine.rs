@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::model::*;
+use crate::placement::Growth;
 use crate::plan::*;
 use crate::plugin::Plugins;
 use crate::rules::{self, replicas_for, Recommendation};
@@ -324,6 +325,12 @@ impl<S> Default for Scratch<'_, S> {
 
 struct Work<'a, P: Plugins> {
     svc: &'a Service<P>,
+    /// What the plan and the placement read of the service, copied here so they do not visit
+    /// its configuration again (by then out of cache): its priority, how it grows, what one
+    /// replica asks for.
+    priority: Priority,
+    growth: Growth,
+    need: Resources,
     /// The service's index in the configuration.
     index: usize,
     /// The service's scaling behaviour.
@@ -563,7 +570,7 @@ fn place_resources<P: Plugins>(
     observed: &Observed,
     reserve: Resources,
 ) -> crate::placement::Placement {
-    use crate::placement::{simulate, Ask, Growth, Room};
+    use crate::placement::{simulate, Ask, Room};
     let rooms: Vec<Room> = observed
         .hosts
         .iter()
@@ -578,14 +585,10 @@ fn place_resources<P: Plugins>(
     let asks: Vec<Ask> = work
         .iter()
         .map(|w| Ask {
-            need: w.svc.resources.unwrap_or(Resources::ZERO),
+            need: w.need,
             want: w.want,
             floor: w.floor,
-            growth: match w.svc.kind {
-                ServiceKind::PerHost => Growth::PerHost,
-                ServiceKind::Remainder => Growth::Remainder,
-                ServiceKind::Triggered(_) => Growth::Priority,
-            },
+            growth: w.growth,
         })
         .collect();
     // Where the replicas are, sparse: (position in `work`, host index, count).
@@ -685,7 +688,7 @@ fn explain_placement<P: Plugins>(
     }
     for (i, (w, p)) in work.iter().zip(placed).enumerate() {
         let sp = &mut plan.services[i];
-        let need = w.svc.resources.unwrap_or(Resources::ZERO);
+        let need = w.need;
         let mut parts = Vec::new();
         if p.blocked && p.target < w.want {
             sp.bound = Bound::Capacity;
@@ -889,6 +892,13 @@ fn want<'a, P: Plugins>(
     let keep = floor.max(wish.min(current));
     Work {
         svc,
+        priority: svc.priority,
+        growth: match svc.kind {
+            ServiceKind::PerHost => Growth::PerHost,
+            ServiceKind::Remainder => Growth::Remainder,
+            ServiceKind::Triggered(_) => Growth::Priority,
+        },
+        need: svc.resources.unwrap_or(Resources::ZERO),
         index: 0,
         scaling,
         paused_replicas: inputs.paused_replicas,
@@ -1286,8 +1296,8 @@ fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocat
         let reason = Reason::new(service_reason(w, bound, &ctx));
         services.push(ServicePlan {
             service: keys[w.index].to_name(),
-            priority: w.svc.priority,
-            remainder: w.svc.is_remainder(),
+            priority: w.priority,
+            remainder: w.growth == Growth::Remainder,
             demand: w.demand,
             current: w.current,
             running: w.obs.running,
@@ -1327,7 +1337,7 @@ fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocat
             let count = w.target - w.current;
             let took = took[i]
                 .iter()
-                .map(|&(v, n)| (keys[work[v].index].to_name(), work[v].svc.priority, n))
+                .map(|&(v, n)| (keys[work[v].index].to_name(), work[v].priority, n))
                 .collect();
             actions.push(Action {
                 kind: ActionKind::Start,
@@ -1372,7 +1382,7 @@ fn final_bound<P: Plugins>(w: &Work<P>, taken: bool, left: u64) -> Bound {
         } else {
             Bound::OverCapacity
         }
-    } else if w.svc.is_remainder() {
+    } else if w.growth == Growth::Remainder {
         Bound::Remainder
     } else {
         Bound::Capacity
@@ -1415,7 +1425,7 @@ fn push_asks<P: Plugins>(s: &mut String, w: &Work<P>) {
 }
 
 fn service_reason<P: Plugins>(w: &Work<P>, bound: Bound, ctx: &Ctx<P>) -> Words {
-    if bound == Bound::Demand && matches!(w.svc.kind, ServiceKind::Triggered(_)) {
+    if bound == Bound::Demand && w.growth == Growth::Priority {
         // The common case, written when read: "{asks} {cmp} {current}".
         return Words::Demand {
             asks: w.asks.clone(),
