@@ -592,20 +592,32 @@ fn place_resources<P: Plugins>(
         })
         .collect();
     // Where the replicas are, sparse: (position in `work`, host index, count).
-    let host_index: std::collections::HashMap<&HostId, usize> = observed
+    // The hosts by id (the last of equal ids wins), walked beside the placement's ids, which
+    // come sorted.
+    let mut ids: Vec<(&HostId, usize)> = observed
         .hosts
         .iter()
         .enumerate()
         .map(|(i, h)| (&h.id, i))
         .collect();
+    ids.sort_unstable();
     let mut position = vec![0u32; work.len()];
     for (a, w) in work.iter().enumerate() {
         position[w.index] = a as u32;
     }
     let names = NameTable::new(by_name);
     let mut start: Vec<(usize, usize, u32)> = Vec::with_capacity(work.len() * 2);
+    let mut at = 0;
     for (id, services) in &observed.placement {
-        let Some(&h) = host_index.get(id) else {
+        while ids.get(at).is_some_and(|&(x, _)| x < id) {
+            at += 1;
+        }
+        let mut host = None;
+        while let Some(&(_, h)) = ids.get(at).filter(|&&(x, _)| x == id) {
+            host = Some(h);
+            at += 1;
+        }
+        let Some(h) = host else {
             continue;
         };
         for (name, &n) in services {
