@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s (%s free on the build disk)\n' "$*" "$(df -h --output=avail . | tail -n1 | tr -d ' ')"; }
+
+# A one-shot run keeps no incremental state (it is as large as the build and never reused).
+if [ "$CI" = true ]; then
+  export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+fi
 
 # The services need root; the build and the tests do not. As root they are installed here;
 # otherwise through sudo when it is there (the tests then run as this user).
@@ -56,3 +61,4 @@ else
   cargo test --locked --workspace --no-fail-fast
 fi
 step "all tests passed"
+du -sh target 2>/dev/null || true
