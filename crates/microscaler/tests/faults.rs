@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use microscaler_testkit::{missing_service, unique, Leftovers};
+use microscaler_testkit::{missing_service, unique, Leftovers, Rng};
 use serde_json::Value;
 
 const CAPACITY: u32 = 6;
@@ -48,19 +48,6 @@ fn containers_on(engine: &[&str], instance: &str) -> Vec<(String, String)> {
 /// `(service, state)` of every container of `instance` on the default engine.
 fn containers(instance: &str) -> Vec<(String, String)> {
     containers_on(&[], instance)
-}
-
-/// A small seeded generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
 }
 
 /// A running daemon and its tick lines.
@@ -156,17 +143,8 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
             return;
         }
     }
-    let seed = std::env::var("FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("FAULT_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env("FAULT_SEED");
+    let seed = rng.seed();
     let instance = unique("fault");
     let _cleanup = Leftovers::containers(&instance);
     let dir = tempfile::tempdir().expect("dir");

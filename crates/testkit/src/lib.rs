@@ -20,7 +20,7 @@
 //! - [`tls`]: a real TLS server behind a private CA, for the HTTP backends' `ca_file`.
 //! - [`kube_rig`] (feature `kubernetes`): helpers for tests against the Kubernetes test rig.
 //! - The helpers the test crates shared by copy before: [`missing_service`], [`unique`],
-//!   [`wait_for`], [`poll_until`], [`service`].
+//!   [`wait_for`], [`poll_until`], [`service`], and the fault tests' seeded [`Rng`].
 #![deny(missing_docs)]
 
 use std::time::Duration;
@@ -39,6 +39,43 @@ pub mod nomad;
 pub mod sim;
 pub mod source_contract;
 pub mod tls;
+
+/// A small seeded generator (SplitMix64) for tests that pick faults, moments and demands at
+/// random and must be replayable.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the environment variable `var` when it holds a number, else from the clock;
+    /// the seed is printed (`var=seed`) so that a failure can be replayed.
+    pub fn from_env(var: &str) -> Rng {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        eprintln!("{var}={seed}");
+        Rng(seed)
+    }
+
+    /// The seed it started from.
+    pub fn seed(&self) -> u64 {
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+}
 
 /// Runs the future `f` makes to its end on a runtime of its own, in a thread of its own: for
 /// clean-ups in `Drop`, which cannot await and may run after the test's runtime is gone.
