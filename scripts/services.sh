@@ -13,6 +13,8 @@ command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
 command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
 command -v nats-server >/dev/null 2>&1 || need_pkgs+=(nats-server)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+# etcd for [ha]'s tests (each starts a private one on loopback ports of its own).
+command -v etcd >/dev/null 2>&1 || need_pkgs+=(etcd-server)
 # The docker_cpu source's test runs containers of Debian's static busybox (no registry).
 [ -x /bin/busybox ] || need_pkgs+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

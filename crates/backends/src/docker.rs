@@ -195,6 +195,10 @@ pub struct DockerBackend {
     pool: Arc<PoolState>,
     /// The last observe's listing (reused by the same tick's `scale`) and the engine's host.
     cache: Arc<Cache>,
+    /// Whether this microscaler may change anything ([`Backend::set_acting`]): a follower's
+    /// `prepare` and `observe` remove nothing and refill no pool (the containers are the
+    /// leader's, and one it has just created is about to be started, not abandoned).
+    acting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How long an observe's listing may serve a `scale` of a service this backend did not change
@@ -416,6 +420,10 @@ fn name_suffix() -> String {
 impl DockerBackend {
     /// `prepare`, or with [`Apply::No`] its checks only: what it would import or remove is
     /// logged instead.
+    fn acting(&self) -> bool {
+        self.acting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn prepare_as(&self, services: &[Service], apply: Apply) -> Result<(), BackendError> {
         *lock(&self.pool.services) = services
             .iter()
@@ -479,8 +487,13 @@ impl DockerBackend {
         let adopted = ours.iter().filter(|c| c.is_running()).count();
         // Paused containers of ours are the warm pool (or preempted replicas kept paused).
         let pooled = ours.iter().filter(|c| c.is_paused()).count();
-        if apply == Apply::Yes {
+        if apply == Apply::Yes && self.acting() {
             self.sweep(&leftovers).await;
+        } else if apply == Apply::Yes && !leftovers.is_empty() {
+            tracing::info!(
+                count = leftovers.len(),
+                "not leading: leaving the replicas left created or stopped to the leader"
+            );
         } else if !leftovers.is_empty() {
             tracing::info!(
                 count = leftovers.len(),
@@ -524,6 +537,7 @@ impl DockerBackend {
             replica_image: Arc::new(OnceCell::new()),
             pool: Arc::new(PoolState::default()),
             cache: Arc::new(Cache::default()),
+            acting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -1110,6 +1124,11 @@ impl Backend for DockerBackend {
         self.prepare_as(services, Apply::No).await
     }
 
+    fn set_acting(&self, acting: bool) {
+        self.acting
+            .store(acting, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn observe(&self) -> Result<Observation, BackendError> {
         // What had changed when the listing was asked for: `scale` reuses the listing only
         // for services that have not changed since.
@@ -1119,11 +1138,14 @@ impl Backend for DockerBackend {
         // A container created but never started, of a service none of whose changes ran
         // while the listing was taken, was abandoned: its start was lost (the engine stopped
         // or restarted under it). It would be counted pending forever; it is removed instead.
+        // A follower's are the leader's, whose start may be under way: counted pending.
+        let acting = self.acting();
         let (abandoned, ours): (Vec<Owned>, Vec<Owned>) = {
             let after = lock(&self.cache.changes);
             ours.into_iter().partition(|c| {
                 let (then, now) = (changes.get(&c.service), after.get(&c.service));
-                c.state == ContainerSummaryStateEnum::CREATED
+                acting
+                    && c.state == ContainerSummaryStateEnum::CREATED
                     && then == now
                     && now.is_none_or(|n| n.under_way == 0)
             })
@@ -1166,6 +1188,10 @@ impl Backend for DockerBackend {
                 host: host.id.clone(),
                 state,
             });
+        }
+        if !acting {
+            obs.hosts.push(host);
+            return Ok(obs);
         }
         finished.extend(abandoned);
         self.sweep(&finished).await;

@@ -359,6 +359,15 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Tells the backend whether this microscaler may change anything now (with `[ha]`, only
+    /// the holder of the etcd lease may). A backend whose `prepare` or `observe` tidies up on
+    /// its own (removes containers left half-done, refills a warm pool) does so only while
+    /// acting, so a follower's observation never touches the leader's replicas. The control
+    /// loop calls it before `prepare` and before every observation. Default: unused.
+    fn set_acting(&self, acting: bool) {
+        let _ = acting;
+    }
+
     /// Gives the backend the control loop's waker: a backend told of a change by its
     /// orchestrator (an event queue) rings it so the loop ticks at once instead of at its next
     /// period. Default: unused.
@@ -458,6 +467,9 @@ impl Backend for AnyBackend {
     }
     fn leading(&self) -> bool {
         dispatch!(self, b => b.leading())
+    }
+    fn set_acting(&self, acting: bool) {
+        dispatch!(self, b => b.set_acting(acting))
     }
     fn wake_on_change(&self, waker: std::sync::Arc<tokio::sync::Notify>) {
         dispatch!(self, b => b.wake_on_change(waker))

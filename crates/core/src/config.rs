@@ -55,6 +55,28 @@ pub struct Config<P: Plugins> {
     pub scaling: BTreeMap<ServiceName, Scaling>,
     /// The HTTP server (dashboard, API, /metrics, history); command-line flags override it.
     pub server: ServerSpec,
+    /// High availability off Kubernetes (`[ha]`): only the holder of an etcd lease acts.
+    pub ha: Option<HaSpec>,
+}
+
+/// `[ha]`: several microscalers of one instance share a lease in etcd and only its holder acts;
+/// the others observe, decide and report, and take over when the holder stops renewing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaSpec {
+    /// etcd's client URLs (`http://host:2379`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// The lease's time to live (whole seconds): how long after the holder's last renewal
+    /// another microscaler may take over.
+    pub ttl: Duration,
+    /// A holder stops acting this long after the last renewal it sent, whether or not it could
+    /// renew since (shorter than `ttl`, so it stops before anyone else may start).
+    pub renew_deadline: Duration,
+    /// How often each microscaler tries to take or renew the lease.
+    pub retry_period: Duration,
+    /// The election's key in etcd.
+    pub key: String,
+    /// This microscaler's name in the key (`None`: its host name and process id).
+    pub identity: Option<String>,
 }
 
 /// `[server]`: the dashboard, API, /metrics and history. Every key is optional; the command
@@ -123,8 +145,19 @@ struct RawTop {
     capacity: Option<toml::Value>,
     backend: Option<toml::Value>,
     server: Option<toml::Value>,
+    ha: Option<toml::Value>,
     #[serde(default)]
     services: Vec<toml::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawHa {
+    etcd: Option<Vec<String>>,
+    ttl: Option<String>,
+    renew_deadline: Option<String>,
+    retry_period: Option<String>,
+    key: Option<String>,
+    identity: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +339,7 @@ impl Validator {
         let capacity = self.capacity(top.capacity);
         let backend = self.backend::<P::Backend>(top.backend);
         let server = self.server(top.server);
+        let ha = top.ha.and_then(|raw| self.ha(raw, &instance));
 
         if top.services.is_empty() {
             self.err("services", "at least one [[services]] entry is required");
@@ -359,6 +393,85 @@ impl Validator {
             services,
             scaling,
             server,
+            ha,
+        })
+    }
+
+    fn ha(&mut self, raw: toml::Value, instance: &str) -> Option<HaSpec> {
+        let r: RawHa = self.part(raw, "ha")?;
+        let endpoints = r.etcd.unwrap_or_default();
+        if endpoints.is_empty() {
+            self.err(
+                "ha.etcd",
+                "missing: etcd's client URLs, like [\"http://127.0.0.1:2379\"]",
+            );
+        }
+        for (i, e) in endpoints.iter().enumerate() {
+            if let Err(m) = check_url(e, &["http", "https"]) {
+                self.err(format!("ha.etcd[{i}]"), m);
+            }
+        }
+        let ttl = self.duration(
+            r.ttl.as_deref(),
+            "ha.ttl",
+            Duration::from_secs(10),
+            (Duration::from_secs(2), Duration::from_secs(3600)),
+        );
+        if ttl.subsec_nanos() != 0 {
+            self.err(
+                "ha.ttl",
+                format!(
+                    "must be whole seconds (etcd's leases count in seconds), got {:?}",
+                    r.ttl.unwrap_or_default()
+                ),
+            );
+        }
+        let renew_deadline = self.duration(
+            r.renew_deadline.as_deref(),
+            "ha.renew_deadline",
+            ttl * 2 / 3,
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        );
+        if renew_deadline >= ttl {
+            self.err(
+                "ha.renew_deadline",
+                "must be shorter than ha.ttl, so a leader that cannot renew stops acting before another may take over",
+            );
+        }
+        let retry_period = self.duration(
+            r.retry_period.as_deref(),
+            "ha.retry_period",
+            (ttl / 5).min(Duration::from_secs(2)),
+            (Duration::from_millis(50), Duration::from_secs(600)),
+        );
+        if retry_period * 2 > renew_deadline {
+            self.err(
+                "ha.retry_period",
+                "must be at most half of ha.renew_deadline, so a leader has two tries to renew before it stops acting",
+            );
+        }
+        let key = match r.key {
+            Some(k) if k.trim().is_empty() => {
+                self.err("ha.key", "must not be empty");
+                k
+            }
+            Some(k) => k,
+            None => format!("/microscaler/{instance}/leader"),
+        };
+        let identity = match r.identity {
+            Some(i) if i.trim().is_empty() => {
+                self.err("ha.identity", "must not be empty");
+                None
+            }
+            other => other,
+        };
+        Some(HaSpec {
+            endpoints,
+            ttl,
+            renew_deadline,
+            retry_period,
+            key,
+            identity,
         })
     }
 
@@ -1286,6 +1399,43 @@ mod tests {
         );
         let e = errors("[capacity\nslots=1");
         assert!(e[0].starts_with("invalid TOML"), "{e:?}");
+    }
+
+    #[test]
+    fn ha_section_is_validated() {
+        let c = Config::from_toml(&format!(
+            "{GOOD}\n[ha]\netcd = [\"http://127.0.0.1:2379\"]\nttl = \"3s\"\n"
+        ))
+        .unwrap();
+        let ha = c.ha.expect("[ha]");
+        assert_eq!(ha.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(ha.ttl, Duration::from_secs(3));
+        assert_eq!(ha.renew_deadline, Duration::from_secs(2));
+        assert_eq!(ha.retry_period, Duration::from_millis(600));
+        assert_eq!(ha.key, "/microscaler/demo/leader");
+        assert_eq!(ha.identity, None);
+        assert_eq!(Config::from_toml(GOOD).unwrap().ha, None);
+        let e = errors(&format!(
+            "{GOOD}\n[ha]\netcd = [\"etcd:2379\"]\nttl = \"2500ms\"\nrenew_deadline = \"5s\"\nretry_period = \"2s\"\nkey = \"\"\nleader = 1\n"
+        ));
+        for want in [
+            "ha.leader: unknown key",
+            "ha.etcd[0]: \"etcd:2379\" is not a URL: write it like http://host:port",
+            "ha.ttl: must be whole seconds (etcd's leases count in seconds), got \"2500ms\"",
+            "ha.renew_deadline: must be shorter than ha.ttl, so a leader that cannot renew stops acting before another may take over",
+            "ha.key: must not be empty",
+        ] {
+            assert!(e.contains(&want.to_string()), "{want:?} not in {e:?}");
+        }
+        let e = errors(&format!(
+            "{GOOD}\n[ha]\nttl = \"4s\"\nretry_period = \"2s\"\n"
+        ));
+        assert!(e.iter().any(|m| m.starts_with("ha.etcd: missing")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("ha.retry_period: must be at most half")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -113,6 +113,7 @@ fn config(capacity: Capacity, services: Vec<Service>) -> Config {
         services,
         scaling: Default::default(),
         server: Default::default(),
+        ha: None,
     }
 }
 

@@ -235,6 +235,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     services,
                     scaling: Default::default(),
                     server: Default::default(),
+                    ha: None,
                 },
                 observed,
                 samples,

@@ -52,6 +52,7 @@ fn config(slots: u32, services: Vec<Service>) -> Config {
         services,
         scaling: Default::default(),
         server: Default::default(),
+        ha: None,
     }
 }
 

@@ -413,6 +413,8 @@ pub struct Controller<B: Backend + 'static> {
     dry_run: bool,
     /// Failures that go on tick after tick, logged once and then counted.
     repeats: Repeats<Failing>,
+    /// `[ha]`: the etcd election this microscaler must lead to act.
+    elector: Option<Arc<crate::ha::EtcdElector>>,
 }
 
 /// What can fail tick after tick.
@@ -492,7 +494,19 @@ impl<B: Backend + 'static> Controller<B> {
             leading: true,
             dry_run: false,
             repeats: Repeats::default(),
+            elector: None,
         }
+    }
+
+    /// `[ha]`: from now on this microscaler acts only while `elector` leads (and the backend's
+    /// own election, if it has one, too).
+    pub fn elect(&mut self, elector: Arc<crate::ha::EtcdElector>) {
+        self.elector = Some(elector);
+    }
+
+    /// Whether this microscaler may change anything now.
+    fn may_act(&self) -> bool {
+        !self.dry_run && self.backend.leading() && self.elector.as_ref().is_none_or(|e| e.leading())
     }
 
     /// `run --dry-run`: from now on [`Controller::prepare`] only checks the backend, the
@@ -565,6 +579,11 @@ impl<B: Backend + 'static> Controller<B> {
                 }
             }
         }
+        // With [ha] the election has not been won yet: prepare as a follower (what the last
+        // run left half-done is tidied by the leader's observations).
+        if self.elector.is_some() {
+            self.backend.set_acting(self.may_act());
+        }
         let prepared = if self.dry_run {
             self.backend.prepare_dry_run(&self.cfg.services).await
         } else {
@@ -617,6 +636,10 @@ impl<B: Backend + 'static> Controller<B> {
         }
 
         let mut phases = TickPhases::default();
+        // A follower's observation tidies nothing up (the replicas are the leader's).
+        if self.elector.is_some() {
+            self.backend.set_acting(self.may_act());
+        }
         // Observe and sample at once: the observation runs in a task of its own (on another
         // worker of a multi-threaded runtime, or while the samples wait for their servers),
         // so the tick takes the longer of the two rather than their sum.
@@ -682,7 +705,7 @@ impl<B: Backend + 'static> Controller<B> {
             }
         };
 
-        let leading = !self.dry_run && self.backend.leading();
+        let leading = self.may_act();
         if leading != self.leading {
             if leading {
                 tracing::info!("leading: this microscaler changes replicas from now on");
@@ -740,6 +763,9 @@ impl<B: Backend + 'static> Controller<B> {
             }
         }
         phases.decide = t.elapsed();
+        // Leadership again, right before acting: a leader frozen (or cut off from its
+        // election) while it observed and decided must not act on what it held then.
+        let leading = leading && self.may_act();
         if leading {
             self.dispatch(&plan, now, t0, &mut phases, &mut executions)
                 .await;
@@ -1249,11 +1275,16 @@ impl<B: Backend + 'static> Controller<B> {
             return Ok(OnExit::Leave);
         }
         // A follower removes nothing: the replicas are the leader's.
-        let remove = on_exit == OnExit::Stop && self.backend.leading();
+        let remove = on_exit == OnExit::Stop && self.may_act();
         if on_exit == OnExit::Stop && !remove {
             tracing::info!("not leading: leaving the replicas to the leader");
         }
-        self.backend.shutdown(&self.cfg.services, remove).await?;
+        let done = self.backend.shutdown(&self.cfg.services, remove).await;
+        // The lease goes last, once nothing of this microscaler's changes is left running.
+        if let Some(e) = &self.elector {
+            e.release().await;
+        }
+        done?;
         Ok(on_exit)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod demo;
+pub mod ha;
 pub mod inspect;
 pub mod repeat;
 pub mod report;

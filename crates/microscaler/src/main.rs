@@ -1276,10 +1276,21 @@ async fn drive(
     web: Option<Web>,
     queue: Option<&demo::QueueView>,
 ) -> Result<(), Failure> {
+    let ha = cfg.ha.clone();
     let mut ctl = Controller::new(cfg, backend, clock_seed());
     if dry_run {
         ctl.dry_run();
     }
+    // [ha]: the etcd election runs beside the loop (not in a dry run, which never acts).
+    let election = match ha {
+        Some(spec) if !dry_run => {
+            let elector = microscaler::ha::EtcdElector::new(spec.clone());
+            tracing::info!(key = %spec.key, identity = elector.identity(), etcd = ?spec.endpoints, ttl = ?spec.ttl, "high availability: acting only while holding the etcd lease");
+            ctl.elect(elector.clone());
+            Some(tokio::spawn(elector.run()))
+        }
+        _ => None,
+    };
     if let Some(w) = &web {
         let _ = w.controls_set.set(ctl.controls().clone());
     }
@@ -1335,6 +1346,9 @@ async fn drive(
     if let Some(w) = web {
         w.hub.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), w.task).await;
+    }
+    if let Some(e) = election {
+        e.abort();
     }
     match ctl.shutdown().await? {
         _ if dry_run => eprintln!("dry run: changed nothing"),

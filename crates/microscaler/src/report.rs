@@ -21,6 +21,9 @@ pub struct TickLine {
     pub errors: Vec<String>,
     /// Tick duration in milliseconds.
     pub took_ms: f64,
+    /// Whether this microscaler could act in this tick (false for a follower of `[ha]` or a
+    /// Kubernetes Lease, and in a dry run): a follower changes nothing.
+    pub leading: bool,
 }
 
 /// A service in a tick line.
@@ -91,6 +94,7 @@ impl TickLine {
             actions,
             errors,
             took_ms: r.took.as_secs_f64() * 1000.0,
+            leading: r.leading,
         }
     }
 
@@ -120,6 +124,9 @@ impl TickLine {
             }
         }
         s.push_str(&format!(" free {}", self.free));
+        if !self.leading {
+            s.push_str(" | not leading");
+        }
         if !self.actions.is_empty() {
             s.push_str(" | ");
             s.push_str(&self.actions.join("; "));

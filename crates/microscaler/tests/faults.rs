@@ -12,127 +12,20 @@
 //! And, under a running control loop: a demand source's server (a real redis-server) killed,
 //! and the Docker engine (a private dockerd) stopped and started while it scales.
 
-use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use microscaler_testkit::{missing_service, unique, Leftovers, Rng};
+
+mod common;
+use common::daemon::{containers, containers_on, free_port, services, set_demand, Daemon};
 use serde_json::Value;
 
 const CAPACITY: u32 = 6;
 const TOKEN: &str = "fault-token-0123456789";
 const RESTARTS: u32 = 20;
-
-/// `(service, state)` of every container of `instance`, on the engine `docker <engine>` talks
-/// to (`[]`: the default one, `["-H", socket]`: another).
-fn containers_on(engine: &[&str], instance: &str) -> Vec<(String, String)> {
-    let out = Command::new("docker")
-        .args(engine)
-        .args(["ps", "-a", "--filter"])
-        .arg(format!("label=io.microscaler.instance={instance}"))
-        .args([
-            "--format",
-            "{{.Label \"io.microscaler.service\"}} {{.State}}",
-        ])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(s, st)| (s.to_string(), st.to_string()))
-        .collect()
-}
-
-/// `(service, state)` of every container of `instance` on the default engine.
-fn containers(instance: &str) -> Vec<(String, String)> {
-    containers_on(&[], instance)
-}
-
-/// A running daemon and its tick lines.
-struct Daemon {
-    child: Child,
-    ticks: mpsc::Receiver<Value>,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path, state: &std::path::Path, demand: u64) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_microscaler"))
-            .args(["run", "--json", "-c"])
-            .arg(config)
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--set-demand", &format!("web={demand}")])
-            .env("MICROSCALER_TOKEN", TOKEN)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start microscaler run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, ticks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
-        Daemon { child, ticks }
-    }
-
-    /// The next tick line.
-    fn tick(&self) -> Value {
-        self.ticks
-            .recv_timeout(Duration::from_secs(30))
-            .expect("a tick line within 30 s")
-    }
-
-    fn kill(mut self) {
-        // SAFETY: kill(2) on the pid of a child we started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Each service's (target, running, pending) in a tick line.
-fn services(tick: &Value) -> Vec<(String, u64, u64, u64)> {
-    tick["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            let n = |k: &str| s[k].as_u64().unwrap_or(0);
-            (
-                s["name"].as_str().unwrap_or("").to_string(),
-                n("target"),
-                n("running"),
-                n("pending"),
-            )
-        })
-        .collect()
-}
-
-fn set_demand(port: u16, value: u64) {
-    let body = format!("{{\"value\": {value}}}");
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the API");
-    write!(
-        s,
-        "PUT /api/v1/services/web/demand HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut answer = String::new();
-    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-}
 
 #[test]
 fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
@@ -148,11 +41,7 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
     let instance = unique("fault");
     let _cleanup = Leftovers::containers(&instance);
     let dir = tempfile::tempdir().expect("dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a port")
-        .local_addr()
-        .expect("its address")
-        .port();
+    let port = free_port();
     let config = dir.path().join("faults.toml");
     std::fs::write(
         &config,
@@ -205,7 +94,13 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
     let mut slowest = 0;
     for restart in 0..=RESTARTS {
         let demand = rng.below(u64::from(CAPACITY) + 1);
-        let daemon = Daemon::start(&config, &state, demand);
+        let daemon = Daemon::start(
+            &config,
+            &state,
+            &["--set-demand".into(), format!("web={demand}")],
+            TOKEN,
+            None,
+        );
         // From its first tick the restarted daemon plans the right targets, then the targets
         // run with nothing pending and stay so for two more ticks (a stop the killed daemon
         // asked for may still be under way in the engine: the container it stops counts as
@@ -263,7 +158,7 @@ fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
         }
         // Another demand, and a kill at a random moment of the change.
         let next = (demand + 1 + rng.below(u64::from(CAPACITY))) % (u64::from(CAPACITY) + 1);
-        set_demand(port, next);
+        set_demand(port, TOKEN, "web", next);
         std::thread::sleep(Duration::from_millis(rng.below(1200)));
         daemon.kill();
     }
@@ -344,11 +239,7 @@ async fn a_sources_server_killed_holds_its_service_until_it_is_back() {
     use microscaler::wiring::build_backend;
     use microscaler_backends::Config;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a port")
-        .local_addr()
-        .expect("its address")
-        .port();
+    let port = free_port();
     let Some(redis) = Redis::start(port) else {
         missing_service(
             "redis-server (Debian's redis-server package)",

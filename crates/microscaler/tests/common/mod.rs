@@ -1,6 +1,8 @@
 //! Shared by the control-loop tests on the orchestrators: ticking until the seeds' rule holds.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::time::{Duration, Instant};
 
 use microscaler::control::{Controller, TickReport};
