@@ -60,5 +60,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast
 fi
+step "schemathesis against the API's OpenAPI document (bounded: 60 s, a fixed seed)"
+scripts/schemathesis.sh
+
 step "all tests passed"
 du -sh target 2>/dev/null || true

@@ -488,11 +488,9 @@ impl RangeQuery {
         if self.from.is_some_and(|f| f < 0) || to < 0 {
             return Err(ApiError::bad("from and to are Unix milliseconds >= 0"));
         }
-        // The default span reaches back no further than 0: `to=0` is valid.
+        // The default span reaches back no further than 0: `to=0` is valid. A range whose
+        // `from` is after its `to` is valid too, and empty (nothing is between them in the store).
         let from = self.from.unwrap_or((to - default_span_ms).max(0));
-        if from > to {
-            return Err(ApiError::bad(format!("from ({from}) must be <= to ({to})")));
-        }
         let limit = self.limit.unwrap_or(default_limit);
         if limit == 0 || limit > max_limit {
             return Err(ApiError::bad(format!(
@@ -692,8 +690,16 @@ async fn clear_demand(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResul
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RandomBody {
+    #[serde(default, deserialize_with = "present")]
     delta: Option<serde_json::Number>,
+    #[serde(default, deserialize_with = "present")]
     interval_ms: Option<serde_json::Number>,
+}
+
+/// An optional field that, when present, must be a number: `null` is not one (the OpenAPI
+/// document says integer, and a client sending null meant something this API does not do).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Number>, D::Error> {
+    serde_json::Number::deserialize(d).map(Some)
 }
 
 /// `field`'s value, a whole number within `range` (JSON Schema's integer: `8577.0` is one,
