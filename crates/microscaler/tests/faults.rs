@@ -337,7 +337,12 @@ impl PrivateEngine {
     fn up(&mut self) -> Result<(), String> {
         let d = &self.dir;
         let log = std::fs::File::create(d.join("dockerd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("dockerd")
+        // In a network namespace of its own: a dockerd started with `--bridge none` deletes
+        // the host's docker0 (libnetwork removes the default bridge it will not use), which
+        // took the bridge from every other test's containers and from Swarm's tasks. Its
+        // replicas need no network (the backend's default network is "none").
+        let child = Command::new("unshare")
+            .args(["--net", "--", "dockerd"])
             .arg("--host")
             .arg(self.socket())
             .arg("--data-root")
