@@ -82,8 +82,8 @@ for t in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)
     speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n1)
     corpus=$(printf '%s' "$done_line" | sed -n 's/.*corp: \([0-9]*\)\/\([0-9]*[a-zA-Z]*\).*/\1 inputs, \2/p')
-    printf '    %s runs in %ss, %s execs/s, corpus %s (%s files committed)\n' \
-      "${runs:-?}" "$seconds" "${speed:-?}" "${corpus:-?}" "$(find "$committed" -type f | wc -l)"
+    printf '    %s runs in %ss, %s execs/s, corpus %s (%s files in %s)\n' \
+      "${runs:-?}" "$seconds" "${speed:-?}" "${corpus:-?}" "$(find "$committed" -type f | wc -l)" "$committed"
   else
     # The panic (or libFuzzer's own report) and what follows it, without the backtrace.
     grep -E -A4 "panicked at|ERROR: libFuzzer|==ERROR|Test unit written" "$log" | grep -v '^ *[0-9]*: \|^ *at ' >&2 || tail -n 20 "$log" >&2
