@@ -1,20 +1,20 @@
 //! The HTTP API's request bodies (and the range queries): the real router, built as
-//! crates/server/tests/api.rs builds it (a hub over a history store in a temporary directory,
-//! a stand-in for the control loop), called in-process with `tower::ServiceExt::oneshot`.
+//! crates/server/tests/api.rs builds it (examples/process.toml's setup, a hub over a history
+//! store in a temporary directory, a stand-in for the control loop), called in-process with
+//! `tower::ServiceExt::oneshot`.
 //!
 //! Input: one selector byte, then the raw body (for `GET history` and `GET decisions`, the
 //! query string instead). The selector's bits choose the route (bits 0-2), the content type
-//! (bits 3-4: JSON, none, text/plain, JSON with a charset), the service (bits 5-6: `web` with
-//! a manual and a random trigger, `batch` with neither, an unknown one, one whose name is not
+//! (bits 3-4: JSON, none, text/plain, JSON with a charset), the service (bits 5-6: `api` with
+//! a manual and a random trigger, `crunch` with neither, an unknown one, one whose name is not
 //! UTF-8) and whether the bearer token is sent (bit 7).
 //!
 //! Every answer must be below 500, be JSON (`application/json`, a body that parses) and carry
 //! the security headers.
 #![no_main]
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -28,48 +28,56 @@ use tower::ServiceExt;
 
 const TOKEN: &str = "fuzz-token";
 
-/// The control loop's stand-in: remembers what the API changed.
-#[derive(Default)]
-struct FakeControl {
-    manual: Mutex<BTreeMap<String, f64>>,
-    random: Mutex<BTreeMap<String, RandomState>>,
-    paused: Mutex<BTreeSet<String>>,
-    overriding: Mutex<BTreeSet<String>>,
+/// The control loop's stand-in. As far as the API can tell, the example's service `api` has a
+/// manual and a random trigger (the API asks the loop, not the configuration); `crunch` has
+/// neither, and pausing it is forgotten.
+struct Loop(Mutex<Api>);
+
+struct Api {
+    manual: f64,
+    overriding: bool,
+    random: RandomState,
+    paused: bool,
 }
 
-impl Control for FakeControl {
+impl Loop {
+    fn api(&self, service: &str) -> Option<MutexGuard<'_, Api>> {
+        (service == "api").then(|| self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Control for Loop {
     fn manual(&self, s: &str) -> Option<f64> {
-        self.manual.lock().unwrap().get(s).copied()
+        self.api(s).map(|a| a.manual)
     }
     fn set_manual(&self, s: &str, v: f64) -> Result<(), String> {
-        self.manual.lock().unwrap().insert(s.into(), v);
-        self.overriding.lock().unwrap().insert(s.into());
+        let mut a = self.api(s).ok_or("no manual trigger")?;
+        a.manual = v;
+        a.overriding = true;
         Ok(())
     }
     fn clear_manual(&self, s: &str) -> Result<(), String> {
-        self.manual.lock().unwrap().insert(s.into(), 0.0);
-        self.overriding.lock().unwrap().remove(s);
+        let mut a = self.api(s).ok_or("no manual trigger")?;
+        a.manual = 0.0;
+        a.overriding = false;
         Ok(())
     }
     fn overriding(&self, s: &str) -> bool {
-        self.overriding.lock().unwrap().contains(s)
+        self.api(s).is_some_and(|a| a.overriding)
     }
     fn random(&self, s: &str) -> Option<RandomState> {
-        self.random.lock().unwrap().get(s).copied()
+        self.api(s).map(|a| a.random)
     }
     fn set_random(&self, s: &str, r: RandomState) -> Result<(), String> {
-        self.random.lock().unwrap().insert(s.into(), r);
+        self.api(s).ok_or("no random trigger")?.random = r;
         Ok(())
     }
     fn paused(&self, s: &str) -> bool {
-        self.paused.lock().unwrap().contains(s)
+        self.api(s).is_some_and(|a| a.paused)
     }
     fn set_paused(&self, s: &str, p: bool) {
-        let mut set = self.paused.lock().unwrap();
-        if p {
-            set.insert(s.into());
-        } else {
-            set.remove(s);
+        if let Some(mut a) = self.api(s) {
+            a.paused = p;
         }
     }
 }
@@ -83,40 +91,22 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let cfg = microscaler_backends::Config::from_toml(
-            r#"
-instance = "fuzz"
-[capacity]
-slots = 9
-[backend]
-type = "process"
-[[services]]
-name = "web"
-priority = 1
-[[services.triggers]]
-type = "random"
-[[services.triggers]]
-type = "manual"
-[[services]]
-name = "batch"
-priority = 2
-remainder = true
-"#,
-        )
-        .expect("valid config");
+        let cfg =
+            microscaler_backends::Config::from_toml(include_str!("../../examples/process.toml"))
+                .expect("examples/process.toml is valid");
         let setup = Setup::from_config(&cfg, "process", true);
         let dir = tempfile::tempdir().expect("temporary directory");
         let store = Store::open(&dir.path().join("h.sqlite"), Duration::from_secs(3600))
             .expect("history store");
-        let control = Arc::new(FakeControl::default());
-        control.manual.lock().unwrap().insert("web".into(), 0.0);
-        control.random.lock().unwrap().insert(
-            "web".into(),
-            RandomState {
+        let control = Arc::new(Loop(Mutex::new(Api {
+            manual: 1.0,
+            overriding: false,
+            random: RandomState {
                 delta: 3,
                 interval_ms: 3000,
             },
-        );
+            paused: false,
+        })));
         let options = ServerOptions {
             token: Some(TOKEN.into()),
             ..ServerOptions::default()
@@ -152,7 +142,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    let service = ["web", "batch", "nope", "%FF%FE"][usize::from(sel >> 5 & 3)];
+    let service = ["api", "crunch", "nope", "%FF%FE"][usize::from(sel >> 5 & 3)];
     let (method, uri, body) = match sel & 7 {
         r @ 0..=4 => {
             let (method, action) = [
