@@ -60,6 +60,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --workspace --no-fail-fast
 fi
+step "fuzzing (scripts/fuzz.sh: each cargo-fuzz target for FUZZ_SECONDS, 20 s here, over its committed corpus)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/fuzz.sh
+
 step "schemathesis against the API's OpenAPI document (bounded: 60 s, a fixed seed)"
 scripts/schemathesis.sh
 
