@@ -242,7 +242,7 @@ cmd_build() {
   say "binaries ready in $BIN ($(since "$started"))"
   if [ "${CI:-}" = true ] && { [ -d "$GOCACHE" ] || [ -d "$GOMODCACHE" ]; }; then
     local size
-    size=$(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | awk '{print $1}' | paste -sd+ -)
+    size=$(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | awk '{print $1}' | paste -sd+ -) || size="?"
     go clean -cache -modcache >/dev/null 2>&1 || true
     rm -rf "$GOCACHE" "$GOMODCACHE" 2>/dev/null || true
     say "removed the Go caches of the build ($size)"
