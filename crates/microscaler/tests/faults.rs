@@ -9,8 +9,9 @@
 //! never more replicas run than the capacity. The moments and demands come from a seeded
 //! generator; the seed is printed (set `FAULT_SEED` to replay one).
 //!
-//! And, under a running control loop: a demand source's server (a real redis-server) killed,
-//! and the Docker engine (a private dockerd) stopped and started while it scales.
+//! And, under a running control loop: a container killed behind microscaler's back, a demand
+//! source's server (a real redis-server) killed, and the Docker engine (a private dockerd)
+//! stopped and started while it scales.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -226,6 +227,114 @@ impl Drop for Redis {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A container killed behind microscaler's back (issue 14), on the real Docker engine under a
+/// running control loop: the first tick after the kill sees one replica fewer and starts its
+/// replacement, and once that change is done exactly the target runs again (the dead container
+/// removed, nothing else left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_killed_behind_its_back_is_replaced_by_the_next_tick() {
+    use microscaler::control::Controller;
+    use microscaler::wiring::build_backend;
+    use microscaler_backends::Config;
+
+    match Command::new("docker").arg("info").output() {
+        Ok(o) if o.status.success() => {}
+        other => {
+            missing_service("the Docker engine", format!("docker info: {other:?}"));
+            return;
+        }
+    }
+    let instance = unique("killed");
+    let _cleanup = Leftovers::containers(&instance);
+    let cfg = Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "500ms"
+        on_exit = "stop"
+        [capacity]
+        slots = 3
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "web"
+        priority = 1
+        stop_grace = "1s"
+        [[services.triggers]]
+        type = "manual"
+        initial = 3
+        "#
+    ))
+    .expect("config");
+    let state = tempfile::tempdir().expect("state dir");
+    let backend = build_backend(&cfg, state.path()).await.expect("backend");
+    let mut ctl = Controller::new(cfg, backend, 1);
+    ctl.prepare().await.expect("prepare");
+    let running = |instance: &str| {
+        containers(instance)
+            .iter()
+            .filter(|c| c.1 == "running")
+            .count()
+    };
+    for _ in 0..60 {
+        let r = ctl.tick().await;
+        if r.observed_of("web").running == 3 && ctl.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(running(&instance), 3, "web runs its 3 replicas");
+
+    // One of them killed by someone else.
+    let ids = Command::new("docker")
+        .args(["ps", "-q", "--filter"])
+        .arg(format!("label=io.microscaler.instance={instance}"))
+        .output()
+        .expect("docker ps");
+    let victim = String::from_utf8_lossy(&ids.stdout)
+        .lines()
+        .next()
+        .expect("a container")
+        .to_string();
+    let killed = Command::new("docker")
+        .args(["kill", &victim])
+        .output()
+        .expect("docker kill");
+    assert!(killed.status.success(), "{killed:?}");
+    // Until the engine has seen it exit (`docker kill` returns once the signal is sent).
+    let waited = Command::new("docker")
+        .args(["wait", &victim])
+        .output()
+        .expect("docker wait");
+    assert!(waited.status.success(), "{waited:?}");
+
+    let r = ctl.tick().await;
+    assert_eq!(
+        r.observed_of("web").running,
+        2,
+        "the next tick sees the kill"
+    );
+    assert_eq!(r.target_of("web"), Some(3));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let mut started: u32 = r
+        .executions
+        .iter()
+        .filter_map(|e| e.result.as_ref().ok())
+        .map(|o| o.started)
+        .sum();
+    for e in ctl.drain(Duration::from_secs(30)).await {
+        started += e.result.as_ref().map_or(0, |o| o.started);
+    }
+    assert_eq!(started, 1, "that tick started one replacement");
+    let left = containers(&instance);
+    assert_eq!(
+        left.len(),
+        3,
+        "exactly the target, the dead one removed: {left:?}"
+    );
+    assert!(left.iter().all(|c| c.1 == "running"), "{left:?}");
+    ctl.shutdown().await.expect("shutdown");
 }
 
 /// A demand source's server killed (issue 14): a worker pool scaled on the length of a Redis
