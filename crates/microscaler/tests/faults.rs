@@ -21,7 +21,9 @@ use std::time::Duration;
 use microscaler_testkit::{missing_service, unique, Leftovers, Rng};
 
 mod common;
-use common::daemon::{containers, containers_on, free_port, services, set_demand, Daemon};
+use common::daemon::{
+    containers, containers_on, docker_missing, free_port, services, set_demand, Daemon,
+};
 use serde_json::Value;
 
 const CAPACITY: u32 = 6;
@@ -30,12 +32,8 @@ const RESTARTS: u32 = 20;
 
 #[test]
 fn killed_while_scaling_twenty_times_nothing_is_lost_or_doubled() {
-    match Command::new("docker").arg("info").output() {
-        Ok(o) if o.status.success() => {}
-        other => {
-            missing_service("the Docker engine", format!("docker info: {other:?}"));
-            return;
-        }
+    if docker_missing() {
+        return;
     }
     let mut rng = Rng::from_env("FAULT_SEED");
     let seed = rng.seed();
@@ -239,12 +237,8 @@ async fn a_container_killed_behind_its_back_is_replaced_by_the_next_tick() {
     use microscaler::wiring::build_backend;
     use microscaler_backends::Config;
 
-    match Command::new("docker").arg("info").output() {
-        Ok(o) if o.status.success() => {}
-        other => {
-            missing_service("the Docker engine", format!("docker info: {other:?}"));
-            return;
-        }
+    if docker_missing() {
+        return;
     }
     let instance = unique("killed");
     let _cleanup = Leftovers::containers(&instance);

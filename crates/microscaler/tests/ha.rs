@@ -19,7 +19,7 @@ use microscaler_testkit::{missing_service, unique, Leftovers};
 use serde_json::Value;
 
 mod common;
-use common::daemon::{containers, free_port, set_demand, Daemon};
+use common::daemon::{containers, docker_missing, free_port, set_demand, Daemon};
 
 const TOKEN: &str = "ha-test-token-0123456789";
 const TTL: Duration = Duration::from_secs(2);
@@ -189,12 +189,8 @@ fn leading(line: &Value) -> bool {
 
 #[test]
 fn only_the_lease_holder_acts_and_a_thawed_leader_does_not() {
-    match Command::new("docker").arg("info").output() {
-        Ok(o) if o.status.success() => {}
-        other => {
-            missing_service("the Docker engine", format!("docker info: {other:?}"));
-            return;
-        }
+    if docker_missing() {
+        return;
     }
     let Some(etcd) = Etcd::start() else {
         missing_service(

@@ -149,3 +149,18 @@ pub fn containers_on(engine: &[&str], instance: &str) -> Vec<(String, String)> {
 pub fn containers(instance: &str) -> Vec<(String, String)> {
     containers_on(&[], instance)
 }
+
+/// Whether the Docker engine does not answer (`docker info`): under `CI=true` the test fails,
+/// elsewhere it says why it is skipped (see `missing_service`).
+pub fn docker_missing() -> bool {
+    match Command::new("docker").arg("info").output() {
+        Ok(o) if o.status.success() => false,
+        other => {
+            microscaler_testkit::missing_service(
+                "the Docker engine",
+                format!("docker info: {other:?}"),
+            );
+            true
+        }
+    }
+}
