@@ -28,6 +28,9 @@ use crate::repeat::{Repeats, Say};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
+mod reload;
+pub use reload::{refusals, ReloadError, Reloaded};
+
 /// One trigger's sample: the value, or why there is none.
 type SampleResult = Result<f64, String>;
 
@@ -415,6 +418,90 @@ pub struct Controller<B: Backend + 'static> {
     repeats: Repeats<Failing>,
     /// `[ha]`: the etcd election this microscaler must lead to act.
     elector: Option<Arc<crate::ha::EtcdElector>>,
+    /// Seeds the random sources that have no seed (kept for the sources a reload builds).
+    clock_seed: u64,
+    /// Managed services a reload removed: the shutdown removes what is left of them.
+    retired: Vec<microscaler_backends::Service>,
+}
+
+/// Runs the start-up check of every trigger's source at once. A required source that fails
+/// is the error; one with `required = false` is logged and its trigger reported as failing by
+/// the ticks until its server answers.
+async fn check_sources<'a>(
+    triggers: impl Iterator<Item = (&'a ServiceName, &'a mut Vec<LiveTrigger>)>,
+) -> Result<(), PrepareError> {
+    let checks = triggers.flat_map(|(svc, ts)| {
+        ts.iter_mut().map(move |t| async move {
+            (
+                svc.to_string(),
+                t.name.to_string(),
+                t.required,
+                t.source.check().await,
+            )
+        })
+    });
+    for (service, trigger, required, result) in join_all(checks).await {
+        match result {
+            Ok(()) => {}
+            Err(error) if required => {
+                return Err(PrepareError::Source {
+                    service,
+                    trigger,
+                    error,
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%service, %trigger, "start-up check failed; going on (required = false): {error}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The live sources of `svc`'s triggers; their manual and random handles go to `controls`.
+fn live_triggers(
+    cfg: &Config,
+    svc: &microscaler_backends::Service,
+    clock_seed: u64,
+    controls: &mut Controls,
+) -> Vec<LiveTrigger> {
+    let capacity = match cfg.capacity {
+        microscaler_core::Capacity::Slots(n) => n,
+        microscaler_core::Capacity::SlotsPerHost(n) => n,
+        // Sources that need a bound (a random walk) have their own max then.
+        microscaler_core::Capacity::Resources { .. } => 0,
+    };
+    let ServiceKind::Triggered(ts) = &svc.kind else {
+        return Vec::new();
+    };
+    ts.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let source = AnySource::build_or_broken(
+                &t.source,
+                capacity,
+                clock_seed ^ i as u64,
+                &cfg.instance,
+                svc.name.as_str(),
+            );
+            let key = (svc.name.to_string(), t.name.to_string());
+            match &source {
+                AnySource::Manual(m) => {
+                    m.wake_on_change(controls.wake.clone());
+                    controls.manual.insert(key, m.handle());
+                }
+                AnySource::Random(r) => {
+                    controls.random.insert(key, r.control());
+                }
+                _ => {}
+            }
+            LiveTrigger {
+                name: t.name.clone(),
+                source,
+                required: t.source.net().is_none_or(|n| n.required),
+            }
+        })
+        .collect()
 }
 
 /// What can fail tick after tick.
@@ -428,45 +515,15 @@ enum Failing {
 impl<B: Backend + 'static> Controller<B> {
     /// Builds the live sources of `cfg`. `clock_seed` seeds random sources that have no seed.
     pub fn new(cfg: Config, backend: B, clock_seed: u64) -> Self {
-        let capacity = match cfg.capacity {
-            microscaler_core::Capacity::Slots(n) => n,
-            microscaler_core::Capacity::SlotsPerHost(n) => n,
-            // Sources that need a bound (a random walk) have their own max then.
-            microscaler_core::Capacity::Resources { .. } => 0,
-        };
         let mut controls = Controls::default();
-        let mut triggers = Vec::new();
-        for svc in &cfg.services {
-            let mut live = Vec::new();
-            if let ServiceKind::Triggered(ts) = &svc.kind {
-                for (i, t) in ts.iter().enumerate() {
-                    let source = AnySource::build_or_broken(
-                        &t.source,
-                        capacity,
-                        clock_seed ^ i as u64,
-                        &cfg.instance,
-                        &svc.name.to_string(),
-                    );
-                    let key = (svc.name.to_string(), t.name.to_string());
-                    match &source {
-                        AnySource::Manual(m) => {
-                            m.wake_on_change(controls.wake.clone());
-                            controls.manual.insert(key, m.handle());
-                        }
-                        AnySource::Random(r) => {
-                            controls.random.insert(key, r.control());
-                        }
-                        _ => {}
-                    }
-                    live.push(LiveTrigger {
-                        name: t.name.clone(),
-                        source,
-                        required: t.source.net().is_none_or(|n| n.required),
-                    });
-                }
-            }
-            triggers.push((svc.name.clone(), live));
-        }
+        let triggers = cfg
+            .services
+            .iter()
+            .map(|svc| {
+                let live = live_triggers(&cfg, svc, clock_seed, &mut controls);
+                (svc.name.clone(), live)
+            })
+            .collect();
         let index = cfg
             .services
             .iter()
@@ -495,6 +552,8 @@ impl<B: Backend + 'static> Controller<B> {
             dry_run: false,
             repeats: Repeats::default(),
             elector: None,
+            clock_seed,
+            retired: Vec::new(),
         }
     }
 
@@ -553,32 +612,7 @@ impl<B: Backend + 'static> Controller<B> {
     /// the start before anything is created; one with `required = false` is logged and its
     /// trigger reported as failing by the ticks until its server answers.
     pub async fn prepare(&mut self) -> Result<(), PrepareError> {
-        let checks = self.triggers.iter_mut().flat_map(|(svc, ts)| {
-            let svc = &*svc;
-            ts.iter_mut().map(move |t| async move {
-                (
-                    svc.to_string(),
-                    t.name.to_string(),
-                    t.required,
-                    t.source.check().await,
-                )
-            })
-        });
-        for (service, trigger, required, result) in join_all(checks).await {
-            match result {
-                Ok(()) => {}
-                Err(error) if required => {
-                    return Err(PrepareError::Source {
-                        service,
-                        trigger,
-                        error,
-                    })
-                }
-                Err(error) => {
-                    tracing::warn!(%service, %trigger, "start-up check failed; starting anyway (required = false): {error}");
-                }
-            }
-        }
+        check_sources(self.triggers.iter_mut().map(|(s, ts)| (&*s, ts))).await?;
         // With [ha] the election has not been won yet: prepare as a follower (what the last
         // run left half-done is tidied by the leader's observations).
         if self.elector.is_some() {
@@ -1279,7 +1313,12 @@ impl<B: Backend + 'static> Controller<B> {
         if on_exit == OnExit::Stop && !remove {
             tracing::info!("not leading: leaving the replicas to the leader");
         }
-        let done = self.backend.shutdown(&self.cfg.services, remove).await;
+        let done = if self.retired.is_empty() {
+            self.backend.shutdown(&self.cfg.services, remove).await
+        } else {
+            let all = [self.cfg.services.as_slice(), &self.retired].concat();
+            self.backend.shutdown(&all, remove).await
+        };
         // The lease goes last, once nothing of this microscaler's changes is left running.
         if let Some(e) = &self.elector {
             e.release().await;

@@ -846,6 +846,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
             false,
             web,
             None,
+            None,
         )
         .await;
         remove_ecs_demo_cluster(demo_cluster).await;
@@ -867,6 +868,7 @@ async fn demo_cmd(args: DemoArgs) -> Result<(), Failure> {
         false,
         web,
         Some(&view),
+        None,
     )
     .await;
     producer.abort();
@@ -958,30 +960,37 @@ fn generate_token() -> Result<String, Failure> {
 /// The running HTTP server.
 struct Web {
     hub: Arc<Hub>,
-    controls_set: Arc<std::sync::OnceLock<Controls>>,
+    controls_set: Arc<std::sync::RwLock<Option<Controls>>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// The server's view of the loop's controls, set once the controller exists.
-struct LoopControl(Arc<std::sync::OnceLock<Controls>>);
+/// The server's view of the loop's controls, set once the controller exists (and again after
+/// each reload).
+struct LoopControl(Arc<std::sync::RwLock<Option<Controls>>>);
+
+impl LoopControl {
+    fn get(&self) -> Option<Controls> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 impl microscaler_server::Control for LoopControl {
     fn manual(&self, service: &str) -> Option<f64> {
-        Some(self.0.get()?.manual_of(service)?.get())
+        Some(self.get()?.manual_of(service)?.get())
     }
     fn set_manual(&self, service: &str, value: f64) -> Result<(), String> {
-        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        let c = self.get().ok_or("the control loop is not running yet")?;
         c.override_demand(service, value)
     }
     fn clear_manual(&self, service: &str) -> Result<(), String> {
-        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        let c = self.get().ok_or("the control loop is not running yet")?;
         c.clear_demand(service)
     }
     fn overriding(&self, service: &str) -> bool {
-        self.0.get().is_some_and(|c| c.overriding(service))
+        self.get().is_some_and(|c| c.overriding(service))
     }
     fn random(&self, service: &str) -> Option<microscaler_server::RandomState> {
-        let c = self.0.get()?;
+        let c = self.get()?;
         let r = c.random.iter().find(|((s, _), _)| s == service)?.1.get();
         Some(microscaler_server::RandomState {
             delta: r.delta,
@@ -989,7 +998,7 @@ impl microscaler_server::Control for LoopControl {
         })
     }
     fn set_random(&self, service: &str, s: microscaler_server::RandomState) -> Result<(), String> {
-        let c = self.0.get().ok_or("the control loop is not running yet")?;
+        let c = self.get().ok_or("the control loop is not running yet")?;
         let r = c
             .random
             .iter()
@@ -1002,7 +1011,7 @@ impl microscaler_server::Control for LoopControl {
         })
     }
     fn paused(&self, service: &str) -> bool {
-        self.0.get().is_some_and(|c| {
+        self.get().is_some_and(|c| {
             c.paused
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1012,7 +1021,7 @@ impl microscaler_server::Control for LoopControl {
     }
     fn set_paused(&self, service: &str, paused: bool) {
         if let (Some(c), Ok(name)) = (
-            self.0.get(),
+            self.get(),
             microscaler_core::ServiceName::try_new(service),
         ) {
             c.set_paused(&name, paused);
@@ -1078,7 +1087,7 @@ async fn start_server(
         .clone()
         .unwrap_or_else(|| state_dir.join("history.sqlite"));
     let store = Store::open(&path, args.retention.unwrap_or(Duration::from_secs(86400)))?;
-    let controls_set = Arc::new(std::sync::OnceLock::new());
+    let controls_set = Arc::new(std::sync::RwLock::new(None));
     let hub = Hub::new(
         Setup::from_config(cfg, backend, demo),
         ServerOptions {
@@ -1215,6 +1224,7 @@ async fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         args.dry_run,
         web,
         None,
+        Some(&args.config),
     )
     .await
 }
@@ -1262,6 +1272,42 @@ async fn remove_ecs_demo_cluster(cluster: Option<microscaler_backends::ecs::EcsC
 #[cfg(not(feature = "ecs"))]
 async fn remove_ecs_demo_cluster(_cluster: Option<()>) {}
 
+/// SIGHUP: reads and validates `path` again and hands it to the controller. An invalid file
+/// or a change that needs a restart is reported and the running configuration goes on.
+async fn reload(
+    ctl: &mut Controller<AnyBackend>,
+    path: &Path,
+    dry_run: bool,
+    web: Option<&Web>,
+) {
+    tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
+    let mut new = match load_config(path) {
+        Ok(c) => c,
+        Err(f) => {
+            tracing::error!("reload refused, the running configuration goes on: {:#}", f.error);
+            return;
+        }
+    };
+    if dry_run {
+        microscaler::wiring::read_only(&mut new);
+    }
+    match ctl.reload(new).await {
+        Ok(done) => {
+            tracing::info!(file = %path.display(), changes = %done, "configuration reloaded");
+            if let Some(w) = web {
+                let demo = w.hub.setup().demo;
+                w.hub
+                    .set_setup(Setup::from_config(ctl.config(), ctl.backend().kind(), demo));
+                *w.controls_set.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(ctl.controls().clone());
+            }
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), "reload refused, the running configuration goes on: {e}")
+        }
+    }
+}
+
 /// Prepares the backend, runs the loop until a signal (or `duration`), then shuts down.
 /// `queue` adds the queue demo's state to every tick line.
 #[allow(clippy::too_many_arguments)]
@@ -1275,7 +1321,17 @@ async fn drive(
     dry_run: bool,
     web: Option<Web>,
     queue: Option<&demo::QueueView>,
+    reload_from: Option<&Path>,
 ) -> Result<(), Failure> {
+    // SIGHUP reloads the file (`run`); installed first, so one that arrives while the
+    // backend is prepared is acted on rather than ending the process.
+    let mut hangup = match reload_from {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("install the SIGHUP handler")?,
+        ),
+        None => None,
+    };
     let ha = cfg.ha.clone();
     let mut ctl = Controller::new(cfg, backend, clock_seed());
     if dry_run {
@@ -1292,7 +1348,7 @@ async fn drive(
         _ => None,
     };
     if let Some(w) = &web {
-        let _ = w.controls_set.set(ctl.controls().clone());
+        *w.controls_set.write().unwrap_or_else(|e| e.into_inner()) = Some(ctl.controls().clone());
     }
     let paused = ctl.controls().paused.clone();
     for (svc, value) in manual {
@@ -1305,7 +1361,7 @@ async fn drive(
     }
     ctl.prepare().await?;
     let mut stdout = std::io::stdout();
-    run_loop(&mut ctl, stop_signal(duration), |r: &TickReport| {
+    let mut record = |r: &TickReport| {
         if let Some(w) = &web {
             let p = paused
                 .lock()
@@ -1341,8 +1397,33 @@ async fn drive(
         };
         let _ = writeln!(stdout, "{out}");
         let _ = stdout.flush();
-    })
-    .await;
+    };
+    let stop = stop_signal(duration);
+    tokio::pin!(stop);
+    loop {
+        // The loop runs until a stop, or a SIGHUP: then the file is reloaded between two
+        // ticks and the loop goes on.
+        let hup = std::cell::Cell::new(false);
+        let until = async {
+            let reload = async {
+                match hangup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stop => {}
+                _ = reload => hup.set(true),
+            }
+        };
+        run_loop(&mut ctl, until, &mut record).await;
+        match reload_from {
+            Some(path) if hup.get() => reload(&mut ctl, path, dry_run, web.as_ref()).await,
+            _ => break,
+        }
+    }
     if let Some(w) = web {
         w.hub.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), w.task).await;

@@ -381,7 +381,7 @@ async fn healthz() -> Response {
 
 /// Ready while ticks are recorded: the last one within 10 tick periods (10 s at least).
 async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
-    let limit = (hub.setup.tick_ms * 10).max(10_000) as i64;
+    let limit = (hub.setup().tick_ms * 10).max(10_000) as i64;
     match hub.latest() {
         Some(t) if now_ms() - t.ts <= limit => (StatusCode::OK, "ready\n").into_response(),
         Some(t) => (
@@ -399,7 +399,7 @@ async fn openapi() -> Response {
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     let mut sources = BTreeMap::new();
-    for s in &hub.setup.services {
+    for s in &hub.setup().services {
         for t in &s.triggers {
             sources.insert((s.name.clone(), t.name.clone()), t.source.clone());
         }
@@ -421,12 +421,13 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<Value> {
     let latest = hub.latest();
+    let setup = hub.setup();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "instance": hub.setup.instance,
-        "backend": hub.setup.backend,
-        "demo": hub.setup.demo,
-        "tick_ms": hub.setup.tick_ms,
+        "instance": setup.instance,
+        "backend": setup.backend,
+        "demo": setup.demo,
+        "tick_ms": setup.tick_ms,
         "uptime_s": hub.started.elapsed().as_secs_f64(),
         "now": now_ms(),
         "writable": hub.options.token.is_some(),
@@ -459,7 +460,7 @@ fn service_json(hub: &Hub, s: &ServiceInfo) -> Value {
 
 async fn services(State(hub): State<Arc<Hub>>) -> Json<Value> {
     Json(Value::Array(
-        hub.setup
+        hub.setup()
             .services
             .iter()
             .map(|s| service_json(&hub, s))
@@ -584,11 +585,13 @@ async fn stream(State(hub): State<Arc<Hub>>) -> Response {
         .into_response()
 }
 
-fn known<'a>(hub: &'a Hub, name: &str) -> Result<&'a ServiceInfo, ApiError> {
-    hub.setup
+/// The service called `name` in the setup (a copy: a reload may replace the setup).
+fn known(hub: &Hub, name: &str) -> Result<ServiceInfo, ApiError> {
+    hub.setup()
         .services
         .iter()
         .find(|s| s.name == name)
+        .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no service {name:?}")))
 }
 
@@ -670,7 +673,7 @@ async fn set_demand(
     hub.control
         .set_manual(&name, body.value)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    Ok(Json(service_json(&hub, svc)).into_response())
+    Ok(Json(service_json(&hub, &svc)).into_response())
 }
 
 async fn clear_demand(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
@@ -684,7 +687,7 @@ async fn clear_demand(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResul
     hub.control
         .clear_manual(&name)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    Ok(Json(service_json(&hub, svc)).into_response())
+    Ok(Json(service_json(&hub, &svc)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -754,17 +757,17 @@ async fn set_random(
     hub.control
         .set_random(&name, new)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    Ok(Json(service_json(&hub, svc)).into_response())
+    Ok(Json(service_json(&hub, &svc)).into_response())
 }
 
 async fn pause(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
     let svc = known(&hub, &name)?;
     hub.control.set_paused(&name, true);
-    Ok(Json(service_json(&hub, svc)).into_response())
+    Ok(Json(service_json(&hub, &svc)).into_response())
 }
 
 async fn resume(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {
     let svc = known(&hub, &name)?;
     hub.control.set_paused(&name, false);
-    Ok(Json(service_json(&hub, svc)).into_response())
+    Ok(Json(service_json(&hub, &svc)).into_response())
 }

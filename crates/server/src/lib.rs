@@ -96,7 +96,7 @@ impl Default for ServerOptions {
 
 /// The shared state of the server: what the loop recorded, and how to reach the loop.
 pub struct Hub {
-    setup: Setup,
+    setup: RwLock<Arc<Setup>>,
     options: ServerOptions,
     control: Arc<dyn Control>,
     store: Store,
@@ -116,7 +116,7 @@ impl Hub {
         store: Store,
     ) -> Arc<Hub> {
         Arc::new(Hub {
-            setup,
+            setup: RwLock::new(Arc::new(setup)),
             options,
             control,
             store,
@@ -141,8 +141,17 @@ impl Hub {
     }
 
     /// The setup.
-    pub fn setup(&self) -> &Setup {
-        &self.setup
+    pub fn setup(&self) -> Arc<Setup> {
+        self.setup
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the setup (the configuration was reloaded): the API and the dashboard show
+    /// the new services from the next request on.
+    pub fn set_setup(&self, setup: Setup) {
+        *self.setup.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(setup);
     }
 
     /// The history store.
