@@ -32,25 +32,38 @@
 //!
 //! In an [`Observation`], hosts are the swarm's nodes (`id` = node ID) and a [`Replica`]'s
 //! `host` is the node ID of its task (empty while the task is not assigned yet).
+//!
+//! Node events: once the control loop gives its waker ([`Backend::wake_on_change`]), a task
+//! follows the manager's event stream filtered on `type=node` and rings the waker on every node
+//! `create`, `update` (drained, activated, down, ready, ...) and `remove`, so a node that joins,
+//! leaves or changes is acted on at once rather than at the next tick. After an error or the end
+//! of the stream it waits (0.5 s, doubling to 30 s), checks the engine answers, rings the waker
+//! once (what happened meanwhile is observed) and subscribes again from the last event it saw.
+//! The per-tick observation stays the safety net. The task ends when the backend is dropped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    Limit, LocalNodeState, NetworkAttachmentConfig, Node, NodeSpecAvailabilityEnum, NodeState,
-    ResourceObject, Service as SwarmService, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, ServiceUpdateStatusStateEnum, SwarmInfo, Task, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecResources, TaskState,
+    EventMessage, EventMessageTypeEnum, Limit, LocalNodeState, NetworkAttachmentConfig, Node,
+    NodeSpecAvailabilityEnum, NodeState, ResourceObject, Service as SwarmService, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, ServiceUpdateStatusStateEnum, SwarmInfo, Task,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskState,
 };
 use bollard::query_parameters::{
-    InspectNetworkOptions, InspectServiceOptions, ListNodesOptions, ListServicesOptions,
-    ListTasksOptions, UpdateServiceOptions,
+    EventsOptions, InspectNetworkOptions, InspectServiceOptions, ListNodesOptions,
+    ListServicesOptions, ListTasksOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
+use futures::StreamExt;
 use microscaler_core::plugin::{Capabilities, ServiceContext, StopCompletion};
 use microscaler_core::validate::join;
 use microscaler_core::{Host, ServiceKind, ServiceName, ServiceObservation, Validator};
 use serde::Deserialize;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::{Reference, Service, Workload};
@@ -176,6 +189,131 @@ pub struct SwarmBackend {
     /// The Swarm services referenced with `[services.reference]`, by name, with the service
     /// each stands for. Set by `prepare`; never held across an await.
     references: std::sync::RwLock<BTreeMap<String, ServiceName>>,
+    /// The manager's node events, followed once the control loop gives its waker.
+    node_events: NodeEvents,
+}
+
+/// Following the manager's node events: the waker they ring, how many were seen, the task.
+#[derive(Default)]
+struct NodeEvents {
+    /// The control loop's waker (the latest given).
+    waker: Arc<Mutex<Option<Arc<Notify>>>>,
+    /// Node changes read from the stream so far.
+    seen: Arc<AtomicU64>,
+    /// The task following the stream, started by the first `wake_on_change`.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for NodeEvents {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+/// The first wait before subscribing again after the event stream failed or ended.
+const EVENTS_FIRST_WAIT: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts.
+const EVENTS_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// The wait after `wait`: twice as long, at most [`EVENTS_MAX_WAIT`].
+fn next_wait(wait: Duration) -> Duration {
+    (wait * 2).min(EVENTS_MAX_WAIT)
+}
+
+/// Whether `e` says a swarm node was created, updated (availability, state, role, labels) or
+/// removed: what changes the hosts microscaler counts.
+fn is_node_change(e: &EventMessage) -> bool {
+    e.typ == Some(EventMessageTypeEnum::NODE)
+        && matches!(e.action.as_deref(), Some("create" | "update" | "remove"))
+}
+
+/// Where to subscribe again after `e`: just after it (the engine's `since` takes
+/// `seconds.nanoseconds`).
+fn resume_after(e: &EventMessage) -> Option<String> {
+    let nanos = e
+        .time_nano
+        .or_else(|| e.time.map(|t| t.saturating_mul(1_000_000_000)))?
+        .checked_add(1)?;
+    Some(format!(
+        "{}.{:09}",
+        nanos.div_euclid(1_000_000_000),
+        nanos.rem_euclid(1_000_000_000)
+    ))
+}
+
+fn ring(waker: &Mutex<Option<Arc<Notify>>>) {
+    if let Some(w) = waker.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        w.notify_one();
+    }
+}
+
+/// Follows the node events of the engine behind `docker` until aborted: each node change rings
+/// `waker` and counts in `seen`. A failure is logged once (WARN), then counted until the engine
+/// answers again (INFO says after how many attempts).
+async fn follow_node_events(
+    docker: Docker,
+    address: String,
+    waker: Arc<Mutex<Option<Arc<Notify>>>>,
+    seen: Arc<AtomicU64>,
+) {
+    let filters = HashMap::from([("type".to_string(), vec!["node".to_string()])]);
+    let mut since: Option<String> = None;
+    let mut wait = EVENTS_FIRST_WAIT;
+    // Attempts that failed in a row (0: following).
+    let mut failed: u64 = 0;
+    loop {
+        let mut stream = docker.events(Some(EventsOptions {
+            since: since.clone(),
+            until: None,
+            filters: Some(filters.clone()),
+        }));
+        let ended = loop {
+            match stream.next().await {
+                Some(Ok(e)) => {
+                    if let Some(s) = resume_after(&e) {
+                        since = Some(s);
+                    }
+                    wait = EVENTS_FIRST_WAIT;
+                    if is_node_change(&e) {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        ring(&waker);
+                        debug!(
+                            address = %address,
+                            action = e.action.as_deref().unwrap_or(""),
+                            node = e.actor.as_ref().and_then(|a| a.id.as_deref()).unwrap_or(""),
+                            "a swarm node changed; woke the loop"
+                        );
+                    }
+                }
+                Some(Err(e)) => break engine_message(&e),
+                None => break "the engine ended the stream".to_string(),
+            }
+        };
+        drop(stream);
+        // Until the engine answers again: wait, longer each time.
+        loop {
+            failed += 1;
+            if failed == 1 {
+                warn!(address = %address, error = %ended,
+                    "following the swarm's node events failed; retrying with backoff (the \
+                     per-tick observation goes on; further failures are counted, not logged)");
+            } else {
+                debug!(address = %address, failed, "the swarm's node events: still failing");
+            }
+            tokio::time::sleep(wait).await;
+            wait = next_wait(wait);
+            if docker.ping().await.is_ok() {
+                break;
+            }
+        }
+        info!(address = %address, failed_attempts = failed,
+            "following the swarm's node events again");
+        failed = 0;
+        // What changed while the stream was away: observed at once.
+        ring(&waker);
+    }
 }
 
 /// One Swarm service microscaler scales: owned by this instance (labelled, created by it), or
@@ -580,12 +718,19 @@ impl SwarmBackend {
             instance: instance.to_string(),
             network: spec.network.clone(),
             references: Default::default(),
+            node_events: NodeEvents::default(),
         })
     }
 
     /// The engine this backend talks to.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// How many node changes (create, update, remove) the manager's event stream has reported
+    /// so far: a counter shared with the task that follows it (0 until `wake_on_change`).
+    pub fn node_events(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.node_events.seen)
     }
 
     /// The Swarm services matching `filters`; `what` names them in the error.
@@ -1202,6 +1347,36 @@ impl Backend for SwarmBackend {
         }
     }
 
+    /// Follows the manager's node events (see the module's doc): a node that joins, leaves,
+    /// is drained or activated wakes the loop at once. The first call starts the task; a later
+    /// one only replaces the waker.
+    fn wake_on_change(&self, waker: Arc<Notify>) {
+        *self
+            .node_events
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(waker);
+        let mut task = self
+            .node_events
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if task.is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            warn!("no async runtime: not following the swarm's node events (polling only)");
+            return;
+        };
+        *task = Some(runtime.spawn(follow_node_events(
+            self.docker.clone(),
+            self.address.clone(),
+            Arc::clone(&self.node_events.waker),
+            Arc::clone(&self.node_events.seen),
+        )));
+        debug!(address = %self.address, "following the swarm's node events");
+    }
+
     async fn shutdown(&self, services: &[Service], remove: bool) -> Result<(), BackendError> {
         if !remove {
             info!(
@@ -1292,5 +1467,286 @@ impl SwarmBackend {
             host: t.node_id.clone().unwrap_or_default().into(),
             state: replica_state,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// What the fake engine answers to one `/events` request.
+    struct Script {
+        /// JSON lines, sent at once.
+        events: Vec<String>,
+        /// Keep the stream open (until the client goes away) rather than end it.
+        hold: bool,
+    }
+
+    /// A fake Docker engine on loopback, just enough for the node events: `/_ping`, and
+    /// `/events` answered by the next script. It records the request lines and counts the
+    /// event streams the client closed.
+    struct FakeEngine {
+        address: String,
+        requests: Arc<Mutex<Vec<String>>>,
+        closed: Arc<AtomicUsize>,
+    }
+
+    impl FakeEngine {
+        fn start(scripts: Vec<Script>) -> FakeEngine {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let address = format!("http://{}", listener.local_addr().expect("address"));
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let closed = Arc::new(AtomicUsize::new(0));
+            let scripts = Arc::new(Mutex::new(std::collections::VecDeque::from(scripts)));
+            let (r, c) = (Arc::clone(&requests), Arc::clone(&closed));
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { return };
+                    let (r, c, s) = (Arc::clone(&r), Arc::clone(&c), Arc::clone(&scripts));
+                    std::thread::spawn(move || serve(conn, &r, &c, &s));
+                }
+            });
+            FakeEngine {
+                address,
+                requests,
+                closed,
+            }
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.requests.lock().unwrap().clone()
+        }
+
+        fn events_requests(&self) -> Vec<String> {
+            self.requests()
+                .into_iter()
+                .filter(|r| r.contains("/events"))
+                .collect()
+        }
+    }
+
+    fn serve(
+        conn: TcpStream,
+        requests: &Mutex<Vec<String>>,
+        closed: &AtomicUsize,
+        scripts: &Mutex<std::collections::VecDeque<Script>>,
+    ) {
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let request = line.trim().to_string();
+        // The rest of the head.
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        requests.lock().unwrap().push(request.clone());
+        let mut conn = conn;
+        if request.contains("/_ping") {
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK",
+            );
+            return;
+        }
+        let Some(script) = scripts.lock().unwrap().pop_front() else {
+            let _ = conn.write_all(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 22\r\nConnection: close\r\n\r\n{\"message\":\"no more\"}\n",
+            );
+            return;
+        };
+        let _ = conn.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+        );
+        for e in &script.events {
+            let _ = conn.write_all(format!("{e}\n").as_bytes());
+        }
+        let _ = conn.flush();
+        if script.hold {
+            // Until the client closes the stream.
+            let mut buf = [0u8; 64];
+            while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn event(typ: &str, action: &str, time_nano: i64) -> String {
+        format!(
+            r#"{{"Type":"{typ}","Action":"{action}","Actor":{{"ID":"n1","Attributes":{{"name":"ms3"}}}},"scope":"swarm","time":{},"timeNano":{time_nano}}}"#,
+            time_nano / 1_000_000_000
+        )
+    }
+
+    fn backend_at(address: &str) -> SwarmBackend {
+        SwarmBackend {
+            docker: Docker::connect_with_http(address, 5, bollard::API_DEFAULT_VERSION)
+                .expect("client"),
+            address: address.to_string(),
+            instance: "t".into(),
+            network: None,
+            references: Default::default(),
+            node_events: NodeEvents::default(),
+        }
+    }
+
+    async fn rung(waker: &Notify, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), waker.notified())
+            .await
+            .unwrap_or_else(|_| panic!("the waker did not ring: {what}"));
+    }
+
+    /// Polls `f` every 10 ms for up to 5 s until it holds.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    #[test]
+    fn node_changes_are_creates_updates_and_removes_of_nodes() {
+        let parse = |s: &str| serde_json::from_str::<EventMessage>(s).expect("an event");
+        for action in ["create", "update", "remove"] {
+            assert!(
+                is_node_change(&parse(&event("node", action, 1))),
+                "{action}"
+            );
+        }
+        assert!(!is_node_change(&parse(&event("service", "update", 1))));
+        assert!(!is_node_change(&parse(&event("container", "die", 1))));
+        assert!(!is_node_change(&parse(&event("node", "exec_start", 1))));
+    }
+
+    #[test]
+    fn the_stream_resumes_just_after_the_last_event() {
+        let e = serde_json::from_str::<EventMessage>(&event(
+            "node",
+            "update",
+            1_700_000_000_999_999_999,
+        ))
+        .unwrap();
+        assert_eq!(resume_after(&e).as_deref(), Some("1700000001.000000000"));
+        let only_seconds = EventMessage {
+            time: Some(12),
+            ..Default::default()
+        };
+        assert_eq!(resume_after(&only_seconds).as_deref(), Some("12.000000001"));
+        assert_eq!(resume_after(&EventMessage::default()), None);
+    }
+
+    #[test]
+    fn the_wait_between_attempts_doubles_up_to_30_s() {
+        let mut w = EVENTS_FIRST_WAIT;
+        let mut waits = vec![w];
+        for _ in 0..8 {
+            w = next_wait(w);
+            waits.push(w);
+        }
+        let secs: Vec<f64> = waits.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(secs, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]);
+    }
+
+    /// A node event on the stream rings the loop's waker; other events do not count; the
+    /// subscription asks the engine for node events only.
+    #[tokio::test]
+    async fn a_node_event_rings_the_waker() {
+        let engine = FakeEngine::start(vec![Script {
+            events: vec![
+                event("container", "die", 1_700_000_000_000_000_000),
+                event("node", "update", 1_700_000_000_000_000_001),
+            ],
+            hold: true,
+        }]);
+        let backend = backend_at(&engine.address);
+        let waker = Arc::new(Notify::new());
+        let seen = backend.node_events();
+        backend.wake_on_change(Arc::clone(&waker));
+        rung(&waker, "a node update").await;
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            1,
+            "only the node event counts"
+        );
+        let subscribed = engine.events_requests();
+        assert_eq!(subscribed.len(), 1, "{subscribed:?}");
+        // filters={"type":["node"]}, URL-encoded.
+        assert!(
+            subscribed[0].contains("filters=%7B%22type%22%3A%5B%22node%22%5D%7D"),
+            "{subscribed:?}"
+        );
+        // A second call replaces the waker and starts nothing more.
+        let other = Arc::new(Notify::new());
+        backend.wake_on_change(Arc::clone(&other));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(engine.events_requests().len(), 1);
+    }
+
+    /// The stream ended by the engine: after the backoff the task checks that the engine
+    /// answers, rings the waker once (what happened meanwhile is observed), and subscribes
+    /// again from just after the last event it saw; a failed subscription is retried too.
+    #[tokio::test]
+    async fn after_the_stream_ends_it_subscribes_again_from_the_last_event() {
+        let engine = FakeEngine::start(vec![
+            Script {
+                events: vec![event("node", "update", 1_700_000_000_123_456_789)],
+                hold: false,
+            },
+            Script {
+                events: vec![],
+                hold: true,
+            },
+        ]);
+        let backend = backend_at(&engine.address);
+        let waker = Arc::new(Notify::new());
+        let seen = backend.node_events();
+        backend.wake_on_change(Arc::clone(&waker));
+        rung(&waker, "the node event").await;
+        rung(&waker, "the stream back after it ended").await;
+        eventually("a second subscription", || {
+            engine.events_requests().len() == 2
+        })
+        .await;
+        let r = engine.requests();
+        let second = r.iter().rposition(|r| r.contains("/events")).unwrap();
+        assert!(
+            r[..second].iter().any(|r| r.contains("/_ping")),
+            "the engine is checked before subscribing again: {r:?}"
+        );
+        assert!(
+            r[second].contains("since=1700000000.123456790"),
+            "resumes after the last event: {r:?}"
+        );
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
+    }
+
+    /// Dropping the backend ends the task: the engine sees the stream closed and no new
+    /// subscription follows.
+    #[tokio::test]
+    async fn dropping_the_backend_stops_following() {
+        let engine = FakeEngine::start(vec![Script {
+            events: vec![],
+            hold: true,
+        }]);
+        let backend = backend_at(&engine.address);
+        backend.wake_on_change(Arc::new(Notify::new()));
+        eventually("the subscription", || engine.events_requests().len() == 1).await;
+        assert_eq!(engine.closed.load(Ordering::SeqCst), 0);
+        drop(backend);
+        eventually("the stream closed", || {
+            engine.closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(EVENTS_FIRST_WAIT * 3).await;
+        assert_eq!(engine.requests().len(), 1, "{:?}", engine.requests());
     }
 }
