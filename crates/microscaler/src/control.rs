@@ -106,6 +106,8 @@ pub struct Controls {
     pub manual: BTreeMap<(String, String), ManualHandle>,
     /// Random walks by (service, trigger).
     pub random: BTreeMap<(String, String), RandomControl>,
+    /// Push triggers by (service, trigger): what producers push over the API.
+    pub push: BTreeMap<(String, String), microscaler_sources::PushHandle>,
     /// Paused services: held at their count, neither scaled by demand nor preempted.
     pub paused: Arc<Mutex<BTreeSet<ServiceName>>>,
     /// Woken when a pushed value changes (a manual source, through the CLI or the API), so the
@@ -492,6 +494,10 @@ fn live_triggers(
                 }
                 AnySource::Random(r) => {
                     controls.random.insert(key, r.control());
+                }
+                AnySource::Push(p) => {
+                    p.wake_on_change(controls.wake.clone());
+                    controls.push.insert(key, p.handle());
                 }
                 _ => {}
             }

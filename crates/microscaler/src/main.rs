@@ -1019,6 +1019,19 @@ impl microscaler_server::Control for LoopControl {
                 .any(|s| s.as_str() == service)
         })
     }
+    fn push_trigger(&self, service: &str, trigger: &str) -> Option<Option<String>> {
+        let c = self.get()?;
+        let h = c.push.get(&(service.to_string(), trigger.to_string()))?;
+        Some(h.token().map(str::to_string))
+    }
+    fn push(&self, service: &str, trigger: &str, value: f64) -> Result<(), String> {
+        let c = self.get().ok_or("the control loop is not running yet")?;
+        let h = c
+            .push
+            .get(&(service.to_string(), trigger.to_string()))
+            .ok_or("no such push trigger")?;
+        h.push(value).map_err(|e| e.to_string())
+    }
     fn set_paused(&self, service: &str, paused: bool) {
         if let (Some(c), Ok(name)) = (
             self.get(),

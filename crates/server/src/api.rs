@@ -41,6 +41,9 @@ pub enum Access {
     Read,
     /// Only with the bearer token.
     Write,
+    /// With the bearer token, or the push token of the trigger the path names (checked by
+    /// the route itself, which knows the trigger).
+    Push,
 }
 
 /// The OpenAPI document of the API.
@@ -142,6 +145,12 @@ pub fn routes(hub: Arc<Hub>) -> (Router, Vec<(Method, &'static str, Access)>) {
         "/api/v1/services/{name}/random",
         Access::Write,
         set_random
+    );
+    route!(
+        PUT,
+        "/api/v1/services/{name}/triggers/{trigger}/value",
+        Access::Push,
+        push_value
     );
     route!(POST, "/api/v1/services/{name}/pause", Access::Write, pause);
     route!(
@@ -306,7 +315,7 @@ async fn guard(
     let given = bearer(req.headers()).map(str::to_string);
     let valid = |g: Option<&str>| matches!((token, g), (Some(t), Some(g)) if same(t, g));
     match access {
-        Access::Open => {}
+        Access::Open | Access::Push => {}
         Access::Read => {
             // The peer of the connection (`MockConnectInfo` stands in for it in tests).
             let peer = req
@@ -341,18 +350,19 @@ async fn guard(
                 .into_response();
             }
             if !valid(given.as_deref()) {
-                let mut res = ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token (Authorization: Bearer <token>)",
-                )
-                .into_response();
-                res.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return res;
+                return unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)");
             }
         }
     }
     next.run(req).await
+}
+
+/// A 401 with `message` that asks for a bearer token.
+fn unauthorized(message: &str) -> Response {
+    let mut res = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    res.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    res
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -609,6 +619,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Name {
     }
 }
 
+/// The `{name}` and `{trigger}` of a route's path (not UTF-8 once decoded: a 400 in JSON).
+struct TriggerName(String, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TriggerName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((name, trigger))) => Ok(TriggerName(name, trigger)),
+            Err(e) => Err(ApiError::bad(format!("invalid path: {}", e.body_text()))),
+        }
+    }
+}
+
 /// A JSON body that must be an object (serde would take an array for a struct's fields in
 /// order), read into `T`: not JSON, or not an object, is a 400; wrong fields a 422.
 struct Body<T>(T);
@@ -674,6 +698,63 @@ async fn set_demand(
         .set_manual(&name, body.value)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     Ok(Json(service_json(&hub, &svc)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushBody {
+    value: f64,
+}
+
+/// Largest value a producer may push (integers stay exact in a double up to 2^53).
+const MAX_PUSH: f64 = 1e12;
+
+/// A producer pushes its trigger's value: with the operator's token, or the trigger's own
+/// (which may do nothing else). Who may push is checked before anything about the trigger is
+/// told, so a caller without a token learns nothing of the names.
+async fn push_value(
+    State(hub): State<Arc<Hub>>,
+    TriggerName(name, trigger): TriggerName,
+    headers: HeaderMap,
+    body: Result<Body<PushBody>, ApiError>,
+) -> ApiResult {
+    let given = bearer(&headers);
+    let operator = hub.options.token.as_deref();
+    let own = hub.control.push_trigger(&name, &trigger);
+    let own_token = own.as_ref().and_then(|t| t.as_deref());
+    let matches = |t: Option<&str>| matches!((t, given), (Some(t), Some(g)) if same(t, g));
+    if !matches(operator) && !matches(own_token) {
+        if operator.is_none() && own_token.is_none() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "pushes are disabled here: give the trigger a token_file or token_env, or start microscaler with an API token",
+            ));
+        }
+        return Ok(unauthorized(
+            "missing or wrong bearer token: the API token or the trigger's push token (Authorization: Bearer <token>)",
+        ));
+    }
+    if own.is_none() {
+        known(&hub, &name)?;
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{name:?} has no push trigger {trigger:?} (add [[services.triggers]] type = \"push\" with name = {trigger:?})"),
+        ));
+    }
+    let Body(body) = body?;
+    if !body.value.is_finite() || !(0.0..=MAX_PUSH).contains(&body.value) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "value must be a number between 0 and {MAX_PUSH}, got {}",
+                body.value
+            ),
+        ));
+    }
+    hub.control
+        .push(&name, &trigger, body.value)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(json!({ "service": name, "trigger": trigger, "value": body.value })).into_response())
 }
 
 async fn clear_demand(State(hub): State<Arc<Hub>>, Name(name): Name) -> ApiResult {

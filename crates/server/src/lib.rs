@@ -60,6 +60,19 @@ pub trait Control: Send + Sync + 'static {
     fn paused(&self, service: &str) -> bool;
     /// Pauses or resumes `service`.
     fn set_paused(&self, service: &str, paused: bool);
+    /// Whether `service` has a push trigger called `trigger`: `None` if not, else its own
+    /// token (`None` inside: only the operator's token may push to it). Default: no push
+    /// triggers.
+    fn push_trigger(&self, service: &str, trigger: &str) -> Option<Option<String>> {
+        let _ = (service, trigger);
+        None
+    }
+    /// Pushes `value` into `service`'s push trigger `trigger` (callers have checked that it
+    /// exists and that `value` is valid). Default: no push triggers.
+    fn push(&self, service: &str, trigger: &str, value: f64) -> Result<(), String> {
+        let _ = (service, trigger, value);
+        Err("no push trigger".into())
+    }
 }
 
 /// How the server guards its routes and its connections.

@@ -28,7 +28,12 @@ struct FakeControl {
     random: Mutex<BTreeMap<String, RandomState>>,
     paused: Mutex<BTreeSet<String>>,
     overriding: Mutex<BTreeSet<String>>,
+    /// Values pushed, by (service, trigger).
+    pushed: Mutex<BTreeMap<(String, String), f64>>,
 }
+
+/// The push token of web's push trigger `queue` (its other one, `open`, has none).
+const PUSH_TOKEN: &str = "push-token-of-web-queue";
 
 impl Control for FakeControl {
     fn manual(&self, s: &str) -> Option<f64> {
@@ -64,6 +69,17 @@ impl Control for FakeControl {
         } else {
             set.remove(s);
         }
+    }
+    fn push_trigger(&self, s: &str, t: &str) -> Option<Option<String>> {
+        match (s, t) {
+            ("web", "queue") => Some(Some(PUSH_TOKEN.into())),
+            ("web", "open") => Some(None),
+            _ => None,
+        }
+    }
+    fn push(&self, s: &str, t: &str, v: f64) -> Result<(), String> {
+        self.pushed.lock().unwrap().insert((s.into(), t.into()), v);
+        Ok(())
     }
 }
 
@@ -836,7 +852,7 @@ async fn openapi_matches_the_router() {
                 .map(|(_, _, a)| *a);
             assert_eq!(
                 secured,
-                access == Some(Access::Write),
+                matches!(access, Some(Access::Write | Access::Push)),
                 "{method} {path}: the document's security must say whether it needs the token"
             );
         }
@@ -850,11 +866,12 @@ async fn openapi_matches_the_router() {
 
     // Every documented operation answers on the real router with a documented status.
     for (method, path) in &documented {
-        let uri = path.replace("{name}", "web");
+        let uri = path.replace("{name}", "web").replace("{trigger}", "queue");
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let body = match uri.as_str() {
             "/api/v1/services/web/demand" => Some(r#"{"value": 2}"#),
             "/api/v1/services/web/random" => Some(r#"{"delta": 2}"#),
+            "/api/v1/services/web/triggers/queue/value" => Some(r#"{"value": 40}"#),
             _ => None,
         };
         let status = if uri.ends_with("/stream") {
@@ -1493,4 +1510,84 @@ fn the_history_file_is_private() {
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
     let _store = Store::open(&old, Duration::from_secs(3600)).unwrap();
     assert_eq!(mode(&old), 0o600);
+}
+
+/// A producer pushes with its trigger's own token, which may do nothing else; the API token
+/// may push too. Without a valid token nothing about the triggers is told (401 whatever the
+/// names); with one, an unknown trigger is a 404 and a bad value a 422. A trigger without a
+/// token of its own, on a server without an API token, refuses pushes (403).
+#[tokio::test]
+async fn pushes_need_the_api_token_or_the_triggers_own_which_can_do_nothing_else() {
+    let f = fixture(Some(TOKEN), false);
+    let put = |uri: &'static str, token: Option<&'static str>, body: &'static str| {
+        let app = app(&f.hub, REMOTE);
+        async move { call(app, Method::PUT, uri, token, Some(body)).await }
+    };
+    let queue = "/api/v1/services/web/triggers/queue/value";
+    let a = put(queue, Some(PUSH_TOKEN), r#"{"value": 17}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        serde_json::from_str::<Value>(&a.body).unwrap(),
+        json!({"service": "web", "trigger": "queue", "value": 17.0})
+    );
+    let a = put(queue, Some(TOKEN), r#"{"value": 18}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        f.control.pushed.lock().unwrap()[&("web".to_string(), "queue".to_string())],
+        18.0
+    );
+    // The push token is for that trigger only.
+    let a = put("/api/v1/services/web/demand", Some(PUSH_TOKEN), r#"{"value": 1}"#).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let a = put(
+        "/api/v1/services/web/triggers/open/value",
+        Some(PUSH_TOKEN),
+        r#"{"value": 1}"#,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    // No token, a wrong one, and unknown names without a token: all the same 401.
+    for (uri, token) in [
+        (queue, None),
+        (queue, Some("wrong")),
+        ("/api/v1/services/nope/triggers/x/value", None),
+    ] {
+        let a = put(uri, token, r#"{"value": 1}"#).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{uri} {token:?}");
+        assert_eq!(a.headers["www-authenticate"], "Bearer");
+    }
+    // With the API token: unknown names are named; bad values refused.
+    let a = put("/api/v1/services/nope/triggers/x/value", Some(TOKEN), r#"{"value": 1}"#).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    let a = put("/api/v1/services/web/triggers/x/value", Some(TOKEN), r#"{"value": 1}"#).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
+    assert!(a.body.contains("has no push trigger"), "{}", a.body);
+    for bad in [r#"{"value": -1}"#, r#"{"value": 1e13}"#, r#"{"value": "x"}"#, r#"{"v": 1}"#] {
+        let a = put(queue, Some(PUSH_TOKEN), bad).await;
+        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {}", a.body);
+    }
+    let a = put(queue, Some(PUSH_TOKEN), "[1]").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+    // No API token and a trigger with no token of its own: pushes are off.
+    let f = fixture(None, false);
+    let a = call(
+        app(&f.hub, LOOPBACK),
+        Method::PUT,
+        "/api/v1/services/web/triggers/open/value",
+        None,
+        Some(r#"{"value": 1}"#),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    // The trigger's own token still works there.
+    let a = call(
+        app(&f.hub, LOOPBACK),
+        Method::PUT,
+        "/api/v1/services/web/triggers/queue/value",
+        Some(PUSH_TOKEN),
+        Some(r#"{"value": 3}"#),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
 }

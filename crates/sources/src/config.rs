@@ -17,6 +17,7 @@ use crate::manual::ManualConfig;
 use crate::nats::NatsJetstreamConfig;
 use crate::nginx::NginxConfig;
 use crate::prometheus::PrometheusConfig;
+use crate::push::PushConfig;
 use crate::rabbitmq::RabbitmqConfig;
 use crate::random::RandomConfig;
 use crate::redis::{RedisListConfig, RedisStreamConfig};
@@ -38,6 +39,8 @@ pub enum SourceConfig {
     Random(RandomConfig),
     /// A value set by hand (CLI now, API later).
     Manual(ManualConfig),
+    /// A value a producer pushes over the API, with its own token.
+    Push(PushConfig),
     /// Length of a Redis list (`LLEN`).
     RedisList(RedisListConfig),
     /// Lag of a Redis stream's consumer group (`XINFO GROUPS`, field `lag`).
@@ -67,7 +70,10 @@ impl SourceConfig {
     /// The network options of a source that talks to a server (`None` for local ones).
     pub fn net(&self) -> Option<&NetOptions> {
         match self {
-            SourceConfig::Random(_) | SourceConfig::Manual(_) | SourceConfig::Schedule(_) => None,
+            SourceConfig::Random(_)
+            | SourceConfig::Manual(_)
+            | SourceConfig::Push(_)
+            | SourceConfig::Schedule(_) => None,
             SourceConfig::RedisList(s) => Some(&s.net),
             SourceConfig::RedisStream(s) => Some(&s.net),
             SourceConfig::Rabbitmq(s) => Some(&s.net),
@@ -87,6 +93,7 @@ impl SourcePlugins for SourceConfig {
     const TYPES: &'static [&'static str] = &[
         "random",
         "manual",
+        "push",
         "redis_list",
         "redis_stream",
         "rabbitmq",
@@ -111,6 +118,7 @@ impl SourcePlugins for SourceConfig {
         Some(match kind {
             "random" => SourceConfig::Random(RandomConfig::validate(o, cx, v, path)?),
             "manual" => SourceConfig::Manual(ManualConfig::validate(o, cx, v, path)?),
+            "push" => SourceConfig::Push(PushConfig::validate(o, cx, v, path)?),
             "redis_list" => SourceConfig::RedisList(RedisListConfig::validate(o, cx, v, path)?),
             "redis_stream" => {
                 SourceConfig::RedisStream(RedisStreamConfig::validate(o, cx, v, path)?)
@@ -152,6 +160,7 @@ impl SourcePlugins for SourceConfig {
         match self {
             SourceConfig::Random(_) => "random",
             SourceConfig::Manual(_) => "manual",
+            SourceConfig::Push(_) => "push",
             SourceConfig::RedisList(_) => "redis_list",
             SourceConfig::RedisStream(_) => "redis_stream",
             SourceConfig::Rabbitmq(_) => "rabbitmq",

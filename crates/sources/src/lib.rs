@@ -38,6 +38,7 @@ pub mod manual;
 pub mod nats;
 pub mod nginx;
 pub mod prometheus;
+pub mod push;
 pub mod rabbitmq;
 pub mod random;
 pub mod redis;
@@ -53,6 +54,7 @@ pub use manual::{ManualConfig, ManualHandle, ManualSource};
 pub use nats::{NatsJetstreamConfig, NatsJetstreamSource};
 pub use nginx::{NginxConfig, NginxSource};
 pub use prometheus::{PrometheusConfig, PrometheusSource};
+pub use push::{PushConfig, PushHandle, PushSource};
 pub use rabbitmq::{RabbitmqConfig, RabbitmqSource};
 pub use random::{RandomConfig, RandomControl, RandomSource};
 pub use redis::{RedisListConfig, RedisListSource, RedisStreamConfig, RedisStreamSource};
@@ -97,6 +99,8 @@ pub enum AnySource {
     Random(RandomSource),
     /// Set by hand.
     Manual(ManualSource),
+    /// Pushed over the API.
+    Push(PushSource),
     /// Redis list length.
     RedisList(RedisListSource),
     /// Redis stream consumer-group lag.
@@ -153,6 +157,7 @@ impl AnySource {
                 AnySource::Random(RandomSource::new(r, capacity, clock_seed))
             }
             SourceConfig::Manual(m) => AnySource::Manual(ManualSource::new(m.initial)),
+            SourceConfig::Push(p) => AnySource::Push(PushSource::new(p)?),
             SourceConfig::RedisList(s) => AnySource::RedisList(RedisListSource::new(s)?),
             SourceConfig::RedisStream(s) => AnySource::RedisStream(RedisStreamSource::new(s)?),
             SourceConfig::Rabbitmq(s) => AnySource::Rabbitmq(RabbitmqSource::new(s)?),
@@ -191,7 +196,10 @@ impl AnySource {
     /// and what is wrong. Local sources always pass. Bounded by the source's own timeouts.
     pub async fn check(&mut self) -> Result<(), SourceError> {
         match self {
-            AnySource::Random(_) | AnySource::Manual(_) | AnySource::Schedule(_) => Ok(()),
+            AnySource::Random(_)
+            | AnySource::Manual(_)
+            | AnySource::Push(_)
+            | AnySource::Schedule(_) => Ok(()),
             AnySource::Broken(e) => Err(e.clone()),
             AnySource::RedisList(s) => s.check().await,
             AnySource::RedisStream(s) => s.check().await,
@@ -213,6 +221,7 @@ impl Source for AnySource {
         match self {
             AnySource::Random(s) => s.describe(),
             AnySource::Manual(s) => s.describe(),
+            AnySource::Push(s) => s.describe(),
             AnySource::RedisList(s) => s.describe(),
             AnySource::RedisStream(s) => s.describe(),
             AnySource::Rabbitmq(s) => s.describe(),
@@ -236,6 +245,7 @@ impl Source for AnySource {
         let v = match self {
             AnySource::Random(s) => s.sample(now).await,
             AnySource::Manual(s) => s.sample(now).await,
+            AnySource::Push(s) => s.sample(now).await,
             AnySource::RedisList(s) => s.sample(now).await,
             AnySource::RedisStream(s) => s.sample(now).await,
             AnySource::Rabbitmq(s) => s.sample(now).await,
@@ -256,13 +266,14 @@ impl Source for AnySource {
 
 impl AnySource {
     /// The value at `now` without a future, for the sources that never wait for anything
-    /// (random, manual, schedule, and a broken one's error); `None` for the others, which are
+    /// (random, manual, push, schedule, and a broken one's error); `None` for the others, which are
     /// sampled with [`Source::sample`]. The control loop reads most triggers this way: no
     /// future is built, boxed or polled for them.
     pub fn sample_now(&mut self, now: Duration) -> Option<Result<f64, SourceError>> {
         let v = match self {
             AnySource::Random(s) => Ok(f64::from(s.value_at(now))),
             AnySource::Manual(s) => Ok(s.get()),
+            AnySource::Push(s) => s.value_now(),
             AnySource::Schedule(s) => Ok(s.value_now()),
             AnySource::Broken(e) => Err(e.clone()),
             _ => return None,

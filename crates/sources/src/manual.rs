@@ -31,20 +31,29 @@ impl ManualConfig {
         path: &str,
     ) -> Option<ManualConfig> {
         let m: RawManual = v.part(toml::Value::Table(options), path)?;
-        let initial = m.initial.unwrap_or(0.0);
-        if !initial.is_finite() || initial < 0.0 {
-            v.err(
-                join(path, "initial"),
-                format!("must be a finite number >= 0, got {initial}"),
-            );
-        }
-        Some(ManualConfig { initial })
+        Some(ManualConfig {
+            initial: initial_value(m.initial, v, path),
+        })
     }
+}
+
+/// A pushed source's `initial` (manual, push): a finite number >= 0, default 0.
+pub(crate) fn initial_value(initial: Option<f64>, v: &mut Validator, path: &str) -> f64 {
+    let initial = initial.unwrap_or(0.0);
+    if !initial.is_finite() || initial < 0.0 {
+        v.err(
+            join(path, "initial"),
+            format!("must be a finite number >= 0, got {initial}"),
+        );
+    }
+    initial
 }
 
 #[derive(Debug)]
 struct Shared {
     value: Mutex<f64>,
+    /// When a handle last set the value (changed or not); `None` before the first set.
+    set_at: Mutex<Option<std::time::Instant>>,
     /// Woken when the value changes, so the control loop can act at once instead of at its
     /// next tick (a pushed value need not wait to be polled).
     waker: OnceLock<Arc<Notify>>,
@@ -68,6 +77,7 @@ impl ManualSource {
         Self {
             shared: Arc::new(Shared {
                 value: Mutex::new(initial),
+                set_at: Mutex::new(None),
                 waker: OnceLock::new(),
             }),
         }
@@ -85,6 +95,11 @@ impl ManualSource {
         *self.shared.value.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// When a handle last set the value (changed or not); `None` before the first set.
+    pub fn set_at(&self) -> Option<std::time::Instant> {
+        *self.shared.set_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Wakes `waker` whenever a handle changes the value (set once; later calls are ignored).
     pub fn wake_on_change(&self, waker: Arc<Notify>) {
         let _ = self.shared.waker.set(waker);
@@ -99,6 +114,8 @@ impl ManualHandle {
             let mut value = self.shared.value.lock().unwrap_or_else(|e| e.into_inner());
             let changed = *value != v;
             *value = v;
+            *self.shared.set_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now());
             changed
         };
         if changed {

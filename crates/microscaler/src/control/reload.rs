@@ -266,8 +266,12 @@ impl<B: Backend + 'static> Controller<B> {
         self.controls
             .random
             .retain(|(s, _), _| unchanged.contains(s.as_str()));
+        self.controls
+            .push
+            .retain(|(s, _), _| unchanged.contains(s.as_str()));
         self.controls.manual.append(&mut fresh_controls.manual);
         self.controls.random.append(&mut fresh_controls.random);
+        self.controls.push.append(&mut fresh_controls.push);
 
         let names: BTreeSet<_> = new.services.iter().map(|s| s.name.clone()).collect();
         let edited: BTreeSet<_> = new

@@ -1,12 +1,17 @@
-//! `SIGHUP` reloads the configuration of a running `microscaler run` (the real binary, on the
-//! process backend: real child processes, records in the state directory).
+//! A running `microscaler run` (the real binary, on the process backend: real child
+//! processes, records in the state directory) changed while it runs: `SIGHUP` reloads its
+//! configuration, and producers push their triggers' values over the API.
 //!
-//! Proven here, in one daemon's life: a service added by a reload is started and fills what
-//! is left; an edited service keeps its replicas and its manual demand; a service whose
-//! settings did not change keeps the very same replicas (same pids); the API shows the new
-//! services and changes them; an invalid file is refused with every error's path and the
-//! running configuration goes on; a change that needs a restart (the backend) is refused
-//! and named; a removed service's replicas are stopped.
+//! Reload, in one daemon's life: a service added by a reload is started and fills what is
+//! left; an edited service keeps its replicas and its manual demand; a service whose settings
+//! did not change keeps the very same replicas (same pids); the API shows the new services and
+//! changes them; an invalid file is refused with every error's path and the running
+//! configuration goes on; a change that needs a restart (the backend) is refused and named; a
+//! removed service's replicas are stopped.
+//!
+//! Push: a push with the trigger's own token wakes the loop at once (the tick is 10 s long,
+//! the replicas follow within a second), that token can do nothing else, and a value the
+//! producer stops refreshing expires: the trigger reports failing and the service is held.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -142,6 +147,29 @@ fn http(port: u16, req: &str) -> String {
     out
 }
 
+/// A free port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `PUT path` with `{"value": value}` and the bearer `token`; the whole answer.
+fn put(port: u16, path: &str, token: &str, value: u32) -> String {
+    let body = format!("{{\"value\": {value}}}");
+    http(
+        port,
+        &format!(
+            "PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
 fn config(port: u16, backend_extra: &str, services: &str) -> String {
     format!(
         r#"
@@ -155,7 +183,7 @@ type = "process"
 {backend_extra}
 [server]
 listen = "127.0.0.1:{port}"
-token = "reload-token-0123456789"
+token = "{TOKEN}"
 
 [[services]]
 name = "steady"
@@ -168,6 +196,9 @@ initial = 1
         pid = std::process::id()
     )
 }
+
+/// The operator's API token.
+const TOKEN: &str = "reload-token-0123456789";
 
 const WEB_BEFORE: &str = r#"
 [[services]]
@@ -199,21 +230,16 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("microscaler.toml");
     let state = dir.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(&file, config(port, "", WEB_BEFORE)).unwrap();
     let d = Daemon::start(&file, &state);
     let put = |service: &str, value: u32| {
-        let body = format!("{{\"value\": {value}}}");
-        http(port, &format!(
-            "PUT /api/v1/services/{service}/demand HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-             Authorization: Bearer reload-token-0123456789\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        ))
+        put(
+            port,
+            &format!("/api/v1/services/{service}/demand"),
+            TOKEN,
+            value,
+        )
     };
     d.tick_where("steady running 1", |t| running(t, "steady") == Some(1));
     let answer = put("web", 2);
@@ -301,4 +327,68 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     }
     assert_eq!(pids(&state, "steady"), steady);
     assert!(d.log().contains("removed from the configuration: its replicas are stopped"));
+}
+
+#[test]
+fn a_push_wakes_the_loop_its_token_does_nothing_else_and_a_quiet_producer_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("microscaler.toml");
+    let token_file = dir.path().join("push-token");
+    std::fs::write(&token_file, "push-token-of-the-producer\n").unwrap();
+    let port = free_port();
+    let queue = format!(
+        r#"
+[[services]]
+name = "worker"
+priority = 1
+max = 5
+[[services.triggers]]
+name = "queue"
+type = "push"
+token_file = {:?}
+expires = "1500ms"
+"#,
+        token_file.display().to_string()
+    );
+    // A 10 s tick: only a wake-up explains a reaction within a second or two.
+    let text = config(port, "", &queue).replace("tick = \"100ms\"", "tick = \"10s\"");
+    std::fs::write(&file, text).unwrap();
+    let d = Daemon::start(&file, &dir.path().join("state"));
+    d.tick_where("the first tick", |t| service(t, "worker").is_some());
+    let path = "/api/v1/services/worker/triggers/queue/value";
+    let pushed = Instant::now();
+    let answer = put(port, path, "push-token-of-the-producer", 3);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The woken tick starts them (the next one, 10 s later, would see them run).
+    d.tick_where("worker's target 3", |t| {
+        service(t, "worker").is_some_and(|s| s["target"] == 3)
+    });
+    let took = pushed.elapsed();
+    let state = dir.path().join("state");
+    assert_eq!(pids(&state, "worker").len(), 3);
+    assert!(
+        took < Duration::from_secs(5),
+        "the push was acted on after {took:?}, as if by the 10 s tick"
+    );
+    // The producer's token is for its trigger only.
+    let answer = put(port, "/api/v1/services/worker/demand", "push-token-of-the-producer", 1);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answer = put(port, "/api/v1/services/steady/random", "push-token-of-the-producer", 1);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // A wrong token: refused, and nothing pushed.
+    let answer = put(port, path, "not-the-token", 0);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // The producer goes quiet: after 1.5 s its value is missing, the trigger fails and the
+    // worker is held at 3 (a push of another value on steady's manual trigger wakes a tick).
+    std::thread::sleep(Duration::from_millis(1700));
+    let answer = put(port, "/api/v1/services/steady/demand", TOKEN, 2);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let t = d.tick_where("the push trigger failing", |t| {
+        t["errors"].to_string().contains("no value pushed for")
+    });
+    assert_eq!(service(&t, "worker").unwrap()["target"], 3, "held, not scaled down: {t}");
+    assert_eq!(pids(&state, "worker").len(), 3);
+    // The log never shows the token.
+    assert!(!d.log().contains("push-token-of-the-producer"), "{}", d.log());
 }
