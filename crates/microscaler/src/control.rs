@@ -499,6 +499,7 @@ fn live_triggers(
                     p.wake_on_change(controls.wake.clone());
                     controls.push.insert(key, p.handle());
                 }
+                AnySource::RedisList(r) => r.wake_on_change(controls.wake.clone()),
                 _ => {}
             }
             LiveTrigger {

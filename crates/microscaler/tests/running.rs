@@ -12,6 +12,8 @@
 //! Push: a push with the trigger's own token wakes the loop at once (the tick is 10 s long,
 //! the replicas follow within a second), that token can do nothing else, and a value the
 //! producer stops refreshing expires: the trigger reports failing and the service is held.
+//! An `RPUSH` to a Redis list wakes the loop the same way, through the server's keyspace
+//! notifications.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -391,4 +393,52 @@ expires = "1500ms"
     assert_eq!(pids(&state, "worker").len(), 3);
     // The log never shows the token.
     assert!(!d.log().contains("push-token-of-the-producer"), "{}", d.log());
+}
+
+/// A push to a Redis list wakes the loop through the server's keyspace notifications (a
+/// redis-server of the test's own with `notify-keyspace-events Kl`): with a 10 s tick, the
+/// replicas follow an `RPUSH` within a second or two.
+#[test]
+fn an_rpush_wakes_the_loop_through_keyspace_notifications() {
+    let Some(redis) = microscaler_testkit::redis_server("Kl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("microscaler.toml");
+    let port = free_port();
+    let worker = format!(
+        r#"
+[[services]]
+name = "worker"
+priority = 1
+max = 5
+[[services.triggers]]
+type = "redis_list"
+url = "{}"
+key = "jobs"
+"#,
+        redis.url
+    );
+    let text = config(port, "", &worker).replace("tick = \"100ms\"", "tick = \"10s\"");
+    std::fs::write(&file, text).unwrap();
+    let d = Daemon::start(&file, &dir.path().join("state"));
+    d.log_says("waking the loop on the list's keyspace notifications");
+    d.tick_where("the first tick", |t| service(t, "worker").is_some());
+    let redis_port = redis.url.rsplit(':').next().unwrap().to_string();
+    let pushed = Instant::now();
+    let ok = Command::new("redis-cli")
+        .args(["-p", &redis_port, "RPUSH", "jobs", "a", "b"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("redis-cli")
+        .success();
+    assert!(ok);
+    d.tick_where("worker's target 2", |t| {
+        service(t, "worker").is_some_and(|s| s["target"] == 2)
+    });
+    let took = pushed.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the RPUSH was acted on after {took:?}, as if by the 10 s tick"
+    );
 }

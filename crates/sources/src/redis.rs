@@ -4,6 +4,7 @@
 //! One multiplexed connection per source, opened with connect and response timeouts; it is
 //! dropped after any error so the next sample reconnects.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use microscaler_core::{SourceContext, Validator};
@@ -13,6 +14,8 @@ use serde::Deserialize;
 
 use crate::config::{net_options, NetOptions, REDIS};
 use crate::{Source, SourceError};
+
+pub mod keyspace;
 
 /// The server both Redis sources read when no `url` is given.
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
@@ -24,6 +27,9 @@ pub struct RedisListConfig {
     pub url: String,
     /// The list's key.
     pub key: String,
+    /// Wake the control loop when the list changes, from the server's keyspace notifications
+    /// (default true; they must be on in the server: `notify-keyspace-events` with `K` and `l`).
+    pub notify: bool,
     /// Timeouts and start-up policy.
     pub net: NetOptions,
 }
@@ -48,6 +54,7 @@ pub struct RedisStreamConfig {
 struct RawRedisList {
     url: Option<String>,
     key: Option<String>,
+    notify: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -59,8 +66,8 @@ struct RawRedisStream {
 }
 
 impl RedisListConfig {
-    /// Validates a `type = "redis_list"` trigger's options (`url`, `key`, `timeout`,
-    /// `required`).
+    /// Validates a `type = "redis_list"` trigger's options (`url`, `key`, `notify`,
+    /// `timeout`, `required`).
     pub fn validate(
         mut options: toml::Table,
         _cx: &SourceContext<'_>,
@@ -72,6 +79,7 @@ impl RedisListConfig {
         Some(RedisListConfig {
             url: v.url(r.url, Some(DEFAULT_URL), path, "url", REDIS, ""),
             key: v.need(r.key, path, "key", "the list's key"),
+            notify: r.notify.unwrap_or(true),
             net,
         })
     }
@@ -177,6 +185,18 @@ fn redact(url: &str) -> String {
 pub struct RedisListSource {
     conn: Conn,
     key: String,
+    notify: bool,
+    timeout: Duration,
+    /// The keyspace listener, once started; aborted with the source.
+    listener: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for RedisListSource {
+    fn drop(&mut self) {
+        if let Some(l) = self.listener.get() {
+            l.abort();
+        }
+    }
 }
 
 impl RedisListSource {
@@ -186,7 +206,32 @@ impl RedisListSource {
         Ok(RedisListSource {
             conn: Conn::new(&config.url, config.net.timeout, name)?,
             key: config.key.clone(),
+            notify: config.notify,
+            timeout: config.net.timeout,
+            listener: OnceLock::new(),
         })
+    }
+
+    /// With `notify` (the default), follows the list's keyspace notifications and rings
+    /// `waker` when it changes ([`keyspace`]); polling stays the safety net. Started once, on
+    /// the current tokio runtime (without one, nothing is started).
+    pub fn wake_on_change(&self, waker: Arc<tokio::sync::Notify>) {
+        if !self.notify || self.listener.get().is_some() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.conn.client.clone();
+        let channel = keyspace::channel(&client, &self.key);
+        let task = rt.spawn(keyspace::follow(
+            client,
+            channel,
+            self.conn.url.clone(),
+            self.timeout,
+            waker,
+        ));
+        let _ = self.listener.set(task.abort_handle());
     }
 
     /// Start-up check: the server answers, and the key, if it exists, is a list.
@@ -367,6 +412,18 @@ mod tests {
         };
         assert_eq!(s.url, "redis://127.0.0.1:6379");
         assert_eq!(s.net, NetOptions::default());
+        assert!(s.notify, "keyspace notifications are followed by default");
+        let SourceConfig::RedisList(s) = config("type = \"redis_list\"\nkey = \"q\"\nnotify = false")
+        else {
+            panic!()
+        };
+        assert!(!s.notify);
+        let e = errors("type = \"redis_list\"\nkey = \"q\"\nnotify = \"yes\"");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with(&format!("{P}.notify: invalid type: string \"yes\", expected a boolean")),
+            "{e:?}"
+        );
         assert_eq!(
             errors(r#"type = "redis_list""#),
             vec![format!("{P}.key: missing: the list's key")]

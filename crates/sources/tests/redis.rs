@@ -2,12 +2,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{absent, dead_port, net, unique};
+use microscaler_sources::redis::keyspace;
 use microscaler_sources::{
-    AnySource, RedisListConfig, RedisStreamConfig, Source, SourceConfig, SourceError,
+    AnySource, RedisListConfig, RedisListSource, RedisStreamConfig, Source, SourceConfig,
+    SourceError,
 };
+use tokio::sync::Notify;
 
 const URL: &str = "redis://127.0.0.1:6379";
 
@@ -24,6 +28,7 @@ fn list(key: &str) -> AnySource {
         &SourceConfig::RedisList(RedisListConfig {
             url: URL.into(),
             key: key.into(),
+            notify: false,
             net: net(),
         }),
         9,
@@ -197,6 +202,7 @@ async fn source_contract() {
         SourceConfig::RedisList(RedisListConfig {
             url,
             key: unique("contract"),
+            notify: false,
             net: net(),
         })
     };
@@ -248,6 +254,7 @@ async fn an_unreachable_server_is_named() {
         &SourceConfig::RedisList(RedisListConfig {
             url: format!("redis://127.0.0.1:{port}"),
             key: "jobs".into(),
+            notify: false,
             net: net(),
         }),
         9,
@@ -263,4 +270,109 @@ async fn an_unreachable_server_is_named() {
         )),
         "{e}"
     );
+}
+
+/// A source of the list `jobs` at `url` following its keyspace notifications, and its waker,
+/// once subscribed: the listener rings once then (the list may have changed while it was
+/// away), whether or not the server publishes notifications.
+async fn listening(url: &str) -> (RedisListSource, Arc<Notify>) {
+    let source = RedisListSource::new(&RedisListConfig {
+        url: url.into(),
+        key: "jobs".into(),
+        notify: true,
+        net: net(),
+    })
+    .unwrap();
+    let waker = Arc::new(Notify::new());
+    source.wake_on_change(waker.clone());
+    tokio::time::timeout(Duration::from_secs(5), waker.notified())
+        .await
+        .expect("the listener subscribes and rings once");
+    (source, waker)
+}
+
+/// With keyspace notifications on, a push to the list wakes the loop at once (well before any
+/// tick would read it), a change to another key does not, and a burst of pushes rings a
+/// bounded number of times; the server's setting is checked and reported.
+#[tokio::test]
+async fn a_push_to_the_list_wakes_the_loop_from_keyspace_notifications() {
+    let Some(server) = microscaler_testkit::redis_server("Kl") else {
+        return;
+    };
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    assert_eq!(
+        keyspace::notifications_off(&client, &server.url, Duration::from_secs(2)).await,
+        Ok(None)
+    );
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let (source, waker) = listening(&server.url).await;
+    let channel = keyspace::channel(&client, "jobs");
+    let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(subscribers, vec![(channel.clone(), 1)]);
+
+    let pushed = std::time::Instant::now();
+    let _: () = redis::cmd("RPUSH").arg("jobs").arg("a").query_async(&mut c).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), waker.notified())
+        .await
+        .expect("a push wakes the loop");
+    eprintln!("RPUSH -> wake-up: {:?}", pushed.elapsed());
+    tokio::time::sleep(keyspace::MIN_GAP * 2).await;
+    let _: () = redis::cmd("RPUSH").arg("other").arg("a").query_async(&mut c).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), waker.notified()).await.is_err(),
+        "another key's change woke the loop"
+    );
+    // A burst of 500 pushes in one pipeline: a few rings, not 500.
+    let rings = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = {
+        let (waker, rings) = (waker.clone(), rings.clone());
+        tokio::spawn(async move {
+            loop {
+                waker.notified().await;
+                rings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.cmd("RPUSH").arg("jobs").arg(i).ignore();
+    }
+    let _: () = pipe.query_async(&mut c).await.unwrap();
+    tokio::time::sleep(keyspace::MIN_GAP * 4).await;
+    let n = rings.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&n), "500 pushes rang {n} times");
+    counter.abort();
+    drop(source);
+}
+
+/// With keyspace notifications off (Redis's default), the check says so and names the command
+/// that turns them on; nothing wakes the loop, which still reads the list at each tick.
+#[tokio::test]
+async fn notifications_off_are_reported_with_the_command_that_turns_them_on() {
+    let Some(server) = microscaler_testkit::redis_server("") else {
+        return;
+    };
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let said = keyspace::notifications_off(&client, &server.url, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("reported as off");
+    assert!(
+        said.contains("CONFIG SET notify-keyspace-events Kl"),
+        "{said}"
+    );
+    let (source, waker) = listening(&server.url).await;
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("RPUSH").arg("jobs").arg("a").query_async(&mut c).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), waker.notified()).await.is_err(),
+        "no notification, no wake-up"
+    );
+    let mut s = AnySource::RedisList(source);
+    assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 1.0, "read at the tick");
 }

@@ -103,6 +103,54 @@ pub fn missing_service(what: &str, err: impl std::fmt::Display) -> bool {
     true
 }
 
+/// A redis-server of the test's own on a free loopback port, killed on drop, so a test can
+/// change server settings without touching the shared server on 6379.
+pub struct RedisServer {
+    child: std::process::Child,
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Debian's `redis-server` with `notify-keyspace-events` set to `events` (no
+/// persistence) and waits (5 s at most) until it listens. `None` when the binary is missing
+/// and the test may skip ([`missing_service`]: under `CI=true` that fails instead).
+pub fn redis_server(events: &str) -> Option<RedisServer> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = match std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "no", "--notify-keyspace-events", events])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            missing_service("redis-server (Debian's redis-server package)", e);
+            return None;
+        }
+    };
+    let server = RedisServer {
+        child,
+        url: format!("redis://127.0.0.1:{port}"),
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(server);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("redis-server did not listen on {port} within 5 s");
+}
+
 /// A name unique to this test run, valid as an instance or service name.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
