@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod swarm_rig;
 
 use std::time::{Duration, Instant};
 
