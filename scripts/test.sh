@@ -53,6 +53,17 @@ else
   scripts/image.sh
 fi
 
+step "the multi-node Docker Swarm rig (scripts/swarm-rig.sh start; stopped when this script ends)"
+# Three engines in network namespaces of their own (docs/swarm-rig.md), for tests/swarm_nodes.rs.
+# The tests also start it themselves (idempotent) and load this build's replica image on it.
+if [ "$(id -u)" = 0 ]; then
+  scripts/swarm-rig.sh start
+  trap 'scripts/swarm-rig.sh stop || true' EXIT
+elif command -v sudo >/dev/null 2>&1; then
+  sudo scripts/swarm-rig.sh start
+  trap 'sudo scripts/swarm-rig.sh stop || true' EXIT
+fi
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

@@ -28,9 +28,19 @@ fn said(o: &Output) -> String {
     )
 }
 
-/// `scripts/swarm-rig.sh args`: its output, or everything it said when it failed.
+/// `scripts/swarm-rig.sh args` (through `sudo -n` when not root: the rig needs root): its
+/// output, or everything it said when it failed.
 fn rig(args: &[&str]) -> Result<String, String> {
-    match Command::new(script()).args(args).output() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        Command::new(script())
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-n").arg(script());
+        c
+    };
+    match cmd.args(args).output() {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
         Ok(o) => Err(format!(
             "scripts/swarm-rig.sh {}: {}",
