@@ -202,14 +202,14 @@ ensure_worker() {
   local n=$1 state id t0
   t0=$(now)
   state=$(swarm_state "$n")
-  # A restarted node reconnects on its own: give it a moment.
-  while [ "$state" = pending ] && [ $(($(now) - t0)) -lt 30 ]; do
-    sleep 1
-    state=$(swarm_state "$n")
-  done
   id=$(node_id "$n")
-  if [ "$state" = active ] && [ -n "$id" ] && dk 1 node inspect "$id" >/dev/null 2>&1; then
-    return
+  if [ -n "$id" ] && dk 1 node inspect "$id" >/dev/null 2>&1; then
+    # A node of this swarm, restarted, reconnects on its own: give it a moment.
+    while [ "$state" = pending ] && [ $(($(now) - t0)) -lt 30 ]; do
+      sleep 1
+      state=$(swarm_state "$n")
+    done
+    [ "$state" = active ] && return
   fi
   if [ "$state" != inactive ]; then
     say "ms$n is in swarm state $state, not a node of ms1's swarm: leaving it"
@@ -331,6 +331,9 @@ cmd_stop() {
     # A dockerd killed with SIGKILL leaves its containerd behind.
     stop_pid "/var/run/docker-ms$n/containerd/containerd.pid" 10
     rm -f "$(pidfile "$n")"
+    # Out of the swarm, even an engine that could not leave (killed): the next start joins
+    # afresh instead of waiting for a swarm that is gone.
+    rm -rf "/var/lib/docker-$(ns "$n")/swarm"
     if [ -e "/var/run/netns/$(ns "$n")" ]; then ip netns del "$(ns "$n")"; fi
     ip link del "$(ns "$n")-h" 2>/dev/null || true
   done
