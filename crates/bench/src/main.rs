@@ -19,6 +19,7 @@ mod kubernetes;
 mod memory;
 mod plan;
 mod report;
+mod soak;
 mod tick;
 
 /// microscaler's benchmarks: reaction, release, burst, tracking (real Docker engine), plan time
@@ -58,6 +59,10 @@ enum Cmd {
     /// ECS container-instance event on SQS -> the one-per-host service's UpdateService,
     /// against a raw SQS consumer that calls UpdateService itself, on moto server. Not in `all`.
     EcsEvents,
+    /// `microscaler run` (process backend) for `--soak` at `--tick` with its demand changed
+    /// through the API every 300 ms and `--sse-clients` live-stream clients reconnecting:
+    /// slope of resident memory and open files, ticks over twice the period. Not in `all`.
+    Soak,
 }
 
 /// Options shared by every figure.
@@ -109,10 +114,26 @@ pub struct Opts {
     /// kept, up to its max, for the next increase). Reported in the figures' names.
     #[arg(long, global = true, default_value = "stop", value_parser = ["stop", "pause"])]
     preempt_p1: String,
+    /// Length of the soak.
+    #[arg(long, global = true, default_value = "1h", value_parser = parse_duration)]
+    soak: Duration,
+    /// Live-stream (SSE) clients of the soak, each reconnecting every few seconds.
+    #[arg(long, global = true, default_value_t = 200)]
+    sse_clients: usize,
     /// Tracking scenarios to run: the interval between demand changes, comma-separated.
     #[arg(long, global = true, default_value = "3s,1s", value_delimiter = ',',
           value_parser = parse_duration)]
     intervals: Vec<Duration>,
+}
+
+/// The microscaler binary: `--microscaler`, else the one next to this binary.
+fn microscaler_bin(o: &Opts) -> PathBuf {
+    o.microscaler.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("microscaler")))
+            .unwrap_or_else(|| PathBuf::from("microscaler"))
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -176,12 +197,7 @@ async fn main() -> Result<()> {
         }
     }
     if all || cli.cmd == Cmd::Memory {
-        let bin = o.microscaler.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("microscaler")))
-                .unwrap_or_else(|| PathBuf::from("microscaler"))
-        });
+        let bin = microscaler_bin(&o);
         eprintln!(
             "bench: resident memory with {} replicas ({:?} backend, {})",
             o.replicas,
@@ -212,6 +228,22 @@ async fn main() -> Result<()> {
         record("ecs_events", ecs::events(&o).await, &mut rows);
     }
 
+    if cli.cmd == Cmd::Soak {
+        let bin = microscaler_bin(&o);
+        eprintln!(
+            "bench: soak of {} for {} at tick {:?} with {} stream clients",
+            bin.display(),
+            humantime::format_duration(o.soak),
+            o.tick,
+            o.sse_clients
+        );
+        record(
+            "soak",
+            soak::run(&bin, o.soak, o.sse_clients, o.tick).await,
+            &mut rows,
+        );
+    }
+
     print!("{}", report::table(&rows));
     if let Some(path) = &o.json {
         let unix = started
@@ -223,7 +255,7 @@ async fn main() -> Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": { "tick_ms": report::ms(o.tick), "steps": o.steps, "burst": o.burst,
                          "parallelism": o.parallelism, "tracking_s": o.tracking.as_secs_f64(),
-                         "replicas": o.replicas, "pool": o.pool, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
+                         "replicas": o.replicas, "soak_s": o.soak.as_secs_f64(), "sse_clients": o.sse_clients, "pool": o.pool, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
                          "intervals_ms": o.intervals.iter().map(|d| report::ms(*d)).collect::<Vec<_>>() },
             "table": rows.iter().map(report::Row::json).collect::<Vec<_>>(),
             "results": Value::Object(out),

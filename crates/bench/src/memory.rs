@@ -34,7 +34,8 @@ impl MemoryBackend {
 /// The issue's target, in MiB.
 const TARGET_MB: f64 = 30.0;
 
-fn status_kb(pid: u32, key: &str) -> Option<u64> {
+/// A `/proc/<pid>/status` field in KiB (`key` with its colon, e.g. `"VmRSS:"`).
+pub(crate) fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with(key))?
@@ -56,8 +57,10 @@ fn children(pid: u32) -> usize {
         .sum()
 }
 
-struct Daemon {
-    child: Child,
+/// A running `microscaler run`, stopped (SIGTERM, then SIGKILL) and its directory removed on
+/// drop.
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
     dir: std::path::PathBuf,
     backend: MemoryBackend,
     instance: String,
@@ -113,9 +116,6 @@ fn docker_ids(instance: &str, running: bool) -> Vec<String> {
 
 fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> Result<Daemon> {
     let instance = format!("bench-mem-{}-{replicas}", std::process::id());
-    let dir = std::env::temp_dir().join(&instance);
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("bench.toml");
     let slots = replicas.max(1);
     let backend_section = match backend {
         MemoryBackend::Process => "[backend]\ntype = \"process\"\n".to_string(),
@@ -123,16 +123,36 @@ fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> R
             "[backend]\ntype = \"docker\"\nstart_parallelism = 8\nnetwork = \"none\"\n".to_string()
         }
     };
-    std::fs::write(
-        &cfg,
-        format!(
-            "instance = \"{instance}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n\
-             [capacity]\nslots = {slots}\n{backend_section}\
-             [[services]]\nname = \"worker\"\npriority = 1\nmax = {slots}\nstop_grace = \"2s\"\n\
-             [[services.triggers]]\ntype = \"manual\"\ninitial = {replicas}\n",
-            tick.as_millis()
-        ),
-    )?;
+    let config = format!(
+        "instance = \"{instance}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n\
+         [capacity]\nslots = {slots}\n{backend_section}\
+         [[services]]\nname = \"worker\"\npriority = 1\nmax = {slots}\nstop_grace = \"2s\"\n\
+         [[services.triggers]]\ntype = \"manual\"\ninitial = {replicas}\n",
+        tick.as_millis()
+    );
+    launch(bin, backend, instance, &config, &[], false)
+}
+
+/// Starts `bin run` on `config` (instance `instance`) in a new temporary directory, with its
+/// HTTP server on a free loopback port (`--listen 127.0.0.1:0`) and `env` added to its
+/// environment. Its stderr goes to `<dir>/daemon.log` with `log`, else nowhere.
+pub(crate) fn launch(
+    bin: &Path,
+    backend: MemoryBackend,
+    instance: String,
+    config: &str,
+    env: &[(&str, &str)],
+    log: bool,
+) -> Result<Daemon> {
+    let dir = std::env::temp_dir().join(&instance);
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("bench.toml");
+    std::fs::write(&cfg, config)?;
+    let stderr = if log {
+        Stdio::from(std::fs::File::create(dir.join("daemon.log"))?)
+    } else {
+        Stdio::null()
+    };
     let child = Command::new(bin)
         .arg("run")
         .arg("-c")
@@ -141,9 +161,10 @@ fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> R
         .arg(dir.join("state"))
         .arg("--listen")
         .arg("127.0.0.1:0")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("cannot run {}", bin.display()))?;
     Ok(Daemon {
@@ -152,6 +173,13 @@ fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> R
         backend,
         instance,
     })
+}
+
+impl Daemon {
+    /// Its directory (configuration, state, `daemon.log`).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// Runs the daemon with `replicas`, waits until they all run, then samples VmRSS for `hold`.
@@ -196,6 +224,17 @@ fn measure(
     Ok((rss, hwm, ready))
 }
 
+/// Fails unless the microscaler binary `bin` exists.
+pub(crate) fn require(bin: &Path) -> Result<()> {
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p microscaler) or pass --microscaler",
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
 /// Resident memory at `replicas` and at 0.
 pub fn run(
     bin: &Path,
@@ -203,12 +242,7 @@ pub fn run(
     replicas: u32,
     tick: Duration,
 ) -> Result<(Value, Vec<Row>)> {
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p microscaler) or pass --microscaler",
-            bin.display()
-        );
-    }
+    require(bin)?;
     let hold = Duration::from_secs(10);
     let (idle_rss, idle_hwm, _) = measure(bin, backend, 0, tick, hold)?;
     let (rss, hwm, ready) = measure(bin, backend, replicas, tick, hold)?;
