@@ -62,11 +62,12 @@ fn ready_hosts(r: &TickReport) -> u32 {
         .map_or(0, |o| o.hosts.iter().filter(|h| h.ready).count() as u32)
 }
 
-/// A drained node, then a dead one (its dockerd killed), on 3 nodes x 3 slots: capacity
-/// follows the nodes that are Ready and active (9, 6, 3, then 9 again once both are back);
-/// at every tick p1 keeps its demand of 2 and every stop the plan makes is of p2, the
-/// remainder, which is shed to what is left (7, 4, 1); each time the swarm converges to
-/// exactly that (p1 running 2, p1 + p2 running the capacity, nothing pending).
+/// A drained node, then a dead one (its dockerd killed), then one removed (it leaves the swarm
+/// and the manager removes it), on 3 nodes x 3 slots: capacity follows the nodes that are Ready
+/// and active (9, 6, 3; 9 once both are back; 6 without the removed one, 9 once it has joined
+/// again as a new node); at every tick p1 keeps its demand of 2 and every stop the plan makes is
+/// of p2, the remainder, which is shed to what is left (7, 4, 1, 7, 4, 7); each time the swarm
+/// converges to exactly that (p1 running 2, p1 + p2 running the capacity, nothing pending).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_or_dead_node_sheds_the_remainder_first_and_p1_keeps_its_demand() {
     let Some((rig, mut ctl)) = start(
@@ -139,6 +140,12 @@ async fn a_drained_or_dead_node_sheds_the_remainder_first_and_p1_keeps_its_deman
 
     rig.restore();
     converge("ms2 back and ms3 active", 3).await;
+
+    rig.remove(3);
+    converge("ms3 left the swarm and removed", 2).await;
+
+    rig.restore();
+    converge("ms3 joined again (a new node)", 3).await;
 
     ctl.shutdown().await.expect("shutdown");
 }
@@ -220,8 +227,9 @@ const WOKEN_WITHIN: Duration = Duration::from_secs(5);
 /// Node events wake the running loop: with a 30 s tick period, so that polling cannot explain
 /// it, a per-host service (`agent`, global mode) and the remainder (`p2`) on 3 nodes x 3 slots.
 /// Each node change — ms3 drained, activated again, its engine killed (its node goes down),
-/// started again (the node rejoins) — is followed within 5 s by a tick that sees the new set of
-/// nodes (Ready and active: 2, 3, 2, 3) and the capacity they give (6, 9, 6, 9); the backend
+/// started again (the node rejoins), ms3 leaving the swarm and removed, joining again as a new
+/// node — is followed within 5 s by a tick that sees the new set of nodes (Ready and active:
+/// 2, 3, 2, 3, 2, 3) and the capacity they give (6, 9, 6, 9, 6, 9); the backend
 /// had read a node event before that tick, and the tick came less than 30 s after the previous
 /// one, so the period cannot have brought it. No tick's plan is over the capacity. Swarm itself (global mode) runs the agent's task on ms3 again each time
 /// ms3 is back.
@@ -231,8 +239,8 @@ async fn node_events_wake_the_loop_within_one_tick() {
 }
 
 /// The same node changes, and in the tick each node event brings, the per-host service's target
-/// is the nodes that are Ready and active (2, 3, 2, 3) and the remainder gets the rest (4, 6, 4,
-/// 6) — the per-host service follows within one tick.
+/// is the nodes that are Ready and active (2, 3, 2, 3, 2, 3) and the remainder gets the rest
+/// (4, 6, 4, 6, 4, 6) — the per-host service follows within one tick.
 ///
 /// Fails today: the engine holds a service's target while its previous change converges
 /// (crates/core/src/engine.rs, `want`: "waiting for the previous change to converge"), and a
@@ -404,6 +412,17 @@ async fn node_changes(per_host_targets: bool) {
     })
     .await;
     agent_on_ms3("ms3 back").await;
+    follow("ms3 left the swarm and removed", 2, &|| {
+        rig.remove(3);
+        Instant::now()
+    })
+    .await;
+    follow("ms3 joined again (a new node)", 3, &|| {
+        rig.restore();
+        Instant::now()
+    })
+    .await;
+    agent_on_ms3("ms3 joined again").await;
 
     stop_tx.send(()).expect("stop the loop");
     let ctl = looping.await.expect("the loop");

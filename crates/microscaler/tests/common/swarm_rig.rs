@@ -147,13 +147,21 @@ impl Rig {
         )
     }
 
+    /// Node `n` leaves the swarm (`docker swarm leave` on its engine) and the manager removes
+    /// it (`docker node rm --force`). [`Rig::restore`] joins it again, as a new node.
+    pub fn remove(&self, n: u8) {
+        let id = self.node_id(n);
+        docker(&engine(n), &["swarm", "leave", "--force"]);
+        docker(MANAGER, &["node", "rm", "--force", &id]);
+    }
+
     /// Kills node `n`'s dockerd with SIGKILL (a crashed node).
     pub fn kill(&self, n: u8) {
         rig(&["kill", &n.to_string()]).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Starts what is not running (a killed engine comes back and rejoins) and makes every
-    /// node active.
+    /// Starts what is not running (a killed engine comes back and rejoins), joins a node that
+    /// left, and makes every node active; returns once every node is Ready.
     pub fn restore(&self) {
         rig(&["start"]).unwrap_or_else(|e| panic!("{e}"));
     }
