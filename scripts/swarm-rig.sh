@@ -50,10 +50,12 @@ dk() {
   timeout 60 docker -H "unix://$(sock "$n")" "$@"
 }
 answers() { timeout 10 docker -H "unix://$(sock "$1")" version >/dev/null 2>&1; }
+# Whether process $1 lives (a zombie does not).
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 pid_of() {
   local p
   p=$(cat "$(pidfile "$1")" 2>/dev/null || true)
-  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then echo "$p"; fi
+  if alive "$p"; then echo "$p"; fi
 }
 
 show_log() {
@@ -139,8 +141,13 @@ start_engine() {
   if answers "$n"; then return; fi
   pid=$(pid_of "$n")
   if [ -z "$pid" ]; then
-    # A dockerd killed earlier leaves its pid file behind, and a new one then refuses to start.
+    # A dockerd killed earlier leaves its pid file behind, and a new one then refuses to start;
+    # and its containerd's, whose process dies with it but may linger a moment as a zombie: a
+    # new dockerd that finds it "still running" waits for it until it gives up. Its containers
+    # run on (their shims outlive it); the new engine takes them up again and stops them.
     rm -f "$(pidfile "$n")"
+    stop_pid "/var/run/docker-$name/containerd/containerd.pid" 10
+    rm -f "/var/run/docker-$name/containerd/containerd.pid"
     [ -e "/var/run/netns/$name" ] || fail "namespace $name is missing: not starting its engine (it must never run in the host's namespace)"
     mkdir -p "/var/lib/docker-$name" "/var/run/docker-$name"
     echo "==== $(date -u +%FT%TZ) starting dockerd of $name" >>"$(log_of "$n")"
@@ -168,7 +175,7 @@ start_engine() {
   local t0
   t0=$(now)
   until answers "$n"; do
-    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+    if [ -n "$pid" ] && ! alive "$pid"; then
       show_log "$n"
       fail "dockerd of $name exited while starting"
     fi
@@ -298,26 +305,56 @@ cmd_kill() {
   pid=$(pid_of "$n")
   [ -n "$pid" ] || { say "engine ms$n: not running"; return; }
   kill -9 "$pid"
-  say "engine ms$n: killed (pid $pid); its containers and containerd are left as a crash leaves them"
+  local i
+  for ((i = 0; i < 100; i++)); do
+    alive "$pid" || break
+    sleep 0.1
+  done
+  alive "$pid" && fail "dockerd of ms$n (pid $pid) still runs 10 s after SIGKILL"
+  say "engine ms$n: killed (pid $pid); its containers are left running, as a crash leaves them"
 }
 
 # Kills the process in pid file $1 (TERM, then KILL after $2 s).
 stop_pid() {
   local p
   p=$(cat "$1" 2>/dev/null || true)
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null || return 0
+  alive "$p" || return 0
   kill "$p" 2>/dev/null || true
   local i
   for ((i = 0; i < $2 * 2; i++)); do
-    kill -0 "$p" 2>/dev/null || return 0
+    alive "$p" || return 0
     sleep 0.5
   done
   kill -9 "$p" 2>/dev/null || true
 }
 
+# What a killed engine leaves behind once its dockerd and containerd are gone: its containers
+# (their shims outlive containerd; found by the exact address of this engine's containerd, and
+# killed by pid with the container each runs) and the mounts under its data and exec roots
+# (containers' root filesystems, sandboxes' namespaces).
+remove_leftovers() {
+  local n=$1 address p cmd shims=() m
+  address="-address /var/run/docker-ms$n/containerd/containerd.sock"
+  for p in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
+    case "$cmd" in *containerd-shim*"$address "*) shims+=("${p#/proc/}") ;; esac
+  done
+  for p in "${shims[@]}"; do
+    # The container's first process: the rest of its pid namespace goes with it.
+    for m in $(ps -o pid= --ppid "$p" 2>/dev/null); do kill -9 "$m" 2>/dev/null || true; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  [ ${#shims[@]} -eq 0 ] || say "engine ms$n: removed ${#shims[@]} container(s) its crash left running"
+  for m in $(awk -v a="/var/lib/docker-ms$n/" -v b="/run/docker-ms$n/" -v c="/var/run/docker-ms$n/" \
+    'index($2, a) == 1 || index($2, b) == 1 || index($2, c) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+}
+
 cmd_stop() {
   local n
-  for n in "${NODES[@]}"; do
+  # Workers first, the manager last.
+  for n in $(printf '%s\n' "${NODES[@]}" | sort -rn); do
     if answers "$n"; then
       # Swarm tasks and their containers go with the swarm.
       dk "$n" swarm leave --force >/dev/null 2>&1 || true
@@ -328,12 +365,13 @@ cmd_stop() {
   done
   for n in "${NODES[@]}"; do
     stop_pid "$(pidfile "$n")" 30
-    # A dockerd killed with SIGKILL leaves its containerd behind.
+    # A containerd that outlived its dockerd.
     stop_pid "/var/run/docker-ms$n/containerd/containerd.pid" 10
     rm -f "$(pidfile "$n")"
     # Out of the swarm, even an engine that could not leave (killed): the next start joins
     # afresh instead of waiting for a swarm that is gone.
     rm -rf "/var/lib/docker-$(ns "$n")/swarm"
+    remove_leftovers "$n"
     if [ -e "/var/run/netns/$(ns "$n")" ]; then ip netns del "$(ns "$n")"; fi
     ip link del "$(ns "$n")-h" 2>/dev/null || true
   done
