@@ -921,7 +921,10 @@ impl<B: Backend + 'static> Controller<B> {
         for (slot, v) in join_all(waits).await {
             got[slot].2 = Some(v);
         }
-        let mut samples = Samples::default();
+        // Per service in configuration order, then one bulk build of the map (it sorts the
+        // pairs, in one pass when the names come sorted), rather than an insert per service.
+        let mut per_service: Vec<(ServiceName, Vec<TriggerSample>)> =
+            Vec::with_capacity(self.triggers.len());
         let mut current: Option<(usize, Vec<TriggerSample>)> = None;
         for (i, name, value) in got {
             let value = match value.unwrap_or_else(|| Err("not sampled".into())) {
@@ -969,7 +972,7 @@ impl<B: Backend + 'static> Controller<B> {
                 }),
                 _ => {
                     if let Some((j, out)) = current.take() {
-                        samples.services.insert(self.triggers[j].0.clone(), out);
+                        per_service.push((self.triggers[j].0.clone(), out));
                     }
                     current = Some((
                         i,
@@ -982,9 +985,11 @@ impl<B: Backend + 'static> Controller<B> {
             }
         }
         if let Some((j, out)) = current {
-            samples.services.insert(self.triggers[j].0.clone(), out);
+            per_service.push((self.triggers[j].0.clone(), out));
         }
-        samples
+        Samples {
+            services: per_service.into_iter().collect(),
+        }
     }
 
     /// Dispatches the plan: one task per service that must change (see [`Controller::tick`]),
@@ -1176,14 +1181,21 @@ impl<B: Backend + 'static> Controller<B> {
                 .unwrap_or_default();
             let cfg = Arc::clone(&self.cfg);
             let backend = Arc::clone(&self.backend);
-            let permits = Arc::clone(&self.permits);
+            // A free permit is taken here, without a future: awaiting one counts against the
+            // task's cooperative budget, which a tick of hundreds of changes would use up,
+            // sending every change after the first hundred or so to a task of its own.
+            let held = Arc::clone(&self.permits).try_acquire_owned().ok();
+            let permits = held.is_none().then(|| Arc::clone(&self.permits));
             let tick = self.ticks;
             self.in_flight
                 .insert(cfg.services[index].name.clone(), target);
             let mut change = Box::pin(async move {
                 let svc = &cfg.services[index];
                 // The semaphore is never closed; a failed acquire would only skip the bound.
-                let _permit = permits.acquire_owned().await;
+                let _permit = match permits {
+                    None => held,
+                    Some(p) => p.acquire_owned().await.ok(),
+                };
                 let result = backend
                     .scale_because(svc, target, &reason)
                     .await
