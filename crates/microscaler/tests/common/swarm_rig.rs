@@ -73,6 +73,8 @@ pub fn docker(engine: &str, args: &[&str]) -> String {
 /// every engine running, every node active.
 pub struct Rig {
     instance: String,
+    /// The built-in replica image of this build, loaded on every node.
+    image: String,
     _lock: std::fs::File,
 }
 
@@ -121,6 +123,7 @@ impl Rig {
         }
         Some(Rig {
             instance: instance.to_string(),
+            image,
             _lock: lock,
         })
     }
@@ -163,7 +166,7 @@ impl Rig {
     /// Starts what is not running (a killed engine comes back and rejoins), joins a node that
     /// left, and makes every node active; returns once every node is Ready.
     pub fn restore(&self) {
-        rig(&["start"]).unwrap_or_else(|e| panic!("{e}"));
+        rig(&["start", &self.image]).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Running tasks of Swarm service `service` on node `n`.
@@ -204,7 +207,7 @@ impl Drop for Rig {
                 .args(&ids)
                 .output();
         }
-        if let Err(e) = rig(&["start"]) {
+        if let Err(e) = rig(&["start", &self.image]) {
             eprintln!("bringing the swarm rig back failed: {e}");
         }
     }
