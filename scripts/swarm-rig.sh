@@ -52,10 +52,14 @@ dk() {
 answers() { timeout 10 docker -H "unix://$(sock "$1")" version >/dev/null 2>&1; }
 # Whether process $1 lives (a zombie does not).
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+# Whether process $1's command line mentions $2. A pid file left by a killed engine may name a
+# pid the system has since given to another process (the default engine, say): nothing is
+# waited for or killed by pid unless the process is the rig's own.
+cmd_has() { [ -n "$1" ] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$2"; }
 pid_of() {
   local p
   p=$(cat "$(pidfile "$1")" 2>/dev/null || true)
-  if alive "$p"; then echo "$p"; fi
+  if alive "$p" && cmd_has "$p" "docker-ms$1"; then echo "$p"; fi
 }
 
 show_log() {
@@ -146,7 +150,7 @@ start_engine() {
     # new dockerd that finds it "still running" waits for it until it gives up. Its containers
     # run on (their shims outlive it); the new engine takes them up again and stops them.
     rm -f "$(pidfile "$n")"
-    stop_pid "/var/run/docker-$name/containerd/containerd.pid" 10
+    stop_pid "/var/run/docker-$name/containerd/containerd.pid" 10 "docker-$name"
     rm -f "/var/run/docker-$name/containerd/containerd.pid"
     [ -e "/var/run/netns/$name" ] || fail "namespace $name is missing: not starting its engine (it must never run in the host's namespace)"
     mkdir -p "/var/lib/docker-$name" "/var/run/docker-$name"
@@ -314,11 +318,12 @@ cmd_kill() {
   say "engine ms$n: killed (pid $pid); its containers are left running, as a crash leaves them"
 }
 
-# Kills the process in pid file $1 (TERM, then KILL after $2 s).
+# Kills the process in pid file $1 (TERM, then KILL after $2 s), if its command line has $3.
 stop_pid() {
   local p
   p=$(cat "$1" 2>/dev/null || true)
   alive "$p" || return 0
+  cmd_has "$p" "$3" || return 0
   kill "$p" 2>/dev/null || true
   local i
   for ((i = 0; i < $2 * 2; i++)); do
@@ -364,9 +369,9 @@ cmd_stop() {
     fi
   done
   for n in "${NODES[@]}"; do
-    stop_pid "$(pidfile "$n")" 30
+    stop_pid "$(pidfile "$n")" 30 "docker-ms$n"
     # A containerd that outlived its dockerd.
-    stop_pid "/var/run/docker-ms$n/containerd/containerd.pid" 10
+    stop_pid "/var/run/docker-ms$n/containerd/containerd.pid" 10 "docker-ms$n"
     rm -f "$(pidfile "$n")"
     # Out of the swarm, even an engine that could not leave (killed): the next start joins
     # afresh instead of waiting for a swarm that is gone.

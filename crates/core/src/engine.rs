@@ -434,6 +434,7 @@ pub fn decide<P: Plugins>(
     let mut order: Vec<usize> = by_name.iter().map(|&(_, i)| i).collect();
     order.sort_by_key(|&i| class[i]);
 
+    let native_per_host = cfg.capabilities().native_per_host;
     let mut scratch = Scratch::default();
     // Each service's configuration, triggers, samples and memory live in allocations of their
     // own, visited here in allocation order: ask for them a few services ahead, so the misses
@@ -457,6 +458,7 @@ pub fn decide<P: Plugins>(
                 hosts,
                 now,
                 cfg.converge_timeout,
+                native_per_host,
             )
         });
     }
@@ -733,6 +735,7 @@ fn want<'a, P: Plugins>(
     hosts: u32,
     now: Duration,
     converge_timeout: Duration,
+    native_per_host: bool,
 ) -> Work<'a, P> {
     let obs = inputs.obs;
     let scaling = inputs.scaling;
@@ -825,9 +828,13 @@ fn want<'a, P: Plugins>(
             bound = Bound::Max;
         }
     }
-    // No new voluntary change while the previous one is under way (max still applies).
+    // No new voluntary change while the previous one is under way (max still applies). On
+    // an orchestrator that keeps one per host itself (Swarm's global mode), a per-host
+    // service's count is no one's choice: it has already followed the hosts, and so does the
+    // plan, at once.
     let hold = current.min(svc.max);
-    if !converged && wish != hold {
+    let follows_hosts = native_per_host && matches!(svc.kind, ServiceKind::PerHost);
+    if !converged && wish != hold && !follows_hosts {
         wish = hold;
         bound = if hold < current {
             Bound::Max

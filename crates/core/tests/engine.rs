@@ -770,6 +770,36 @@ fn per_host_follows_ready_hosts() {
     assert_eq!(actions(&plan), ["-2 batch", "+2 agent"]);
 }
 
+/// Where the orchestrator keeps one per host itself (Swarm's global mode), a per-host
+/// service's count has already followed the hosts when the plan sees them: the plan follows
+/// at once, not after the previous change converges. Elsewhere microscaler places them and a
+/// change still converging holds as for any service.
+#[test]
+fn per_host_follows_the_hosts_at_once_where_the_orchestrator_keeps_them() {
+    for (kind, native) in [("swarm", true), ("process", false)] {
+        let mut cfg = config(
+            Capacity::Slots(10),
+            vec![per_host("agent", 1), remainder("batch", 2)],
+        );
+        cfg.backend = opaque::Backend::of(kind);
+        let mut w = World::new(cfg);
+        w.hosts(&[true, true, true]);
+        w.decide();
+        w.converge();
+        // A host goes while agent's last change (to 3) is still converging: 2 run, 1 pending.
+        w.observe("agent", 2, 1);
+        w.hosts(&[true, true, false]);
+        let plan = w.decide();
+        if native {
+            assert_eq!(plan.target("agent"), 2, "{kind}: {plan:?}");
+            assert_eq!(bound(&plan, "agent"), Bound::Hosts);
+        } else {
+            assert_eq!(plan.target("agent"), 3, "{kind}: {plan:?}");
+            assert_eq!(bound(&plan, "agent"), Bound::Converging);
+        }
+    }
+}
+
 #[test]
 fn capacity_shrinking_under_what_is_placed_sheds_lowest_priority_first() {
     let mut w = World::new(config(

@@ -242,14 +242,11 @@ async fn node_events_wake_the_loop_within_one_tick() {
 /// is the nodes that are Ready and active (2, 3, 2, 3, 2, 3) and the remainder gets the rest
 /// (4, 6, 4, 6, 4, 6) — the per-host service follows within one tick.
 ///
-/// Fails today: the engine holds a service's target while its previous change converges
-/// (crates/core/src/engine.rs, `want`: "waiting for the previous change to converge"), and a
-/// per-host service in Swarm's global mode changes its count by itself as soon as a node does,
-/// before microscaler's plan does; so after a node joins the agent's target stays at the old
-/// count ("2 running, 1 pending of 2") until `converge_timeout` (30 s), and p2 is given the
-/// agent's slot meanwhile. Run it with `--ignored`.
+/// (The engine used to hold a service's target while its previous change converged; Swarm's
+/// global mode changes a per-host service's count by itself as soon as a node does, so the
+/// plan lagged until `converge_timeout` and the remainder was given the agent's slot. Where
+/// the orchestrator keeps one per host, the plan now follows the hosts at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until the engine stops holding a per-host target while the orchestrator's own change converges (crates/core/src/engine.rs want())"]
 async fn per_host_targets_follow_the_nodes_in_the_tick_a_node_event_brings() {
     node_changes(true).await;
 }
