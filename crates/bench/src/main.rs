@@ -20,6 +20,7 @@ mod memory;
 mod plan;
 mod report;
 mod soak;
+mod wake;
 mod tick;
 
 /// microscaler's benchmarks: reaction, release, burst, tracking (real Docker engine), plan time
@@ -63,6 +64,10 @@ enum Cmd {
     /// through the API every 300 ms and `--sse-clients` live-stream clients reconnecting:
     /// slope of resident memory and open files, ticks over twice the period. Not in `all`.
     Soak,
+    /// An `RPUSH` to a Redis list (a `redis_list` trigger, rule average, target 1, keyspace
+    /// notifications on) -> the new replica running on Docker, against a raw create + start
+    /// (and with `--pool` a raw unpause). Needs Debian's redis-server. Not in `all`.
+    Rpush,
 }
 
 /// Options shared by every figure.
@@ -226,6 +231,14 @@ async fn main() -> Result<()> {
             o.steps
         );
         record("ecs_events", ecs::events(&o).await, &mut rows);
+    }
+
+    if cli.cmd == Cmd::Rpush {
+        eprintln!(
+            "bench: RPUSH -> replica running ({} steps, tick {:?}, pool {})",
+            o.steps, o.tick, o.pool
+        );
+        record("rpush", wake::rpush(&o).await, &mut rows);
     }
 
     if cli.cmd == Cmd::Soak {
