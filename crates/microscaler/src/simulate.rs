@@ -381,6 +381,7 @@ impl<'a> Sim<'a> {
                     let feed = match &t.source {
                         _ if traced => Feed::Trace(match &t.source {
                             SourceConfig::Manual(m) => Some(m.initial),
+                            SourceConfig::Push(p) => Some(p.initial),
                             _ => None,
                         }),
                         SourceConfig::Random(r) => Feed::Walk(Box::new(RandomSource::new(
@@ -389,9 +390,10 @@ impl<'a> Sim<'a> {
                             model.seed ^ ((si as u64) << 16) ^ ti as u64,
                         ))),
                         SourceConfig::Manual(m) => Feed::Trace(Some(m.initial)),
+                        SourceConfig::Push(p) => Feed::Trace(Some(p.initial)),
                         _ => {
                             errors.push(format!(
-                                "services[{si}].triggers[{ti}] ({}/{}): only random and manual \
+                                "services[{si}].triggers[{ti}] ({}/{}): only random, manual and push \
                                  triggers have values of their own; give this one values in the \
                                  trace (--trace with lines \"time,{}/{},value\" or \"time,{},value\")",
                                 s.name, t.name, s.name, t.name, s.name
@@ -1080,7 +1082,12 @@ mod tests {
     }
 
     fn seeds(extra: &str) -> Config {
-        Config::from_toml(&format!(
+        Config::from_toml(&seeds_text(extra)).expect("config")
+    }
+
+    /// The seeds' demo with `extra` keys on web, as TOML.
+    fn seeds_text(extra: &str) -> String {
+        format!(
             r#"
             tick = "100ms"
             [capacity]
@@ -1099,8 +1106,7 @@ mod tests {
             priority = 2
             remainder = true
             "#
-        ))
-        .expect("config")
+        )
     }
 
     /// A known trace, figures worked out by hand: web at 2 (batch fills 7 of 9) until its
@@ -1126,6 +1132,19 @@ mod tests {
         assert_eq!((f.shortfalls, f.not_recovered), (1, 0), "{f:?}");
         assert_eq!((f.started, f.stopped, f.failed), (3, 3, 0), "{f:?}");
         assert_eq!(f.capacity, 9);
+    }
+
+    /// A push trigger is simulated as a manual one: its initial value until the trace says
+    /// otherwise (the same known figures as a manual trigger's).
+    #[test]
+    fn a_push_trigger_takes_its_values_from_the_trace() {
+        let text = seeds_text("").replace("type = \"manual\"", "type = \"push\"");
+        let cfg = Config::from_toml(&text).expect("config");
+        let trace = Trace::parse("time,service,value\n1.05,web,5\n").expect("trace");
+        let f = simulate(&cfg, &model(Duration::from_secs(3), Duration::from_secs(1)), &trace)
+            .expect("simulate");
+        assert!((f.demand_met - 0.825).abs() < 1e-9, "{f:?}");
+        assert_eq!((f.started, f.stopped), (3, 3), "{f:?}");
     }
 
     /// The same change with a warm pool of 3: web's scale-up unpauses (10 ms) instead of
