@@ -431,6 +431,7 @@ pub struct Controller<B: Backend + 'static> {
 /// the ticks until its server answers.
 async fn check_sources<'a>(
     triggers: impl Iterator<Item = (&'a ServiceName, &'a mut Vec<LiveTrigger>)>,
+    going_on: &str,
 ) -> Result<(), PrepareError> {
     let checks = triggers.flat_map(|(svc, ts)| {
         ts.iter_mut().map(move |t| async move {
@@ -453,7 +454,7 @@ async fn check_sources<'a>(
                 })
             }
             Err(error) => {
-                tracing::warn!(%service, %trigger, "start-up check failed; going on (required = false): {error}");
+                tracing::warn!(%service, %trigger, "start-up check failed; {going_on} anyway (required = false): {error}");
             }
         }
     }
@@ -619,7 +620,7 @@ impl<B: Backend + 'static> Controller<B> {
     /// the start before anything is created; one with `required = false` is logged and its
     /// trigger reported as failing by the ticks until its server answers.
     pub async fn prepare(&mut self) -> Result<(), PrepareError> {
-        check_sources(self.triggers.iter_mut().map(|(s, ts)| (&*s, ts))).await?;
+        check_sources(self.triggers.iter_mut().map(|(s, ts)| (&*s, ts)), "starting").await?;
         // With [ha] the election has not been won yet: prepare as a follower (what the last
         // run left half-done is tidied by the leader's observations).
         if self.elector.is_some() {

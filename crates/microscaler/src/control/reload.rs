@@ -213,7 +213,7 @@ impl<B: Backend + 'static> Controller<B> {
                 (s.name.clone(), live)
             })
             .collect();
-        check_sources(fresh.iter_mut())
+        check_sources(fresh.iter_mut(), "reloading")
             .await
             .map_err(ReloadError::Prepare)?;
         if !summary.added.is_empty() || !summary.changed.is_empty() || !removed.is_empty() {
