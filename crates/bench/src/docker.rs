@@ -159,6 +159,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let inst_probe = inst.clone();
     let steps = o.steps;
     let pool = o.pool;
+    let k = o.step;
     let r = with_controller(cfg, |c| {
         let rx = &mut rx;
         let base_rx = &mut base_rx;
@@ -183,23 +184,30 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 }
                 sleep(settle + jitter(o, i)).await;
                 let t0 = Instant::now();
-                set_demand(&c, P1, 2)?;
-                let at = wait_until(rx, LIMIT, "the second replica", |c| c.of(P1) >= 2).await?;
+                set_demand(&c, P1, 1 + k)?;
+                let at = wait_until(rx, LIMIT, "the step's replicas", |c| {
+                    c.of(P1) >= 1 + i64::from(k)
+                })
+                .await?;
                 react.push(at - t0);
                 steps_at.push((t0, at));
                 set_demand(&c, P1, 1)?;
                 wait_until(rx, LIMIT, "the scale-down", |c| c.of(P1) == 1).await?;
 
+                // The same step through the raw API: its creates and starts all at once.
                 sleep(settle).await;
                 let n = base_rx.borrow().starts_of(BASE);
                 let t0 = Instant::now();
-                let id = raw.create_start(BASE).await?;
-                let at = wait_until(base_rx, LIMIT, "the baseline start", |c| {
-                    c.starts_of(BASE) > n
+                let ids = futures::future::try_join_all((0..k).map(|_| raw.create_start(BASE)))
+                    .await?;
+                let at = wait_until(base_rx, LIMIT, "the baseline starts", |c| {
+                    c.starts_of(BASE) >= n + u64::from(k)
                 })
                 .await?;
                 base.push(at - t0);
-                raw.stop_remove(&id).await?;
+                for id in &ids {
+                    raw.stop_remove(id).await?;
+                }
 
                 if let Some(frozen) = &frozen {
                     sleep(settle).await;
@@ -323,7 +331,11 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let tick_full = Dist::from_ms(&stats_full.tick_ms);
     let mut rows = vec![
         Row::dist(
-            &format!("reaction, free capacity{with}"),
+            &if k == 1 {
+                format!("reaction, free capacity{with}")
+            } else {
+                format!("reaction +{k}, free capacity{with} (vs {k} raw at once)")
+            },
             &react,
             &base,
             if pool > 0 {
@@ -379,6 +391,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
     let v = json!({
         "tick_ms": ms(o.tick),
         "steps": steps,
+        "step": k,
         "pool": pool,
         "preempt": o.preempt,
         "preempt_p1": o.preempt_p1,

@@ -82,6 +82,10 @@ pub struct Opts {
     /// Demand steps for reaction and release (each also measures its baseline once).
     #[arg(long, global = true, default_value_t = 50)]
     steps: usize,
+    /// The demand step of the free-capacity reaction: priority 1 goes from 1 to 1 + STEP
+    /// replicas, against STEP raw create + starts run at once (1 to 9).
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    step: u32,
     /// Replicas of the burst.
     #[arg(long, global = true, default_value_t = 100)]
     burst: usize,
