@@ -186,7 +186,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 let t0 = Instant::now();
                 set_demand(&c, P1, 1 + k)?;
                 let at = wait_until(rx, LIMIT, "the step's replicas", |c| {
-                    c.of(P1) >= 1 + i64::from(k)
+                    c.of(P1) > i64::from(k)
                 })
                 .await?;
                 react.push(at - t0);
