@@ -89,7 +89,9 @@ impl Validator {
                 } else {
                     join(path, &inner)
                 };
-                self.err(at, e.to_string());
+                // The message alone: the path says where (toml's own text would add
+                // "in `key`" on lines of its own).
+                self.err(at, e.message().trim_end().to_string());
                 None
             }
         }

@@ -51,6 +51,24 @@ fn validate_reports_every_error_with_its_path_and_exits_2() {
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
+    // A wrong type: one line, its path and what was expected, nothing repeated after it.
+    let f = write(
+        &dir,
+        "types.toml",
+        "[capacity]\nslots = \"nine\"\n[backend]\ntype = \"process\"\n",
+    );
+    let out = microscaler(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            "  capacity.slots: invalid type: string \"nine\", expected u32",
+            "  services: at least one [[services]] entry is required"
+        ],
+        "{err}"
+    );
 }
 
 #[test]
