@@ -198,8 +198,8 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 sleep(settle).await;
                 let n = base_rx.borrow().starts_of(BASE);
                 let t0 = Instant::now();
-                let ids = futures::future::try_join_all((0..k).map(|_| raw.create_start(BASE)))
-                    .await?;
+                let ids =
+                    futures::future::try_join_all((0..k).map(|_| raw.create_start(BASE))).await?;
                 let at = wait_until(base_rx, LIMIT, "the baseline starts", |c| {
                     c.starts_of(BASE) >= n + u64::from(k)
                 })

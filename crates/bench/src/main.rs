@@ -20,8 +20,8 @@ mod memory;
 mod plan;
 mod report;
 mod soak;
-mod wake;
 mod tick;
+mod wake;
 
 /// microscaler's benchmarks: reaction, release, burst, tracking (real Docker engine), plan time
 /// (engine alone) and resident memory (the real binary). Prints a table; `--json` writes JSON.

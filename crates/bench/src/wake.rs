@@ -44,7 +44,11 @@ pub async fn rpush(o: &Opts) -> Result<(Value, Vec<Row>)> {
         .context("redis-server is needed (Debian's redis-server package)")?;
     let client = redis::Client::open(redis.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let _: () = redis::cmd("RPUSH").arg("jobs").arg("0").query_async(&mut conn).await?;
+    let _: () = redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg("0")
+        .query_async(&mut conn)
+        .await?;
 
     let raw = Raw::new(&format!("bench-{}-base-wake", std::process::id())).await?;
     let mut base_rx = watch_instance(&raw.docker, &raw.instance).await;
@@ -74,7 +78,11 @@ pub async fn rpush(o: &Opts) -> Result<(Value, Vec<Row>)> {
                     sleep(Duration::from_millis(700)).await;
                 }
                 let t0 = Instant::now();
-                let _: () = redis::cmd("RPUSH").arg("jobs").arg(i).query_async(conn).await?;
+                let _: () = redis::cmd("RPUSH")
+                    .arg("jobs")
+                    .arg(i)
+                    .query_async(conn)
+                    .await?;
                 let at = wait_until(rx, LIMIT, "the second replica", |c| c.of(WORKER) >= 2).await?;
                 react.push(at - t0);
                 let _: () = redis::cmd("RPOP").arg("jobs").query_async(conn).await?;
@@ -84,9 +92,10 @@ pub async fn rpush(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 let n = base_rx.borrow().starts_of(BASE);
                 let t0 = Instant::now();
                 let id = raw.create_start(BASE).await?;
-                let at =
-                    wait_until(base_rx, LIMIT, "the baseline start", |c| c.starts_of(BASE) > n)
-                        .await?;
+                let at = wait_until(base_rx, LIMIT, "the baseline start", |c| {
+                    c.starts_of(BASE) > n
+                })
+                .await?;
                 base.push(at - t0);
                 raw.stop_remove(&id).await?;
                 if let Some(frozen) = &frozen {
@@ -122,7 +131,11 @@ pub async fn rpush(o: &Opts) -> Result<(Value, Vec<Row>)> {
         &name,
         &react,
         &base,
-        if pool > 0 { "< 60 ms" } else { "<= 1.2x create + start" },
+        if pool > 0 {
+            "< 60 ms"
+        } else {
+            "<= 1.2x create + start"
+        },
     )];
     if pool > 0 {
         rows.push(Row::dist("  against a raw unpause", &react, &unpause, ""));

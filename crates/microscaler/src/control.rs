@@ -620,7 +620,11 @@ impl<B: Backend + 'static> Controller<B> {
     /// the start before anything is created; one with `required = false` is logged and its
     /// trigger reported as failing by the ticks until its server answers.
     pub async fn prepare(&mut self) -> Result<(), PrepareError> {
-        check_sources(self.triggers.iter_mut().map(|(s, ts)| (&*s, ts)), "starting").await?;
+        check_sources(
+            self.triggers.iter_mut().map(|(s, ts)| (&*s, ts)),
+            "starting",
+        )
+        .await?;
         // With [ha] the election has not been won yet: prepare as a follower (what the last
         // run left half-done is tidied by the leader's observations).
         if self.elector.is_some() {

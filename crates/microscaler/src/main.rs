@@ -1033,10 +1033,7 @@ impl microscaler_server::Control for LoopControl {
         h.push(value).map_err(|e| e.to_string())
     }
     fn set_paused(&self, service: &str, paused: bool) {
-        if let (Some(c), Ok(name)) = (
-            self.get(),
-            microscaler_core::ServiceName::try_new(service),
-        ) {
+        if let (Some(c), Ok(name)) = (self.get(), microscaler_core::ServiceName::try_new(service)) {
             c.set_paused(&name, paused);
         }
     }
@@ -1287,17 +1284,15 @@ async fn remove_ecs_demo_cluster(_cluster: Option<()>) {}
 
 /// SIGHUP: reads and validates `path` again and hands it to the controller. An invalid file
 /// or a change that needs a restart is reported and the running configuration goes on.
-async fn reload(
-    ctl: &mut Controller<AnyBackend>,
-    path: &Path,
-    dry_run: bool,
-    web: Option<&Web>,
-) {
+async fn reload(ctl: &mut Controller<AnyBackend>, path: &Path, dry_run: bool, web: Option<&Web>) {
     tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
     let mut new = match load_config(path) {
         Ok(c) => c,
         Err(f) => {
-            tracing::error!("reload refused, the running configuration goes on: {:#}", f.error);
+            tracing::error!(
+                "reload refused, the running configuration goes on: {:#}",
+                f.error
+            );
             return;
         }
     };

@@ -1141,8 +1141,12 @@ mod tests {
         let text = seeds_text("").replace("type = \"manual\"", "type = \"push\"");
         let cfg = Config::from_toml(&text).expect("config");
         let trace = Trace::parse("time,service,value\n1.05,web,5\n").expect("trace");
-        let f = simulate(&cfg, &model(Duration::from_secs(3), Duration::from_secs(1)), &trace)
-            .expect("simulate");
+        let f = simulate(
+            &cfg,
+            &model(Duration::from_secs(3), Duration::from_secs(1)),
+            &trace,
+        )
+        .expect("simulate");
         assert!((f.demand_met - 0.825).abs() < 1e-9, "{f:?}");
         assert_eq!((f.started, f.stopped), (3, 3), "{f:?}");
     }

@@ -91,7 +91,10 @@ impl Daemon {
                 Err(_) => break,
             }
         }
-        panic!("no tick with {what} within 15 s; last tick: {last}\nlog:\n{}", self.log());
+        panic!(
+            "no tick with {what} within 15 s; last tick: {last}\nlog:\n{}",
+            self.log()
+        );
     }
 
     /// Waits (up to 15 s) until the log has `text`.
@@ -102,7 +105,10 @@ impl Daemon {
             if log.contains(text) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "the log never said {text:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -267,8 +273,16 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
             && running(t, "web") == Some(2)
             && running(t, "steady") == Some(1)
     });
-    assert_eq!(pids(&state, "steady"), steady, "the unchanged service's replicas were replaced");
-    assert_eq!(pids(&state, "web"), web, "the edited service's replicas were replaced");
+    assert_eq!(
+        pids(&state, "steady"),
+        steady,
+        "the unchanged service's replicas were replaced"
+    );
+    assert_eq!(
+        pids(&state, "web"),
+        web,
+        "the edited service's replicas were replaced"
+    );
     // The API knows the new service and changes the edited one through its new trigger.
     let services = http(
         port,
@@ -287,7 +301,10 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
         config(
             port,
             "",
-            &format!("{}{BATCH}colour = \"red\"\n", WEB_AFTER.replace("max = 4", "max = 4\nmin = 9")),
+            &format!(
+                "{}{BATCH}colour = \"red\"\n",
+                WEB_AFTER.replace("max = 4", "max = 4\nmin = 9")
+            ),
         ),
     )
     .unwrap();
@@ -303,7 +320,11 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     let work = dir.path().display().to_string();
     std::fs::write(
         &file,
-        config(port, &format!("work_dir = {work:?}"), &format!("{WEB_AFTER}{BATCH}")),
+        config(
+            port,
+            &format!("work_dir = {work:?}"),
+            &format!("{WEB_AFTER}{BATCH}"),
+        ),
     )
     .unwrap();
     d.hangup();
@@ -328,7 +349,9 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(pids(&state, "steady"), steady);
-    assert!(d.log().contains("removed from the configuration: its replicas are stopped"));
+    assert!(d
+        .log()
+        .contains("removed from the configuration: its replicas are stopped"));
 }
 
 #[test]
@@ -373,9 +396,19 @@ expires = "1500ms"
         "the push was acted on after {took:?}, as if by the 10 s tick"
     );
     // The producer's token is for its trigger only.
-    let answer = put(port, "/api/v1/services/worker/demand", "push-token-of-the-producer", 1);
+    let answer = put(
+        port,
+        "/api/v1/services/worker/demand",
+        "push-token-of-the-producer",
+        1,
+    );
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    let answer = put(port, "/api/v1/services/steady/random", "push-token-of-the-producer", 1);
+    let answer = put(
+        port,
+        "/api/v1/services/steady/random",
+        "push-token-of-the-producer",
+        1,
+    );
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     // A wrong token: refused, and nothing pushed.
     let answer = put(port, path, "not-the-token", 0);
@@ -389,10 +422,18 @@ expires = "1500ms"
     let t = d.tick_where("the push trigger failing", |t| {
         t["errors"].to_string().contains("no value pushed for")
     });
-    assert_eq!(service(&t, "worker").unwrap()["target"], 3, "held, not scaled down: {t}");
+    assert_eq!(
+        service(&t, "worker").unwrap()["target"],
+        3,
+        "held, not scaled down: {t}"
+    );
     assert_eq!(pids(&state, "worker").len(), 3);
     // The log never shows the token.
-    assert!(!d.log().contains("push-token-of-the-producer"), "{}", d.log());
+    assert!(
+        !d.log().contains("push-token-of-the-producer"),
+        "{}",
+        d.log()
+    );
 }
 
 /// A push to a Redis list wakes the loop through the server's keyspace notifications (a

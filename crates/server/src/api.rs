@@ -350,7 +350,9 @@ async fn guard(
                 .into_response();
             }
             if !valid(given.as_deref()) {
-                return unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)");
+                return unauthorized(
+                    "missing or wrong bearer token (Authorization: Bearer <token>)",
+                );
             }
         }
     }

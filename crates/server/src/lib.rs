@@ -155,10 +155,7 @@ impl Hub {
 
     /// The setup.
     pub fn setup(&self) -> Arc<Setup> {
-        self.setup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.setup.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the setup (the configuration was reloaded): the API and the dashboard show

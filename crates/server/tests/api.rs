@@ -1537,7 +1537,12 @@ async fn pushes_need_the_api_token_or_the_triggers_own_which_can_do_nothing_else
         18.0
     );
     // The push token is for that trigger only.
-    let a = put("/api/v1/services/web/demand", Some(PUSH_TOKEN), r#"{"value": 1}"#).await;
+    let a = put(
+        "/api/v1/services/web/demand",
+        Some(PUSH_TOKEN),
+        r#"{"value": 1}"#,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     let a = put(
         "/api/v1/services/web/triggers/open/value",
@@ -1557,14 +1562,34 @@ async fn pushes_need_the_api_token_or_the_triggers_own_which_can_do_nothing_else
         assert_eq!(a.headers["www-authenticate"], "Bearer");
     }
     // With the API token: unknown names are named; bad values refused.
-    let a = put("/api/v1/services/nope/triggers/x/value", Some(TOKEN), r#"{"value": 1}"#).await;
+    let a = put(
+        "/api/v1/services/nope/triggers/x/value",
+        Some(TOKEN),
+        r#"{"value": 1}"#,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
-    let a = put("/api/v1/services/web/triggers/x/value", Some(TOKEN), r#"{"value": 1}"#).await;
+    let a = put(
+        "/api/v1/services/web/triggers/x/value",
+        Some(TOKEN),
+        r#"{"value": 1}"#,
+    )
+    .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND, "{}", a.body);
     assert!(a.body.contains("has no push trigger"), "{}", a.body);
-    for bad in [r#"{"value": -1}"#, r#"{"value": 1e13}"#, r#"{"value": "x"}"#, r#"{"v": 1}"#] {
+    for bad in [
+        r#"{"value": -1}"#,
+        r#"{"value": 1e13}"#,
+        r#"{"value": "x"}"#,
+        r#"{"v": 1}"#,
+    ] {
         let a = put(queue, Some(PUSH_TOKEN), bad).await;
-        assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {}", a.body);
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            a.body
+        );
     }
     let a = put(queue, Some(PUSH_TOKEN), "[1]").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);

@@ -75,7 +75,9 @@ impl PushConfig {
             (None, Some(e)) if !valid_env_name(&e) => {
                 v.err(
                     join(path, "token_env"),
-                    format!("must be an environment variable's name (letters, digits, _), got {e:?}"),
+                    format!(
+                        "must be an environment variable's name (letters, digits, _), got {e:?}"
+                    ),
                 );
                 None
             }
@@ -133,12 +135,16 @@ impl PushSource {
             None => None,
             Some(TokenFrom::File(f)) => {
                 let text = std::fs::read_to_string(f).map_err(|e| {
-                    failed(format!("cannot read the push token from token_file {f:?}: {e}"))
+                    failed(format!(
+                        "cannot read the push token from token_file {f:?}: {e}"
+                    ))
                 })?;
                 Some(text)
             }
             Some(TokenFrom::Env(e)) => Some(std::env::var(e).map_err(|err| {
-                failed(format!("cannot read the push token from ${e} (token_env): {err}"))
+                failed(format!(
+                    "cannot read the push token from ${e} (token_env): {err}"
+                ))
             })?),
         };
         let token = match token.map(|t| t.trim().to_string()) {
@@ -296,7 +302,10 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(missing.contains("cannot read the push token from token_file"), "{missing}");
+        assert!(
+            missing.contains("cannot read the push token from token_file"),
+            "{missing}"
+        );
     }
 
     #[tokio::test]
@@ -319,7 +328,10 @@ mod tests {
         assert!(h.push(f64::NAN).is_err());
         tokio::time::sleep(Duration::from_millis(200)).await;
         let e = src.sample(Duration::ZERO).await.unwrap_err().to_string();
-        assert!(e.contains("no value pushed for") && e.contains("expires = 150ms"), "{e}");
+        assert!(
+            e.contains("no value pushed for") && e.contains("expires = 150ms"),
+            "{e}"
+        );
         // The same value again refreshes it.
         h.push(7.0).unwrap();
         assert_eq!(src.sample(Duration::ZERO).await.unwrap(), 7.0);

@@ -413,7 +413,8 @@ mod tests {
         assert_eq!(s.url, "redis://127.0.0.1:6379");
         assert_eq!(s.net, NetOptions::default());
         assert!(s.notify, "keyspace notifications are followed by default");
-        let SourceConfig::RedisList(s) = config("type = \"redis_list\"\nkey = \"q\"\nnotify = false")
+        let SourceConfig::RedisList(s) =
+            config("type = \"redis_list\"\nkey = \"q\"\nnotify = false")
         else {
             panic!()
         };
@@ -421,7 +422,9 @@ mod tests {
         let e = errors("type = \"redis_list\"\nkey = \"q\"\nnotify = \"yes\"");
         assert_eq!(e.len(), 1);
         assert!(
-            e[0].starts_with(&format!("{P}.notify: invalid type: string \"yes\", expected a boolean")),
+            e[0].starts_with(&format!(
+                "{P}.notify: invalid type: string \"yes\", expected a boolean"
+            )),
             "{e:?}"
         );
         assert_eq!(

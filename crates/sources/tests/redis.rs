@@ -316,15 +316,27 @@ async fn a_push_to_the_list_wakes_the_loop_from_keyspace_notifications() {
     assert_eq!(subscribers, vec![(channel.clone(), 1)]);
 
     let pushed = std::time::Instant::now();
-    let _: () = redis::cmd("RPUSH").arg("jobs").arg("a").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg("a")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(1), waker.notified())
         .await
         .expect("a push wakes the loop");
     eprintln!("RPUSH -> wake-up: {:?}", pushed.elapsed());
     tokio::time::sleep(keyspace::MIN_GAP * 2).await;
-    let _: () = redis::cmd("RPUSH").arg("other").arg("a").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("other")
+        .arg("a")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), waker.notified()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), waker.notified())
+            .await
+            .is_err(),
         "another key's change woke the loop"
     );
     // A burst of 500 pushes in one pipeline: a few rings, not 500.
@@ -368,11 +380,22 @@ async fn notifications_off_are_reported_with_the_command_that_turns_them_on() {
     );
     let (source, waker) = listening(&server.url).await;
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("RPUSH").arg("jobs").arg("a").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg("a")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), waker.notified()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), waker.notified())
+            .await
+            .is_err(),
         "no notification, no wake-up"
     );
     let mut s = AnySource::RedisList(source);
-    assert_eq!(s.sample(Duration::ZERO).await.unwrap(), 1.0, "read at the tick");
+    assert_eq!(
+        s.sample(Duration::ZERO).await.unwrap(),
+        1.0,
+        "read at the tick"
+    );
 }

@@ -127,7 +127,14 @@ pub fn redis_server(events: &str) -> Option<RedisServer> {
         .expect("a free port")
         .port();
     let child = match std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
         .args(["--appendonly", "no", "--notify-keyspace-events", events])
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -173,9 +173,8 @@ impl<B: Backend + 'static> Controller<B> {
             return Err(ReloadError::Refused(refused));
         }
         let same = |s: &Service| {
-            old.service(s.name.as_str()).is_some_and(|o| {
-                o == s && old.scaling_of(&s.name) == new.scaling_of(&s.name)
-            })
+            old.service(s.name.as_str())
+                .is_some_and(|o| o == s && old.scaling_of(&s.name) == new.scaling_of(&s.name))
         };
         let mut summary = Reloaded {
             settings: changed_settings(&old, &new),
@@ -227,9 +226,8 @@ impl<B: Backend + 'static> Controller<B> {
         }
 
         // Nothing can fail from here on.
-        let mut kept: HashMap<_, Vec<LiveTrigger>> = std::mem::take(&mut self.triggers)
-            .into_iter()
-            .collect();
+        let mut kept: HashMap<_, Vec<LiveTrigger>> =
+            std::mem::take(&mut self.triggers).into_iter().collect();
         self.triggers = new
             .services
             .iter()
@@ -334,8 +332,12 @@ impl<B: Backend + 'static> Controller<B> {
                 let s = svc.clone();
                 tokio::spawn(async move {
                     match backend.scale(&s, 0).await {
-                        Ok(o) => tracing::info!(service = %s.name, stopped = o.stopped, "removed from the configuration: its replicas are stopped"),
-                        Err(e) => tracing::error!(service = %s.name, "removed from the configuration, but stopping its replicas failed: {e}"),
+                        Ok(o) => {
+                            tracing::info!(service = %s.name, stopped = o.stopped, "removed from the configuration: its replicas are stopped")
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %s.name, "removed from the configuration, but stopping its replicas failed: {e}")
+                        }
                     }
                 });
             } else {
@@ -385,7 +387,10 @@ mod tests {
         let resized = config(&web("resources = { cpu = \"1\", memory = \"1Gi\" }"));
         let why = refusals(&old, &resized);
         assert_eq!(why.len(), 1, "{why:?}");
-        assert!(why[0].starts_with("services[0] (web).resources: changed"), "{why:?}");
+        assert!(
+            why[0].starts_with("services[0] (web).resources: changed"),
+            "{why:?}"
+        );
 
         let rerun = config(&web("command = [\"/bin/sleep\", \"100\"]"));
         let why = refusals(&old, &rerun);

@@ -92,9 +92,13 @@ pub async fn follow(
                 if !told {
                     told = true;
                     match notifications_off(&client, &url, timeout).await {
-                        Ok(None) => tracing::info!(%channel, redis = %url, "waking the loop on the list's keyspace notifications"),
+                        Ok(None) => {
+                            tracing::info!(%channel, redis = %url, "waking the loop on the list's keyspace notifications")
+                        }
                         Ok(Some(what)) => tracing::warn!("{what}"),
-                        Err(e) => tracing::info!(%channel, "cannot tell whether Redis publishes keyspace notifications ({e}); subscribed anyway, the list is also read at each tick"),
+                        Err(e) => {
+                            tracing::info!(%channel, "cannot tell whether Redis publishes keyspace notifications ({e}); subscribed anyway, the list is also read at each tick")
+                        }
                     }
                 }
                 backoff = Duration::from_millis(500);
@@ -173,7 +177,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(count(), 1, "the first change rings at once");
         tokio::time::sleep(MIN_GAP).await;
-        assert_eq!(count(), 2, "the rest of the burst rings once at the end of the gap");
+        assert_eq!(
+            count(),
+            2,
+            "the rest of the burst rings once at the end of the gap"
+        );
         tokio::time::sleep(MIN_GAP * 4).await;
         assert_eq!(count(), 2, "nothing owed, nothing rung");
         tx.unbounded_send(()).unwrap();
