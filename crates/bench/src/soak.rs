@@ -42,6 +42,9 @@ struct Sample {
     /// Seconds since the daemon's API answered.
     t: f64,
     rss_kib: u64,
+    /// The anonymous part of the RSS (heap, stacks): what a leak would grow. The rest is
+    /// mostly the binary's own pages, read in once as code paths first run.
+    anon_kib: u64,
     fds: usize,
     threads: u64,
 }
@@ -196,6 +199,7 @@ fn sample(pid: u32, t: f64) -> Result<Sample> {
     Ok(Sample {
         t,
         rss_kib,
+        anon_kib: memory::status_kb(pid, "RssAnon:").unwrap_or(0),
         fds,
         threads,
     })
@@ -236,9 +240,7 @@ fn tail(path: &Path, n: usize) -> String {
 
 /// The request's head.
 fn head(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, extra: &str) -> String {
-    let auth = token.map_or_else(String::new, |t| {
-        format!("Authorization: Bearer {t}\r\n")
-    });
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{extra}\r\n")
 }
 
@@ -533,19 +535,26 @@ fn slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
-/// Slopes per hour of RSS (KiB) and open files over the samples after `warmup`.
-fn slopes(samples: &[Sample], warmup: Duration) -> (Option<f64>, Option<f64>) {
-    let after: Vec<&Sample> = samples
+/// Slope per hour of `f` over the samples after `warmup`.
+fn per_hour(samples: &[Sample], warmup: Duration, f: fn(&Sample) -> f64) -> Option<f64> {
+    let after: Vec<(f64, f64)> = samples
         .iter()
         .filter(|s| s.t >= warmup.as_secs_f64())
+        .map(|s| (s.t / 3600.0, f(s)))
         .collect();
-    let per_hour = |f: &dyn Fn(&Sample) -> f64| {
-        slope(&after.iter().map(|s| (s.t / 3600.0, f(s))).collect::<Vec<_>>())
-    };
-    (
-        per_hour(&|s| s.rss_kib as f64),
-        per_hour(&|s| s.fds as f64),
-    )
+    slope(&after)
+}
+
+fn rss(s: &Sample) -> f64 {
+    s.rss_kib as f64
+}
+
+fn anon(s: &Sample) -> f64 {
+    s.anon_kib as f64
+}
+
+fn fds(s: &Sample) -> f64 {
+    s.fds as f64
 }
 
 fn progress(
@@ -556,7 +565,9 @@ fn progress(
     ticks: &Mutex<Ticks>,
     tick: Duration,
 ) {
-    let (rss_slope, fd_slope) = slopes(samples, warmup);
+    let rss_slope = per_hour(samples, warmup, rss);
+    let anon_slope = per_hour(samples, warmup, anon);
+    let fd_slope = per_hour(samples, warmup, fds);
     let g = ticks.lock().unwrap_or_else(|e| e.into_inner());
     let over = g
         .seen
@@ -565,11 +576,13 @@ fn progress(
         .count();
     let max = g.seen.iter().map(|(_, t)| *t).fold(0.0, f64::max);
     eprintln!(
-        "bench: soak {:>6.0} s: RSS {:.1} MiB (slope {}), {} open files (slope {}), {} threads, \
+        "bench: soak {:>6.0} s: RSS {:.1} MiB (slope {}; anonymous {:.1} MiB, slope {}), {} open files (slope {}), {} threads, \
          {} ticks ({over} over {:.0} ms, max {max:.1} ms), {} stream connections, {} demand changes",
         s.t,
         s.rss_kib as f64 / 1024.0,
         rss_slope.map_or_else(|| "after warm-up".into(), |v| format!("{v:+.0} KiB/h")),
+        s.anon_kib as f64 / 1024.0,
+        anon_slope.map_or_else(|| "after warm-up".into(), |v| format!("{v:+.0} KiB/h")),
         s.fds,
         fd_slope.map_or_else(|| "after warm-up".into(), |v| format!("{v:+.1}/h")),
         s.threads,
@@ -615,7 +628,9 @@ fn summarise(r: Run<'_>, log_tail: String) -> (Value, Vec<Row>) {
         .copied();
     let max_rss = r.samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let max_fds = r.samples.iter().map(|s| s.fds).max().unwrap_or(0);
-    let (rss_slope, fd_slope) = slopes(r.samples, r.warmup);
+    let rss_slope = per_hour(r.samples, r.warmup, rss);
+    let anon_slope = per_hour(r.samples, r.warmup, anon);
+    let fd_slope = per_hour(r.samples, r.warmup, fds);
     let took: Vec<f64> = r.ticks.seen.iter().map(|(_, t)| *t).collect();
     let took_dist = Dist::from_ms(&took);
     let over = took.iter().filter(|t| **t > limit).count();
@@ -656,8 +671,11 @@ fn summarise(r: Run<'_>, log_tail: String) -> (Value, Vec<Row>) {
                 mib(r.after.map_or(0, |s| s.rss_kib))
             ),
             format!(
-                "{} after a {} s warm-up",
+                "{} (anonymous {:.1} -> {:.1} MiB, {}) after a {} s warm-up",
                 rss_slope.map_or_else(|| "-".into(), |v| format!("slope {v:+.0} KiB/h")),
+                mib(warm.map_or(0, |s| s.anon_kib)),
+                mib(last.map_or(0, |s| s.anon_kib)),
+                anon_slope.map_or_else(|| "-".into(), |v| format!("{v:+.0} KiB/h")),
                 r.warmup.as_secs()
             ),
             crate::report::ratio(s1 as f64, sw as f64),
@@ -709,6 +727,9 @@ fn summarise(r: Run<'_>, log_tail: String) -> (Value, Vec<Row>) {
         "rss_kib": { "start": s0, "after_warmup": sw, "end": s1, "max": max_rss,
                      "slope_kib_per_hour": rss_slope,
                      "clients_gone": r.after.map(|s| s.rss_kib) },
+        "rss_anon_kib": { "start": first.map(|s| s.anon_kib), "after_warmup": warm.map(|s| s.anon_kib),
+                          "end": last.map(|s| s.anon_kib), "slope_kib_per_hour": anon_slope,
+                          "clients_gone": r.after.map(|s| s.anon_kib) },
         "open_files": { "start": first.map(|s| s.fds), "after_warmup": warm.map(|s| s.fds),
                         "end": last.map(|s| s.fds), "max": max_fds,
                         "slope_per_hour": fd_slope,
@@ -723,8 +744,8 @@ fn summarise(r: Run<'_>, log_tail: String) -> (Value, Vec<Row>) {
         "tick_events_read": c(&r.counters.events),
         "demand_changes": c(&r.counters.demand_changes),
         "demand_failed": c(&r.counters.demand_failed),
-        "samples": r.samples.iter().map(|s| json!([s.t, s.rss_kib, s.fds, s.threads])).collect::<Vec<_>>(),
-        "samples_columns": ["t_s", "rss_kib", "open_files", "threads"],
+        "samples": r.samples.iter().map(|s| json!([s.t, s.rss_kib, s.anon_kib, s.fds, s.threads])).collect::<Vec<_>>(),
+        "samples_columns": ["t_s", "rss_kib", "rss_anon_kib", "open_files", "threads"],
         "daemon_log_tail": log_tail,
     });
     (v, rows)
