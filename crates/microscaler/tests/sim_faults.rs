@@ -1,7 +1,10 @@
 //! The faults of `faults.rs`, hundreds of times, on the test kit's simulated orchestrator under
 //! tokio's paused clock (issue 14): microscaler killed at a random moment of a change and
 //! restarted on the same cluster, replicas killed behind its back, replicas lost with their
-//! host, the orchestrator unreachable for some ticks, and starts that fail. After each one the
+//! host, the orchestrator unreachable for some ticks, starts that fail, and a demand source
+//! that goes quiet (api's producer stops pushing: its `push` trigger's value expires, as a
+//! killed queue server's metric goes missing; it must hold api, never scale it down, report
+//! the trigger failing, and follow again once the pushes resume). After each one the
 //! loop must settle on the right targets within two ticks of the fault's end (backoff aside:
 //! after failed starts, within the backoff's own bound), with exactly the targets' replicas
 //! (no orphan, no duplicate), and, sampled every 5 ms of virtual time through the whole run,
@@ -31,8 +34,11 @@ const CAPACITY: u32 = 6;
 const ROUNDS: u32 = 400;
 const TICK: Duration = Duration::from_secs(1);
 const SERVICES: [&str; 3] = ["web", "api", "batch"];
+/// api's pushed value counts as missing this long after the last push.
+const EXPIRES: &str = "2500ms";
 
-/// web (priority 1) and api (priority 2) on manual demand, batch a priority-3 remainder.
+/// web (priority 1) on manual demand, api (priority 2) on a pushed one that expires, batch a
+/// priority-3 remainder.
 fn config() -> Config {
     Config::from_toml(&format!(
         r#"
@@ -53,8 +59,9 @@ fn config() -> Config {
         priority = 2
         stop_grace = "1s"
         [[services.triggers]]
-        type = "manual"
-        initial = 0
+        name = "queue"
+        type = "push"
+        expires = "{EXPIRES}"
         [[services]]
         name = "batch"
         priority = 3
@@ -83,7 +90,14 @@ fn daemon(sim: &Sim, seed: u64, demand: (u32, u32)) -> Controller<Sim> {
 fn set_demand(ctl: &Controller<Sim>, (web, api): (u32, u32)) {
     let c = ctl.controls();
     c.manual_of("web").unwrap().set(f64::from(web)).unwrap();
-    c.manual_of("api").unwrap().set(f64::from(api)).unwrap();
+    push(ctl, api);
+}
+
+/// api's producer pushes its value (as it does every tick while it runs).
+fn push(ctl: &Controller<Sim>, api: u32) {
+    ctl.controls().push[&("api".to_string(), "queue".to_string())]
+        .push(f64::from(api))
+        .unwrap();
 }
 
 /// Whether every service ran its target with nothing pending in `r`.
@@ -97,10 +111,17 @@ fn done(r: &TickReport, want: [u32; 3]) -> bool {
 
 /// Ticks once a period until three ticks in a row see the targets run with nothing pending;
 /// returns how many ticks came before those three. Panics after `limit` ticks.
-async fn settle(ctl: &mut Controller<Sim>, want: [u32; 3], limit: usize, what: &str) -> usize {
+async fn settle(
+    ctl: &mut Controller<Sim>,
+    demand: (u32, u32),
+    limit: usize,
+    what: &str,
+) -> usize {
+    let want = expected(demand.0, demand.1);
     let mut reports = Vec::new();
     let mut stable = 0;
     loop {
+        push(ctl, demand.1);
         let r = ctl.tick().await;
         stable = if done(&r, want) { stable + 1 } else { 0 };
         reports.push(r);
@@ -180,11 +201,11 @@ async fn hundreds_of_faults_lose_and_double_nothing() {
 
     let mut demand = (0, 0);
     let mut ctl = daemon(&sim, seed, demand);
-    settle(&mut ctl, expected(0, 0), 2, "the first start").await;
-    let mut counts = [0u32; 5];
-    let mut slowest = [0usize; 5];
+    settle(&mut ctl, demand, 2, "the first start").await;
+    let mut counts = [0u32; 6];
+    let mut slowest = [0usize; 6];
     for round in 0..ROUNDS {
-        let fault = rng.below(5) as usize;
+        let fault = rng.below(6) as usize;
         counts[fault] += 1;
         let what = format!("round {round} (seed {seed}), fault {fault}");
         let next = (
@@ -237,6 +258,31 @@ async fn hundreds_of_faults_lose_and_double_nothing() {
                 }
                 sim.set_unreachable(false);
             }
+            // api's producer goes quiet for 3 to 5 ticks (its source's server is down) while
+            // the demand it would report moves: once the value expires the trigger fails and
+            // api is held, never scaled down; then the pushes resume with the new demand.
+            5 => {
+                let held = ctl.tick().await.target_of("api").unwrap_or(0);
+                let quiet = 3 + rng.below(3);
+                let mut failing = false;
+                for _ in 0..quiet {
+                    tokio::time::sleep(TICK).await;
+                    let r = ctl.tick().await;
+                    let api = r.target_of("api").unwrap_or(0);
+                    let missing = r.errors.iter().any(|e| {
+                        e.to_string().contains("api") && e.to_string().contains("no value pushed")
+                    });
+                    failing |= missing;
+                    if missing {
+                        assert!(
+                            api >= held.min(CAPACITY - r.target_of("web").unwrap_or(0)),
+                            "{what}: api went from {held} to {api} while its metric was missing"
+                        );
+                    }
+                }
+                assert!(failing, "{what}: the quiet producer's trigger never failed");
+                demand.1 = next.1;
+            }
             // Starts that fail while demand moves: retried with backoff, the rest goes on.
             _ => {
                 let n = 1 + rng.below(3) as u32;
@@ -249,7 +295,7 @@ async fn hundreds_of_faults_lose_and_double_nothing() {
             }
         }
         let want = expected(demand.0, demand.1);
-        let took = settle(&mut ctl, want, limit, &what).await;
+        let took = settle(&mut ctl, demand, limit, &what).await;
         slowest[fault] = slowest[fault].max(took);
         holds_exactly(&sim, want, &what);
         // Failures armed for starts this round did not need stay out of the next one.
@@ -266,9 +312,9 @@ async fn hundreds_of_faults_lose_and_double_nothing() {
         "{most} replicas ran at once, over the capacity of {CAPACITY} (seed {seed})"
     );
     eprintln!(
-        "{ROUNDS} faults (kills {}, replicas killed {}, hosts lost {}, unreachable {}, failed starts {}); \
-         at most {most} replicas ran at once; ticks to settle at most: {slowest:?}",
-        counts[0], counts[1], counts[2], counts[3], counts[4]
+        "{ROUNDS} faults (kills {}, replicas killed {}, hosts lost {}, unreachable {}, failed starts {}, \
+         quiet sources {}); at most {most} replicas ran at once; ticks to settle at most: {slowest:?}",
+        counts[0], counts[1], counts[2], counts[3], counts[4], counts[5]
     );
     assert!(
         counts.iter().all(|&c| c >= ROUNDS / 10),

@@ -53,7 +53,7 @@ pub(crate) fn initial_value(initial: Option<f64>, v: &mut Validator, path: &str)
 struct Shared {
     value: Mutex<f64>,
     /// When a handle last set the value (changed or not); `None` before the first set.
-    set_at: Mutex<Option<std::time::Instant>>,
+    set_at: Mutex<Option<tokio::time::Instant>>,
     /// Woken when the value changes, so the control loop can act at once instead of at its
     /// next tick (a pushed value need not wait to be polled).
     waker: OnceLock<Arc<Notify>>,
@@ -96,7 +96,7 @@ impl ManualSource {
     }
 
     /// When a handle last set the value (changed or not); `None` before the first set.
-    pub fn set_at(&self) -> Option<std::time::Instant> {
+    pub fn set_at(&self) -> Option<tokio::time::Instant> {
         *self.shared.set_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -115,7 +115,7 @@ impl ManualHandle {
             let changed = *value != v;
             *value = v;
             *self.shared.set_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(std::time::Instant::now());
+                Some(tokio::time::Instant::now());
             changed
         };
         if changed {

@@ -10,7 +10,9 @@
 //! on a producer that went quiet.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use microscaler_core::validate::join;
 use microscaler_core::{SourceContext, Validator};
@@ -37,7 +39,8 @@ pub struct PushConfig {
     /// The trigger's own token; `None`: only the operator's token may push.
     pub token: Option<TokenFrom>,
     /// A value older than this (since the last push, or since the start before any) counts
-    /// as missing; `None`: a value holds until the next push.
+    /// as missing; `None`: a value holds until the next push. Measured on tokio's clock, so a
+    /// test under a paused clock sees it expire in virtual time.
     pub expires: Option<Duration>,
 }
 
