@@ -111,12 +111,7 @@ fn done(r: &TickReport, want: [u32; 3]) -> bool {
 
 /// Ticks once a period until three ticks in a row see the targets run with nothing pending;
 /// returns how many ticks came before those three. Panics after `limit` ticks.
-async fn settle(
-    ctl: &mut Controller<Sim>,
-    demand: (u32, u32),
-    limit: usize,
-    what: &str,
-) -> usize {
+async fn settle(ctl: &mut Controller<Sim>, demand: (u32, u32), limit: usize, what: &str) -> usize {
     let want = expected(demand.0, demand.1);
     let mut reports = Vec::new();
     let mut stable = 0;
