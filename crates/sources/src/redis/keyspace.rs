@@ -2,9 +2,9 @@
 //! notifications (`__keyspace@<db>__:<key>`), instead of waiting for the next tick's `LLEN`.
 //!
 //! Redis publishes them only when `notify-keyspace-events` has `K` and `l` (or `A`); it is
-//! off by default. The listener says so once, with the command that turns them on, and keeps
-//! its subscription (they may be turned on later); polling every tick stays the safety net
-//! either way. A busy list changes thousands of times a second: the listener rings at once
+//! off by default. The listener says so once (at INFO: polling works), with the command that
+//! turns them on, and keeps its subscription (they may be turned on later); polling every tick
+//! stays the safety net either way. A busy list changes thousands of times a second: the listener rings at once
 //! on the first change after a quiet moment, then at most once per [`MIN_GAP`] while changes
 //! keep coming (the last one is always rung), so a busy queue cannot spin the loop.
 
@@ -95,7 +95,7 @@ pub async fn follow(
                         Ok(None) => {
                             tracing::info!(%channel, redis = %url, "waking the loop on the list's keyspace notifications")
                         }
-                        Ok(Some(what)) => tracing::warn!("{what}"),
+                        Ok(Some(what)) => tracing::info!("{what}"),
                         Err(e) => {
                             tracing::info!(%channel, "cannot tell whether Redis publishes keyspace notifications ({e}); subscribed anyway, the list is also read at each tick")
                         }
