@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::engine::{
-    cleanup, set_demand, wait_until, watch_instance, with_controller, Raw, TickLog,
+    cleanup, set_demand, timed_unpause, wait_until, watch_instance, with_controller, Raw, TickLog,
 };
 use crate::report::{ms, ratio, Dist, Row};
 use crate::Opts;
@@ -211,15 +211,7 @@ pub async fn reaction(o: &Opts) -> Result<(Value, Vec<Row>)> {
 
                 if let Some(frozen) = &frozen {
                     sleep(settle).await;
-                    let n = base_rx.borrow().unpauses_of(BASE_POOL);
-                    let t0 = Instant::now();
-                    raw.unpause(frozen).await?;
-                    let at = wait_until(base_rx, LIMIT, "the baseline unpause", |c| {
-                        c.unpauses_of(BASE_POOL) > n
-                    })
-                    .await?;
-                    unpause.push(at - t0);
-                    raw.pause(frozen).await?;
+                    unpause.push(timed_unpause(raw, base_rx, frozen, BASE_POOL, LIMIT).await?);
                 }
             }
             if let Some(frozen) = &frozen {

@@ -195,6 +195,26 @@ pub async fn wait_until(
     }
 }
 
+/// One raw unpause of the paused container `frozen` of `service`, timed from the request to
+/// its `unpause` event as `rx` sees it (at most `limit`); the container is paused again after.
+pub async fn timed_unpause(
+    raw: &Raw,
+    rx: &mut watch::Receiver<Counts>,
+    frozen: &str,
+    service: &str,
+    limit: Duration,
+) -> Result<Duration> {
+    let n = rx.borrow().unpauses_of(service);
+    let t0 = Instant::now();
+    raw.unpause(frozen).await?;
+    let at = wait_until(rx, limit, "the baseline unpause", |c| {
+        c.unpauses_of(service) > n
+    })
+    .await?;
+    raw.pause(frozen).await?;
+    Ok(at - t0)
+}
+
 /// The raw Engine API, with no microscaler: the container the Docker backend would create for
 /// a service (same built-in image, environment shape, labels, stop timeout and host config).
 pub struct Raw {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
-use crate::engine::{cleanup, wait_until, watch_instance, with_controller, Raw};
+use crate::engine::{cleanup, timed_unpause, wait_until, watch_instance, with_controller, Raw};
 use crate::report::{ratio, Dist, Row};
 use crate::Opts;
 
@@ -100,15 +100,7 @@ pub async fn rpush(o: &Opts) -> Result<(Value, Vec<Row>)> {
                 raw.stop_remove(&id).await?;
                 if let Some(frozen) = &frozen {
                     sleep(settle).await;
-                    let n = base_rx.borrow().unpauses_of(BASE_POOL);
-                    let t0 = Instant::now();
-                    raw.unpause(frozen).await?;
-                    let at = wait_until(base_rx, LIMIT, "the baseline unpause", |c| {
-                        c.unpauses_of(BASE_POOL) > n
-                    })
-                    .await?;
-                    unpause.push(at - t0);
-                    raw.pause(frozen).await?;
+                    unpause.push(timed_unpause(raw, base_rx, frozen, BASE_POOL, LIMIT).await?);
                 }
             }
             if let Some(frozen) = &frozen {
