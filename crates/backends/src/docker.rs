@@ -25,7 +25,14 @@
 //! (created, not yet paused) are counted nowhere, so a refill never shows up as a running
 //! replica. After a restart, paused containers of this instance are adopted as the pool.
 //!
-//! # One listing per tick
+//! # Watching, not listing
+//! The first `observe` starts following the engine's container events (filtered on this
+//! instance's label); from then on `observe`, `scale` and the pool's refill read a view kept from
+//! them and ask the engine nothing, listing only to resynchronise (at start, after a stream
+//! error, and every minute as a safety net). See [`watch`] for how the view stays exact, also
+//! for the changes this backend makes itself. `[backend] events = false` turns it off.
+//!
+//! While the view is not synced (before the first resync, or while the stream is down),
 //! `observe` lists every container of ours; a `scale` right after it (the same tick) reuses that
 //! listing for its service instead of listing again, if the listing is under 0.5 s old and this
 //! backend began no change of the service's containers since it was requested (a scale, a
@@ -41,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, RestartPolicy,
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, RestartPolicy,
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -58,6 +65,10 @@ use tokio::sync::OnceCell;
 
 use crate::config::{Service, Workload};
 use crate::docker_api;
+mod watch;
+pub use watch::WatchStats;
+use watch::{Action, Effect, Watch};
+
 use crate::{
     labels, managed, Apply, Backend, BackendError, Observation, Replica, ReplicaState,
     ScaleOutcome, StartFailure,
@@ -80,6 +91,9 @@ pub struct DockerConfig {
     /// (`allocatable = { cpu = "2", memory = "4Gi" }`), for `[capacity] resources = true` on a
     /// host shared with other work.
     pub allocatable: Option<Resources>,
+    /// Whether to keep the replicas' states from the engine's event stream (the default)
+    /// rather than listing every container on every tick.
+    pub events: bool,
 }
 
 impl Default for DockerConfig {
@@ -89,6 +103,7 @@ impl Default for DockerConfig {
             start_parallelism: 8,
             network: "none".into(),
             allocatable: None,
+            events: true,
         }
     }
 }
@@ -99,6 +114,7 @@ struct RawDocker {
     start_parallelism: Option<u32>,
     network: Option<String>,
     allocatable: Option<toml::Value>,
+    events: Option<bool>,
 }
 
 /// What the docker backend can do: it pauses (warm pools), reports the engine's CPUs and
@@ -152,6 +168,7 @@ impl DockerConfig {
             start_parallelism,
             network,
             allocatable,
+            events: r.events.unwrap_or(true),
         })
     }
 
@@ -199,6 +216,8 @@ pub struct DockerBackend {
     /// `prepare` and `observe` remove nothing and refill no pool (the containers are the
     /// leader's, and one it has just created is about to be started, not abandoned).
     acting: Arc<std::sync::atomic::AtomicBool>,
+    /// The view of our containers kept from the engine's events.
+    watch: Arc<Watch>,
 }
 
 /// How long an observe's listing may serve a `scale` of a service this backend did not change
@@ -538,6 +557,7 @@ impl DockerBackend {
             pool: Arc::new(PoolState::default()),
             cache: Arc::new(Cache::default()),
             acting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            watch: Arc::new(Watch::new(spec.events)),
         })
     }
 
@@ -572,69 +592,45 @@ impl DockerBackend {
         }
     }
 
-    /// Lists our containers (all states), optionally of one service only.
+    /// Lists our containers (all states), optionally of one service only, without those
+    /// that are none of our replicas yet (being filled or trimmed).
     async fn list(&self, service: Option<&ServiceName>) -> Result<Vec<Owned>, BackendError> {
         let asked = std::time::Instant::now();
-        let mut label_filters = vec![format!("{}={}", labels::INSTANCE, self.instance)];
-        match service {
-            Some(s) => label_filters.push(format!("{}={}", labels::SERVICE, s)),
-            None => label_filters.push(labels::SERVICE.to_string()),
-        }
-        let filters = HashMap::from([("label", label_filters)]);
-        let opts = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
         let what = match service {
             Some(s) => format!("list containers of service {s}"),
             None => format!("list containers of instance {}", self.instance),
         };
-        self.cache.lists.fetch_add(1, Ordering::Relaxed);
-        let summaries = self
-            .docker
-            .list_containers(Some(opts))
+        let listed = list_ours(&self.docker, &self.instance, service, &self.cache)
             .await
             .map_err(|e| self.error(what, e))?;
-        Ok(summaries
+        Ok(listed
             .into_iter()
-            .filter_map(|c| self.owned(c))
-            .filter(|c| service.is_none_or(|s| &c.service == s))
             .filter(|c| !self.pool.hidden(c, asked))
             .collect())
     }
 
-    /// Keeps a listed container only if it really carries both of our labels; the engine's
-    /// filter already did this, but a wrong filter must never make us stop someone else's.
-    fn owned(&self, c: ContainerSummary) -> Option<Owned> {
-        let labels = c.labels.as_ref()?;
-        if labels.get(labels::INSTANCE).map(String::as_str) != Some(self.instance.as_str()) {
-            return None;
-        }
-        // A Swarm task's container carries its service's labels too; it belongs to Swarm (and to
-        // the swarm backend), never to this one, even when the instance names collide.
-        if labels.contains_key("com.docker.swarm.task.id") {
-            return None;
-        }
-        let service = match ServiceName::try_new(labels.get(labels::SERVICE)?.as_str()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(container = ?c.id, error = %e, "ignoring a container with an invalid service label");
-                return None;
-            }
-        };
-        let name = c
-            .names
-            .as_ref()
-            .and_then(|n| n.first())
-            .map(|n| n.trim_start_matches('/').to_string())
-            .unwrap_or_default();
-        Some(Owned {
-            id: c.id?,
-            name,
-            service,
-            state: c.state.unwrap_or(ContainerSummaryStateEnum::EMPTY),
-            created: c.created.unwrap_or(0),
-        })
+    /// Our containers (of `service`, or all) as the event view has them, without those being
+    /// filled or trimmed; `None` while the view is not synced (then list).
+    fn watched(&self, service: Option<&ServiceName>) -> Option<Vec<Owned>> {
+        let now = std::time::Instant::now();
+        let mut ours = self.watch.containers(service)?;
+        ours.retain(|c| !self.pool.hidden(c, now));
+        Some(ours)
+    }
+
+    /// What the event view needs to follow the engine.
+    fn start_watching(&self) {
+        self.watch.start(|| watch::Engine {
+            docker: self.docker.clone(),
+            address: self.address.clone(),
+            instance: self.instance.clone(),
+            cache: Arc::clone(&self.cache),
+        });
+    }
+
+    /// How the event-driven view has fared (for tests, the bench and the logs).
+    pub fn watch_stats(&self) -> WatchStats {
+        self.watch.stats()
     }
 
     /// The one host of this backend.
@@ -702,13 +698,18 @@ impl DockerBackend {
             .force(true)
             .v(true)
             .build();
+        let expecting = self.watch.expect(c, Action::Destroy);
         match self.docker.remove_container(&c.id, Some(opts)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                expecting.done(Effect::Gone);
+                Ok(())
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code,
                 message,
             }) if status_code == 404 || (status_code == 409 && message.contains("in progress")) => {
                 tracing::debug!(container = %c.name, %message, "container already gone");
+                expecting.done(Effect::Gone);
                 Ok(())
             }
             Err(e) => Err(self.error(
@@ -726,6 +727,8 @@ impl DockerBackend {
         c: &Owned,
         grace: Option<Duration>,
     ) -> Result<(), BackendError> {
+        // Its `die` is ours, not a replica lost: the loop is not woken for it.
+        let _removing = self.watch.expect(c, Action::Destroy);
         if c.is_paused() {
             // A frozen process cannot handle SIGTERM: thaw it first so it stops cleanly (a
             // preempted replica may have work to finish).
@@ -897,20 +900,25 @@ impl DockerBackend {
         for w in &created.warnings {
             tracing::warn!(container = %name, warning = %w, "engine warning on create");
         }
+        let this = Owned {
+            id: created.id.clone(),
+            name: name.clone(),
+            service: service.name.clone(),
+            state: ContainerSummaryStateEnum::CREATED,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        };
+        let expecting = self.watch.expect(&this, Action::Start);
         if let Err(e) = self.docker.start_container(&created.id, None).await {
+            drop(expecting);
             let message = format!("start container {name}: {}", engine_message(&e));
-            let leftover = Owned {
-                id: created.id.clone(),
-                name: name.clone(),
-                service: service.name.clone(),
-                state: ContainerSummaryStateEnum::CREATED,
-                created: 0,
-            };
-            if let Err(re) = self.remove(&leftover).await {
+            if let Err(re) = self.remove(&this).await {
                 tracing::warn!(container = %name, error = %re, "cannot remove a container that failed to start; observe will retry");
             }
             return Err(message);
         }
+        expecting.done(Effect::State(ContainerSummaryStateEnum::RUNNING));
         tracing::info!(container = %name, id = %short(&created.id), service = %service.name, "started replica");
         Ok(created.id)
     }
@@ -922,19 +930,22 @@ impl DockerBackend {
         lock(&self.pool.filling).insert(name.clone());
         let result = async {
             let id = self.create_and_start(service, body, &name).await?;
+            let this = Owned {
+                id: id.clone(),
+                name: name.clone(),
+                service: service.name.clone(),
+                state: ContainerSummaryStateEnum::RUNNING,
+                created: 0,
+            };
+            let expecting = self.watch.expect(&this, Action::Pause);
             if let Err(e) = self.docker.pause_container(&id).await {
-                let leftover = Owned {
-                    id: id.clone(),
-                    name: name.clone(),
-                    service: service.name.clone(),
-                    state: ContainerSummaryStateEnum::RUNNING,
-                    created: 0,
-                };
-                if let Err(re) = self.remove(&leftover).await {
+                drop(expecting);
+                if let Err(re) = self.remove(&this).await {
                     tracing::warn!(container = %name, error = %re, "cannot remove a pool replica that failed to pause; observe will retry");
                 }
                 return Err(format!("pause container {name}: {}", engine_message(&e)));
             }
+            expecting.done(Effect::State(ContainerSummaryStateEnum::PAUSED));
             tracing::info!(container = %name, id = %short(&id), service = %service.name, "added a paused replica to the warm pool");
             Ok(())
         }
@@ -974,7 +985,10 @@ impl DockerBackend {
         if self.pool.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let ours = self.list(Some(&service.name)).await?;
+        let ours = match self.watched(Some(&service.name)) {
+            Some(ours) => ours,
+            None => self.list(Some(&service.name)).await?,
+        };
         let running = ours
             .iter()
             .filter(|c| c.is_running() || c.is_pending())
@@ -1040,10 +1054,12 @@ impl DockerBackend {
     /// and the errors.
     async fn pause_all(&self, victims: &[Owned]) -> (u32, Vec<BackendError>) {
         let results = futures::future::join_all(victims.iter().map(|c| async move {
+            let expecting = self.watch.expect(c, Action::Pause);
             self.docker
                 .pause_container(&c.id)
                 .await
                 .map_err(|e| self.error(format!("pause container {} of service {}", c.name, c.service), e))?;
+            expecting.done(Effect::State(ContainerSummaryStateEnum::PAUSED));
             tracing::info!(container = %c.name, id = %short(&c.id), service = %c.service, "paused replica (preempt = pause)");
             Ok::<(), BackendError>(())
         }))
@@ -1062,8 +1078,10 @@ impl DockerBackend {
     /// Unpauses `replicas` concurrently; returns the ones that failed, with the error.
     async fn unpause_all<'a>(&self, replicas: &'a [Owned]) -> Vec<(&'a Owned, String)> {
         let results = futures::future::join_all(replicas.iter().map(|c| async move {
+            let expecting = self.watch.expect(c, Action::Unpause);
             match self.docker.unpause_container(&c.id).await {
                 Ok(()) => {
+                    expecting.done(Effect::State(ContainerSummaryStateEnum::RUNNING));
                     tracing::info!(container = %c.name, id = %short(&c.id), service = %c.service, "unpaused replica");
                     None
                 }
@@ -1073,6 +1091,68 @@ impl DockerBackend {
         .await;
         results.into_iter().flatten().collect()
     }
+}
+
+/// The service a container (or an event's actor) with these labels is a replica of, if it is
+/// one of `instance`'s: it carries both of our labels, and is no Swarm task's container (those
+/// carry their service's labels too and belong to Swarm, even when the instance names collide).
+fn owner(instance: &str, labels: &HashMap<String, String>) -> Option<ServiceName> {
+    if labels.get(labels::INSTANCE).map(String::as_str) != Some(instance) {
+        return None;
+    }
+    if labels.contains_key("com.docker.swarm.task.id") {
+        return None;
+    }
+    match ServiceName::try_new(labels.get(labels::SERVICE)?.as_str()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(error = %e, "ignoring a container with an invalid service label");
+            None
+        }
+    }
+}
+
+/// Lists `instance`'s containers on the engine (all states), optionally of one service only,
+/// counting the listing in `cache`. The engine's label filter does the selecting; [`owner`]
+/// checks again, since a wrong filter must never make us stop someone else's container.
+async fn list_ours(
+    docker: &Docker,
+    instance: &str,
+    service: Option<&ServiceName>,
+    cache: &Cache,
+) -> Result<Vec<Owned>, bollard::errors::Error> {
+    let mut label_filters = vec![format!("{}={}", labels::INSTANCE, instance)];
+    match service {
+        Some(s) => label_filters.push(format!("{}={}", labels::SERVICE, s)),
+        None => label_filters.push(labels::SERVICE.to_string()),
+    }
+    let filters = HashMap::from([("label", label_filters)]);
+    let opts = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    cache.lists.fetch_add(1, Ordering::Relaxed);
+    let summaries = docker.list_containers(Some(opts)).await?;
+    Ok(summaries
+        .into_iter()
+        .filter_map(|c| {
+            let service_of = owner(instance, c.labels.as_ref()?)?;
+            let name = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            Some(Owned {
+                id: c.id?,
+                name,
+                service: service_of,
+                state: c.state.unwrap_or(ContainerSummaryStateEnum::EMPTY),
+                created: c.created.unwrap_or(0),
+            })
+        })
+        .filter(|c| service.is_none_or(|s| &c.service == s))
+        .collect())
 }
 
 /// The engine's own message when it answered, else the client's.
@@ -1129,12 +1209,20 @@ impl Backend for DockerBackend {
             .store(acting, std::sync::atomic::Ordering::Relaxed);
     }
 
+    fn wake_on_change(&self, waker: Arc<tokio::sync::Notify>) {
+        self.watch.set_waker(waker);
+    }
+
     async fn observe(&self) -> Result<Observation, BackendError> {
         // What had changed when the listing was asked for: `scale` reuses the listing only
         // for services that have not changed since.
+        self.start_watching();
         let changes = lock(&self.cache.changes).clone();
         let at = std::time::Instant::now();
-        let (ours, host) = futures::try_join!(self.list(None), self.cached_host())?;
+        let (ours, host) = match self.watched(None) {
+            Some(ours) => (ours, self.cached_host().await?),
+            None => futures::try_join!(self.list(None), self.cached_host())?,
+        };
         // A container created but never started, of a service none of whose changes ran
         // while the listing was taken, was abandoned: its start was lost (the engine stopped
         // or restarted under it). It would be counted pending forever; it is removed instead.
@@ -1212,9 +1300,9 @@ impl Backend for DockerBackend {
         // The same tick's observe listed every container of ours a few ms ago: reuse that
         // listing if nothing of this service changed since, else list again.
         let (_changing, fresh) = self.cache.begin_scale(&service.name);
-        let ours = match fresh {
-            Some(ours) => ours,
-            None => self.list(Some(&service.name)).await?,
+        let ours = match (self.watched(Some(&service.name)), fresh) {
+            (Some(ours), _) | (None, Some(ours)) => ours,
+            (None, None) => self.list(Some(&service.name)).await?,
         };
         let (finished, mut live): (Vec<Owned>, Vec<Owned>) =
             ours.into_iter().partition(|c| c.is_finished());

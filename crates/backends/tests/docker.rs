@@ -29,6 +29,7 @@ fn spec() -> DockerConfig {
         start_parallelism: 4,
         network: "none".into(),
         allocatable: None,
+        ..DockerConfig::default()
     }
 }
 

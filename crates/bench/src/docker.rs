@@ -68,6 +68,7 @@ fn probe_spec(o: &Opts) -> DockerConfig {
         start_parallelism: o.parallelism,
         network: "none".into(),
         allocatable: None,
+        ..DockerConfig::default()
     }
 }
 

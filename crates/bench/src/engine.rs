@@ -449,6 +449,7 @@ where
             start_parallelism: 8,
             network: "none".into(),
             allocatable: None,
+            ..DockerConfig::default()
         },
     };
     let backend = DockerBackend::connect(&spec, &cfg.instance).await?;

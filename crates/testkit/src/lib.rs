@@ -37,6 +37,7 @@ pub mod marathon;
 pub mod moto;
 pub mod nomad;
 pub mod sim;
+pub mod socket_proxy;
 pub mod source_contract;
 pub mod tls;
 
