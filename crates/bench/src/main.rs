@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 mod docker;
 mod ecs;
 mod engine;
+mod engine_calls;
 mod kubernetes;
 mod memory;
 mod plan;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::engine_calls::EngineCalls;
 use crate::report::{ratio, Row};
 
 /// Where the daemon's replicas run in the memory figure.
@@ -30,6 +31,9 @@ impl MemoryBackend {
         }
     }
 }
+
+/// The engine's socket the counting proxy forwards to.
+const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// The issue's target, in MiB.
 const TARGET_MB: f64 = 30.0;
@@ -64,6 +68,8 @@ pub(crate) struct Daemon {
     dir: std::path::PathBuf,
     backend: MemoryBackend,
     instance: String,
+    /// Leave its containers for the next daemon to adopt (it runs with `on_exit = "leave"`).
+    keep: bool,
 }
 
 impl Drop for Daemon {
@@ -80,7 +86,7 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if self.backend == MemoryBackend::Docker {
+        if self.backend == MemoryBackend::Docker && !self.keep {
             // Whatever the daemon did not remove in time (1,000 containers take a while).
             let ids = docker_ids(&self.instance, false);
             if !ids.is_empty() {
@@ -114,23 +120,55 @@ fn docker_ids(instance: &str, running: bool) -> Vec<String> {
     }
 }
 
-fn start(bin: &Path, backend: MemoryBackend, replicas: u32, tick: Duration) -> Result<Daemon> {
+/// How a Docker-backed daemon of the memory figure talks to the engine.
+#[derive(Debug, Clone, Copy)]
+struct DockerOpts<'a> {
+    /// `[backend] host`: the counting proxy's address.
+    host: Option<&'a str>,
+    /// `[backend] events`.
+    events: bool,
+    /// `on_exit = "leave"` (the next daemon adopts the containers) instead of `"stop"`.
+    leave: bool,
+}
+
+const DEFAULT_DOCKER: DockerOpts<'static> = DockerOpts {
+    host: None,
+    events: true,
+    leave: false,
+};
+
+fn start(
+    bin: &Path,
+    backend: MemoryBackend,
+    replicas: u32,
+    tick: Duration,
+    docker: DockerOpts<'_>,
+) -> Result<Daemon> {
     let instance = format!("bench-mem-{}-{replicas}", std::process::id());
     let slots = replicas.max(1);
     let backend_section = match backend {
         MemoryBackend::Process => "[backend]\ntype = \"process\"\n".to_string(),
-        MemoryBackend::Docker => {
-            "[backend]\ntype = \"docker\"\nstart_parallelism = 8\nnetwork = \"none\"\n".to_string()
-        }
+        MemoryBackend::Docker => format!(
+            "[backend]\ntype = \"docker\"\nstart_parallelism = 8\nnetwork = \"none\"\n\
+             events = {}\n{}",
+            docker.events,
+            docker
+                .host
+                .map(|h| format!("host = \"{h}\"\n"))
+                .unwrap_or_default()
+        ),
     };
+    let on_exit = if docker.leave { "leave" } else { "stop" };
     let config = format!(
-        "instance = \"{instance}\"\ntick = \"{}ms\"\non_exit = \"stop\"\n\
+        "instance = \"{instance}\"\ntick = \"{}ms\"\non_exit = \"{on_exit}\"\n\
          [capacity]\nslots = {slots}\n{backend_section}\
          [[services]]\nname = \"worker\"\npriority = 1\nmax = {slots}\nstop_grace = \"2s\"\n\
          [[services.triggers]]\ntype = \"manual\"\ninitial = {replicas}\n",
         tick.as_millis()
     );
-    launch(bin, backend, instance, &config, &[], false)
+    let mut d = launch(bin, backend, instance, &config, &[], false)?;
+    d.keep = docker.leave;
+    Ok(d)
 }
 
 /// Starts `bin run` on `config` (instance `instance`) in a new temporary directory, with its
@@ -172,6 +210,7 @@ pub(crate) fn launch(
         dir,
         backend,
         instance,
+        keep: false,
     })
 }
 
@@ -191,7 +230,20 @@ fn measure(
     tick: Duration,
     hold: Duration,
 ) -> Result<(u64, u64, Duration)> {
-    let mut d = start(bin, backend, replicas, tick)?;
+    let mut d = start(bin, backend, replicas, tick, DEFAULT_DOCKER)?;
+    let (rss, hwm, ready, _) = hold_at(&mut d, backend, replicas, hold, || 0)?;
+    Ok((rss, hwm, ready))
+}
+
+/// Waits until `d` runs `replicas`, then samples its VmRSS for `hold`. Returns (max VmRSS,
+/// VmHWM) in KiB, the time to reach the count, and how far `count` moved during the hold.
+fn hold_at(
+    d: &mut Daemon,
+    backend: MemoryBackend,
+    replicas: u32,
+    hold: Duration,
+    count: impl Fn() -> u64,
+) -> Result<(u64, u64, Duration, u64)> {
     let pid = d.child.id();
     let t0 = Instant::now();
     loop {
@@ -215,13 +267,15 @@ fn measure(
     }
     let ready = t0.elapsed();
     let mut rss = 0;
+    let counted = count();
     let end = Instant::now() + hold;
     while Instant::now() < end {
         rss = rss.max(status_kb(pid, "VmRSS:").unwrap_or(0));
         std::thread::sleep(Duration::from_millis(200));
     }
+    let counted = count() - counted;
     let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
-    Ok((rss, hwm, ready))
+    Ok((rss, hwm, ready, counted))
 }
 
 /// Fails unless the microscaler binary `bin` exists.
@@ -243,6 +297,9 @@ pub fn run(
     tick: Duration,
 ) -> Result<(Value, Vec<Row>)> {
     require(bin)?;
+    if backend == MemoryBackend::Docker {
+        return run_docker(bin, replicas, tick);
+    }
     let hold = Duration::from_secs(10);
     let (idle_rss, idle_hwm, _) = measure(bin, backend, 0, tick, hold)?;
     let (rss, hwm, ready) = measure(bin, backend, replicas, tick, hold)?;
@@ -263,6 +320,69 @@ pub fn run(
         "vm_rss_mib": mb(rss), "vm_hwm_mib": mb(hwm), "idle_vm_rss_mib": mb(idle_rss),
         "idle_vm_hwm_mib": mb(idle_hwm), "ratio_to_idle": ratio(mb(rss), mb(idle_rss)),
         "target_mib": TARGET_MB, "seconds_to_all_running": ready.as_secs_f64(),
+    });
+    Ok((v, rows))
+}
+
+/// The Docker figure: the daemon talks to the engine through a counting proxy. First with 0
+/// replicas (the baseline); then with `replicas`, following the engine's events (the default),
+/// for a minute; then a second daemon of the same instance with `events = false` adopts the same
+/// containers and runs a minute listing them every tick. Memory and container listings per
+/// minute of both.
+fn run_docker(bin: &Path, replicas: u32, tick: Duration) -> Result<(Value, Vec<Row>)> {
+    let backend = MemoryBackend::Docker;
+    let calls = EngineCalls::start(DOCKER_SOCKET)?;
+    let proxied = |events: bool, leave: bool| DockerOpts {
+        host: Some(calls.address()),
+        events,
+        leave,
+    };
+    let minute = Duration::from_secs(60);
+    let (idle_rss, _, _, _) = {
+        let mut d = start(bin, backend, 0, tick, proxied(true, false))?;
+        hold_at(&mut d, backend, 0, Duration::from_secs(10), || 0)?
+    };
+    let (rss, hwm, ready, listed) = {
+        let mut d = start(bin, backend, replicas, tick, proxied(true, true))?;
+        eprintln!("bench: memory: {replicas} containers, following the engine's events");
+        hold_at(&mut d, backend, replicas, minute, || calls.listings())?
+    };
+    let (list_rss, list_hwm, _, list_listed) = {
+        let mut d = start(bin, backend, replicas, tick, proxied(false, false))?;
+        eprintln!("bench: memory: the same containers adopted, listing every tick");
+        hold_at(&mut d, backend, replicas, minute, || calls.listings())?
+    };
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let rows = vec![
+        Row::values(
+            &format!("resident memory, {replicas} replicas (docker backend, events)"),
+            format!("{:.1} MiB (peak {:.1})", mb(rss), mb(hwm)),
+            format!("{:.1} MiB with 0 replicas", mb(idle_rss)),
+            ratio(mb(rss), mb(idle_rss)),
+            "< 20 MiB",
+        ),
+        Row::values(
+            &format!("resident memory, {replicas} replicas (docker backend, listing)"),
+            format!("{:.1} MiB (peak {:.1})", mb(list_rss), mb(list_hwm)),
+            format!("{:.1} MiB with events", mb(rss)),
+            ratio(mb(list_rss), mb(rss)),
+            "",
+        ),
+        Row::values(
+            &format!("container listings per minute at steady state, {replicas} replicas"),
+            format!("{listed} (events)"),
+            format!("{list_listed} (events = false)"),
+            ratio(listed as f64, list_listed.max(1) as f64),
+            "near zero",
+        ),
+    ];
+    let v = json!({
+        "binary": bin.display().to_string(), "backend": "docker", "replicas": replicas,
+        "tick_ms": tick.as_secs_f64() * 1e3, "idle_vm_rss_mib": mb(idle_rss),
+        "events": {"vm_rss_mib": mb(rss), "vm_hwm_mib": mb(hwm), "listings_per_minute": listed},
+        "listing": {"vm_rss_mib": mb(list_rss), "vm_hwm_mib": mb(list_hwm),
+                    "listings_per_minute": list_listed},
+        "target_mib": 20.0, "seconds_to_all_running": ready.as_secs_f64(),
     });
     Ok((v, rows))
 }
