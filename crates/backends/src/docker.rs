@@ -1459,4 +1459,22 @@ mod tests {
             vec!["backend.host: must not be empty"]
         );
     }
+
+    #[test]
+    fn events_are_on_unless_turned_off() {
+        let events = |extra: &str| match config(&format!("type = \"docker\"\n{extra}"), "") {
+            Ok(c) => match c.backend {
+                BackendConfig::Docker(d) => Ok(d.events),
+                _ => panic!(),
+            },
+            Err(e) => Err(e),
+        };
+        assert_eq!(events(""), Ok(true));
+        assert_eq!(events("events = false"), Ok(false));
+        let err = events("events = \"no\"").unwrap_err();
+        assert!(
+            err.len() == 1 && err[0].starts_with("backend.events: "),
+            "{err:?}"
+        );
+    }
 }
