@@ -231,19 +231,34 @@ fn measure(
     hold: Duration,
 ) -> Result<(u64, u64, Duration)> {
     let mut d = start(bin, backend, replicas, tick, DEFAULT_DOCKER)?;
-    let (rss, hwm, ready, _) = hold_at(&mut d, backend, replicas, hold, || 0)?;
-    Ok((rss, hwm, ready))
+    let h = hold_at(&mut d, backend, replicas, hold, || 0)?;
+    Ok((h.rss, h.hwm, h.ready))
 }
 
-/// Waits until `d` runs `replicas`, then samples its VmRSS for `hold`. Returns (max VmRSS,
-/// VmHWM) in KiB, the time to reach the count, and how far `count` moved during the hold.
+/// What [`hold_at`] saw.
+struct Held {
+    /// The largest VmRSS sampled, KiB.
+    rss: u64,
+    /// Its two parts at that sample: private (RssAnon) and mapped files (RssFile: the
+    /// binary's own pages, shared with the page cache), KiB.
+    anon: u64,
+    file: u64,
+    /// VmHWM at the end, KiB.
+    hwm: u64,
+    /// From the start to every replica running.
+    ready: Duration,
+    /// How far the counter moved during the hold.
+    counted: u64,
+}
+
+/// Waits until `d` runs `replicas`, then samples its VmRSS for `hold`.
 fn hold_at(
     d: &mut Daemon,
     backend: MemoryBackend,
     replicas: u32,
     hold: Duration,
     count: impl Fn() -> u64,
-) -> Result<(u64, u64, Duration, u64)> {
+) -> Result<Held> {
     let pid = d.child.id();
     let t0 = Instant::now();
     loop {
@@ -266,16 +281,26 @@ fn hold_at(
         }));
     }
     let ready = t0.elapsed();
-    let mut rss = 0;
+    let (mut rss, mut anon, mut file) = (0, 0, 0);
     let counted = count();
     let end = Instant::now() + hold;
     while Instant::now() < end {
-        rss = rss.max(status_kb(pid, "VmRSS:").unwrap_or(0));
+        let now = status_kb(pid, "VmRSS:").unwrap_or(0);
+        if now > rss {
+            rss = now;
+            anon = status_kb(pid, "RssAnon:").unwrap_or(0);
+            file = status_kb(pid, "RssFile:").unwrap_or(0);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let counted = count() - counted;
-    let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
-    Ok((rss, hwm, ready, counted))
+    Ok(Held {
+        rss,
+        anon,
+        file,
+        hwm: status_kb(pid, "VmHWM:").unwrap_or(0),
+        ready,
+        counted: count() - counted,
+    })
 }
 
 /// Fails unless the microscaler binary `bin` exists.
@@ -338,51 +363,69 @@ fn run_docker(bin: &Path, replicas: u32, tick: Duration) -> Result<(Value, Vec<R
         leave,
     };
     let minute = Duration::from_secs(60);
-    let (idle_rss, _, _, _) = {
+    let idle = {
         let mut d = start(bin, backend, 0, tick, proxied(true, false))?;
         hold_at(&mut d, backend, 0, Duration::from_secs(10), || 0)?
     };
-    let (rss, hwm, ready, listed) = {
+    let events = {
         let mut d = start(bin, backend, replicas, tick, proxied(true, true))?;
         eprintln!("bench: memory: {replicas} containers, following the engine's events");
         hold_at(&mut d, backend, replicas, minute, || calls.listings())?
     };
-    let (list_rss, list_hwm, _, list_listed) = {
+    let listing = {
         let mut d = start(bin, backend, replicas, tick, proxied(false, false))?;
         eprintln!("bench: memory: the same containers adopted, listing every tick");
         hold_at(&mut d, backend, replicas, minute, || calls.listings())?
     };
     let mb = |kb: u64| kb as f64 / 1024.0;
+    let parts = |h: &Held| {
+        format!(
+            "{:.1} MiB (private {:.1} + binary and libraries {:.1}; peak {:.1})",
+            mb(h.rss),
+            mb(h.anon),
+            mb(h.file),
+            mb(h.hwm)
+        )
+    };
     let rows = vec![
         Row::values(
             &format!("resident memory, {replicas} replicas (docker backend, events)"),
-            format!("{:.1} MiB (peak {:.1})", mb(rss), mb(hwm)),
-            format!("{:.1} MiB with 0 replicas", mb(idle_rss)),
-            ratio(mb(rss), mb(idle_rss)),
+            parts(&events),
+            format!("{} with 0 replicas", parts(&idle)),
+            ratio(mb(events.rss), mb(idle.rss)),
             "< 20 MiB",
         ),
         Row::values(
+            "same, private memory only",
+            format!("{:.1} MiB", mb(events.anon)),
+            format!("{:.1} MiB with 0 replicas", mb(idle.anon)),
+            ratio(mb(events.anon), mb(idle.anon)),
+            "",
+        ),
+        Row::values(
             &format!("resident memory, {replicas} replicas (docker backend, listing)"),
-            format!("{:.1} MiB (peak {:.1})", mb(list_rss), mb(list_hwm)),
-            format!("{:.1} MiB with events", mb(rss)),
-            ratio(mb(list_rss), mb(rss)),
+            parts(&listing),
+            format!("{:.1} MiB with events", mb(events.rss)),
+            ratio(mb(listing.rss), mb(events.rss)),
             "",
         ),
         Row::values(
             &format!("container listings per minute at steady state, {replicas} replicas"),
-            format!("{listed} (events)"),
-            format!("{list_listed} (events = false)"),
-            ratio(listed as f64, list_listed.max(1) as f64),
+            format!("{} (events)", events.counted),
+            format!("{} (events = false)", listing.counted),
+            ratio(events.counted as f64, listing.counted.max(1) as f64),
             "near zero",
         ),
     ];
+    let figures = |h: &Held| {
+        json!({"vm_rss_mib": mb(h.rss), "rss_anon_mib": mb(h.anon), "rss_file_mib": mb(h.file),
+               "vm_hwm_mib": mb(h.hwm), "listings_per_minute": h.counted})
+    };
     let v = json!({
         "binary": bin.display().to_string(), "backend": "docker", "replicas": replicas,
-        "tick_ms": tick.as_secs_f64() * 1e3, "idle_vm_rss_mib": mb(idle_rss),
-        "events": {"vm_rss_mib": mb(rss), "vm_hwm_mib": mb(hwm), "listings_per_minute": listed},
-        "listing": {"vm_rss_mib": mb(list_rss), "vm_hwm_mib": mb(list_hwm),
-                    "listings_per_minute": list_listed},
-        "target_mib": 20.0, "seconds_to_all_running": ready.as_secs_f64(),
+        "tick_ms": tick.as_secs_f64() * 1e3, "idle": figures(&idle),
+        "events": figures(&events), "listing": figures(&listing),
+        "target_mib": 20.0, "seconds_to_all_running": events.ready.as_secs_f64(),
     });
     Ok((v, rows))
 }
