@@ -47,6 +47,9 @@ use serde::Deserialize;
 
 use crate::config::{Reference, Workload};
 
+mod query;
+pub use query::{InstanceFacts, Query};
+
 /// What the ecs backend can do: per-host services are kept at one task per container instance
 /// by count (DAEMON services by ECS itself), no pause, tasks stop after the update returns,
 /// and services may reference existing ECS services.
@@ -215,6 +218,14 @@ impl EcsConfig {
         let w = Workload::managed_or_reference(options, v, path, |table, v, path| {
             EcsReference::validate(table, v, path).map(Reference::Ecs)
         })?;
+        if let Workload::Reference(Reference::Ecs(r)) = &w {
+            if r.instances.is_some() && !cx.per_host {
+                v.err(
+                    join(&join(path, "reference"), "instances"),
+                    "only a per-host service (per_host = true) runs on some container                      instances: its count follows the matching ones",
+                );
+            }
+        }
         if let Workload::Managed(run) = &w {
             if cx.per_host {
                 v.err(
@@ -243,6 +254,9 @@ pub struct EcsReference {
     pub service: String,
     /// Its cluster; `None` means the backend's.
     pub cluster: Option<String>,
+    /// For a per-host service: the container instances it runs on (a cluster query such as
+    /// `attribute:role == web`); its count follows the ACTIVE ones that match. `None`: all.
+    pub instances: Option<Query>,
 }
 
 impl std::fmt::Display for EcsReference {
@@ -259,6 +273,7 @@ impl std::fmt::Display for EcsReference {
 struct RawReference {
     service: Option<String>,
     cluster: Option<String>,
+    instances: Option<String>,
 }
 
 impl EcsReference {
@@ -282,9 +297,17 @@ impl EcsReference {
                 }
             }
         }
+        let instances = r.instances.and_then(|q| match Query::parse(&q) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                v.err(join(path, "instances"), e);
+                None
+            }
+        });
         Some(EcsReference {
             service,
             cluster: r.cluster,
+            instances,
         })
     }
 }
@@ -393,6 +416,8 @@ mod live {
         registered: (Option<u64>, Option<u64>),
         /// `remainingResources`: what the tasks placed on it (anyone's) leave.
         remaining: (Option<u64>, Option<u64>),
+        /// Its attributes and EC2 id, for the per-host services' `instances` queries.
+        facts: InstanceFacts,
     }
 
     /// The container instances described so far, by ARN.
@@ -417,6 +442,8 @@ mod live {
         /// service's `resources` (set on a managed task definition, checked on a referenced
         /// one).
         reserves: Option<Units>,
+        /// A per-host service's `instances`: the container instances it runs on.
+        instances: Option<Query>,
     }
 
     /// The ECS backend.
@@ -772,6 +799,7 @@ mod live {
                     managed: true,
                     daemon: false,
                     reserves,
+                    instances: None,
                 }));
             };
             if managed {
@@ -808,12 +836,17 @@ mod live {
                     .await?;
             }
             self.remember(&service.name, found.desired_count().max(0) as u32);
+            let instances = match service.workload.reference() {
+                Some(Reference::Ecs(r)) => r.instances.clone(),
+                _ => None,
+            };
             Ok(Some(Target {
                 cluster,
                 service: name,
                 managed,
                 daemon,
                 reserves,
+                instances,
             }))
         }
 
@@ -986,11 +1019,39 @@ mod live {
         /// background, for instances not seen before and for all every [`DESCRIBE_EVERY`], so
         /// a tick never waits for it: a new ACTIVE instance counts as ready at once (it
         /// registered through its connected agent), with its resources known a tick later.
-        async fn hosts(&self) -> Result<Vec<Host>, BackendError> {
+        async fn hosts(
+            &self,
+            targets: &[(ServiceName, Target)],
+        ) -> Result<(Vec<Host>, BTreeMap<ServiceName, Vec<HostId>>), BackendError> {
             let (active, draining) = futures::try_join!(
                 self.list_instances(ContainerInstanceStatus::Active),
                 self.list_instances(ContainerInstanceStatus::Draining),
             )?;
+            // A per-host service limited by a query needs a new instance's attributes in
+            // this tick, not the next: new ACTIVE instances are described now then.
+            if targets.iter().any(|(_, t)| t.instances.is_some()) {
+                let new: Vec<String> = {
+                    let known = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+                    active
+                        .iter()
+                        .filter(|a| !known.info.contains_key(*a))
+                        .cloned()
+                        .collect()
+                };
+                if !new.is_empty() {
+                    let mut described = Vec::new();
+                    for batch in
+                        describe_batches(&self.ecs, &self.endpoint, &self.cfg.cluster, &new).await
+                    {
+                        described.extend(batch?);
+                    }
+                    self.instances
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .info
+                        .extend(described);
+                }
+            }
             let mut known = self.instances.lock().unwrap_or_else(|e| e.into_inner());
             let listed: std::collections::HashSet<&String> =
                 active.iter().chain(&draining).collect();
@@ -1013,10 +1074,18 @@ mod live {
                         stale,
                         due,
                         Arc::clone(&self.instances),
+                        // New instances described: a per-host service limited to some counts
+                        // them only then, so the loop looks again at once.
+                        targets
+                            .iter()
+                            .any(|(_, t)| t.instances.is_some())
+                            .then(|| Arc::clone(&self.waker)),
                     ));
                 }
             }
-            Ok(as_hosts(&active, &draining, &known.info, None))
+            let hosts = as_hosts(&active, &draining, &known.info, None);
+            let runs_on = runs_on(&hosts, &known.info, targets);
+            Ok((hosts, runs_on))
         }
 
         /// With capacity counted in resources: the container instances, all described now
@@ -1027,7 +1096,7 @@ mod live {
         async fn hosts_with_room(
             &self,
             targets: &[(ServiceName, Target)],
-        ) -> Result<(Vec<Host>, Vec<Replica>), BackendError> {
+        ) -> Result<Observation, BackendError> {
             let cluster = &self.cfg.cluster;
             let instances = async {
                 let (active, draining) = futures::try_join!(
@@ -1054,7 +1123,13 @@ mod live {
                 e.cpu += u.cpu;
                 e.mib += u.mib;
             }
-            Ok((as_hosts(&active, &draining, &info, Some(&ours)), replicas))
+            let hosts = as_hosts(&active, &draining, &info, Some(&ours));
+            Ok(Observation {
+                runs_on: runs_on(&hosts, &info, targets),
+                hosts,
+                replicas,
+                ..Observation::default()
+            })
         }
 
         /// The ARNs of ECS service `service`'s tasks that are to run (desiredStatus RUNNING),
@@ -1373,6 +1448,27 @@ mod live {
         hosts
     }
 
+    /// The hosts each per-host service with an `instances` query runs on: the hosts whose
+    /// instance's description matches (an instance not described yet matches nothing).
+    fn runs_on(
+        hosts: &[Host],
+        info: &HashMap<String, Instance>,
+        targets: &[(ServiceName, Target)],
+    ) -> BTreeMap<ServiceName, Vec<HostId>> {
+        targets
+            .iter()
+            .filter_map(|(name, t)| {
+                let q = t.instances.as_ref()?;
+                let on = hosts
+                    .iter()
+                    .filter(|h| info.get(&h.id.0).is_some_and(|i| q.matches(&i.facts)))
+                    .map(|h| h.id.clone())
+                    .collect();
+                Some((name.clone(), on))
+            })
+            .collect()
+    }
+
     /// What a task definition reserves on a container instance, as ECS counts it: its
     /// task-level `cpu` and `memory` when given, else its containers' `cpu` and
     /// `memoryReservation` (or `memory`) added up.
@@ -1440,6 +1536,14 @@ mod live {
                             agent_connected: ci.agent_connected(),
                             registered: (of(registered, "CPU"), of(registered, "MEMORY")),
                             remaining: (of(remaining, "CPU"), of(remaining, "MEMORY")),
+                            facts: InstanceFacts {
+                                attributes: ci
+                                    .attributes()
+                                    .iter()
+                                    .map(|a| (a.name().to_string(), a.value().map(str::to_string)))
+                                    .collect(),
+                                ec2_instance_id: ci.ec2_instance_id().map(str::to_string),
+                            },
                         };
                         (arn, info)
                     })
@@ -1450,7 +1554,9 @@ mod live {
 
     /// Describes container instances `arns` of `cluster` in the background into
     /// `instances`; `all` when these are every listed instance (the periodic refresh). A
-    /// failure is logged and tried again on a later tick.
+    /// failure is logged and tried again on a later tick. With `waker`, it is rung when an
+    /// instance's attributes or EC2 id are new or changed (a per-host service's `instances`
+    /// query may match differently).
     async fn describe_instances(
         ecs: aws_sdk_ecs::Client,
         endpoint: String,
@@ -1458,6 +1564,7 @@ mod live {
         arns: Vec<String>,
         all: bool,
         instances: Arc<Mutex<Instances>>,
+        waker: Option<Arc<OnceLock<Arc<Notify>>>>,
     ) {
         let mut described = Vec::new();
         let mut failed = false;
@@ -1471,7 +1578,15 @@ mod live {
             }
         }
         let mut known = instances.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = described
+            .iter()
+            .any(|(arn, i)| known.info.get(arn).is_none_or(|old| old.facts != i.facts));
         known.info.extend(described);
+        if changed {
+            if let Some(w) = waker.as_ref().and_then(|w| w.get()) {
+                w.notify_one();
+            }
+        }
         if all && !failed {
             known.described = Some(std::time::Instant::now());
         }
@@ -1585,18 +1700,17 @@ mod live {
                 // Every target is in the backend's cluster then (checked at `prepare`).
                 let all: Vec<(ServiceName, Target)> =
                     by_cluster.values().flatten().cloned().collect();
-                let ((hosts, replicas), services) =
-                    futures::try_join!(self.hosts_with_room(&all), services)?;
+                let (obs, services) = futures::try_join!(self.hosts_with_room(&all), services)?;
                 return Ok(Observation {
-                    hosts,
-                    replicas,
                     services: services.into_iter().flatten().collect(),
-                    ..Observation::default()
+                    ..obs
                 });
             }
-            let (hosts, services) = futures::try_join!(self.hosts(), services)?;
+            let all: Vec<(ServiceName, Target)> = by_cluster.values().flatten().cloned().collect();
+            let ((hosts, runs_on), services) = futures::try_join!(self.hosts(&all), services)?;
             Ok(Observation {
                 hosts,
+                runs_on,
                 services: services.into_iter().flatten().collect(),
                 ..Observation::default()
             })
@@ -1769,6 +1883,40 @@ mod tests {
             "{e:?}"
         );
         per_host("[services.reference]\nservice = \"agent\"").unwrap();
+        let c = per_host(
+            "[services.reference]\nservice = \"agent\"\ninstances = \"attribute:role == web\"",
+        )
+        .unwrap();
+        let Workload::Reference(Reference::Ecs(r)) = &c.services[0].workload else {
+            panic!()
+        };
+        assert_eq!(
+            r.instances,
+            Some(Query::Equals(
+                query::Subject::Attribute("role".into()),
+                "web".into()
+            ))
+        );
+        let e = per_host("[services.reference]\nservice = \"agent\"\ninstances = \"role == web\"")
+            .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("services[0].reference.instances: \"role\" is not a subject"),
+            "{e:?}"
+        );
+        // Only a per-host service runs on some instances.
+        let e = crate::Config::from_toml(
+            "instance = \"t\"\n[capacity]\nslots = 4\n[backend]\ntype = \"ecs\"\n\
+             [[services]]\nname = \"web\"\n[services.reference]\nservice = \"web\"\n\
+             instances = \"attribute:role == web\"\n",
+        )
+        .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        .unwrap_err();
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("services[0].reference.instances: only a per-host service")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub struct Observation {
     /// `preempt = "pause"`. They are in neither `running` nor `pending` of `services` (and not
     /// in `replicas`). Services with none may be absent.
     pub paused: BTreeMap<ServiceName, u32>,
+    /// Per-host services the orchestrator runs on some hosts only: the hosts each may run on
+    /// ([`microscaler_core::Observed::runs_on`]). Absent: every ready host.
+    pub runs_on: BTreeMap<ServiceName, Vec<HostId>>,
 }
 
 /// State of one replica.

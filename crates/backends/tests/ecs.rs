@@ -40,6 +40,7 @@ fn referencing(name: &str, ecs_service: &str, per_host: bool) -> Service {
     s.workload = Workload::Reference(Reference::Ecs(EcsReference {
         service: ecs_service.into(),
         cluster: None,
+        instances: None,
     }));
     if per_host {
         s.kind = ServiceKind::PerHost;
@@ -121,6 +122,7 @@ impl microscaler_testkit::contract::ReferenceHarness for EcsHarness {
         Workload::Reference(Reference::Ecs(EcsReference {
             service: "shop".into(),
             cluster: Some(self.cluster.clone()),
+            instances: None,
         }))
     }
 
@@ -520,6 +522,7 @@ async fn resources_room_is_what_others_tasks_leave_and_references_must_agree() {
     elsewhere.workload = Workload::Reference(Reference::Ecs(EcsReference {
         service: "shop".into(),
         cluster: Some("other".into()),
+        instances: None,
     }));
     let e = backend
         .prepare(std::slice::from_ref(&elsewhere))

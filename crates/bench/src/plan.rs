@@ -119,6 +119,7 @@ fn time(resources: bool, iterations: usize) -> (Dist, usize) {
     let cfg = config_with(resources);
     let mut observed = Observed {
         placement: Default::default(),
+        runs_on: Default::default(),
         services: Default::default(),
         hosts: (0..HOSTS)
             .map(|i| Host {

@@ -115,6 +115,7 @@ async fn sim_view(sim: &Sim) -> Observed {
         .expect("the simulated orchestrator answers");
     Observed {
         placement: Default::default(),
+        runs_on: Default::default(),
         services: o.services,
         hosts: o.hosts,
     }

@@ -99,6 +99,7 @@ fn samples(cfg: &Config, round: usize) -> Samples {
 fn converged(cfg: &Config) -> (Observed, EngineState) {
     let mut observed = Observed {
         placement: Default::default(),
+        runs_on: Default::default(),
         services: Default::default(),
         hosts: hosts(),
     };
@@ -148,6 +149,7 @@ fn bench_plan(c: &mut Criterion) {
     g.bench_function("first tick 10000 services on 1000 hosts", |b| {
         let empty = Observed {
             placement: Default::default(),
+            runs_on: Default::default(),
             services: Default::default(),
             hosts: observed.hosts.clone(),
         };

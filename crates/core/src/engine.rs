@@ -449,10 +449,21 @@ pub fn decide<P: Plugins>(
         if let Some((svc, inp)) = ahead(k, AHEAD) {
             prefetch_inputs(svc, inp);
         }
+        let svc = &cfg.services[i];
+        // A per-host service the orchestrator runs on some hosts only counts those.
+        let hosts = match observed.runs_on.get(&svc.name) {
+            Some(ids) if matches!(svc.kind, ServiceKind::PerHost) => observed
+                .hosts
+                .iter()
+                .filter(|h| h.ready && ids.contains(&h.id))
+                .count()
+                as u32,
+            _ => hosts,
+        };
         work.push(Work {
             index: i,
             ..want(
-                &cfg.services[i],
+                svc,
                 inputs[i],
                 &mut scratch,
                 hosts,
@@ -628,7 +639,19 @@ fn place_resources<P: Plugins>(
             }
         }
     }
-    let placed = simulate(&asks, &rooms, &start);
+    // Per-host services limited to some hosts: on which, by host index.
+    let only: Vec<Option<Vec<bool>>> = if observed.runs_on.is_empty() {
+        Vec::new()
+    } else {
+        work.iter()
+            .map(|w| {
+                let ids = observed.runs_on.get(&w.svc.name)?;
+                (w.growth == Growth::PerHost)
+                    .then(|| observed.hosts.iter().map(|h| ids.contains(&h.id)).collect())
+            })
+            .collect()
+    };
+    let placed = simulate(&asks, &rooms, &start, &only);
     for (w, p) in work.iter_mut().zip(&placed.services) {
         w.target = p.target;
     }

@@ -550,6 +550,10 @@ pub struct Observed {
     /// resources until it is gone), per host and service. Read only when capacity is counted
     /// in resources.
     pub placement: BTreeMap<HostId, BTreeMap<ServiceName, u32>>,
+    /// Per-host services the orchestrator runs on some hosts only (an ECS service limited to
+    /// the container instances a cluster query matches): the hosts each may run on. A
+    /// per-host service not in it runs on every ready host.
+    pub runs_on: BTreeMap<ServiceName, Vec<HostId>>,
 }
 
 impl Observed {

@@ -194,7 +194,7 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
     let Placement {
         mut services,
         by_host,
-    } = simulate(asks, hosts, &flat);
+    } = simulate(asks, hosts, &flat, &[]);
     for (h, on) in by_host.iter().enumerate() {
         for &(a, n) in on {
             services[a as usize].per_host.push((h, n));
@@ -204,8 +204,19 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
 }
 
 /// [`place`] from `start` as `(service, host, count)` (each pair of service and host at most
-/// once), without the services' `per_host`.
-pub(crate) fn simulate(asks: &[Ask], hosts: &[Room], start: &[(usize, usize, u32)]) -> Placement {
+/// once), without the services' `per_host`. `only[a]`, where given, says on which hosts the
+/// per-host service `a` runs (by host index); an empty `only` (or `None`): on every ready host.
+pub(crate) fn simulate(
+    asks: &[Ask],
+    hosts: &[Room],
+    start: &[(usize, usize, u32)],
+    only: &[Option<Vec<bool>>],
+) -> Placement {
+    let allowed = |a: usize, h: usize| {
+        only.get(a)
+            .and_then(Option::as_ref)
+            .is_none_or(|on| on.get(h).copied().unwrap_or(false))
+    };
     let nh = hosts.len();
     let ns = asks.len();
     let start: Vec<(usize, usize, u32)> = start
@@ -261,7 +272,7 @@ pub(crate) fn simulate(asks: &[Ask], hosts: &[Room], start: &[(usize, usize, u32
         let mine = &mut mine[of_service[a] as usize..of_service[a + 1] as usize];
         if ask.growth == Growth::PerHost {
             for &(h, c) in mine.iter() {
-                let n = c.saturating_sub(u32::from(hosts[h].ready));
+                let n = c.saturating_sub(u32::from(hosts[h].ready && allowed(a, h)));
                 if n > 0 {
                     st.add(asks, a, h, -i64::from(n));
                 }
@@ -295,7 +306,7 @@ pub(crate) fn simulate(asks: &[Ask], hosts: &[Room], start: &[(usize, usize, u32
         let ask = asks[a];
         let per_host: Vec<usize> = if ask.growth == Growth::PerHost {
             (0..nh)
-                .filter(|&h| hosts[h].ready && count(&st.by_host[h], a) == 0)
+                .filter(|&h| hosts[h].ready && allowed(a, h) && count(&st.by_host[h], a) == 0)
                 .collect()
         } else {
             Vec::new()
@@ -515,6 +526,32 @@ mod tests {
         let out = place(&asks, &hosts, &sparse(&[vec![0, 2, 1], vec![3, 3, 0]]));
         assert_eq!(dense(&out[0], hosts.len()), vec![1, 1, 0], "{out:?}");
         assert_eq!(dense(&out[1], hosts.len()), vec![3, 3, 0]);
+    }
+
+    #[test]
+    fn per_host_services_limited_to_some_hosts_run_there_only() {
+        let hosts = vec![host(1000, 1024); 3];
+        let asks = [
+            ask(r(100, 64), 2, Growth::PerHost),
+            ask(r(300, 256), 10, Growth::Remainder),
+        ];
+        // On hosts 0 and 2 only; one runs on host 1 now (the query stopped matching it).
+        let only = [Some(vec![true, false, true]), None];
+        let p = simulate(&asks, &hosts, &[(0, 1, 1)], &only);
+        let on = |a: u32| -> Vec<u32> {
+            (0..hosts.len())
+                .map(|h| {
+                    p.by_host[h]
+                        .iter()
+                        .filter(|&&(x, _)| x == a)
+                        .map(|&(_, n)| n)
+                        .sum()
+                })
+                .collect()
+        };
+        assert_eq!(on(0), vec![1, 0, 1]);
+        assert_eq!(p.services[0].target, 2);
+        assert_eq!(on(1), vec![3, 3, 3], "the remainder fills what is left");
     }
 
     #[test]

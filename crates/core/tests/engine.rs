@@ -770,6 +770,30 @@ fn per_host_follows_ready_hosts() {
     assert_eq!(actions(&plan), ["-2 batch", "+2 agent"]);
 }
 
+/// A per-host service the orchestrator runs on some hosts only (an ECS service limited by a
+/// cluster query) counts the ready ones among them.
+#[test]
+fn per_host_limited_to_some_hosts_counts_those() {
+    let mut w = World::new(config(
+        Capacity::Slots(10),
+        vec![per_host("agent", 1), remainder("batch", 2)],
+    ));
+    w.hosts(&[true, true, true, false]);
+    w.observed
+        .runs_on
+        .insert(name("agent"), vec!["h0".into(), "h2".into(), "h3".into()]);
+    let plan = w.decide();
+    assert_eq!((plan.target("agent"), plan.target("batch")), (2, 8));
+    assert_eq!(
+        reason(&plan, "agent"),
+        "started 2 of agent: one per ready host: 2 hosts"
+    );
+    w.converge();
+    w.hosts(&[true, true, true, true]);
+    let plan = w.decide();
+    assert_eq!(actions(&plan), ["-1 batch", "+1 agent"]);
+}
+
 /// Where the orchestrator keeps one per host itself (Swarm's global mode), a per-host
 /// service's count has already followed the hosts when the plan sees them: the plan follows
 /// at once, not after the previous change converges. Elsewhere microscaler places them and a
@@ -980,6 +1004,7 @@ impl SlowBackend {
     fn observed(&self) -> Observed {
         Observed {
             placement: Default::default(),
+            runs_on: Default::default(),
             services: self
                 .state
                 .iter()

@@ -171,6 +171,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             let now = Duration::from_secs(100);
             let mut observed = Observed {
                 placement: Default::default(),
+                runs_on: Default::default(),
                 services: BTreeMap::new(),
                 hosts: hosts
                     .iter()

@@ -796,6 +796,7 @@ impl<B: Backend + 'static> Controller<B> {
             placement,
             services: std::mem::take(&mut observed.services),
             hosts: std::mem::take(&mut observed.hosts),
+            runs_on: std::mem::take(&mut observed.runs_on),
         };
         let (plan, memory) = decide(&self.cfg, &engine_view, &samples, &self.memory, now);
         observed.services = engine_view.services;

@@ -457,6 +457,7 @@ impl<'a> Sim<'a> {
             next_id: 0,
             observed: Observed {
                 placement: Default::default(),
+                runs_on: Default::default(),
                 services: BTreeMap::new(),
                 hosts,
             },

@@ -166,6 +166,68 @@ async fn a_per_host_service_follows_the_instances_within_one_tick() {
     );
 }
 
+/// Seed 004 on some instances only: the one-per-host service's `instances = "attribute:role ==
+/// web"` keeps its desiredCount at the ACTIVE instances whose attribute `role` is `web`
+/// (microscaler evaluates the query on each instance's description; moto ignores
+/// `ListContainerInstances`' filter), in the first tick after a matching instance is
+/// registered, drained or deregistered; one that does not match changes nothing; an instance
+/// given the attribute later is counted once its description is read again (within 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_host_service_follows_the_matching_instances() {
+    if !moto::available().await {
+        return;
+    }
+    let ecs = moto::ecs().await;
+    let cluster = unique("eq");
+    let mut instances = moto::cluster(&ecs, &cluster, 3).await;
+    for arn in &instances[..2] {
+        moto::set_attribute(&ecs, &cluster, arn, "role", "web").await;
+    }
+    moto::set_attribute(&ecs, &cluster, &instances[2], "role", "db").await;
+    moto::plain_service(&ecs, &cluster, "agent", 0, "REPLICA").await;
+    let agent = format!("{AGENT}        instances = \"attribute:role == web\"\n");
+    let cfg = config(&cluster, &unique("eq"), "100ms", "", &agent);
+    let mut ctl = controller(cfg).await;
+
+    let mut one_tick = async |want: u32, after: &str| {
+        let r = ctl.tick().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(
+            moto::desired(&ecs, &cluster, "agent").await,
+            Some(want),
+            "one tick after {after}"
+        );
+    };
+    one_tick(2, "the start").await;
+    let web = moto::add_instance(&ecs, &cluster).await;
+    moto::set_attribute(&ecs, &cluster, &web, "role", "web").await;
+    instances.push(web);
+    one_tick(3, "a web instance registered").await;
+    instances.push(moto::add_instance(&ecs, &cluster).await);
+    one_tick(3, "an instance without the attribute registered").await;
+    moto::drain(&ecs, &cluster, &instances[0], true).await;
+    one_tick(2, "a web instance drained").await;
+    moto::deregister(&ecs, &cluster, &instances[1]).await;
+    one_tick(1, "a web instance deregistered").await;
+
+    // The db instance becomes a web one: seen when the descriptions are read again.
+    moto::set_attribute(&ecs, &cluster, &instances[2], "role", "web").await;
+    let t0 = Instant::now();
+    loop {
+        let r = ctl.tick().await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        if moto::desired(&ecs, &cluster, "agent").await == Some(2) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the changed attribute was not seen within 15 s"
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    ctl.shutdown().await.expect("shutdown");
+}
+
 /// Seed 004's event path: with `events_queue`, the EventBridge event of a container instance
 /// (sent to the SQS queue by the test, as the rule would) wakes the running loop at once, so
 /// the one-per-host service follows a new instance long before the next tick (the tick here is

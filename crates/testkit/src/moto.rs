@@ -95,6 +95,28 @@ pub async fn add_instance(ecs: &aws_sdk_ecs::Client, cluster: &str) -> String {
         .to_string()
 }
 
+/// Sets the custom attribute `name` = `value` on container instance `arn` (`PutAttributes`).
+pub async fn set_attribute(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    arn: &str,
+    name: &str,
+    value: &str,
+) {
+    let attribute = aws_sdk_ecs::types::Attribute::builder()
+        .name(name)
+        .value(value)
+        .target_id(arn)
+        .build()
+        .expect("an attribute");
+    ecs.put_attributes()
+        .cluster(cluster)
+        .attributes(attribute)
+        .send()
+        .await
+        .expect("PutAttributes");
+}
+
 /// A new cluster named `name` with `instances` container instances; their ARNs.
 pub async fn cluster(ecs: &aws_sdk_ecs::Client, name: &str, instances: usize) -> Vec<String> {
     ecs.create_cluster()
