@@ -54,6 +54,24 @@ async fn controller(cfg: Config) -> Controller<AnyBackend> {
     ctl
 }
 
+/// Runs one tick of `ctl`, without errors; then the ECS service "agent" of `cluster` must want
+/// `want` tasks.
+async fn one_tick(
+    ctl: &mut Controller<AnyBackend>,
+    ecs: &moto::EcsClient,
+    cluster: &str,
+    want: u32,
+    after: &str,
+) {
+    let r = ctl.tick().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        moto::desired(ecs, cluster, "agent").await,
+        Some(want),
+        "one tick after {after}"
+    );
+}
+
 /// Seed 004's one-per-host service: the existing REPLICA service "agent".
 const AGENT: &str = r#"
         [[services]]
@@ -139,24 +157,15 @@ async fn a_per_host_service_follows_the_instances_within_one_tick() {
     let cfg = config(&cluster, &unique("ep"), "100ms", "", AGENT);
     let mut ctl = controller(cfg).await;
 
-    let mut one_tick = async |want: u32, after: &str| {
-        let r = ctl.tick().await;
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(
-            moto::desired(&ecs, &cluster, "agent").await,
-            Some(want),
-            "one tick after {after}"
-        );
-    };
-    one_tick(2, "the start").await;
+    one_tick(&mut ctl, &ecs, &cluster, 2, "the start").await;
     instances.push(moto::add_instance(&ecs, &cluster).await);
-    one_tick(3, "an instance registered").await;
+    one_tick(&mut ctl, &ecs, &cluster, 3, "an instance registered").await;
     moto::drain(&ecs, &cluster, &instances[0], true).await;
-    one_tick(2, "an instance drained").await;
+    one_tick(&mut ctl, &ecs, &cluster, 2, "an instance drained").await;
     moto::drain(&ecs, &cluster, &instances[0], false).await;
-    one_tick(3, "the drain ended").await;
+    one_tick(&mut ctl, &ecs, &cluster, 3, "the drain ended").await;
     moto::deregister(&ecs, &cluster, &instances[1]).await;
-    one_tick(2, "an instance deregistered").await;
+    one_tick(&mut ctl, &ecs, &cluster, 2, "an instance deregistered").await;
 
     ctl.shutdown().await.expect("shutdown");
     assert_eq!(
@@ -189,26 +198,24 @@ async fn a_per_host_service_follows_the_matching_instances() {
     let cfg = config(&cluster, &unique("eq"), "100ms", "", &agent);
     let mut ctl = controller(cfg).await;
 
-    let mut one_tick = async |want: u32, after: &str| {
-        let r = ctl.tick().await;
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(
-            moto::desired(&ecs, &cluster, "agent").await,
-            Some(want),
-            "one tick after {after}"
-        );
-    };
-    one_tick(2, "the start").await;
+    one_tick(&mut ctl, &ecs, &cluster, 2, "the start").await;
     let web = moto::add_instance(&ecs, &cluster).await;
     moto::set_attribute(&ecs, &cluster, &web, "role", "web").await;
     instances.push(web);
-    one_tick(3, "a web instance registered").await;
+    one_tick(&mut ctl, &ecs, &cluster, 3, "a web instance registered").await;
     instances.push(moto::add_instance(&ecs, &cluster).await);
-    one_tick(3, "an instance without the attribute registered").await;
+    one_tick(
+        &mut ctl,
+        &ecs,
+        &cluster,
+        3,
+        "an instance without the attribute registered",
+    )
+    .await;
     moto::drain(&ecs, &cluster, &instances[0], true).await;
-    one_tick(2, "a web instance drained").await;
+    one_tick(&mut ctl, &ecs, &cluster, 2, "a web instance drained").await;
     moto::deregister(&ecs, &cluster, &instances[1]).await;
-    one_tick(1, "a web instance deregistered").await;
+    one_tick(&mut ctl, &ecs, &cluster, 1, "a web instance deregistered").await;
 
     // The db instance becomes a web one: seen when the descriptions are read again.
     moto::set_attribute(&ecs, &cluster, &instances[2], "role", "web").await;

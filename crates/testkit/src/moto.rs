@@ -78,6 +78,9 @@ pub async fn ec2_instance() -> String {
         .expect("moto RunInstances")
 }
 
+/// The ECS client the helpers take, for test crates that do not depend on the SDK.
+pub type EcsClient = aws_sdk_ecs::Client;
+
 /// Registers a new container instance in `cluster` (ACTIVE, agent connected) and returns its
 /// ARN.
 pub async fn add_instance(ecs: &aws_sdk_ecs::Client, cluster: &str) -> String {
