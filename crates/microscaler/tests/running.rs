@@ -97,6 +97,18 @@ impl Daemon {
         );
     }
 
+    /// The port its server listens on (the configuration asks for any free one: a port
+    /// picked by the test could be taken by another before the daemon binds it), from its log.
+    fn port(&self) -> u16 {
+        let log = self.log_says("dashboard and API on http://");
+        log.split("dashboard and API on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in the log:\n{log}"))
+    }
+
     /// Waits (up to 15 s) until the log has `text`.
     fn log_says(&self, text: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -155,15 +167,6 @@ fn http(port: u16, req: &str) -> String {
     out
 }
 
-/// A free port on the loopback interface.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `PUT path` with `{"value": value}` and the bearer `token`; the whole answer.
 fn put(port: u16, path: &str, token: &str, value: u32) -> String {
     let body = format!("{{\"value\": {value}}}");
@@ -178,7 +181,8 @@ fn put(port: u16, path: &str, token: &str, value: u32) -> String {
     )
 }
 
-fn config(port: u16, backend_extra: &str, services: &str) -> String {
+/// A configuration whose server listens on any free port of the loopback interface.
+fn config(backend_extra: &str, services: &str) -> String {
     format!(
         r#"
 instance = "reload-{pid}"
@@ -190,7 +194,7 @@ slots = 6
 type = "process"
 {backend_extra}
 [server]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 token = "{TOKEN}"
 
 [[services]]
@@ -238,9 +242,9 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("microscaler.toml");
     let state = dir.path().join("state");
-    let port = free_port();
-    std::fs::write(&file, config(port, "", WEB_BEFORE)).unwrap();
+    std::fs::write(&file, config("", WEB_BEFORE)).unwrap();
     let d = Daemon::start(&file, &state);
+    let port = d.port();
     let put = |service: &str, value: u32| {
         put(
             port,
@@ -260,7 +264,7 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     assert_eq!((steady.len(), web.len()), (1, 2));
 
     // Reload: web edited (max), batch added, steady untouched.
-    std::fs::write(&file, config(port, "", &format!("{WEB_AFTER}{BATCH}"))).unwrap();
+    std::fs::write(&file, config("", &format!("{WEB_AFTER}{BATCH}"))).unwrap();
     d.hangup();
     let log = d.log_says("configuration reloaded");
     assert!(
@@ -299,7 +303,6 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     std::fs::write(
         &file,
         config(
-            port,
             "",
             &format!(
                 "{}{BATCH}colour = \"red\"\n",
@@ -321,7 +324,6 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     std::fs::write(
         &file,
         config(
-            port,
             &format!("work_dir = {work:?}"),
             &format!("{WEB_AFTER}{BATCH}"),
         ),
@@ -332,7 +334,7 @@ fn sighup_reloads_the_configuration_and_keeps_what_did_not_change() {
     assert_eq!(log.matches("reload refused").count(), 2, "{log}");
 
     // batch removed: its replicas are stopped, the others stay.
-    std::fs::write(&file, config(port, "", WEB_AFTER)).unwrap();
+    std::fs::write(&file, config("", WEB_AFTER)).unwrap();
     d.hangup();
     d.log_says("removed batch");
     d.tick_where("no batch any more", |t| {
@@ -360,7 +362,6 @@ fn a_push_wakes_the_loop_its_token_does_nothing_else_and_a_quiet_producer_expire
     let file = dir.path().join("microscaler.toml");
     let token_file = dir.path().join("push-token");
     std::fs::write(&token_file, "push-token-of-the-producer\n").unwrap();
-    let port = free_port();
     let queue = format!(
         r#"
 [[services]]
@@ -376,9 +377,10 @@ expires = "1500ms"
         token_file.display().to_string()
     );
     // A 10 s tick: only a wake-up explains a reaction within a second or two.
-    let text = config(port, "", &queue).replace("tick = \"100ms\"", "tick = \"10s\"");
+    let text = config("", &queue).replace("tick = \"100ms\"", "tick = \"10s\"");
     std::fs::write(&file, text).unwrap();
     let d = Daemon::start(&file, &dir.path().join("state"));
+    let port = d.port();
     d.tick_where("the first tick", |t| service(t, "worker").is_some());
     let path = "/api/v1/services/worker/triggers/queue/value";
     let pushed = Instant::now();
@@ -446,7 +448,6 @@ fn an_rpush_wakes_the_loop_through_keyspace_notifications() {
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("microscaler.toml");
-    let port = free_port();
     let worker = format!(
         r#"
 [[services]]
@@ -460,7 +461,7 @@ key = "jobs"
 "#,
         redis.url
     );
-    let text = config(port, "", &worker).replace("tick = \"100ms\"", "tick = \"10s\"");
+    let text = config("", &worker).replace("tick = \"100ms\"", "tick = \"10s\"");
     std::fs::write(&file, text).unwrap();
     let d = Daemon::start(&file, &dir.path().join("state"));
     d.log_says("waking the loop on the list's keyspace notifications");
