@@ -28,7 +28,8 @@
 //! # Watching, not listing
 //! The first `observe` starts following the engine's container events (filtered on this
 //! instance's label); from then on `observe`, `scale` and the pool's refill read a view kept from
-//! them and ask the engine nothing, listing only to resynchronise (at start, after a stream
+//! them and list nothing (observe pings the engine, so one that is gone still fails it),
+//! listing only to resynchronise (at start, after a stream
 //! error, and every minute as a safety net). See [`watch`] for how the view stays exact, also
 //! for the changes this backend makes itself. `[backend] events = false` turns it off.
 //!
@@ -1220,7 +1221,20 @@ impl Backend for DockerBackend {
         let changes = lock(&self.cache.changes).clone();
         let at = std::time::Instant::now();
         let (ours, host) = match self.watched(None) {
-            Some(ours) => (ours, self.cached_host().await?),
+            // The view is as fresh as the stream, which may not have ended yet when the engine
+            // just went away: one `GET /_ping` (no listing) makes an engine that does not
+            // answer fail the observation, as a listing would, so nothing is decided on a view
+            // of an engine that is gone.
+            Some(ours) => {
+                let ping = async {
+                    self.docker
+                        .ping()
+                        .await
+                        .map_err(|e| self.error("ping the engine", e))
+                };
+                let (_, host) = futures::try_join!(ping, self.cached_host())?;
+                (ours, host)
+            }
             None => futures::try_join!(self.list(None), self.cached_host())?,
         };
         // A container created but never started, of a service none of whose changes ran

@@ -421,11 +421,14 @@ async fn throttled_and_failed_changes_are_retried_with_backoff_and_the_rest_goes
     assert_eq!(moto::desired(&ecs, &cluster, &p2_name).await, Some(2));
     // The retry's own result may be reported by the tick after the one that dispatched it
     // (it ends in the background once that tick's wait is over): tick until it is.
-    let t1 = Instant::now();
-    while of(&log, "p1").len() < 2 && t1.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(TICK).await;
-        record(&mut log, &ctl.tick().await);
+    async fn until_retried(ctl: &mut Controller<AnyBackend>, log: &mut Log) {
+        let t1 = Instant::now();
+        while of(log, "p1").len() < 2 && t1.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(TICK).await;
+            record(log, &ctl.tick().await);
+        }
     }
+    until_retried(&mut ctl, &mut log).await;
     let p1_log = of(&log, "p1");
     assert_eq!(p1_log.len(), 2, "one throttled try, one retry: {log:?}");
     assert_eq!(p1_log[0].1, Err(ErrorClass::Throttled), "{log:?}");
@@ -452,6 +455,7 @@ async fn throttled_and_failed_changes_are_retried_with_backoff_and_the_rest_goes
         record(&mut log, &ctl.tick().await);
         tokio::time::sleep(TICK).await;
     }
+    until_retried(&mut ctl, &mut log).await;
     let p1_log = of(&log, "p1");
     assert_eq!(p1_log.len(), 2, "{log:?}");
     assert_eq!(p1_log[0].1, Err(ErrorClass::Failed), "{log:?}");
