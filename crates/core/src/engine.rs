@@ -450,23 +450,13 @@ pub fn decide<P: Plugins>(
             prefetch_inputs(svc, inp);
         }
         let svc = &cfg.services[i];
-        // A per-host service the orchestrator runs on some hosts only counts those.
-        let hosts = match observed.runs_on.get(&svc.name) {
-            Some(ids) if matches!(svc.kind, ServiceKind::PerHost) => observed
-                .hosts
-                .iter()
-                .filter(|h| h.ready && ids.contains(&h.id))
-                .count()
-                as u32,
-            _ => hosts,
-        };
         work.push(Work {
             index: i,
             ..want(
                 svc,
                 inputs[i],
                 &mut scratch,
-                hosts,
+                hosts_of(svc, observed, hosts),
                 now,
                 cfg.converge_timeout,
                 native_per_host,
@@ -748,6 +738,22 @@ fn explain_placement<P: Plugins>(
         if !parts.is_empty() {
             sp.reason = format!("{}; {}", sp.reason, parts.join("; ")).into();
         }
+    }
+}
+
+/// The hosts a service may run on: all `ready` ones, but for a per-host service the
+/// orchestrator runs on some hosts only (`Observed::runs_on`), the ready ones among those.
+fn hosts_of<P: Plugins>(svc: &Service<P>, observed: &Observed, ready: u32) -> u32 {
+    if observed.runs_on.is_empty() || !matches!(svc.kind, ServiceKind::PerHost) {
+        return ready;
+    }
+    match observed.runs_on.get(&svc.name) {
+        Some(ids) => observed
+            .hosts
+            .iter()
+            .filter(|h| h.ready && ids.contains(&h.id))
+            .count() as u32,
+        None => ready,
     }
 }
 
