@@ -94,7 +94,7 @@ struct SimulateArgs {
     trace: Option<PathBuf>,
     /// Run each configuration with a key set to each value: PATH=V1,V2,... (repeatable; every
     /// combination runs). PATH: `tick`, `capacity.slots`, `services.NAME.max_step`,
-    /// `services.NAME.pool.size`, ...
+    /// `services.NAME.pool.size`, ..., or the model's `hosts`, `host-cpu`, `host-memory`
     #[arg(long = "vary", value_name = "PATH=V1,V2")]
     vary: Vec<String>,
     /// Simulated time [default: 1h; with --trace, until its last change + 10 s].
@@ -106,6 +106,13 @@ struct SimulateArgs {
     /// Hosts of the modelled cluster (all ready).
     #[arg(long, default_value_t = 3)]
     hosts: u32,
+    /// Each host's CPUs ("4", "3500m"), less the configuration's reserve_cpu: needed when
+    /// capacity is counted in resources.
+    #[arg(long, value_name = "CPUS", value_parser = microscaler_core::Resources::parse_cpu)]
+    host_cpu: Option<u64>,
+    /// Each host's memory ("8Gi", bytes), less reserve_memory: needed with resources.
+    #[arg(long, value_name = "MEMORY", value_parser = microscaler_core::Resources::parse_memory)]
+    host_memory: Option<u64>,
     /// From a start to the replica running: "250ms", or uniform between two: "180ms..260ms"
     /// [default: Docker's create + start measured here].
     #[arg(long, default_value = "180ms..260ms")]
@@ -189,31 +196,6 @@ fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
         }
         v
     };
-    let mut runs = Vec::new();
-    for (name, text) in &sources {
-        let doc: toml::Table = text
-            .parse()
-            .map_err(|e| usage(anyhow::anyhow!("{name}: {e}")))?;
-        for combo in combinations(&varies) {
-            let mut doc = doc.clone();
-            let mut label = name.clone();
-            for (path, value) in &combo {
-                set_key(&mut doc, path, value).map_err(|e| usage(anyhow::anyhow!("--vary {e}")))?;
-                label.push_str(&format!(" {path}={value}"));
-            }
-            let cfg = Config::from_toml(&doc.to_string()).map_err(|errs| {
-                usage(anyhow::anyhow!(
-                    "{label} is invalid:\n  {}",
-                    errs.0
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n  ")
-                ))
-            })?;
-            runs.push((label, cfg));
-        }
-    }
     let duration = args.duration.unwrap_or(if args.trace.is_some() {
         trace.end() + Duration::from_secs(10)
     } else {
@@ -229,7 +211,38 @@ fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
         seed: args.seed,
         duration,
         warmup: args.warmup,
+        host_cpu: args.host_cpu,
+        host_memory: args.host_memory,
     };
+    let mut runs = Vec::new();
+    for (name, text) in &sources {
+        let doc: toml::Table = text
+            .parse()
+            .map_err(|e| usage(anyhow::anyhow!("{name}: {e}")))?;
+        for combo in combinations(&varies) {
+            let mut doc = doc.clone();
+            let mut model = model.clone();
+            let mut label = name.clone();
+            for (path, value) in &combo {
+                model
+                    .set(path, value)
+                    .unwrap_or_else(|| set_key(&mut doc, path, value))
+                    .map_err(|e| usage(anyhow::anyhow!("--vary {e}")))?;
+                label.push_str(&format!(" {path}={value}"));
+            }
+            let cfg = Config::from_toml(&doc.to_string()).map_err(|errs| {
+                usage(anyhow::anyhow!(
+                    "{label} is invalid:\n  {}",
+                    errs.0
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ))
+            })?;
+            runs.push((label, cfg, model));
+        }
+    }
     eprintln!(
         "simulating {} configuration{} over {} (start {}, stop {}, unpause {}, {} hosts)...",
         runs.len(),
@@ -248,7 +261,7 @@ fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
         let done: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()
-                .map(|(_, cfg)| scope.spawn(|| simulate(cfg, &model, &trace)))
+                .map(|(_, cfg, model)| scope.spawn(|| simulate(cfg, model, &trace)))
                 .collect();
             handles
                 .into_iter()
@@ -258,13 +271,13 @@ fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
         results.extend(done);
     }
     let mut figures = Vec::new();
-    for ((label, _), r) in runs.iter().zip(results) {
+    for ((label, _, _), r) in runs.iter().zip(results) {
         figures
             .push(r.map_err(|errs| usage(anyhow::anyhow!("{label}:\n  {}", errs.join("\n  "))))?);
     }
     eprintln!("done in {:.2} s", t0.elapsed().as_secs_f64());
-    let names: Vec<String> = runs.iter().map(|(l, _)| l.clone()).collect();
-    let json = serde_json::json!({
+    let names: Vec<String> = runs.iter().map(|(l, _, _)| l.clone()).collect();
+    let mut json = serde_json::json!({
         "duration_s": duration.as_secs_f64(),
         "warmup_s": args.warmup.as_secs_f64(),
         "model": {
@@ -280,6 +293,10 @@ fn simulate_cmd(args: SimulateArgs) -> Result<(), Failure> {
             serde_json::json!({"name": n, "figures": f})
         }).collect::<Vec<_>>(),
     });
+    if let (Some(cpu), Some(memory)) = (model.host_cpu, model.host_memory) {
+        json["model"]["host_cpu_milli"] = cpu.into();
+        json["model"]["host_memory_bytes"] = memory.into();
+    }
     if let Some(path) = &args.output {
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -587,6 +587,104 @@ fn simulate_names_what_is_wrong() {
     );
 }
 
+/// Capacity in resources on two modelled hosts of 2 GiB: web asks for 3 replicas of 1 CPU
+/// and 1 GiB. With `--host-cpu 1.5` one fits on each host and the third on none (0.5 CPU
+/// left on each: 1 CPU in all, but not on one host): demand never met, capacity used all the
+/// time, 2 CPU of 3 held. With 2 CPU all 3 fit (2 on host-1): demand met, but host-2 has room
+/// for one more, so the capacity is never used up; 3 CPU of 4 held.
+#[test]
+fn simulate_capacity_in_resources_on_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "web.toml",
+        r#"
+        tick = "100ms"
+        [capacity]
+        resources = true
+        [backend]
+        type = "docker"
+        [[services]]
+        name = "web"
+        resources = { cpu = 1, memory = "1Gi" }
+        [[services.triggers]]
+        type = "manual"
+        initial = 3
+        "#,
+    );
+    let output = dir.path().join("figures.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "simulate",
+            &config,
+            "--duration",
+            "3s",
+            "--warmup",
+            "1s",
+            "--hosts",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        microscaler(&args)
+    };
+    let out = run(&[
+        "--host-memory",
+        "2Gi",
+        "--host-cpu",
+        "1",
+        "--vary",
+        "host-cpu=1.5,2",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("host-cpu=1.5") && stdout.contains("host-cpu=2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("cpu used") && stdout.contains("unschedulable"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    let f = |i: usize, k: &str| v["configurations"][i]["figures"][k].as_f64().unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert!(close(f(0, "demand_met"), 0.0), "{v}");
+    assert!(close(f(0, "capacity_used"), 1.0), "{v}");
+    assert!(close(f(0, "cpu_used"), 2.0 / 3.0), "{v}");
+    assert!(close(f(0, "memory_used"), 0.5), "{v}");
+    assert_eq!(f(0, "capacity"), 2.0, "{v}");
+    assert!(close(f(1, "demand_met"), 1.0), "{v}");
+    assert!(close(f(1, "capacity_used"), 0.0), "{v}");
+    assert!(close(f(1, "cpu_used"), 0.75), "{v}");
+    assert_eq!(f(1, "capacity"), 3.0, "{v}");
+    assert_eq!(f(1, "unschedulable"), 0.0, "{v}");
+    assert_eq!(
+        v["model"]["host_memory_bytes"].as_u64(),
+        Some(2 << 30),
+        "{v}"
+    );
+
+    // Without the hosts' size, or with a size that is not one: exit 2, the option named.
+    let out = run(&["--host-cpu", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("give --host-memory ("), "{stderr}");
+    let out = run(&["--host-cpu", "2", "--host-memory", "lots"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--host-memory") && stderr.contains("not a memory quantity"),
+        "{stderr}"
+    );
+    let out = run(&["--host-memory", "8Gi", "--vary", "host-cpu=2,0.0001"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--vary host-cpu: "), "{stderr}");
+}
+
 /// A failure that goes on every tick is logged once, not once per tick: a trigger whose Redis
 /// is not there (a port nothing listens on, `required = false`) fails at each of about 25
 /// ticks of 100 ms, and the log says "sample failed" once (it would say it again, counted, a
