@@ -570,7 +570,7 @@ mod live {
     use kube::runtime::{watcher, WatchStreamExt};
     use kube::{Client, Resource, ResourceExt};
     use microscaler_core::plugin::Capabilities;
-    use microscaler_core::{Host, Resources, ServiceKind, ServiceName};
+    use microscaler_core::{Host, HostId, Resources, ServiceKind, ServiceName};
     use serde::de::DeserializeOwned;
     use serde_json::json;
     use tokio::task::JoinHandle;
@@ -582,12 +582,21 @@ mod live {
     use crate::config::{Reference, Service};
     use crate::kube_lease::Elector;
     use crate::{
-        labels, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
+        labels, Apply, Backend, BackendError, Change, Observation, Replica, ReplicaState,
+        ScaleOutcome,
     };
 
     /// Annotation on a managed Deployment: a hash of the pod template microscaler wrote, so a
     /// restarted daemon rewrites the template only when the configuration changed.
     const TEMPLATE_ANNOTATION: &str = "io.microscaler/template-hash";
+    /// The ReplicaSet controller's ranking of pods to delete on a scale-down: the lowest cost
+    /// goes first (after pods that are unscheduled, pending or not ready).
+    const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+    /// Beside [`DELETION_COST`] on the pods microscaler marked: its instance, so that it
+    /// clears only its own marks.
+    const STEERED_ANNOTATION: &str = "io.microscaler/steered";
+    /// The cost microscaler marks the pods it wants gone with: the lowest there is.
+    const STEERED_COST: i32 = i32::MIN;
     /// How long the watches may take to list what exists, at connect and prepare.
     const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
     /// How many times a scale is read and written again when the object changed in between
@@ -978,16 +987,20 @@ mod live {
                 .cloned()
         }
 
+        /// The watches of `t`'s namespace and the selector of its object's pods, once both are
+        /// known.
+        fn pods_of(&self, t: &Target) -> Option<(Arc<Watched>, Selector)> {
+            let w = self.watched_in(&t.namespace)?;
+            let selector = object_view(&w, t)
+                .and_then(|v| v.selector)
+                .and_then(|s| Selector::try_from(s).ok())?;
+            Some((w, selector))
+        }
+
         /// Waits until at most `n` pods of `t`'s object are left (terminating ones included:
         /// they hold their node's capacity until they are gone), or `limit` has passed.
         async fn await_pods_at_most(&self, t: &Target, n: u32, limit: Duration) {
-            let Some(w) = self.watched_in(&t.namespace) else {
-                return;
-            };
-            let Some(selector) = object_view(&w, t)
-                .and_then(|v| v.selector)
-                .and_then(|s| Selector::try_from(s).ok())
-            else {
+            let Some((w, selector)) = self.pods_of(t) else {
                 return;
             };
             let deadline = tokio::time::Instant::now() + limit;
@@ -1009,6 +1022,85 @@ mod live {
                     return;
                 }
                 tokio::time::sleep(STOP_POLL).await;
+            }
+        }
+
+        /// Marks the pods of Deployment `t` the ReplicaSet controller should remove first on a
+        /// scale-down of `count`: up to `n` on each host of `from` (the plan's), with the
+        /// lowest pod deletion cost; clears microscaler's marks from every other pod of it.
+        /// Best effort: a pod that cannot be marked is logged, and the orchestrator chooses.
+        async fn steer(&self, t: &Target, count: u32, from: &[(HostId, u32)]) {
+            let Some((w, selector)) = self.pods_of(t) else {
+                return;
+            };
+            let mut pods: Vec<Arc<Pod>> = w
+                .pods
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    matches!(pod_count(p), PodCount::Running | PodCount::Pending { .. })
+                        && selector.matches(&p.metadata.labels.clone().unwrap_or_default())
+                })
+                .collect();
+            // Within a host, the ones the controller would take first anyway: not ready,
+            // then the newest.
+            pods.sort_by_key(|p| {
+                (
+                    matches!(pod_count(p), PodCount::Running),
+                    std::cmp::Reverse(p.metadata.creation_timestamp.clone()),
+                )
+            });
+            let mut left = count;
+            let mut marked: HashSet<String> = HashSet::new();
+            for (host, n) in from {
+                let mut n = (*n).min(left);
+                for p in &pods {
+                    if n == 0 {
+                        break;
+                    }
+                    let on = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                    if on == Some(host.as_str()) {
+                        marked.insert(p.name_any());
+                        n -= 1;
+                        left -= 1;
+                    }
+                }
+            }
+            let cost = STEERED_COST.to_string();
+            let mut writes = Vec::new();
+            for p in &pods {
+                let ours = p
+                    .annotations()
+                    .get(STEERED_ANNOTATION)
+                    .is_some_and(|i| *i == self.instance);
+                let annotations = match (marked.contains(&p.name_any()), ours) {
+                    (true, _) if p.annotations().get(DELETION_COST) == Some(&cost) && ours => {
+                        continue
+                    }
+                    (true, _) => json!({DELETION_COST: cost, STEERED_ANNOTATION: self.instance}),
+                    (false, true) => json!({DELETION_COST: null, STEERED_ANNOTATION: null}),
+                    (false, false) => continue,
+                };
+                let api = Api::<Pod>::namespaced(self.client.clone(), &t.namespace);
+                let name = p.name_any();
+                writes.push(async move {
+                    let params = PatchParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    };
+                    let patch = json!({"metadata": {"annotations": annotations}});
+                    (api.patch(&name, &params, &Patch::Merge(&patch)).await, name)
+                });
+            }
+            for (result, pod) in futures::future::join_all(writes).await {
+                match result {
+                    Ok(_) => {
+                        debug!(service = %t.service, pod, "pod deletion cost set for the plan's scale-down")
+                    }
+                    Err(e) => {
+                        warn!(service = %t.service, pod, error = %self.error(format!("mark pod {pod} to go first"), e), "the orchestrator chooses which pods go (give microscaler's role patch on pods to follow the plan's hosts)")
+                    }
+                }
             }
         }
 
@@ -1706,6 +1798,15 @@ mod live {
             service: &Service,
             target: u32,
         ) -> Result<ScaleOutcome, BackendError> {
+            self.scale_with(service, target, &Change::default()).await
+        }
+
+        async fn scale_with(
+            &self,
+            service: &Service,
+            target: u32,
+            change: &Change<'_>,
+        ) -> Result<ScaleOutcome, BackendError> {
             let t = self
                 .targets
                 .read()
@@ -1758,6 +1859,13 @@ mod live {
                              was writing it; the next tick decides again"
                         ),
                     });
+                }
+                if first_read.is_none() && t.kind == ObjectKind::Deployment {
+                    // Before the count goes down, the pods the plan takes from the hosts it
+                    // names are marked to go first (on every scale: marks of an earlier
+                    // plan that did not happen are cleared).
+                    self.steer(&t, previous.saturating_sub(target), change.remove_from)
+                        .await;
                 }
                 first_read.get_or_insert(previous);
                 let patch = json!({

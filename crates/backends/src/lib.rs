@@ -31,6 +31,18 @@ pub mod swarm;
 
 pub use config::{BackendConfig, Config, Plugins, Reference, RunSpec, Service, Workload};
 
+/// What the plan says of one change beside its target ([`Backend::scale_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Change<'a> {
+    /// Why, in words (the plan's reason for the service).
+    pub reason: &'a str,
+    /// On a scale-down with capacity counted in CPU and memory: the hosts the plan takes the
+    /// replicas from, `(host, count)` (where a higher priority's room is made). A backend that
+    /// can choose which replicas go removes these first; others place the count and let the
+    /// orchestrator choose. Empty: no preference.
+    pub remove_from: &'a [(HostId, u32)],
+}
+
 /// What a managed service's replicas run. The container-level backends accept no
 /// `[services.reference]` at load time (their workload validation does not know the key), so
 /// every service they are given is managed; a service that is not gets the built-in replica's
@@ -343,15 +355,18 @@ pub trait Backend: Send + Sync {
         target: u32,
     ) -> impl Future<Output = Result<ScaleOutcome, BackendError>> + Send;
 
-    /// [`Backend::scale`], with the plan's reason for the change, for orchestrators that keep
-    /// one with the change (Nomad's scaling events). Default: `scale`, the reason unused.
-    fn scale_because(
+    /// [`Backend::scale`], with what the plan says of the change: its reason, for
+    /// orchestrators that keep one with the change (Nomad's scaling events), and on a
+    /// scale-down the hosts the plan takes the replicas from, for orchestrators that can be
+    /// told which replicas to remove (Kubernetes' pod deletion cost). Default: `scale`, the
+    /// rest unused.
+    fn scale_with(
         &self,
         service: &Service,
         target: u32,
-        reason: &str,
+        change: &Change<'_>,
     ) -> impl Future<Output = Result<ScaleOutcome, BackendError>> + Send {
-        let _ = reason;
+        let _ = change;
         self.scale(service, target)
     }
 
@@ -460,13 +475,13 @@ impl Backend for AnyBackend {
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
         dispatch!(self, b => b.scale(service, target).await)
     }
-    async fn scale_because(
+    async fn scale_with(
         &self,
         service: &Service,
         target: u32,
-        reason: &str,
+        change: &Change<'_>,
     ) -> Result<ScaleOutcome, BackendError> {
-        dispatch!(self, b => b.scale_because(service, target, reason).await)
+        dispatch!(self, b => b.scale_with(service, target, change).await)
     }
     fn leading(&self) -> bool {
         dispatch!(self, b => b.leading())

@@ -46,8 +46,8 @@ use tokio::sync::watch;
 use crate::config::{Reference, RunSpec, Workload};
 use crate::http::{client, clip, encode, env, read_secret};
 use crate::{
-    resolved, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
-    Service,
+    resolved, Apply, Backend, BackendError, Change, Observation, Replica, ReplicaState,
+    ScaleOutcome, Service,
 };
 
 /// Job meta key naming the owning microscaler instance of a managed job.
@@ -1242,15 +1242,16 @@ impl Backend for NomadBackend {
     }
 
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
-        self.scale_because(service, target, "").await
+        self.scale_with(service, target, &Change::default()).await
     }
 
-    async fn scale_because(
+    async fn scale_with(
         &self,
         service: &Service,
         target: u32,
-        reason: &str,
+        change: &Change<'_>,
     ) -> Result<ScaleOutcome, BackendError> {
+        let reason = change.reason;
         let t = match self.target(service) {
             Some(t) => t,
             None => resolved(self.resolve(service, Apply::Yes).await?)?,

@@ -481,6 +481,11 @@ pub fn decide<P: Plugins>(
     let mut plan = build_plan(&work, &keys, capacity, used);
     if let Some(p) = &placed {
         explain_placement(&mut plan, &work, &p.services, &observed.hosts);
+        for &(a, h, n) in &p.removed {
+            if let Some(host) = observed.hosts.get(h) {
+                plan.services[a].remove_from.push((host.id.clone(), n));
+            }
+        }
     }
     // The next memory. First what each service ends with, gathered in allocation order (the
     // order of `work`, read front to back), then the commitments built in name order (a
@@ -1354,6 +1359,7 @@ fn build_plan<P: Plugins>(work: &[Work<P>], keys: &[Key], capacity: u32, allocat
             target: w.target,
             bound,
             reason,
+            remove_from: Vec::new(),
         });
     }
 

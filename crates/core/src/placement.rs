@@ -82,6 +82,10 @@ pub(crate) struct Placement {
     pub(crate) services: Vec<Placed>,
     /// Per host: `(service, count)`, counts above zero, in no particular order.
     by_host: Vec<Vec<(u32, u32)>>,
+    /// Where replicas leave: `(service, host, count)`, by service then host, for every pair
+    /// that ends with fewer than it started with (surplus given back, room given to a higher
+    /// priority, a per-host service off a host it may not run on).
+    pub(crate) removed: Vec<(usize, usize, u32)>,
 }
 
 /// The count of service `a` in a host's list.
@@ -194,6 +198,7 @@ pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<P
     let Placement {
         mut services,
         by_host,
+        ..
     } = simulate(asks, hosts, &flat, &[]);
     for (h, on) in by_host.iter().enumerate() {
         for &(a, n) in on {
@@ -425,9 +430,18 @@ pub(crate) fn simulate(
             o.took = merged;
         }
     }
+    let mut removed: Vec<(usize, usize, u32)> = start
+        .iter()
+        .filter_map(|&(a, h, n)| {
+            let left = count(&st.by_host[h], a);
+            (left < n).then(|| (a, h, n - left))
+        })
+        .collect();
+    removed.sort_unstable();
     Placement {
         services: out,
         by_host: st.by_host,
+        removed,
     }
 }
 
@@ -513,6 +527,14 @@ mod tests {
         assert_eq!(out[0].took, vec![(2, 1, 6)]);
         assert_eq!(out[1].target, 2);
         assert_eq!(dense(&out[2], hosts.len()), vec![2, 0]);
+        // The remainder leaves host 2, where the room was made: 6 there, none elsewhere.
+        let p = simulate(
+            &asks,
+            &hosts,
+            &[(1, 0, 1), (1, 1, 1), (2, 0, 2), (2, 1, 6)],
+            &[],
+        );
+        assert_eq!(p.removed, vec![(2, 1, 6)]);
     }
 
     #[test]
@@ -561,5 +583,7 @@ mod tests {
         let asks = [ask(r(500, 256), 2, Growth::Priority)];
         let out = place(&asks, &hosts, &sparse(&[vec![2, 2]]));
         assert_eq!(dense(&out[0], hosts.len()), vec![0, 2]);
+        let p = simulate(&asks, &hosts, &[(0, 0, 2), (0, 1, 2)], &[]);
+        assert_eq!(p.removed, vec![(0, 0, 2)]);
     }
 }

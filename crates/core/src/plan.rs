@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use crate::model::{Priority, ServiceName};
+use crate::model::{HostId, Priority, ServiceName};
 
 /// The rule that had the last word on a service's target this tick. Exported as a metric label
 /// and shown in the dashboard, so the names are stable.
@@ -106,6 +106,11 @@ pub struct ServicePlan {
     pub bound: Bound,
     /// Human-readable reason for the target.
     pub reason: Reason,
+    /// With capacity in CPU and memory, for a service that gives replicas up: the hosts the
+    /// placement takes them from, `(host, count)` by host (where a higher priority's room was
+    /// made, or where its surplus leaves). A backend that can choose which replicas go
+    /// prefers these; empty when the plan has no preference (slots).
+    pub remove_from: Vec<(HostId, u32)>,
 }
 
 /// What an action does.

@@ -196,6 +196,33 @@ fn a_higher_priority_takes_room_from_the_lowest_where_it_then_fits() {
             .contains("took 6 of batch on host-2 for room"),
         "{plan:?}"
     );
+    // The plan says where batch's replicas go from (the host where web's room is made), so a
+    // backend that can choose which replicas go picks those; the others give nothing up.
+    assert_eq!(batch.remove_from, vec![(HostId::from("h2"), 6)], "{plan:?}");
+    assert!(plan.service("api").unwrap().remove_from.is_empty());
+    assert!(plan.service("web").unwrap().remove_from.is_empty());
+}
+
+/// A service whose demand falls gives its surplus back from the host where it has the most,
+/// and the plan says so; in slots the plan names no host.
+#[test]
+fn surplus_leaves_from_the_host_the_plan_names() {
+    let hosts = [host(1, 4.0, 4 * GIB), host(2, 4.0, 4 * GIB)];
+    let services = || vec![triggered("api", 1, res(500, 256 * MIB))];
+    let cfg = config(
+        Capacity::Resources {
+            reserve: Resources::ZERO,
+        },
+        services(),
+    );
+    let plan = tick(&cfg, &hosts, &[("api", vec![1, 4])], &[("api", 3.0)]);
+    assert_eq!(plan.target("api"), 3, "{plan:?}");
+    let api = plan.service("api").unwrap();
+    assert_eq!(api.remove_from, vec![(HostId::from("h2"), 2)], "{plan:?}");
+    let slots = config(Capacity::Slots(8), services());
+    let plan = tick(&slots, &hosts, &[("api", vec![1, 4])], &[("api", 3.0)]);
+    assert_eq!(plan.target("api"), 3, "{plan:?}");
+    assert!(plan.service("api").unwrap().remove_from.is_empty());
 }
 
 /// The reserve is kept free on every host; a host whose CPU or memory the backend does not

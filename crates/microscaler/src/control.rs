@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use microscaler_backends::{Backend, BackendError, Config, ErrorClass, Observation, ScaleOutcome};
+use microscaler_backends::{
+    Backend, BackendError, Change, Config, ErrorClass, Observation, ScaleOutcome,
+};
 use microscaler_core::config::OnExit;
 use microscaler_core::{
     decide, EngineState, HostId, Observed, Plan, Preempt, Samples, ServiceKind, ServiceName,
@@ -1181,9 +1183,12 @@ impl<B: Backend + 'static> Controller<B> {
         let mut ready = Vec::new();
         let mut spawned = 0;
         for &(index, target) in batch {
-            let reason = why
+            let (reason, remove_from) = why
                 .get(&index)
-                .map(|&pos| plan.services[pos].reason.clone())
+                .map(|&pos| {
+                    let sp = &plan.services[pos];
+                    (sp.reason.clone(), sp.remove_from.clone())
+                })
                 .unwrap_or_default();
             let cfg = Arc::clone(&self.cfg);
             let backend = Arc::clone(&self.backend);
@@ -1203,7 +1208,14 @@ impl<B: Backend + 'static> Controller<B> {
                     Some(p) => p.acquire_owned().await.ok(),
                 };
                 let result = backend
-                    .scale_because(svc, target, &reason)
+                    .scale_with(
+                        svc,
+                        target,
+                        &Change {
+                            reason: &reason,
+                            remove_from: &remove_from,
+                        },
+                    )
                     .await
                     .map_err(ScaleError::from);
                 Done {

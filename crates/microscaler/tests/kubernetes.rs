@@ -874,69 +874,15 @@ async fn resources_plans_fit_the_nodes_beside_others_pods() {
 
     // Someone else's pod on the first node.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let other: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "someone-elses", "labels": {"app": "other"}},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": first.0},
-            "tolerations": [toleration],
-            "containers": [{"name": "c", "image": IMAGE,
-                            "resources": {"requests": {"cpu": "500m", "memory": "3Gi"}}}],
-        },
-    }))
-    .expect("a pod");
-    pods.create(&Default::default(), &other)
-        .await
-        .expect("create someone else's pod");
-    poll(
-        Duration::from_secs(60),
-        "someone else's pod Ready",
-        || async {
-            let p = pods.get("someone-elses").await.ok()?;
-            let ready = p
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(())
-        },
+    someone_elses_pod(
+        &pods,
+        &first.0,
+        &toleration,
+        json!({"cpu": "500m", "memory": "3Gi"}),
     )
     .await;
 
-    let cfg = Config::from_toml(&format!(
-        r#"
-        instance = "{instance}"
-        tick = "{tick}ms"
-        on_exit = "stop"
-        [capacity]
-        resources = true
-        [backend]
-        type = "kubernetes"
-        kubeconfig = "{kubeconfig}"
-        namespace = "{namespace}"
-        tolerations = [{{ key = "{key}", operator = "Equal", value = "{value}", effect = "NoSchedule" }}]
-        [[services]]
-        name = "p1"
-        priority = 1
-        image = "{IMAGE}"
-        stop_grace = "1s"
-        resources = {{ cpu = "1", memory = "1Gi" }}
-        [[services.triggers]]
-        type = "manual"
-        initial = 1
-        [[services]]
-        name = "p2"
-        priority = 2
-        remainder = true
-        image = "{IMAGE}"
-        stop_grace = "1s"
-        resources = {{ cpu = "1", memory = "512Mi" }}
-        "#,
-        tick = TICK.as_millis(),
-        kubeconfig = kubeconfig(),
-        key = taint.0,
-        value = taint.1,
-    ))
-    .expect("valid configuration");
+    let cfg = resources_config(&instance, &namespace, taint, "1Gi", 1);
     let (mut run, demand, state) = Run::start(cfg, &["p1", "p2"]).await;
 
     let reports = run.converged(1, 3).await;
@@ -1049,4 +995,202 @@ async fn resources_plans_fit_the_nodes_beside_others_pods() {
             ],
         );
     }
+}
+
+/// The resources tests' configuration: p1 (1 CPU and `p1_memory`, manual demand `initial`)
+/// and the remainder p2 (1 CPU, 512 MiB), managed in `namespace`, tolerating the test's
+/// `taint` (only the test's own nodes are hosts).
+fn resources_config(
+    instance: &str,
+    namespace: &str,
+    taint: (&str, &str),
+    p1_memory: &str,
+    initial: u32,
+) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        instance = "{instance}"
+        tick = "{tick}ms"
+        on_exit = "stop"
+        [capacity]
+        resources = true
+        [backend]
+        type = "kubernetes"
+        kubeconfig = "{kubeconfig}"
+        namespace = "{namespace}"
+        tolerations = [{{ key = "{key}", operator = "Equal", value = "{value}", effect = "NoSchedule" }}]
+        [[services]]
+        name = "p1"
+        priority = 1
+        image = "{IMAGE}"
+        stop_grace = "1s"
+        resources = {{ cpu = "1", memory = "{p1_memory}" }}
+        [[services.triggers]]
+        type = "manual"
+        initial = {initial}
+        [[services]]
+        name = "p2"
+        priority = 2
+        remainder = true
+        image = "{IMAGE}"
+        stop_grace = "1s"
+        resources = {{ cpu = "1", memory = "512Mi" }}
+        "#,
+        tick = TICK.as_millis(),
+        kubeconfig = kubeconfig(),
+        key = taint.0,
+        value = taint.1,
+    ))
+    .expect("valid configuration")
+}
+
+/// Creates someone else's pod `someone-elses` on `node` (tolerating the test's taint) with
+/// `requests`, and waits until it is Ready.
+async fn someone_elses_pod(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    node: &str,
+    toleration: &serde_json::Value,
+    requests: serde_json::Value,
+) {
+    let other = serde_json::from_value(json!({
+        "metadata": {"name": "someone-elses", "labels": {"app": "other"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "tolerations": [toleration],
+            "containers": [{"name": "c", "image": IMAGE, "resources": {"requests": requests}}],
+        },
+    }))
+    .expect("a pod");
+    pods.create(&Default::default(), &other)
+        .await
+        .expect("create someone else's pod");
+    poll(
+        Duration::from_secs(60),
+        "someone else's pod Ready",
+        || async {
+            let p = pods.get("someone-elses").await.ok()?;
+            let ready = p
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        },
+    )
+    .await;
+}
+
+/// Which pods go on a scale-down follows the plan (issue 13: "frees room on a host where it
+/// will fit"). Node A (2 CPUs, 4 GiB) and node B (4 CPUs, 4 GiB, someone else's pod holding
+/// 2 GiB of it); the remainder p2 (1 CPU, 512 MiB) fills both: 2 pods on A, 4 on B. p1 (1 CPU,
+/// 3 GiB) fits only where one of p2's pods on A goes. Left to itself the ReplicaSet controller
+/// removes a pod from the node that has the most of them (B), and p1's pod would stay
+/// Unschedulable while every tick plans the same again; the plan names A, and microscaler
+/// marks a pod there with the lowest pod deletion cost before the count goes down. At every
+/// tick no pod of p1 is Unschedulable for more than one tick; twice, p1 runs on A with p2 at
+/// 1 + 4; when p1's demand falls p2 fills A again; no mark is left on the pods that stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_removes_the_pods_the_plan_takes_room_from() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use microscaler_testkit::kube_rig::NodeShape;
+
+    let _rig = RIG.lock().await;
+    let Some(client) = admin().await else {
+        return;
+    };
+    let namespace = unique("k8s-steer");
+    let _ns = NamespaceGuard::create(&client, &namespace).await;
+    let instance = unique("ks");
+    let taint = ("microscaler.test/steer", instance.as_str());
+    let shape = |cpu| NodeShape {
+        cpu,
+        memory: "4Gi",
+        pods: "110",
+        taint,
+    };
+    let a = KwokNode::create_shaped(&client, &unique("kwok-node-a"), shape("2")).await;
+    let b = KwokNode::create_shaped(&client, &unique("kwok-node-b"), shape("4")).await;
+    let toleration =
+        json!({"key": taint.0, "operator": "Equal", "value": taint.1, "effect": "NoSchedule"});
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    someone_elses_pod(&pods, &b.0, &toleration, json!({"memory": "2Gi"})).await;
+
+    let cfg = resources_config(&instance, &namespace, taint, "3Gi", 0);
+    let (mut run, demand, _state) = Run::start(cfg, &["p1"]).await;
+    let service_on = |service: &'static str, node: String| {
+        let pods = pods.clone();
+        async move {
+            pods.list(
+                &kube::api::ListParams::default()
+                    .labels(&format!("io.microscaler.service={service}")),
+            )
+            .await
+            .expect("list pods")
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            })
+            .count()
+        }
+    };
+
+    run.converged(0, 6).await;
+    assert_eq!(
+        (
+            service_on("p2", a.0.clone()).await,
+            service_on("p2", b.0.clone()).await
+        ),
+        (2, 4),
+        "p2 fills both nodes"
+    );
+    for round in 1..=2 {
+        demand.set(1.0).expect("set demand");
+        let reports = run.converged(1, 6).await;
+        let steered = reports.iter().any(|r| {
+            r.plan.as_ref().is_some_and(|p| {
+                p.service("p2").is_some_and(|s| {
+                    s.remove_from
+                        .iter()
+                        .any(|(h, n)| h.as_str() == a.0 && *n == 1)
+                })
+            })
+        });
+        assert!(steered, "round {round}: the plan took p2's pod from node A");
+        assert_eq!(
+            (
+                service_on("p1", a.0.clone()).await,
+                service_on("p2", a.0.clone()).await,
+                service_on("p2", b.0.clone()).await
+            ),
+            (1, 1, 4),
+            "round {round}: p1 runs on A where p2's pod went"
+        );
+        let marked = pods
+            .list(&Default::default())
+            .await
+            .expect("list pods")
+            .items
+            .into_iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.annotations()
+                        .contains_key("controller.kubernetes.io/pod-deletion-cost")
+            })
+            .count();
+        assert_eq!(marked, 0, "round {round}: no pod that stays is marked");
+        demand.set(0.0).expect("set demand");
+        run.converged(0, 6).await;
+        assert_eq!(
+            (
+                service_on("p2", a.0.clone()).await,
+                service_on("p2", b.0.clone()).await
+            ),
+            (2, 4),
+            "round {round}: p2 fills node A again"
+        );
+    }
+    run.ctl.shutdown().await.expect("shutdown");
 }
