@@ -596,6 +596,7 @@ fn place_resources<P: Plugins>(
             need: w.need,
             want: w.want,
             floor: w.floor,
+            min: w.min,
             growth: w.growth,
         })
         .collect();

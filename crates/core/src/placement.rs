@@ -5,7 +5,11 @@
 //! From where the replicas are now:
 //! 1. every service above its want gives the surplus back (from hosts that are not ready
 //!    first, then from the host where it has the most);
-//! 2. in allocation order (priority, then name; remainder services last), every service
+//! 2. mins first, in allocation order, as the slot engine reserves them: a service below its
+//!    `min` places up to it, first fit, or else takes room from the others (any priority, the
+//!    lowest first; above their own mins if those came first) on the host where that touches
+//!    the lowest priorities;
+//! 3. in allocation order (priority, then name; remainder services last), every service
 //!    below its want places replicas one at a time: on the first host with room for one in
 //!    every dimension, or else on the first host where replicas of lower priorities (the
 //!    lowest first, none below its floor) can make that room; a per-host service places one
@@ -38,6 +42,9 @@ pub struct Ask {
     pub want: u32,
     /// How low a higher priority's growth may push it.
     pub floor: u32,
+    /// What it is given before anyone's growth, even from higher priorities (its `min`, at
+    /// most its want): every service's min is reserved first, as the slot engine does.
+    pub min: u32,
     /// How it grows.
     pub growth: Growth,
 }
@@ -299,6 +306,77 @@ pub(crate) fn simulate(
         }
     }
 
+    // 1b. Mins first, in allocation order, as the slot engine reserves them: a service below
+    //     its min places up to it, first fit, or else on the host where the others (any
+    //     priority, the lowest first; above their own mins if those come first) make the
+    //     room while touching the lowest priorities. A rare path (a min not met), so it looks
+    //     at every host.
+    for a in 0..ns {
+        let ask = asks[a];
+        if ask.growth == Growth::PerHost {
+            continue;
+        }
+        // What another service can give to `a`'s min: above its own min if its min was
+        // reserved before (earlier in allocation order), all of it if after.
+        let kept = |st: &State, b: usize| {
+            if b > a {
+                st.total[b]
+            } else {
+                st.total[b].saturating_sub(asks[b].min)
+            }
+        };
+        while st.total[a] < ask.min.min(ask.want) {
+            if let Some(h) = (0..nh).find(|&h| hosts[h].ready && ask.need.fits(&free(&st, h))) {
+                st.add(asks, a, h, 1);
+                continue;
+            }
+            // Per host: the room made from the lowest first, and the highest priority it
+            // had to touch; the host whose highest is lowest wins (the first of equals).
+            // (host, the highest priority touched, what is taken: (service, count)).
+            type Made = (usize, usize, Vec<(usize, u32)>);
+            let mut best: Option<Made> = None;
+            for h in (0..nh).filter(|&h| hosts[h].ready) {
+                let mut others: Vec<(u32, u32)> = st.by_host[h]
+                    .iter()
+                    .copied()
+                    .filter(|&(b, _)| b as usize != a && kept(&st, b as usize) > 0)
+                    .collect();
+                others.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
+                let mut room = free(&st, h);
+                let mut taken = Vec::new();
+                let mut highest = usize::MAX;
+                for &(b, c) in &others {
+                    if ask.need.fits(&room) {
+                        break;
+                    }
+                    let b = b as usize;
+                    let spare = kept(&st, b).min(c);
+                    let mut n = 0;
+                    while n < spare && !ask.need.fits(&room) {
+                        room = room.plus(asks[b].need);
+                        n += 1;
+                    }
+                    if n > 0 {
+                        taken.push((b, n));
+                        highest = b;
+                    }
+                }
+                if ask.need.fits(&room) && best.as_ref().is_none_or(|&(_, x, _)| highest > x) {
+                    best = Some((h, highest, taken));
+                }
+            }
+            let Some((h, _, taken)) = best else {
+                out[a].blocked = ask.growth != Growth::Remainder;
+                break;
+            };
+            for (b, n) in taken {
+                st.add(asks, b, h, -i64::from(n));
+                out[a].took.push((b, h, n));
+            }
+            st.add(asks, a, h, 1);
+        }
+    }
+
     // 2. Growth in allocation order (remainder services last: they fill what is left, the
     //    first taking from the later ones as a higher priority does). First fit starts at a
     //    cursor per size: the hosts before it had no room for that size when last looked at.
@@ -486,6 +564,7 @@ mod tests {
             need,
             want,
             floor: 0,
+            min: 0,
             growth,
         }
     }

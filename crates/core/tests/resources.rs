@@ -225,6 +225,63 @@ fn surplus_leaves_from_the_host_the_plan_names() {
     assert!(plan.service("api").unwrap().remove_from.is_empty());
 }
 
+/// Mins are reserved first, as with slots: a remainder below its min takes room from a
+/// higher priority above its own min (the lowest such first, on the host where that makes
+/// the room), and a service's min beats a later service's min.
+#[test]
+fn mins_are_reserved_ahead_of_higher_priorities() {
+    let hosts = [host(1, 2.0, 4 * GIB), host(2, 2.0, 4 * GIB)];
+    let mut web = triggered("web", 1, res(1000, 512 * MIB));
+    web.min = 1;
+    let api = triggered("api", 2, res(1000, 512 * MIB));
+    let mut batch = remainder("batch", 3, res(2000, 512 * MIB));
+    batch.min = 1;
+    let cfg = config(
+        Capacity::Resources {
+            reserve: Resources::ZERO,
+        },
+        vec![web, api, batch],
+    );
+    // web runs 2 on host 1 and api 2 on host 2: batch (2 CPUs) fits nowhere; its min takes a
+    // whole host from api (the lowest above its min), not from web.
+    let plan = tick(
+        &cfg,
+        &hosts,
+        &[
+            ("web", vec![2, 0]),
+            ("api", vec![0, 2]),
+            ("batch", vec![0, 0]),
+        ],
+        &[("web", 2.0), ("api", 2.0)],
+    );
+    assert_eq!(plan.target("batch"), 1, "{plan:?}");
+    assert_eq!(plan.target("api"), 0, "{plan:?}");
+    assert_eq!(plan.target("web"), 2, "{plan:?}");
+    let api = plan.service("api").unwrap();
+    assert_eq!(api.remove_from, vec![(HostId::from("h2"), 2)], "{plan:?}");
+    assert!(
+        api.reason.contains("gave 2 to batch on host-2"),
+        "{}",
+        api.reason
+    );
+    // With web's demand at 4, web still keeps only what batch's min leaves: 2.
+    let plan = tick(
+        &cfg,
+        &hosts,
+        &[
+            ("web", vec![2, 0]),
+            ("api", vec![0, 0]),
+            ("batch", vec![0, 1]),
+        ],
+        &[("web", 4.0), ("api", 0.0)],
+    );
+    assert_eq!(
+        (plan.target("web"), plan.target("batch")),
+        (2, 1),
+        "{plan:?}"
+    );
+}
+
 /// The reserve is kept free on every host; a host whose CPU or memory the backend does not
 /// know takes nothing.
 #[test]
@@ -255,7 +312,10 @@ struct World {
 
 fn world() -> impl Strategy<Value = World> {
     let hosts = prop::collection::vec((1u64..=8, 1u64..=16, any::<bool>()), 1..=5);
-    let asks = prop::collection::vec((1u64..=4, 1u64..=8, 0u32..=12, 0u32..=3, 0u8..=5), 1..=6);
+    let asks = prop::collection::vec(
+        (1u64..=4, 1u64..=8, 0u32..=12, 0u32..=3, 0u8..=5, 0u32..=2),
+        1..=6,
+    );
     let seed = any::<u64>();
     (hosts, asks, seed).prop_map(|(hosts, asks, seed)| {
         let hosts: Vec<Room> = hosts
@@ -267,10 +327,11 @@ fn world() -> impl Strategy<Value = World> {
             .collect();
         let mut asks: Vec<Ask> = asks
             .into_iter()
-            .map(|(quarters, half_gib, want, floor, kind)| Ask {
+            .map(|(quarters, half_gib, want, floor, kind, min)| Ask {
                 need: res(quarters * 250, half_gib * GIB / 2),
                 want,
-                floor: floor.min(want),
+                floor: floor.max(min).min(want),
+                min: min.min(want),
                 growth: match kind {
                     0 => Growth::PerHost,
                     1 => Growth::Remainder,
@@ -338,10 +399,21 @@ proptest! {
             if ask.growth == Growth::Priority && p.target < ask.want {
                 prop_assert!(p.blocked, "{a} short of its want without being blocked");
             }
-            // Nobody goes below its floor because of someone else.
+            // Nobody goes below its floor because of someone else, but for another's min.
             let start: u32 = w.start[a].iter().sum();
-            if ask.growth != Growth::PerHost {
-                prop_assert!(p.target >= ask.floor.min(start).min(ask.want), "{a} pushed below its floor");
+            if ask.growth != Growth::PerHost && p.target < ask.floor.min(start).min(ask.want) {
+                let for_a_min = out.iter().enumerate().any(|(b, o)| {
+                    w.asks[b].min > 0 && o.took.iter().any(|&(x, _, _)| x == a)
+                });
+                prop_assert!(for_a_min, "{a} pushed below its floor");
+                // Below its min only for an earlier service's min (mins go in allocation
+                // order).
+                if p.target < ask.min {
+                    let earlier = out[..a].iter().enumerate().any(|(b, o)| {
+                        w.asks[b].min > 0 && o.took.iter().any(|&(x, _, _)| x == a)
+                    });
+                    prop_assert!(earlier, "{a} pushed below its min");
+                }
             }
         }
     }
@@ -352,7 +424,7 @@ proptest! {
     fn one_cpu_replicas_plan_as_slots_per_host(
         per_host in 1u32..=6,
         nhosts in 1usize..=4,
-        specs in prop::collection::vec((1u32..=3, any::<bool>(), 0u32..=12, prop::option::of(1u32..=3), 0u32..=4), 1..=5),
+        specs in prop::collection::vec((1u32..=3, any::<bool>(), 0u32..=12, prop::option::of(1u32..=3), 0u32..=4, 0u32..=2), 1..=5),
         seed in any::<u64>(),
     ) {
         let names = ["api", "batch", "cache", "db", "etl"];
@@ -360,7 +432,7 @@ proptest! {
         let one = res(1000, MIB);
         let mut services = Vec::new();
         let mut demand = Vec::new();
-        for (i, &(priority, rem, d, step, _)) in specs.iter().enumerate() {
+        for (i, &(priority, rem, d, step, _, min)) in specs.iter().enumerate() {
             let mut s = if rem {
                 remainder(names[i], priority, one)
             } else {
@@ -368,6 +440,7 @@ proptest! {
                 triggered(names[i], priority, one)
             };
             s.max_step = step;
+            s.min = min;
             services.push(s);
         }
         // What runs: first fit over the hosts, within their slots.
