@@ -195,6 +195,36 @@ impl State {
     }
 }
 
+/// Whether room for `need` is made on a host with `room` free from the replicas `on` it
+/// (`(service, count)`, sorted here lowest priority first), each service giving at most what
+/// `spare` says: what is taken goes to `taken` as `(service, count)`.
+fn make_room(
+    need: Resources,
+    mut room: Resources,
+    on: &mut [(u32, u32)],
+    asks: &[Ask],
+    taken: &mut Vec<(usize, u32)>,
+    spare: impl Fn(usize) -> u32,
+) -> bool {
+    on.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
+    for &(b, c) in on.iter() {
+        if need.fits(&room) {
+            break;
+        }
+        let b = b as usize;
+        let spare = spare(b).min(c);
+        let mut n = 0;
+        while n < spare && !need.fits(&room) {
+            room = room.plus(asks[b].need);
+            n += 1;
+        }
+        if n > 0 {
+            taken.push((b, n));
+        }
+    }
+    need.fits(&room)
+}
+
 /// Simulates the placement: `start[service]` is where its replicas are now, `(host, count)`.
 pub fn place(asks: &[Ask], hosts: &[Room], start: &[Vec<(usize, u32)>]) -> Vec<Placed> {
     let flat: Vec<(usize, usize, u32)> = start
@@ -341,27 +371,12 @@ pub(crate) fn simulate(
                     .copied()
                     .filter(|&(b, _)| b as usize != a && kept(&st, b as usize) > 0)
                     .collect();
-                others.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
-                let mut room = free(&st, h);
                 let mut taken = Vec::new();
-                let mut highest = usize::MAX;
-                for &(b, c) in &others {
-                    if ask.need.fits(&room) {
-                        break;
-                    }
-                    let b = b as usize;
-                    let spare = kept(&st, b).min(c);
-                    let mut n = 0;
-                    while n < spare && !ask.need.fits(&room) {
-                        room = room.plus(asks[b].need);
-                        n += 1;
-                    }
-                    if n > 0 {
-                        taken.push((b, n));
-                        highest = b;
-                    }
-                }
-                if ask.need.fits(&room) && best.as_ref().is_none_or(|&(_, x, _)| highest > x) {
+                let fits = make_room(ask.need, free(&st, h), &mut others, asks, &mut taken, |b| {
+                    kept(&st, b)
+                });
+                let highest = taken.last().map_or(usize::MAX, |&(b, _)| b);
+                if fits && best.as_ref().is_none_or(|&(_, x, _)| highest > x) {
                     best = Some((h, highest, taken));
                 }
             }
@@ -456,25 +471,11 @@ pub(crate) fn simulate(
                 if lower.is_empty() {
                     continue;
                 }
-                let mut room = free(&st, h);
-                lower.sort_unstable_by_key(|&(b, _)| std::cmp::Reverse(b));
                 plan.clear();
-                for &(b, c) in &lower {
-                    let b = b as usize;
-                    if ask.need.fits(&room) {
-                        break;
-                    }
-                    let spare = st.total[b].saturating_sub(asks[b].floor).min(c);
-                    let mut n = 0;
-                    while n < spare && !ask.need.fits(&room) {
-                        room = room.plus(asks[b].need);
-                        n += 1;
-                    }
-                    if n > 0 {
-                        plan.push((b, n));
-                    }
-                }
-                if !ask.need.fits(&room) {
+                let fits = make_room(ask.need, free(&st, h), &mut lower, asks, &mut plan, |b| {
+                    st.total[b].saturating_sub(asks[b].floor)
+                });
+                if !fits {
                     continue;
                 }
                 for &(b, n) in &plan {
