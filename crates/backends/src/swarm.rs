@@ -31,7 +31,9 @@
 //! the tasks of removed slots together with their containers.
 //!
 //! In an [`Observation`], hosts are the swarm's nodes (`id` = node ID) and a [`Replica`]'s
-//! `host` is the node ID of its task (empty while the task is not assigned yet).
+//! `host` is the node ID of its task (empty while the task is not assigned yet). With capacity
+//! counted in resources ([`SwarmBackend::count_resources`]) a host's CPUs and memory are its
+//! node's less what the tasks of other Swarm services reserve there.
 //!
 //! Node events: once the control loop gives its waker ([`Backend::wake_on_change`]), a task
 //! follows the manager's event stream filtered on `type=node` and rings the waker on every node
@@ -41,7 +43,7 @@
 //! once (what happened meanwhile is observed) and subscribes again from the last event it saw.
 //! The per-tick observation stays the safety net. The task ends when the backend is dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -191,6 +193,8 @@ pub struct SwarmBackend {
     references: std::sync::RwLock<BTreeMap<String, ServiceName>>,
     /// The manager's node events, followed once the control loop gives its waker.
     node_events: NodeEvents,
+    /// Capacity is counted in CPU and memory ([`SwarmBackend::count_resources`]).
+    resources: bool,
 }
 
 /// Following the manager's node events: the waker they ring, how many were seen, the task.
@@ -612,6 +616,44 @@ fn host_of(node: &Node) -> Host {
     }
 }
 
+/// With capacity counted in resources: takes off each host's CPUs and memory what the tasks
+/// that are not the services' (`ours`: task IDs) reserve on its node, while they hold it
+/// (assigned to a node, not yet in a final state). Swarm's scheduler places by the same
+/// reservations (`Spec.Resources.Reservations`, the service's template when the task was made).
+fn take_others(hosts: &mut [Host], tasks: &[Task], ours: &HashSet<&str>) {
+    let mut used: HashMap<&str, (u64, u64)> = HashMap::new();
+    for t in tasks {
+        let Some(node) = t.node_id.as_deref().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let holds = t
+            .status
+            .as_ref()
+            .and_then(|s| s.state)
+            .is_some_and(|s| s == TaskState::RUNNING || before_running(s));
+        if !holds || ours.contains(t.id.as_deref().unwrap_or("")) {
+            continue;
+        }
+        let r = t.spec.as_ref().and_then(|s| s.resources.as_ref());
+        let Some(r) = r.and_then(|r| r.reservations.as_ref()) else {
+            continue;
+        };
+        let positive = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        let e = used.entry(node).or_default();
+        e.0 += positive(r.nano_cpus);
+        e.1 += positive(r.memory_bytes);
+    }
+    for h in hosts {
+        let Some((nano, memory)) = used.get(h.id.0.as_str()) else {
+            continue;
+        };
+        h.cpus = h
+            .cpus
+            .map(|c| ((c * 1e9).round() as u64).saturating_sub(*nano) as f64 / 1e9);
+        h.memory_bytes = h.memory_bytes.map(|m| m.saturating_sub(*memory));
+    }
+}
+
 impl SwarmBackend {
     /// `prepare`, or with [`Apply::No`] its checks only: the Swarm services it would create
     /// or update are logged instead.
@@ -719,7 +761,16 @@ impl SwarmBackend {
             network: spec.network.clone(),
             references: Default::default(),
             node_events: NodeEvents::default(),
+            resources: false,
         })
+    }
+
+    /// Capacity is counted in CPU and memory (`[capacity] resources = true`): each observation
+    /// also lists the tasks Swarm wants running on the whole swarm (`GET /tasks` filtered on
+    /// `desired-state=running`), so that a host's room is its node's CPUs and memory less what
+    /// the tasks that are not the services' reserve (other Swarm services, stacks, by hand).
+    pub fn count_resources(&mut self) {
+        self.resources = true;
     }
 
     /// The engine this backend talks to.
@@ -1225,8 +1276,26 @@ impl Backend for SwarmBackend {
                 .await
                 .map_err(|e| api(format!("list the swarm nodes on {}", self.address), &e))
         };
-        let (mut owned, referenced, tasks, nodes) =
-            tokio::try_join!(self.owned(), self.referenced(), tasks, nodes)?;
+        // With capacity in resources: every task Swarm wants running, whoever's.
+        let all_tasks = async {
+            if !self.resources {
+                return Ok(Vec::new());
+            }
+            let running = HashMap::from([("desired-state".to_string(), vec!["running".into()])]);
+            self.docker
+                .list_tasks(Some(ListTasksOptions {
+                    filters: Some(running),
+                }))
+                .await
+                .map_err(|e| {
+                    api(
+                        format!("list the swarm's running tasks on {}", self.address),
+                        &e,
+                    )
+                })
+        };
+        let (mut owned, referenced, tasks, nodes, all_tasks) =
+            tokio::try_join!(self.owned(), self.referenced(), tasks, nodes, all_tasks)?;
         let referenced_tasks = if referenced.is_empty() {
             Vec::new()
         } else {
@@ -1273,6 +1342,21 @@ impl Backend for SwarmBackend {
         }
         for t in tasks.iter().chain(&referenced_tasks) {
             self.count_task(t, &by_id, &mut obs);
+        }
+        if self.resources {
+            // The services' tasks are replicas, whose room the engine counts itself; a task
+            // made after the services' own listing is known by its service.
+            let ours: HashSet<&str> = obs
+                .replicas
+                .iter()
+                .map(|r| r.id.as_str())
+                .chain(all_tasks.iter().filter_map(|t| {
+                    by_id
+                        .contains_key(t.service_id.as_deref()?)
+                        .then_some(t.id.as_deref()?)
+                }))
+                .collect();
+            take_others(&mut obs.hosts, &all_tasks, &ours);
         }
         debug!(
             instance = %self.instance,
@@ -1593,6 +1677,7 @@ mod tests {
             network: None,
             references: Default::default(),
             node_events: NodeEvents::default(),
+            resources: false,
         }
     }
 
@@ -1611,6 +1696,54 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("not within 5 s: {what}");
+    }
+
+    /// A task as Swarm lists it: on `node` (none: not assigned), in `state`, reserving
+    /// `nano` CPUs and `memory` bytes.
+    fn task(id: &str, node: Option<&str>, state: &str, nano: i64, memory: i64) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "ID": id,
+            "ServiceID": "s",
+            "NodeID": node,
+            "DesiredState": "running",
+            "Status": { "State": state },
+            "Spec": { "Resources": { "Reservations": { "NanoCPUs": nano, "MemoryBytes": memory } } },
+        }))
+        .expect("a task")
+    }
+
+    fn host(id: &str, cpus: f64, memory_bytes: u64) -> Host {
+        Host {
+            id: id.to_string().into(),
+            name: id.to_string(),
+            ready: true,
+            cpus: Some(cpus),
+            memory_bytes: Some(memory_bytes),
+        }
+    }
+
+    /// What others' tasks reserve comes off their node while they hold it: assigned and not
+    /// yet finished; the services' own tasks, unassigned and finished ones hold nothing here.
+    #[test]
+    fn other_tasks_reservations_come_off_their_nodes() {
+        let mib = 1 << 20;
+        let tasks = [
+            task("a", Some("n1"), "running", 500_000_000, 256 * mib),
+            task("b", Some("n1"), "starting", 250_000_000, 64 * mib),
+            task("mine", Some("n1"), "running", 1_000_000_000, 512 * mib),
+            task("c", Some("n2"), "complete", 1_000_000_000, 512 * mib),
+            task("d", Some("n2"), "failed", 1_000_000_000, 512 * mib),
+            task("e", None, "pending", 1_000_000_000, 512 * mib),
+            task("f", Some("n2"), "assigned", 2_000_000_000, 0),
+            task("g", Some("gone"), "running", 1_000_000_000, 512 * mib),
+        ];
+        let mut hosts = [host("n1", 2.0, 1024 * mib as u64), host("n2", 1.5, 1024)];
+        take_others(&mut hosts, &tasks, &HashSet::from(["mine"]));
+        assert_eq!(hosts[0].cpus, Some(1.25));
+        assert_eq!(hosts[0].memory_bytes, Some(704 * mib as u64));
+        // More than the node has: none left, not less.
+        assert_eq!(hosts[1].cpus, Some(0.0));
+        assert_eq!(hosts[1].memory_bytes, Some(1024));
     }
 
     #[test]

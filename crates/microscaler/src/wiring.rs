@@ -15,7 +15,11 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
             AnyBackend::Docker(DockerBackend::connect(d, &cfg.instance).await?)
         }
         BackendConfig::Swarm(s) => {
-            AnyBackend::Swarm(SwarmBackend::connect(s, &cfg.instance).await?)
+            let mut b = SwarmBackend::connect(s, &cfg.instance).await?;
+            if matches!(cfg.capacity, microscaler_core::Capacity::Resources { .. }) {
+                b.count_resources();
+            }
+            AnyBackend::Swarm(b)
         }
         BackendConfig::Process(p) => AnyBackend::Process(ProcessBackend::new(
             p,

@@ -160,11 +160,36 @@ async fn two_sizes_fit_a_configured_allocatable_and_carry_their_limits() {
     assert!(containers(&instance).is_empty());
 }
 
+/// Removes the Swarm service of this name when dropped, so a failed test leaves it behind no
+/// more than a passed one.
+struct RemoveService(String);
+
+impl Drop for RemoveService {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["service", "rm", &self.0])
+            .output();
+    }
+}
+
+/// `docker <args>`'s output, trimmed; panics when it fails.
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The same on the real single-node Swarm, whose node has the machine's CPUs: the tasks are
 /// sized in eighths of them (web two eighths, the remainder batch one), so the plan never reserves
 /// more than the node has; each Swarm service's tasks reserve, and are limited to, their
 /// service's resources (what Swarm's scheduler places them by); web follows its demand and batch
-/// fills what is left, once the stops have converged.
+/// fills what is left, once the stops have converged. A Swarm service that is not microscaler's
+/// reserves two eighths and 256 MiB on the node: while it runs the host is the node less that,
+/// and the plan fits beside it; once it is removed its room is planned again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
     let node = Command::new("docker")
@@ -173,14 +198,16 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
             "inspect",
             "self",
             "--format",
-            "{{.Description.Resources.NanoCPUs}}",
+            "{{.ID}} {{.Description.Resources.NanoCPUs}} {{.Description.Resources.MemoryBytes}}",
         ])
         .output();
-    let nano: i64 = match node {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse()
-            .expect("the node's NanoCPUs"),
+    let (node, nano, memory): (String, i64, i64) = match node {
+        Ok(o) if o.status.success() => {
+            let out = String::from_utf8_lossy(&o.stdout);
+            let f: Vec<&str> = out.split_whitespace().collect();
+            let number = |s: &str| s.parse().expect("the node's resources");
+            (f[0].to_string(), number(f[1]), number(f[2]))
+        }
         other => {
             missing_service("Docker Swarm (docker swarm init)", format!("{other:?}"));
             return;
@@ -189,6 +216,7 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
     let eighth = nano / 8 / 1_000_000; // millicores
     let instance = unique("sres");
     let _cleanup = Leftovers::swarm_services(&instance);
+    let foreign = RemoveService(format!("{instance}-foreign"));
     let cfg = two_services(
         &instance,
         "type = \"swarm\"",
@@ -229,33 +257,105 @@ async fn swarm_tasks_reserve_their_resources_within_the_nodes() {
         }
     }
 
-    let mut converge = async |want: (u32, u32)| {
+    // Another Swarm service, without microscaler's labels, on the image web runs (no pull),
+    // started before the first tick so that it finds room.
+    let image = docker(&[
+        "service",
+        "inspect",
+        &format!("{instance}-web"),
+        "--format",
+        "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+    ]);
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &foreign.0,
+        "--reserve-cpu",
+        &format!("{}", (2 * eighth) as f64 / 1000.0),
+        "--reserve-memory",
+        "256m",
+        "--stop-grace-period",
+        "1s",
+        &image,
+    ]);
+    let t0 = Instant::now();
+    while docker(&[
+        "service",
+        "ls",
+        "--filter",
+        &format!("name={}", foreign.0),
+        "--format",
+        "{{.Replicas}}",
+    ]) != "1/1"
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the foreign task does not run"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let less_foreign = (nano - 2 * eighth * 1_000_000, memory - 256 * MIB);
+
+    // Until `want` runs and nothing is pending: the plan never reserves more than the node
+    // less the foreign service's reservation while it runs (`foreign`), when the host is that
+    // at every tick; without it, until the host is the whole node again.
+    let mut converge = async |want: (u32, u32), foreign: bool| {
         let t0 = Instant::now();
         loop {
             let r = ctl.tick().await;
             let plan = r.plan.as_ref().expect("plan");
             let eighths = 2 * plan.target("web") + plan.target("batch");
+            let room = if foreign { 6 } else { 8 };
             assert!(
-                eighths <= 8,
-                "the plan reserves more than the node: {plan:?}"
+                eighths <= room,
+                "the plan reserves more than the node has (foreign service: {foreign}): {plan:?}"
             );
+            let observed = r.observed.as_ref().expect("observed");
+            let host = observed
+                .hosts
+                .iter()
+                .find(|h| h.id.0 == node)
+                .expect("the node's host");
+            let have = (
+                host.cpus.map(|c| (c * 1e9).round() as i64),
+                host.memory_bytes.map(|m| m as i64),
+            );
+            if foreign {
+                assert_eq!(
+                    have,
+                    (Some(less_foreign.0), Some(less_foreign.1)),
+                    "the host is the node less the foreign reservation"
+                );
+            }
+            let whole = have == (Some(nano), Some(memory));
             let (o1, o2) = (r.observed_of("web"), r.observed_of("batch"));
-            if (o1.running, o2.running) == want && o1.pending + o2.pending == 0 {
+            if (o1.running, o2.running) == want
+                && o1.pending + o2.pending == 0
+                && (foreign || whole)
+            {
                 return;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(90),
-                "{want:?} not reached: web {o1:?}, batch {o2:?}, errors {:?}",
+                "{want:?} not reached: web {o1:?}, batch {o2:?}, host {have:?}, errors {:?}",
                 r.errors
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
-    converge((1, 6)).await;
+    converge((1, 4), true).await;
     web.set(3.0).expect("set web's demand");
-    converge((3, 2)).await;
+    converge((3, 0), true).await;
     web.set(0.0).expect("set web's demand");
-    converge((0, 8)).await;
+    converge((0, 6), true).await;
+    // The foreign service goes: its room is planned again.
+    docker(&["service", "rm", &foreign.0]);
+    converge((0, 8), false).await;
+    web.set(1.0).expect("set web's demand");
+    converge((1, 6), false).await;
     ctl.shutdown().await.expect("shutdown");
 }
 
