@@ -598,6 +598,7 @@ fn place_resources<P: Plugins>(
             floor: w.floor,
             min: w.min,
             growth: w.growth,
+            waiting: w.obs.unschedulable,
         })
         .collect();
     // Where the replicas are, sparse: (position in `work`, host index, count).
@@ -740,6 +741,11 @@ fn explain_placement<P: Plugins>(
         if !gave[i].is_empty() {
             sp.bound = Bound::Preempted;
             parts.extend(gave[i].iter().cloned());
+        }
+        if p.held {
+            parts.push(
+                "does not grow elsewhere this tick: a replica waiting for room takes it".into(),
+            );
         }
         if !parts.is_empty() {
             sp.reason = format!("{}; {}", sp.reason, parts.join("; ")).into();

@@ -14,7 +14,9 @@
 //!    every dimension, or else on the first host where replicas of lower priorities (the
 //!    lowest first, none below its floor) can make that room; a per-host service places one
 //!    on each ready host that lacks it; remainder services come last and fill what is left the
-//!    same way, the first taking from the later ones.
+//!    same way, the first taking from the later ones. A service that gave room to a replica
+//!    already waiting for it (pending on no host) does not grow again in the same tick (a
+//!    move between hosts, which a count cannot say: nothing would change).
 //!
 //! So the plan never asks for a replica no host can take (free resources that add up to
 //! enough but fit on no single host are not room), and a higher priority that needs room
@@ -47,6 +49,9 @@ pub struct Ask {
     pub min: u32,
     /// How it grows.
     pub growth: Growth,
+    /// Replicas it has that wait for room, on no host (unschedulable): the first replicas it
+    /// places are these.
+    pub waiting: u32,
 }
 
 /// A host of the simulation.
@@ -71,6 +76,9 @@ pub struct Placed {
     pub blocked: bool,
     /// Replicas it took from lower priorities to make room: (their position, host, count).
     pub took: Vec<(usize, usize, u32)>,
+    /// It gave room to a replica that was waiting for it, and so did not grow elsewhere this
+    /// tick (it grows again at the next).
+    pub held: bool,
 }
 
 impl Placed {
@@ -336,6 +344,11 @@ pub(crate) fn simulate(
         }
     }
 
+    // Who gave room to a replica that was waiting for it this tick.
+    let mut held = vec![false; ns];
+    // Replicas each service placed this tick (the first ones are those that were waiting).
+    let mut placed = vec![0u32; ns];
+
     // 1b. Mins first, in allocation order, as the slot engine reserves them: a service below
     //     its min places up to it, first fit, or else on the host where the others (any
     //     priority, the lowest first; above their own mins if those come first) make the
@@ -358,6 +371,7 @@ pub(crate) fn simulate(
         while st.total[a] < ask.min.min(ask.want) {
             if let Some(h) = (0..nh).find(|&h| hosts[h].ready && ask.need.fits(&free(&st, h))) {
                 st.add(asks, a, h, 1);
+                placed[a] += 1;
                 continue;
             }
             // Per host: the room made from the lowest first, and the highest priority it
@@ -389,6 +403,7 @@ pub(crate) fn simulate(
                 out[a].took.push((b, h, n));
             }
             st.add(asks, a, h, 1);
+            placed[a] += 1;
         }
     }
 
@@ -402,6 +417,13 @@ pub(crate) fn simulate(
     let mut plan: Vec<(usize, u32)> = Vec::new();
     for a in 0..ns {
         let ask = asks[a];
+        // A service that gave room to a replica already waiting for it does not grow
+        // elsewhere this tick: with the counts unchanged (a move between hosts, which a count
+        // cannot say) nothing would be dispatched and the replica would go on waiting. Its
+        // count goes down, the orchestrator frees room, and it grows again at the next tick.
+        if held[a] {
+            continue;
+        }
         let per_host: Vec<usize> = if ask.growth == Growth::PerHost {
             (0..nh)
                 .filter(|&h| hosts[h].ready && allowed(a, h) && count(&st.by_host[h], a) == 0)
@@ -442,6 +464,7 @@ pub(crate) fn simulate(
             };
             if let Some(h) = fit {
                 st.add(asks, a, h, 1);
+                placed[a] += 1;
                 continue;
             }
             // Room taken from lower priorities, the lowest first, none below its floor: on
@@ -478,11 +501,15 @@ pub(crate) fn simulate(
                 if !fits {
                     continue;
                 }
+                // This replica is one that waits for room (not a new one).
+                let waiting = placed[a] < ask.waiting;
                 for &(b, n) in &plan {
                     st.add(asks, b, h, -i64::from(n));
                     out[a].took.push((b, h, n));
+                    held[b] |= waiting;
                 }
                 st.add(asks, a, h, 1);
+                placed[a] += 1;
                 done = true;
                 break;
             }
@@ -497,6 +524,7 @@ pub(crate) fn simulate(
 
     for (a, o) in out.iter_mut().enumerate() {
         o.target = st.total[a];
+        o.held = held[a];
         if o.took.len() > 1 {
             o.took.sort_unstable();
             let mut merged: Vec<(usize, usize, u32)> = Vec::with_capacity(o.took.len());
@@ -567,6 +595,7 @@ mod tests {
             floor: 0,
             min: 0,
             growth,
+            waiting: 0,
         }
     }
 

@@ -282,6 +282,69 @@ fn mins_are_reserved_ahead_of_higher_priorities() {
     );
 }
 
+/// A replica waiting for room (the orchestrator took a lower priority's replica from another
+/// host than the plan's) is not left waiting while the counts match: the service that gives
+/// room does not grow again elsewhere in the same tick (a move between hosts, which a count
+/// cannot say), so its count goes down and the orchestrator frees more.
+#[test]
+fn a_replica_waiting_for_room_is_not_left_behind_a_move() {
+    let hosts = [host(1, 2.0, 4 * GIB), host(2, 4.0, 4 * GIB)];
+    let cfg = config(
+        Capacity::Resources {
+            reserve: Resources::ZERO,
+        },
+        vec![
+            triggered("web", 1, res(1000, 3 * GIB)),
+            remainder("batch", 2, res(1000, 512 * MIB)),
+        ],
+    );
+    // web's replica is pending on no host; batch runs 2 on host 1 (full in CPU) and 3 on
+    // host 2, where 1 CPU and 2.5 GiB are free: room for batch, not for web.
+    let mut observed = Observed {
+        hosts: hosts.to_vec(),
+        ..Default::default()
+    };
+    let mut web = ServiceObservation::counts(0, 1);
+    web.unschedulable = 1;
+    observed.services.insert(name("web"), web);
+    observed
+        .services
+        .insert(name("batch"), ServiceObservation::counts(5, 0));
+    for (h, n) in [(0, 2), (1, 3)] {
+        observed
+            .placement
+            .entry(hosts[h].id.clone())
+            .or_default()
+            .insert(name("batch"), n);
+    }
+    let mut memory = EngineState::default();
+    for (svc, target) in [("web", 1), ("batch", 5)] {
+        memory.services.insert(
+            name(svc),
+            Commitment {
+                target,
+                changed_at: Duration::from_secs(99),
+            },
+        );
+    }
+    let mut samples = Samples::default();
+    samples.set(&name("web"), "load", Some(1.0));
+    let (plan, _) = decide(&cfg, &observed, &samples, &memory, Duration::from_secs(100));
+    assert_eq!(plan.target("web"), 1, "{plan:?}");
+    let batch = plan.service("batch").unwrap();
+    assert_eq!(
+        batch.target, 4,
+        "batch gives room and does not move: {plan:?}"
+    );
+    assert_eq!(batch.remove_from, vec![(HostId::from("h1"), 1)], "{plan:?}");
+    assert!(
+        batch.reason.contains("does not grow elsewhere this tick"),
+        "{}",
+        batch.reason
+    );
+    assert_eq!(plan.actions.len(), 1, "batch's stop: {plan:?}");
+}
+
 /// The reserve is kept free on every host; a host whose CPU or memory the backend does not
 /// know takes nothing.
 #[test]
@@ -313,7 +376,14 @@ struct World {
 fn world() -> impl Strategy<Value = World> {
     let hosts = prop::collection::vec((1u64..=8, 1u64..=16, any::<bool>()), 1..=5);
     let asks = prop::collection::vec(
-        (1u64..=4, 1u64..=8, 0u32..=12, 0u32..=3, 0u8..=5, 0u32..=2),
+        (
+            1u64..=4,
+            1u64..=8,
+            0u32..=12,
+            0u32..=3,
+            0u8..=5,
+            (0u32..=2, 0u32..=2),
+        ),
         1..=6,
     );
     let seed = any::<u64>();
@@ -327,17 +397,20 @@ fn world() -> impl Strategy<Value = World> {
             .collect();
         let mut asks: Vec<Ask> = asks
             .into_iter()
-            .map(|(quarters, half_gib, want, floor, kind, min)| Ask {
-                need: res(quarters * 250, half_gib * GIB / 2),
-                want,
-                floor: floor.max(min).min(want),
-                min: min.min(want),
-                growth: match kind {
-                    0 => Growth::PerHost,
-                    1 => Growth::Remainder,
-                    _ => Growth::Priority,
+            .map(
+                |(quarters, half_gib, want, floor, kind, (min, waiting))| Ask {
+                    need: res(quarters * 250, half_gib * GIB / 2),
+                    want,
+                    floor: floor.max(min).min(want),
+                    min: min.min(want),
+                    waiting: if kind >= 2 { waiting } else { 0 },
+                    growth: match kind {
+                        0 => Growth::PerHost,
+                        1 => Growth::Remainder,
+                        _ => Growth::Priority,
+                    },
                 },
-            })
+            )
             .collect();
         // Remainder services go last, as in the engine's allocation order.
         asks.sort_by_key(|a| a.growth == Growth::Remainder);
@@ -397,7 +470,14 @@ proptest! {
                 prop_assert!(p.target <= ask.want.max(w.start[a].iter().sum()));
             }
             if ask.growth == Growth::Priority && p.target < ask.want {
-                prop_assert!(p.blocked, "{a} short of its want without being blocked");
+                prop_assert!(p.blocked || p.held, "{a} short of its want without being blocked");
+            }
+            // Held only for a replica that waited.
+            if p.held {
+                let for_waiting = out.iter().enumerate().any(|(b, o)| {
+                    w.asks[b].waiting > 0 && o.took.iter().any(|&(x, _, _)| x == a)
+                });
+                prop_assert!(for_waiting, "{a} held without a waiting replica taking from it");
             }
             // Nobody goes below its floor because of someone else, but for another's min.
             let start: u32 = w.start[a].iter().sum();
