@@ -344,12 +344,12 @@ impl PoolState {
     /// the listing shows it before its pause (running). Without the second case, a listing
     /// that raced a fill's pause counted the new pool container as running.
     fn hidden(&self, c: &Owned, asked: std::time::Instant) -> bool {
-        if lock(&self.filling).contains(&c.name) || lock(&self.trimming).contains(&c.name) {
+        if lock(&self.filling).contains(&*c.name) || lock(&self.trimming).contains(&*c.name) {
             return true;
         }
         !c.is_paused()
             && lock(&self.filled)
-                .get(&c.name)
+                .get(&*c.name)
                 .is_some_and(|&done| done >= asked)
     }
 
@@ -380,8 +380,10 @@ fn paused_limit(service: &Service, running: u32) -> u32 {
 /// One of our containers, as listed.
 #[derive(Debug, Clone)]
 struct Owned {
-    id: String,
-    name: String,
+    /// Shared: the event view, the observation and the listing cache hold the same text (a
+    /// clone per tick and container costs no allocation).
+    id: std::sync::Arc<str>,
+    name: std::sync::Arc<str>,
     service: ServiceName,
     state: ContainerSummaryStateEnum,
     created: i64,
@@ -902,8 +904,8 @@ impl DockerBackend {
             tracing::warn!(container = %name, warning = %w, "engine warning on create");
         }
         let this = Owned {
-            id: created.id.clone(),
-            name: name.clone(),
+            id: created.id.clone().into(),
+            name: name.clone().into(),
             service: service.name.clone(),
             state: ContainerSummaryStateEnum::CREATED,
             created: std::time::SystemTime::now()
@@ -932,8 +934,8 @@ impl DockerBackend {
         let result = async {
             let id = self.create_and_start(service, body, &name).await?;
             let this = Owned {
-                id: id.clone(),
-                name: name.clone(),
+                id: id.clone().into(),
+                name: name.clone().into(),
                 service: service.name.clone(),
                 state: ContainerSummaryStateEnum::RUNNING,
                 created: 0,
@@ -1004,7 +1006,7 @@ impl DockerBackend {
             // Removed while frozen (the engine kills them without thawing them): a trimmed
             // replica never runs again, not even for the moment a clean stop would need, and
             // it is counted nowhere while it goes.
-            let names: Vec<String> = extra.iter().map(|c| c.name.clone()).collect();
+            let names: Vec<String> = extra.iter().map(|c| c.name.to_string()).collect();
             lock(&self.pool.trimming).extend(names.iter().cloned());
             let results = futures::future::join_all(extra.iter().map(|c| self.remove(c))).await;
             {
@@ -1145,8 +1147,8 @@ async fn list_ours(
                 .map(|n| n.trim_start_matches('/').to_string())
                 .unwrap_or_default();
             Some(Owned {
-                id: c.id?,
-                name,
+                id: c.id?.into(),
+                name: name.into(),
                 service: service_of,
                 state: c.state.unwrap_or(ContainerSummaryStateEnum::EMPTY),
                 created: c.created.unwrap_or(0),
@@ -1285,7 +1287,7 @@ impl Backend for DockerBackend {
                 ReplicaState::Stopping => {}
             }
             obs.replicas.push(Replica {
-                id: c.id,
+                id: c.id.to_string(),
                 service: c.service,
                 host: host.id.clone(),
                 state,

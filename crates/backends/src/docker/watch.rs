@@ -260,7 +260,7 @@ impl Watch {
         let wanted = |c: &Owned| service.is_none_or(|s| &c.service == s);
         let mut out: Vec<Owned> = Vec::new();
         for c in v.containers.values().filter(|c| wanted(c)) {
-            match effects.get(c.id.as_str()) {
+            match effects.get(&*c.id) {
                 Some((_, Effect::Gone, _)) => {}
                 Some((_, Effect::State(s), _)) => out.push(Owned {
                     state: *s,
@@ -289,7 +289,7 @@ impl Watch {
         v.seq += 1;
         let seq = v.seq;
         v.expected.insert(
-            (c.id.clone(), action),
+            (c.id.to_string(), action),
             Expected {
                 seq,
                 template: c.clone(),
@@ -298,7 +298,7 @@ impl Watch {
         );
         Expecting {
             shared: Arc::clone(&self.shared),
-            key: Some((c.id.clone(), action)),
+            key: Some((c.id.to_string(), action)),
             seq,
         }
     }
@@ -370,8 +370,8 @@ fn apply(containers: &mut HashMap<String, Owned>, c: &Change) {
                 .entry(c.id.clone())
                 .and_modify(|o| o.state = *state)
                 .or_insert_with(|| Owned {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
+                    id: c.id.as_str().into(),
+                    name: c.name.as_str().into(),
                     service: c.service.clone(),
                     state: *state,
                     created: c.time,
@@ -382,7 +382,7 @@ fn apply(containers: &mut HashMap<String, Owned>, c: &Change) {
         }
         Kind::Renamed(name) => {
             if let Some(o) = containers.get_mut(&c.id) {
-                o.name.clone_from(name);
+                o.name = name.as_str().into();
             }
         }
     }
@@ -421,7 +421,8 @@ async fn resync(shared: Arc<Shared>, engine: Arc<Engine>) -> Result<u64, bollard
     let mut v = lock(&shared.view);
     let replay = v.replay.take().unwrap_or_default();
     let listed = listed?;
-    let mut fresh: HashMap<String, Owned> = listed.into_iter().map(|c| (c.id.clone(), c)).collect();
+    let mut fresh: HashMap<String, Owned> =
+        listed.into_iter().map(|c| (c.id.to_string(), c)).collect();
     for c in &replay {
         apply(&mut fresh, c);
     }
