@@ -97,9 +97,10 @@ pub(crate) struct Placement {
     pub(crate) services: Vec<Placed>,
     /// Per host: `(service, count)`, counts above zero, in no particular order.
     by_host: Vec<Vec<(u32, u32)>>,
-    /// Where replicas leave: `(service, host, count)`, by service then host, for every pair
-    /// that ends with fewer than it started with (surplus given back, room given to a higher
-    /// priority, a per-host service off a host it may not run on).
+    /// Where replicas leave: `(service, host, count)`, by service then host, for the services
+    /// that end with fewer replicas than they started with, on every host where they have
+    /// fewer (surplus given back, room given to a higher priority, a per-host service off a
+    /// host it may not run on).
     pub(crate) removed: Vec<(usize, usize, u32)>,
 }
 
@@ -304,6 +305,7 @@ pub(crate) fn simulate(
         mine[fill[a] as usize] = (h, n);
         fill[a] += 1;
     }
+    let start_total = st.total.clone();
     for (h, room) in hosts.iter().enumerate() {
         if room.ready {
             let top = st.by_host[h].iter().map(|&(b, _)| b + 1).max().unwrap_or(0);
@@ -537,8 +539,11 @@ pub(crate) fn simulate(
             o.took = merged;
         }
     }
+    // Only a service that ends with fewer replicas gives some up (one that moves a replica
+    // keeps its count, and a backend reads `remove_from` only when the count goes down).
     let mut removed: Vec<(usize, usize, u32)> = start
         .iter()
+        .filter(|&&(a, _, _)| st.total[a] < start_total[a])
         .filter_map(|&(a, h, n)| {
             let left = count(&st.by_host[h], a);
             (left < n).then(|| (a, h, n - left))
