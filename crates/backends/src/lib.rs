@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
-use microscaler_core::{Capabilities, Host, HostId, ServiceName, ServiceObservation};
+use microscaler_core::{Capabilities, Host, HostId, Reason, ServiceName, ServiceObservation};
 
 pub mod config;
 pub mod docker;
@@ -32,15 +32,25 @@ pub mod swarm;
 pub use config::{BackendConfig, Config, Plugins, Reference, RunSpec, Service, Workload};
 
 /// What the plan says of one change beside its target ([`Backend::scale_with`]).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
-    /// Why, in words (the plan's reason for the service).
-    pub reason: &'a str,
+    /// Why, in words (the plan's reason for the service), written only when a backend reads
+    /// it (`&*change.reason`): most never do.
+    pub reason: &'a Reason,
     /// On a scale-down with capacity counted in CPU and memory: the hosts the plan takes the
     /// replicas from, `(host, count)` (where a higher priority's room is made). A backend that
     /// can choose which replicas go removes these first; others place the count and let the
     /// orchestrator choose. Empty: no preference.
     pub remove_from: &'a [(HostId, u32)],
+}
+
+impl Default for Change<'_> {
+    fn default() -> Self {
+        Change {
+            reason: Reason::empty(),
+            remove_from: &[],
+        }
+    }
 }
 
 /// What a managed service's replicas run. The container-level backends accept no

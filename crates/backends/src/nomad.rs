@@ -1251,7 +1251,7 @@ impl Backend for NomadBackend {
         target: u32,
         change: &Change<'_>,
     ) -> Result<ScaleOutcome, BackendError> {
-        let reason = change.reason;
+        let reason = change.reason.as_str();
         let t = match self.target(service) {
             Some(t) => t,
             None => resolved(self.resolve(service, Apply::Yes).await?)?,

@@ -307,6 +307,15 @@ impl Reason {
         }
     }
 
+    /// The empty reason, for a change the plan says nothing of.
+    pub fn empty() -> &'static Reason {
+        static EMPTY: Reason = Reason {
+            words: Words::Text(String::new()),
+            text: OnceLock::new(),
+        };
+        &EMPTY
+    }
+
     /// What it says, before it is written (for an action that repeats it).
     pub(crate) fn words(&self) -> &Words {
         &self.words

@@ -1016,8 +1016,6 @@ impl<B: Backend + 'static> Controller<B> {
         let mut starts = Vec::new();
         // Slots free now; what the stops give up is added as they are requested.
         let mut available = i64::from(plan.capacity);
-        // Where each dispatched service's plan is, for the reason given to the backend.
-        let mut why: HashMap<usize, usize> = HashMap::new();
         for (pos, sp) in plan.services.iter().enumerate() {
             // What the engine saw observed, which is this tick's observation.
             let have = sp.running + sp.pending;
@@ -1049,16 +1047,16 @@ impl<B: Backend + 'static> Controller<B> {
                     continue;
                 }
             }
-            why.insert(index, pos);
+            // With where the service's plan is, for what the backend is told of the change.
             if sp.target < have && svc.pool.preempt != Preempt::Pause {
-                stops.push((index, sp.target, have));
+                stops.push((index, sp.target, have, pos));
             } else {
-                starts.push((index, sp.target, have));
+                starts.push((index, sp.target, have, pos));
             }
         }
         // Pauses free their slots as they are requested (a paused replica takes none unless
         // its pool says so, and then the plan's capacity already left it out).
-        for &(index, target, have) in &starts {
+        for &(index, target, have, _) in &starts {
             if target < have && !self.cfg.services[index].pool.paused_takes_slot {
                 available += i64::from(have - target);
             }
@@ -1073,14 +1071,17 @@ impl<B: Backend + 'static> Controller<B> {
         // Free capacity before using it: the stops first, then the rest once they are done
         // (or the tick's period is over).
         let t = Instant::now();
-        let batch: Vec<(usize, u32)> = stops.iter().map(|&(i, t, _)| (i, t)).collect();
+        let batch: Vec<(usize, u32, usize)> = stops.iter().map(|&(i, t, _, p)| (i, t, p)).collect();
         let giving_up: HashMap<ServiceName, i64> = stops
             .iter()
-            .map(|&(i, t, h)| (self.cfg.services[i].name.clone(), i64::from(h - t)))
+            .map(|&(i, t, h, _)| (self.cfg.services[i].name.clone(), i64::from(h - t)))
             .collect();
         // A stop gives up its slots when it is requested: one still running after the wait
         // (a replica that ignores SIGTERM) has been told to go. One that failed gives up none.
-        available += stops.iter().map(|&(_, t, h)| i64::from(h - t)).sum::<i64>();
+        available += stops
+            .iter()
+            .map(|&(_, t, h, _)| i64::from(h - t))
+            .sum::<i64>();
         let not_freed = |done: &Done| {
             let Some(&asked) = giving_up.get(&done.execution.service) else {
                 return 0;
@@ -1091,7 +1092,7 @@ impl<B: Backend + 'static> Controller<B> {
             };
             asked - stopped.min(asked)
         };
-        let (mut waiting, ready) = self.spawn_all(&batch, Phase::Stop, plan, &why);
+        let (mut waiting, ready) = self.spawn_all(&batch, Phase::Stop, plan);
         for done in ready {
             available -= not_freed(&done);
             executions.push(self.finished(done, now));
@@ -1123,12 +1124,12 @@ impl<B: Backend + 'static> Controller<B> {
         // The scale-ups, highest priority first (the plan's order), within the slots free:
         // a scale-up whose capacity a failed stop did not free waits for the next tick.
         // Pauses go first: they free the CPU the scale-ups are about to use.
-        let mut batch: Vec<(usize, u32)> = starts
+        let mut batch: Vec<(usize, u32, usize)> = starts
             .iter()
-            .filter(|&&(_, target, have)| target < have)
-            .map(|&(index, target, _)| (index, target))
+            .filter(|&&(_, target, have, _)| target < have)
+            .map(|&(index, target, _, pos)| (index, target, pos))
             .collect();
-        for &(index, target, have) in &starts {
+        for &(index, target, have, pos) in &starts {
             if target < have {
                 continue;
             }
@@ -1138,11 +1139,11 @@ impl<B: Backend + 'static> Controller<B> {
             }
             if grant > 0 {
                 available -= grant;
-                batch.push((index, have + grant as u32));
+                batch.push((index, have + grant as u32, pos));
             }
         }
         let t = Instant::now();
-        let (started, ready) = self.spawn_all(&batch, Phase::Start, plan, &why);
+        let (started, ready) = self.spawn_all(&batch, Phase::Start, plan);
         for done in ready {
             executions.push(self.finished(done, now));
         }
@@ -1169,27 +1170,21 @@ impl<B: Backend + 'static> Controller<B> {
         // the next tick; one still running wakes the loop when it ends.
     }
 
-    /// Starts one change per `(service index, target)`. A change whose backend answers at
+    /// Starts one change per `(service index, target, position in the plan)`. A change whose backend answers at
     /// its first poll (a simulated orchestrator, an unchanged count) is done at once and
     /// returned; every other one goes on in a task of its own. Returns how many tasks run, and
     /// the changes already done.
     fn spawn_all(
         &mut self,
-        batch: &[(usize, u32)],
+        batch: &[(usize, u32, usize)],
         phase: Phase,
         plan: &Plan,
-        why: &HashMap<usize, usize>,
     ) -> (usize, Vec<Done>) {
         let mut ready = Vec::new();
         let mut spawned = 0;
-        for &(index, target) in batch {
-            let (reason, remove_from) = why
-                .get(&index)
-                .map(|&pos| {
-                    let sp = &plan.services[pos];
-                    (sp.reason.clone(), sp.remove_from.clone())
-                })
-                .unwrap_or_default();
+        for &(index, target, pos) in batch {
+            let sp = &plan.services[pos];
+            let (reason, remove_from) = (sp.reason.clone(), sp.remove_from.clone());
             let cfg = Arc::clone(&self.cfg);
             let backend = Arc::clone(&self.backend);
             // A free permit is taken here, without a future: awaiting one counts against the

@@ -86,6 +86,22 @@ struct SimService {
     foreign: bool,
 }
 
+impl SimService {
+    /// Whether the next start fails (the failures still to come are counted down).
+    fn next_start_fails(&mut self) -> bool {
+        let fails = self.failing_starts > 0;
+        self.failing_starts -= u32::from(fails);
+        fails
+    }
+}
+
+fn start_failure(service: &ServiceName) -> StartFailure {
+    StartFailure {
+        service: service.clone(),
+        message: "simulated start failure".into(),
+    }
+}
+
 #[derive(Debug)]
 struct State {
     services: BTreeMap<ServiceName, SimService>,
@@ -317,20 +333,14 @@ impl Sim {
     }
 
     fn check_reachable(&self) -> Result<(), BackendError> {
-        if self.lock().unreachable {
-            return Err(BackendError::Unreachable {
-                what: "the simulated orchestrator".into(),
-                hint: "it was made unreachable by the test".into(),
-                source: None,
-            });
-        }
-        Ok(())
+        reachable(&self.lock())
     }
 
     async fn scale_container(&self, service: &Service, target: u32) -> ScaleOutcome {
-        let key = service.name.clone();
+        let key = &service.name;
         let mut out = ScaleOutcome::default();
-        // Stops: pending first, then the newest running.
+        // Stops: pending first, then the newest running. A stop or start that takes no time
+        // is done under the same lock as its request (nothing could see the state between).
         let (stopping, grace) = {
             let mut s = self.lock();
             let svc = s.services.entry(key.clone()).or_default();
@@ -354,23 +364,26 @@ impl Sim {
             } else {
                 self.opts.stop_latency.min(service.stop_grace)
             };
+            if !ids.is_empty() && grace.is_zero() {
+                svc.replicas.retain(|r| !ids.contains(&r.id));
+                out.stopped = ids.len() as u32;
+                return out;
+            }
             (ids, grace)
         };
         if !stopping.is_empty() {
-            if !grace.is_zero() {
-                tokio::time::sleep(grace).await;
-            }
+            tokio::time::sleep(grace).await;
             let mut s = self.lock();
-            if let Some(svc) = s.services.get_mut(&key) {
+            if let Some(svc) = s.services.get_mut(key) {
                 svc.replicas.retain(|r| !stopping.contains(&r.id));
             }
             out.stopped = stopping.len() as u32;
             return out;
         }
         // Starts.
-        let starting = {
+        let ids = {
             let mut s = self.lock();
-            let have = s.services.get(&key).map_or(0, |v| v.replicas.len() as u32);
+            let have = s.services.get(key).map_or(0, |v| v.replicas.len() as u32);
             if target <= have {
                 return out;
             }
@@ -382,42 +395,49 @@ impl Sim {
                 });
                 return out;
             }
-            let mut ids = Vec::new();
+            let mut starting = Vec::new();
             for k in have..target {
                 // Round robin from the k-th host to the next ready one.
                 let host = (0..n)
                     .map(|j| (k as usize + j) % n)
                     .find(|&i| s.hosts[i].1)
                     .unwrap_or(0);
-                let id = s.take_id();
-                ids.push(id);
-                let svc = s.services.entry(key.clone()).or_default();
-                svc.replicas.push(SimReplica {
-                    id,
+                starting.push(SimReplica {
+                    id: s.take_id(),
                     host,
                     state: ReplicaState::Pending,
                 });
             }
+            let svc = s.services.entry(key.clone()).or_default();
+            if self.opts.start_latency.is_zero() {
+                // Started at once.
+                for mut r in starting {
+                    if svc.next_start_fails() {
+                        out.failures.push(start_failure(key));
+                    } else {
+                        r.state = ReplicaState::Running;
+                        svc.replicas.push(r);
+                        out.started += 1;
+                    }
+                }
+                return out;
+            }
+            let ids: Vec<u64> = starting.iter().map(|r| r.id).collect();
+            svc.replicas.extend(starting);
             ids
         };
-        if !self.opts.start_latency.is_zero() {
-            tokio::time::sleep(self.opts.start_latency).await;
-        }
+        tokio::time::sleep(self.opts.start_latency).await;
         let mut s = self.lock();
-        let Some(svc) = s.services.get_mut(&key) else {
+        let Some(svc) = s.services.get_mut(key) else {
             return out;
         };
-        for id in starting {
+        for id in ids {
             let Some(i) = svc.replicas.iter().position(|r| r.id == id) else {
                 continue; // lost with its host meanwhile
             };
-            if svc.failing_starts > 0 {
-                svc.failing_starts -= 1;
+            if svc.next_start_fails() {
                 svc.replicas.remove(i);
-                out.failures.push(StartFailure {
-                    service: key.clone(),
-                    message: "simulated start failure".into(),
-                });
+                out.failures.push(start_failure(key));
             } else {
                 svc.replicas[i].state = ReplicaState::Running;
                 out.started += 1;
@@ -530,6 +550,17 @@ impl State {
     }
 }
 
+fn reachable(s: &State) -> Result<(), BackendError> {
+    if s.unreachable {
+        return Err(BackendError::Unreachable {
+            what: "the simulated orchestrator".into(),
+            hint: "it was made unreachable by the test".into(),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
 fn name(s: &str) -> ServiceName {
     ServiceName::try_new(s).expect("a valid service name")
 }
@@ -573,6 +604,7 @@ impl Backend for Sim {
                 ..Host::default()
             });
         }
+        let mut services = Vec::with_capacity(s.services.len());
         for (key, svc) in s.services.iter().filter(|(_, v)| !v.foreign) {
             let mut o = ServiceObservation::default();
             for r in &svc.replicas {
@@ -593,16 +625,18 @@ impl Backend for Sim {
                 o.orchestrator_wants = Some(svc.desired);
             }
             if o.total() > 0 || o.orchestrator_wants.is_some_and(|n| n > 0) {
-                obs.services.insert(key.clone(), o);
+                services.push((key.clone(), o));
             }
         }
+        // The names come sorted: one bulk build rather than an insert per service.
+        obs.services = services.into_iter().collect();
         Ok(obs)
     }
 
     async fn scale(&self, service: &Service, target: u32) -> Result<ScaleOutcome, BackendError> {
-        self.check_reachable()?;
         {
             let mut s = self.lock();
+            reachable(&s)?;
             if s.services.get(&service.name).is_some_and(|v| v.foreign) {
                 return Err(BackendError::Unsupported(format!(
                     "service {} belongs to someone else",
