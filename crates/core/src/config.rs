@@ -112,7 +112,30 @@ impl<P: Plugins> Config<P> {
         })?;
         let mut v = Validator::default();
         let cfg = v.config::<P>(doc);
-        v.finish(cfg)
+        let mut cfg = v.finish(cfg)?;
+        cfg.share_trigger_names();
+        Ok(cfg)
+    }
+
+    /// Makes the triggers of the same name share one copy of it (parsing does; call it after
+    /// building a configuration by hand). Each tick's samples carry a clone of each trigger's
+    /// name, which the engine matches by pointer: at thousands of services, clones of a few
+    /// shared names stay in the cache where one copy per trigger would miss on every count.
+    pub fn share_trigger_names(&mut self) {
+        let mut shared: BTreeSet<std::sync::Arc<str>> = BTreeSet::new();
+        for s in &mut self.services {
+            let ServiceKind::Triggered(ts) = &mut s.kind else {
+                continue;
+            };
+            for t in ts {
+                match shared.get(&t.name) {
+                    Some(one) => t.name = std::sync::Arc::clone(one),
+                    None => {
+                        shared.insert(std::sync::Arc::clone(&t.name));
+                    }
+                }
+            }
+        }
     }
 
     /// What the configured backend can do.

@@ -524,7 +524,8 @@ enum Failing {
 
 impl<B: Backend + 'static> Controller<B> {
     /// Builds the live sources of `cfg`. `clock_seed` seeds random sources that have no seed.
-    pub fn new(cfg: Config, backend: B, clock_seed: u64) -> Self {
+    pub fn new(mut cfg: Config, backend: B, clock_seed: u64) -> Self {
+        cfg.share_trigger_names();
         let mut controls = Controls::default();
         let triggers = cfg
             .services

@@ -359,3 +359,29 @@ async fn pauses_run_alongside_starts_stops_before_them() {
         }
     }
 }
+
+/// Triggers of the same name share one copy of it, so the samples of thousands of services
+/// carry clones of a few names rather than one each.
+#[tokio::test(start_paused = true)]
+async fn samples_share_their_trigger_names() {
+    let cfg = config(
+        r#"
+        [[services]]
+        name = "api"
+        priority = 1
+        [[services.triggers]]
+        type = "manual"
+        initial = 1
+        "#,
+    );
+    let mut ctl = Controller::new(cfg, Sim::default(), 1);
+    let report = ctl.tick().await;
+    let name = |s: &str| {
+        report.samples.services[&ServiceName::try_new(s).unwrap()][0]
+            .trigger
+            .clone()
+    };
+    let (web, api) = (name("web"), name("api"));
+    assert_eq!((&*web, &*api), ("manual", "manual"));
+    assert!(std::sync::Arc::ptr_eq(&web, &api), "one shared name");
+}

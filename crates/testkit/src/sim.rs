@@ -345,28 +345,29 @@ impl Sim {
             let mut s = self.lock();
             let svc = s.services.entry(key.clone()).or_default();
             let have = svc.replicas.len() as u32;
-            let mut ids = Vec::new();
-            if target < have {
-                let mut n = have - target;
-                for r in svc.replicas.iter_mut().rev() {
-                    if n == 0 {
-                        break;
-                    }
-                    if r.state != ReplicaState::Stopping {
-                        r.state = ReplicaState::Stopping;
-                        ids.push(r.id);
-                        n -= 1;
-                    }
-                }
-            }
             let grace = if svc.ignores_sigterm {
                 service.stop_grace
             } else {
                 self.opts.stop_latency.min(service.stop_grace)
             };
-            if !ids.is_empty() && grace.is_zero() {
-                svc.replicas.retain(|r| !ids.contains(&r.id));
-                out.stopped = ids.len() as u32;
+            let mut ids = Vec::new();
+            let mut n = have.saturating_sub(target);
+            let mut i = svc.replicas.len();
+            while n > 0 && i > 0 {
+                i -= 1;
+                if svc.replicas[i].state == ReplicaState::Stopping {
+                    continue;
+                }
+                n -= 1;
+                if grace.is_zero() {
+                    svc.replicas.remove(i); // gone at once
+                    out.stopped += 1;
+                } else {
+                    svc.replicas[i].state = ReplicaState::Stopping;
+                    ids.push(svc.replicas[i].id);
+                }
+            }
+            if out.stopped > 0 {
                 return out;
             }
             (ids, grace)

@@ -166,7 +166,8 @@ impl<B: Backend + 'static> Controller<B> {
     /// Replaces the configuration with `new` (see the module's documentation): all of it or,
     /// on an error, none of it. Changes still running go on and are recorded as usual. Wakes
     /// the loop, so the next tick acts on the new configuration at once.
-    pub async fn reload(&mut self, new: Config) -> Result<Reloaded, ReloadError> {
+    pub async fn reload(&mut self, mut new: Config) -> Result<Reloaded, ReloadError> {
+        new.share_trigger_names();
         let old = Arc::clone(&self.cfg);
         let refused = refusals(&old, &new);
         if !refused.is_empty() {
