@@ -385,3 +385,29 @@ async fn samples_share_their_trigger_names() {
     assert_eq!((&*web, &*api), ("manual", "manual"));
     assert!(std::sync::Arc::ptr_eq(&web, &api), "one shared name");
 }
+
+/// After a reload, a service left unchanged keeps its live sources, and its samples carry the
+/// new configuration's trigger names (which the engine matches by pointer).
+#[tokio::test(start_paused = true)]
+async fn a_reload_hands_unchanged_triggers_the_new_names() {
+    let mut ctl = Controller::new(config(""), Sim::default(), 1);
+    ctl.tick().await;
+    let added = config(
+        r#"
+        [[services]]
+        name = "api"
+        priority = 1
+        [[services.triggers]]
+        type = "manual"
+        "#,
+    );
+    ctl.reload(added).await.expect("the reload is taken");
+    let report = ctl.tick().await;
+    let web = ServiceName::try_new("web").unwrap();
+    let sampled = report.samples.services[&web][0].trigger.clone();
+    let microscaler_core::ServiceKind::Triggered(ts) = &ctl.config().service("web").unwrap().kind
+    else {
+        panic!("web has triggers");
+    };
+    assert!(std::sync::Arc::ptr_eq(&sampled, &ts[0].name));
+}

@@ -20,6 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use microscaler_backends::{Backend, Config, Service};
+use microscaler_core::ServiceKind;
 
 use super::{check_sources, live_triggers, Controller, Controls, LiveTrigger, PrepareError};
 use crate::repeat::Repeats;
@@ -234,7 +235,16 @@ impl<B: Backend + 'static> Controller<B> {
             .iter()
             .map(|s| {
                 let live = if same(s) {
-                    kept.remove(&s.name).unwrap_or_default()
+                    let mut live = kept.remove(&s.name).unwrap_or_default();
+                    // The new configuration's names, which the engine matches by pointer.
+                    if let ServiceKind::Triggered(ts) = &s.kind {
+                        for (l, t) in live.iter_mut().zip(ts) {
+                            if l.name == t.name {
+                                l.name = Arc::clone(&t.name);
+                            }
+                        }
+                    }
+                    live
                 } else {
                     fresh.remove(&s.name).unwrap_or_default()
                 };
