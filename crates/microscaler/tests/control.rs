@@ -360,21 +360,21 @@ async fn pauses_run_alongside_starts_stops_before_them() {
     }
 }
 
+/// A second priority-1 service on a manual trigger (ends batch's table).
+const API: &str = r#"
+    [[services]]
+    name = "api"
+    priority = 1
+    [[services.triggers]]
+    type = "manual"
+    initial = 1
+    "#;
+
 /// Triggers of the same name share one copy of it, so the samples of thousands of services
 /// carry clones of a few names rather than one each.
 #[tokio::test(start_paused = true)]
 async fn samples_share_their_trigger_names() {
-    let cfg = config(
-        r#"
-        [[services]]
-        name = "api"
-        priority = 1
-        [[services.triggers]]
-        type = "manual"
-        initial = 1
-        "#,
-    );
-    let mut ctl = Controller::new(cfg, Sim::default(), 1);
+    let mut ctl = Controller::new(config(API), Sim::default(), 1);
     let report = ctl.tick().await;
     let name = |s: &str| {
         report.samples.services[&ServiceName::try_new(s).unwrap()][0]
@@ -392,16 +392,7 @@ async fn samples_share_their_trigger_names() {
 async fn a_reload_hands_unchanged_triggers_the_new_names() {
     let mut ctl = Controller::new(config(""), Sim::default(), 1);
     ctl.tick().await;
-    let added = config(
-        r#"
-        [[services]]
-        name = "api"
-        priority = 1
-        [[services.triggers]]
-        type = "manual"
-        "#,
-    );
-    ctl.reload(added).await.expect("the reload is taken");
+    ctl.reload(config(API)).await.expect("the reload is taken");
     let report = ctl.tick().await;
     let web = ServiceName::try_new("web").unwrap();
     let sampled = report.samples.services[&web][0].trigger.clone();
