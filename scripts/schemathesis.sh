@@ -41,18 +41,20 @@ else
   STATE=${MICROSCALER_CI_STATE:-$HOME/.cache/microscaler}
 fi
 VENV=$STATE/schemathesis-$VERSION
-if [ ! -x "$VENV/bin/st" ]; then
+# Built where it stays (a venv's scripts name its path: one built elsewhere and moved cannot
+# run), and marked complete only once the install succeeded.
+if [ ! -f "$VENV/.installed" ]; then
   echo "schemathesis: installing $VERSION into $VENV (PyPI, about 30 s)"
   mkdir -p "$STATE"
-  rm -rf "$VENV.tmp"
-  python3 -m venv "$VENV.tmp"
-  "$VENV.tmp/bin/pip" install -q --disable-pip-version-check "schemathesis==$VERSION" \
+  rm -rf "$VENV" "$VENV.tmp"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$VERSION" \
     >"$STATE/schemathesis-install.log" 2>&1 || {
     tail -n 20 "$STATE/schemathesis-install.log" >&2
     echo "schemathesis: pip install failed (is PyPI reachable?); full log: $STATE/schemathesis-install.log" >&2
     exit 1
   }
-  mv "$VENV.tmp" "$VENV"
+  touch "$VENV/.installed"
 fi
 
 if [ -z "$BINARY" ]; then
