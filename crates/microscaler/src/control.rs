@@ -1171,10 +1171,10 @@ impl<B: Backend + 'static> Controller<B> {
         // the next tick; one still running wakes the loop when it ends.
     }
 
-    /// Starts one change per `(service index, target, position in the plan)`. A change whose backend answers at
-    /// its first poll (a simulated orchestrator, an unchanged count) is done at once and
-    /// returned; every other one goes on in a task of its own. Returns how many tasks run, and
-    /// the changes already done.
+    /// Starts one change per `(service index, target, position in the plan)`. A change whose
+    /// backend answers at its first poll (a simulated orchestrator, an unchanged count) is done
+    /// at once and returned; every other one goes on in a task of its own. Returns how many
+    /// tasks run, and the changes already done.
     fn spawn_all(
         &mut self,
         batch: &[(usize, u32, usize)],
