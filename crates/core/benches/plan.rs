@@ -82,14 +82,14 @@ fn samples(cfg: &Config, round: usize) -> Samples {
     let mut s = Samples::default();
     for (i, svc) in cfg.services.iter().enumerate() {
         if let ServiceKind::Triggered(triggers) = &svc.kind {
-            let values = triggers
+            let values: Vec<TriggerSample> = triggers
                 .iter()
                 .map(|t| TriggerSample {
                     trigger: t.name.clone(),
                     value: Some(demand(i, round)),
                 })
                 .collect();
-            s.services.insert(svc.name.clone(), values);
+            s.push(svc.name.clone(), values);
         }
     }
     s

@@ -44,10 +44,13 @@ use crate::plugin::Plugins;
 use crate::rules::{self, replicas_for, Recommendation};
 
 /// What the engine remembers between ticks, per service.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineState {
-    /// Per service: the committed target and when it last changed.
-    pub services: BTreeMap<ServiceName, Commitment>,
+    /// Per service: the committed target and when it last changed, in the order of the
+    /// configuration `decide` was last given (so the next tick, on the same configuration,
+    /// matches them to services by position instead of by name). Read them with
+    /// [`commitment`](Self::commitment) and [`commitments`](Self::commitments).
+    commitments: Vec<(ServiceName, Commitment)>,
     /// Services an operator paused: held at their current target, neither scaled by demand nor
     /// preempted by higher priorities (only a cluster that shrinks under them can move them).
     /// Set by the control loop between ticks; `decide` carries it over unchanged.
@@ -66,6 +69,49 @@ pub struct EngineState {
     /// instead of sorting again.
     name_order: NameOrder,
 }
+
+impl EngineState {
+    /// The committed target of `service`, if it has one.
+    pub fn commitment(&self, service: &ServiceName) -> Option<&Commitment> {
+        self.commitments
+            .iter()
+            .find(|(n, _)| n == service)
+            .map(|(_, c)| c)
+    }
+
+    /// Every service's committed target (in the order of the configuration last decided).
+    pub fn commitments(&self) -> impl Iterator<Item = (&ServiceName, &Commitment)> {
+        self.commitments.iter().map(|(n, c)| (n, c))
+    }
+
+    /// Sets the committed target of `service` (for tests and tools; `decide` writes them).
+    pub fn set_commitment(&mut self, service: ServiceName, commitment: Commitment) {
+        match self.commitments.iter_mut().find(|(n, _)| *n == service) {
+            Some((_, c)) => *c = commitment,
+            None => self.commitments.push((service, commitment)),
+        }
+    }
+
+    /// Forgets the commitments of the services `keep` says no to (services a reload removed).
+    pub fn retain_commitments(&mut self, mut keep: impl FnMut(&ServiceName) -> bool) {
+        self.commitments.retain(|(n, _)| keep(n));
+    }
+}
+
+/// Equal when they remember the same, whatever the order of the configuration they came from.
+impl PartialEq for EngineState {
+    fn eq(&self, other: &Self) -> bool {
+        fn by_name(m: &EngineState) -> BTreeMap<&ServiceName, &Commitment> {
+            m.commitments().collect()
+        }
+        by_name(self) == by_name(other)
+            && self.paused == other.paused
+            && self.rules == other.rules
+            && self.paused_replicas == other.paused_replicas
+    }
+}
+
+impl Eq for EngineState {}
 
 /// The configured services' indices in the order of their names, as the last tick found it.
 /// Only a hint: it takes no part in comparisons of memories, and a tick uses it only after
@@ -220,9 +266,10 @@ impl<'a> Key<'a> {
     }
 }
 
-/// Calls `f(index, value)` for every service name of `names` (sorted by name, with the service's
-/// index) that `entries` (sorted by key, as a `BTreeMap` iterates) holds: a merge walk, or a
-/// binary search per entry when there are few entries.
+/// Calls `f(position, value)` for every service name of `names` (sorted by name, with the
+/// service's index) that `entries` (sorted by key, as a `BTreeMap` iterates) holds, with the
+/// name's position in `names`: a merge walk, or a binary search per entry when there are few
+/// entries.
 fn resolve<'m, V: Copy>(
     names: &[(Key, usize)],
     len: usize,
@@ -236,22 +283,22 @@ fn resolve<'m, V: Copy>(
         for (k, v) in entries {
             let k = Key::new(k);
             let from = names.partition_point(|(n, _)| n.cmp(&k).is_lt());
-            for &(_, i) in names[from..].iter().take_while(|(n, _)| n.cmp(&k).is_eq()) {
-                f(i, v);
+            let equal = names[from..].iter().take_while(|(n, _)| n.cmp(&k).is_eq());
+            for p in from..from + equal.count() {
+                f(p, v);
             }
         }
         return;
     }
     let mut it = entries.map(|(k, v)| (Key::new(k), v)).peekable();
-    for (name, i) in names {
-        let i = *i;
+    for (p, (name, _)) in names.iter().enumerate() {
         while let Some((k, v)) = it.peek() {
             match k.cmp(name) {
                 std::cmp::Ordering::Less => {
                     it.next();
                 }
                 std::cmp::Ordering::Equal => {
-                    f(i, *v);
+                    f(p, *v);
                     break;
                 }
                 std::cmp::Ordering::Greater => break,
@@ -261,6 +308,32 @@ fn resolve<'m, V: Copy>(
             break;
         }
     }
+}
+
+/// The entries of `rows` with the services' positions in the name order (`position`, by
+/// configuration index), matched by position: when the names of `rows` follow the
+/// configuration's order (services without an entry left out), as the control loop adds
+/// samples and as `decide` leaves its commitments, no name is looked up. `None` when they do
+/// not.
+fn by_position<'r, P: Plugins, V>(
+    cfg: &Config<P>,
+    position: &[u32],
+    len: usize,
+    rows: impl Iterator<Item = (&'r ServiceName, V)>,
+) -> Option<Vec<(usize, V)>> {
+    let mut rows = rows.peekable();
+    let mut found = Vec::with_capacity(len);
+    for (svc, &p) in cfg.services.iter().zip(position) {
+        match rows.peek() {
+            Some((name, _)) if **name == svc.name => {
+                let (_, v) = rows.next()?;
+                found.push((p as usize, v));
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    rows.next().is_none().then_some(found)
 }
 
 /// How many services ahead `decide` asks for a service's data.
@@ -373,7 +446,8 @@ pub fn decide<P: Plugins>(
     now: Duration,
 ) -> (Plan, EngineState) {
     // One index per tick: the services sorted by name once (or the last tick's order, checked),
-    // and every name-keyed input resolved by one walk over its (sorted) map.
+    // and every name-keyed input resolved by one walk over its (sorted) map into `inputs`, kept
+    // in the same name order (so every walk writes front to back).
     let n = cfg.services.len();
     let keys: Vec<Key> = cfg.services.iter().map(|s| Key::new(&s.name)).collect();
     let by_name = name_order(&keys, &memory.name_order);
@@ -389,37 +463,66 @@ pub fn decide<P: Plugins>(
         };
         n
     ];
+    // Each service's position in the name order, by configuration index.
+    let mut position = vec![0u32; n];
+    for (p, &(_, i)) in by_name.iter().enumerate() {
+        position[i] = p as u32;
+    }
     let o = &observed.services;
-    resolve(&by_name, o.len(), o.iter(), |i, v| inputs[i].obs = *v);
-    let m = &memory.services;
-    resolve(&by_name, m.len(), m.iter(), |i, v| {
-        inputs[i].committed = Some(v)
-    });
+    resolve(&by_name, o.len(), o.iter(), |p, v| inputs[p].obs = *v);
+    let m = &memory.commitments;
+    match by_position(cfg, &position, m.len(), memory.commitments()) {
+        Some(found) => found
+            .into_iter()
+            .for_each(|(p, v)| inputs[p].committed = Some(v)),
+        None => {
+            let mut rows: Vec<(&ServiceName, &Commitment)> = memory.commitments().collect();
+            rows.sort_by(|a, b| a.0.cmp(b.0));
+            resolve(&by_name, rows.len(), rows.into_iter(), |p, v| {
+                inputs[p].committed = Some(v)
+            });
+        }
+    }
     let r = &memory.rules;
-    resolve(&by_name, r.len(), r.iter(), |i, v| inputs[i].prev = Some(v));
-    let sm = &samples.services;
-    resolve(&by_name, sm.len(), sm.iter(), |i, v| {
-        inputs[i].samples = Some(&v[..])
-    });
+    resolve(&by_name, r.len(), r.iter(), |p, v| inputs[p].prev = Some(v));
+    if let Some(found) = by_position(cfg, &position, samples.len(), samples.iter()) {
+        for (p, v) in found {
+            inputs[p].samples = Some(v);
+        }
+    } else {
+        let mut rows: Vec<(&ServiceName, &[TriggerSample])> = samples.iter().collect();
+        // Of a service added twice, the last: a stable sort keeps equal names in the order
+        // they were added.
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                *earlier = *later;
+            }
+            same
+        });
+        resolve(&by_name, rows.len(), rows.into_iter(), |p, v| {
+            inputs[p].samples = Some(v)
+        });
+    }
     let sc = &cfg.scaling;
-    resolve(&by_name, sc.len(), sc.iter(), |i, v| inputs[i].scaling = v);
+    resolve(&by_name, sc.len(), sc.iter(), |p, v| inputs[p].scaling = v);
     let pa = &memory.paused;
-    resolve(&by_name, pa.len(), pa.iter().map(|k| (k, ())), |i, _| {
-        inputs[i].paused = true
+    resolve(&by_name, pa.len(), pa.iter().map(|k| (k, ())), |p, _| {
+        inputs[p].paused = true
     });
     let pr = &memory.paused_replicas;
-    resolve(&by_name, pr.len(), pr.iter(), |i, v| {
-        inputs[i].paused_replicas = *v
+    resolve(&by_name, pr.len(), pr.iter(), |p, v| {
+        inputs[p].paused_replicas = *v
     });
 
     // Paused replicas that take a slot (only where the service's pool says so) are capacity
     // nobody can be given.
-    let held: u64 = cfg
-        .services
+    let held: u64 = by_name
         .iter()
         .zip(&inputs)
-        .filter(|(s, _)| s.pool.paused_takes_slot)
-        .map(|(_, i)| i.paused_replicas as u64)
+        .filter(|(&(_, i), inp)| inp.paused_replicas > 0 && cfg.services[i].pool.paused_takes_slot)
+        .map(|(_, inp)| inp.paused_replicas as u64)
         .sum();
     let capacity = (cfg.capacity.slots(&observed.hosts) as u64).saturating_sub(held) as u32;
     let hosts = observed.ready_hosts();
@@ -431,17 +534,23 @@ pub fn decide<P: Plugins>(
         .iter()
         .map(|s| (u64::from(s.is_remainder()) << 32) | u64::from(s.priority.get()))
         .collect();
-    let mut order: Vec<usize> = by_name.iter().map(|&(_, i)| i).collect();
-    order.sort_by_key(|&i| class[i]);
+    // By position in the name order.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&p| class[by_name[p].1]);
 
     let native_per_host = cfg.capabilities().native_per_host;
     let mut scratch = Scratch::default();
     // Each service's configuration, triggers, samples and memory live in allocations of their
     // own, visited here in allocation order: ask for them a few services ahead, so the misses
     // overlap instead of stalling one after another.
-    let ahead = |k: usize, d: usize| order.get(k + d).map(|&j| (&cfg.services[j], &inputs[j]));
+    let ahead = |k: usize, d: usize| {
+        order
+            .get(k + d)
+            .map(|&p| (&cfg.services[by_name[p].1], &inputs[p]))
+    };
     let mut work: Vec<Work<P>> = Vec::with_capacity(n);
-    for (k, &i) in order.iter().enumerate() {
+    for (k, &p) in order.iter().enumerate() {
+        let i = by_name[p].1;
         if let Some((svc, _)) = ahead(k, 2 * AHEAD) {
             prefetch(&svc.kind);
             prefetch(&svc.pool);
@@ -454,7 +563,7 @@ pub fn decide<P: Plugins>(
             index: i,
             ..want(
                 svc,
-                inputs[i],
+                inputs[p],
                 &mut scratch,
                 hosts_of(svc, observed, hosts),
                 now,
@@ -488,8 +597,7 @@ pub fn decide<P: Plugins>(
         }
     }
     // The next memory. First what each service ends with, gathered in allocation order (the
-    // order of `work`, read front to back), then the commitments built in name order (a
-    // sorted build, no per-service insert) from the index-ordered inputs.
+    // order of `work`, read front to back), then the commitments in configuration order.
     let mut targets = vec![0u32; n];
     let mut rules = Vec::new();
     for w in &mut work {
@@ -509,11 +617,13 @@ pub fn decide<P: Plugins>(
             }
         }
     }
-    let mut services = Vec::with_capacity(n);
-    for &(key, i) in &by_name {
-        let target = targets[i];
-        let keep = inputs[i].committed.filter(|m| m.target == target).copied();
-        services.push((
+    let mut commitments = Vec::with_capacity(n);
+    for ((key, &target), &p) in keys.iter().zip(&targets).zip(&position) {
+        let keep = inputs[p as usize]
+            .committed
+            .filter(|m| m.target == target)
+            .copied();
+        commitments.push((
             key.to_name(),
             keep.unwrap_or(Commitment {
                 target,
@@ -522,7 +632,7 @@ pub fn decide<P: Plugins>(
         ));
     }
     let next = EngineState {
-        services: services.into_iter().collect(),
+        commitments,
         paused: memory.paused.clone(),
         rules: rules.into_iter().collect(),
         paused_replicas: memory.paused_replicas.clone(),

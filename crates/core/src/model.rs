@@ -579,21 +579,207 @@ pub struct TriggerSample {
 }
 
 /// The samples of one tick, per service (in the order of its triggers).
-#[derive(Debug, Clone, PartialEq, Default)]
+///
+/// Kept as one row per service in the order they were added, all the values in one buffer: a
+/// tick adds every service's samples with two allocations in all, not one per service. The
+/// engine matches rows to services by position when they come in the configuration's order
+/// (as the control loop adds them; services without samples may be left out), and by name
+/// otherwise.
+#[derive(Debug, Clone, Default)]
 pub struct Samples {
-    /// Per service.
-    pub services: BTreeMap<ServiceName, Vec<TriggerSample>>,
+    /// Per service: its name and where its samples end in `values`.
+    rows: Vec<(ServiceName, u32)>,
+    values: Vec<TriggerSample>,
 }
 
 impl Samples {
+    /// Room for `services` services and `samples` samples in all.
+    pub fn with_capacity(services: usize, samples: usize) -> Self {
+        Samples {
+            rows: Vec::with_capacity(services),
+            values: Vec::with_capacity(samples),
+        }
+    }
+
+    /// Adds the samples of `service`, which must not have any yet (the control loop's way: no
+    /// lookup). Of a service added twice, the engine reads the last.
+    pub fn push(&mut self, service: ServiceName, samples: impl IntoIterator<Item = TriggerSample>) {
+        self.values.extend(samples);
+        self.rows.push((service, self.values.len() as u32));
+    }
+
+    /// Sets the samples of `service`, replacing any it had (a lookup: for tests and tools).
+    pub fn insert(
+        &mut self,
+        service: ServiceName,
+        samples: impl IntoIterator<Item = TriggerSample>,
+    ) {
+        if let Some(at) = self.rows.iter().rposition(|(n, _)| *n == service) {
+            let (from, to) = self.range(at);
+            let new: Vec<TriggerSample> = samples.into_iter().collect();
+            let grew = new.len() as i64 - (to - from) as i64;
+            self.values.splice(from..to, new);
+            for row in &mut self.rows[at..] {
+                row.1 = (row.1 as i64 + grew) as u32;
+            }
+        } else {
+            self.push(service, samples);
+        }
+    }
+
     /// Sets a single-trigger service's value (convenient in tests and the demo).
     pub fn set(&mut self, service: &ServiceName, trigger: &str, value: Option<f64>) {
-        self.services.insert(
+        self.insert(
             service.clone(),
-            vec![TriggerSample {
+            [TriggerSample {
                 trigger: trigger.into(),
                 value,
             }],
         );
+    }
+
+    /// Where row `at`'s samples are in `values`.
+    fn range(&self, at: usize) -> (usize, usize) {
+        let from = at.checked_sub(1).map_or(0, |p| self.rows[p].1 as usize);
+        (from, self.rows[at].1 as usize)
+    }
+
+    /// The samples of `service` (the last added), if it has any.
+    pub fn get(&self, service: &ServiceName) -> Option<&[TriggerSample]> {
+        let at = self.rows.iter().rposition(|(n, _)| n == service)?;
+        let (from, to) = self.range(at);
+        Some(&self.values[from..to])
+    }
+
+    /// The samples of `service` (the last added), to change in place.
+    pub fn get_mut(&mut self, service: &ServiceName) -> Option<&mut [TriggerSample]> {
+        let at = self.rows.iter().rposition(|(n, _)| n == service)?;
+        let (from, to) = self.range(at);
+        Some(&mut self.values[from..to])
+    }
+
+    /// Every service's samples, in the order they were added.
+    pub fn iter(&self) -> impl Iterator<Item = (&ServiceName, &[TriggerSample])> {
+        let mut from = 0;
+        self.rows.iter().map(move |(name, to)| {
+            let to = *to as usize;
+            let values = &self.values[from..to];
+            from = to;
+            (name, values)
+        })
+    }
+
+    /// Every service's samples, in the order they were added, to change in place.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ServiceName, &mut [TriggerSample])> {
+        let mut rest = &mut self.values[..];
+        let mut from = 0;
+        self.rows.iter().map(move |(name, to)| {
+            let to = *to as usize;
+            let (values, tail) = std::mem::take(&mut rest).split_at_mut(to - from);
+            rest = tail;
+            from = to;
+            (name, values)
+        })
+    }
+
+    /// How many services have samples (a service added twice counts twice).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when no service has samples.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Equal when every service has the same samples, whatever the order they were added in.
+impl PartialEq for Samples {
+    fn eq(&self, other: &Self) -> bool {
+        fn by_name(s: &Samples) -> BTreeMap<&ServiceName, &[TriggerSample]> {
+            s.iter().collect()
+        }
+        by_name(self) == by_name(other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::try_new(s).unwrap()
+    }
+
+    fn row(values: &[f64]) -> Vec<TriggerSample> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| TriggerSample {
+                trigger: format!("t{i}").into(),
+                value: Some(*v),
+            })
+            .collect()
+    }
+
+    fn values(s: &[TriggerSample]) -> Vec<f64> {
+        s.iter().filter_map(|t| t.value).collect()
+    }
+
+    #[test]
+    fn samples_keep_each_services_row_and_insert_replaces_it() {
+        let mut s = Samples::default();
+        s.push(name("a"), row(&[1.0]));
+        s.push(name("b"), row(&[2.0, 3.0]));
+        s.push(name("c"), row(&[4.0]));
+        // Replaced by a longer row, then a shorter one: the rows after it stay whole.
+        s.insert(name("b"), row(&[5.0, 6.0, 7.0]));
+        assert_eq!(values(s.get(&name("b")).unwrap()), [5.0, 6.0, 7.0]);
+        assert_eq!(values(s.get(&name("c")).unwrap()), [4.0]);
+        s.insert(name("a"), row(&[]));
+        assert_eq!(values(s.get(&name("a")).unwrap()), Vec::<f64>::new());
+        assert_eq!(values(s.get(&name("b")).unwrap()), [5.0, 6.0, 7.0]);
+        s.set(&name("d"), "t0", Some(8.0));
+        let all: Vec<(String, Vec<f64>)> =
+            s.iter().map(|(n, r)| (n.to_string(), values(r))).collect();
+        assert_eq!(
+            all,
+            [
+                ("a".to_string(), vec![]),
+                ("b".to_string(), vec![5.0, 6.0, 7.0]),
+                ("c".to_string(), vec![4.0]),
+                ("d".to_string(), vec![8.0]),
+            ]
+        );
+        for (_, r) in s.iter_mut() {
+            for t in r {
+                t.value = t.value.map(|v| v * 10.0);
+            }
+        }
+        assert_eq!(values(s.get(&name("b")).unwrap()), [50.0, 60.0, 70.0]);
+        if let Some(r) = s.get_mut(&name("c")) {
+            r[0].value = None;
+        }
+        assert_eq!(s.get(&name("c")).unwrap()[0].value, None);
+        assert_eq!(s.get(&name("e")), None);
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn samples_are_equal_whatever_the_order_they_were_added_in() {
+        let mut a = Samples::default();
+        a.push(name("a"), row(&[1.0]));
+        a.push(name("b"), row(&[2.0]));
+        let mut b = Samples::with_capacity(2, 2);
+        b.push(name("b"), row(&[2.0]));
+        b.push(name("a"), row(&[1.0]));
+        assert_eq!(a, b);
+        b.insert(name("a"), row(&[9.0]));
+        assert_ne!(a, b);
+        // Of a service added twice, the last counts.
+        let mut c = a.clone();
+        c.push(name("a"), row(&[9.0]));
+        assert_eq!(c, b);
+        assert_eq!(values(c.get(&name("a")).unwrap()), [9.0]);
     }
 }

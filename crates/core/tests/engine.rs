@@ -173,8 +173,7 @@ impl World {
     /// The engine committed `target` for `svc` at `changed_at`.
     fn committed(&mut self, svc: &str, target: u32, changed_at: Duration) -> &mut Self {
         self.memory
-            .services
-            .insert(name(svc), Commitment { target, changed_at });
+            .set_commitment(name(svc), Commitment { target, changed_at });
         self
     }
 
@@ -205,7 +204,7 @@ impl World {
 
     /// A backend that does everything at once: what was committed is running.
     fn converge(&mut self) {
-        for (n, c) in &self.memory.services {
+        for (n, c) in self.memory.commitments() {
             self.observed
                 .services
                 .insert(n.clone(), ServiceObservation::counts(c.target, 0));
@@ -517,7 +516,7 @@ fn demand_is_rounded_up_and_the_max_over_triggers() {
     let mut s = triggered("web", 1);
     s.kind = ServiceKind::Triggered(vec![trigger("queue"), trigger("rps")]);
     let mut w = World::new(config(Capacity::Slots(20), vec![s]));
-    w.samples.services.insert(
+    w.samples.insert(
         name("web"),
         vec![
             TriggerSample {
@@ -553,7 +552,10 @@ fn converging_service_is_held_until_converge_timeout() {
     w.demand("web", Some(1.0));
     let plan = w.decide();
     assert_eq!(plan.target("web"), 4);
-    assert_eq!(w.memory.services[&name("web")].changed_at, changed);
+    assert_eq!(
+        w.memory.commitment(&name("web")).unwrap().changed_at,
+        changed
+    );
 
     // converge_timeout after the change, the service may change again.
     w.now = changed + w.cfg.converge_timeout;
@@ -619,7 +621,7 @@ fn one_missing_trigger_of_several_allows_scaling_up_but_not_down() {
     let mut w = World::new(config(Capacity::Slots(20), vec![s]));
     w.settled("web", 5);
     let set = |w: &mut World, rps: f64| {
-        w.samples.services.insert(
+        w.samples.insert(
             name("web"),
             vec![
                 TriggerSample {
@@ -1112,10 +1114,15 @@ fn paused_service_is_frozen_until_resumed() {
 // The memory's name-order hint: a tick reuses the last tick's order of the services by name
 // only while it still sorts the configuration it is given.
 
-/// The public part of a memory, without the hint a tick leaves for the next.
+/// The public part of a memory, without the hint a tick leaves for the next, and with its
+/// commitments in another order than the configuration's (so they are matched by name).
 fn without_hint(m: &EngineState) -> EngineState {
     let mut fresh = EngineState::default();
-    fresh.services = m.services.clone();
+    let mut commitments: Vec<_> = m.commitments().collect();
+    commitments.reverse();
+    for (n, c) in commitments {
+        fresh.set_commitment(n.clone(), *c);
+    }
     fresh.paused = m.paused.clone();
     fresh.rules = m.rules.clone();
     fresh.paused_replicas = m.paused_replicas.clone();

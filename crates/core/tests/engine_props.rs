@@ -188,7 +188,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             let mut samples = Samples::default();
             for (svc, (obs, commit, converged, values)) in services.iter().zip(per) {
                 if let Some((target, age)) = commit {
-                    memory.services.insert(
+                    memory.set_commitment(
                         svc.name.clone(),
                         Commitment {
                             target,
@@ -220,7 +220,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                         })
                         .collect();
                     if !got.is_empty() {
-                        samples.services.insert(svc.name.clone(), got);
+                        samples.insert(svc.name.clone(), got);
                     }
                 }
             }
@@ -295,7 +295,7 @@ fn model(s: &Scenario) -> (u32, Vec<Expect>) {
         .iter()
         .map(|svc| {
             let obs = s.observed.service(&svc.name);
-            let memo = s.memory.services.get(&svc.name);
+            let memo = s.memory.commitment(&svc.name);
             let current = memo.map_or(obs.running + obs.pending, |m| m.target);
             let converged = match memo {
                 None => true,
@@ -310,7 +310,7 @@ fn model(s: &Scenario) -> (u32, Vec<Expect>) {
                 ServiceKind::Remainder => svc.max,
                 ServiceKind::PerHost => ready,
                 ServiceKind::Triggered(ts) => {
-                    let got = s.samples.services.get(&svc.name);
+                    let got = s.samples.get(&svc.name);
                     let mut best: Option<u32> = None;
                     for t in ts {
                         let v = got
@@ -522,6 +522,42 @@ proptest! {
         prop_assert_eq!(shuffled.decide(), (plan, memory));
     }
 
+    /// Samples and commitments are matched to services by position when they come in the
+    /// configuration's order and by name otherwise: the order they come in does not matter,
+    /// and of a service's samples added twice the last counts.
+    #[test]
+    fn samples_and_commitments_in_any_order(
+        (s, perm) in scenario().prop_flat_map(|s| {
+            let idx: Vec<usize> = (0..s.cfg.services.len()).collect();
+            (Just(s), Just(idx).prop_shuffle())
+        })
+    ) {
+        let expected = s.decide();
+        let mut other = s.clone();
+        let rows: Vec<(&ServiceName, &[TriggerSample])> = s.samples.iter().collect();
+        let mut samples = Samples::default();
+        if let Some((name, row)) = rows.last() {
+            // A stale row first, which the one added later replaces.
+            let stale = row.iter().map(|t| TriggerSample { value: Some(999.0), ..t.clone() });
+            samples.push((*name).clone(), stale);
+        }
+        for &i in &perm {
+            if let Some((name, row)) = rows.get(i) {
+                samples.push((*name).clone(), row.iter().cloned());
+            }
+        }
+        other.samples = samples;
+        let commitments: Vec<(ServiceName, Commitment)> =
+            s.memory.commitments().map(|(n, c)| (n.clone(), *c)).collect();
+        other.memory.retain_commitments(|_| false);
+        for &i in perm.iter().rev() {
+            if let Some((name, c)) = commitments.get(i) {
+                other.memory.set_commitment(name.clone(), *c);
+            }
+        }
+        prop_assert_eq!(other.decide(), expected);
+    }
+
     /// Actions: one per changed service, counts equal the target differences, all stops before
     /// all starts, stops in reverse allocation order, starts in allocation order. The memory
     /// holds the new targets, with the time of the change.
@@ -563,14 +599,16 @@ proptest! {
             }
         }
         for e in &exp {
-            let c = memory.services[&ServiceName::try_new(e.name.clone()).unwrap()];
+            let c = *memory
+                .commitment(&ServiceName::try_new(e.name.clone()).unwrap())
+                .unwrap();
             prop_assert_eq!(c.target, plan.target(&e.name));
-            match s.memory.services.get(&ServiceName::try_new(e.name.clone()).unwrap()) {
+            match s.memory.commitment(&ServiceName::try_new(e.name.clone()).unwrap()) {
                 Some(old) if old.target == c.target => prop_assert_eq!(c.changed_at, old.changed_at),
                 _ => prop_assert_eq!(c.changed_at, s.now),
             }
         }
-        prop_assert_eq!(memory.services.len(), s.cfg.services.len());
+        prop_assert_eq!(memory.commitments().count(), s.cfg.services.len());
     }
 }
 
@@ -587,8 +625,7 @@ proptest! {
         let converge = |s: &mut Scenario| {
             s.observed.services = s
                 .memory
-                .services
-                .iter()
+                .commitments()
                 .map(|(n, c)| (n.clone(), ServiceObservation::counts(c.target, 0)))
                 .collect();
         };
@@ -597,7 +634,7 @@ proptest! {
             let (plan, memory) = s.decide();
             s.memory = memory;
             s.now += TICK;
-            if plan.actions.is_empty() && s.memory.services.len() == s.cfg.services.len() {
+            if plan.actions.is_empty() && s.memory.commitments().count() == s.cfg.services.len() {
                 settled = true;
                 break;
             }
@@ -697,7 +734,7 @@ fn run_rules(r: &RuleRun) -> Vec<Step> {
     let mut out = Vec::new();
     for (value, dt) in &r.ticks {
         now += *dt;
-        let current = memory.services.get(&api).map_or(0, |c| c.target);
+        let current = memory.commitment(&api).map_or(0, |c| c.target);
         let mut observed = Observed::default();
         observed
             .services

@@ -98,7 +98,7 @@ fn tick(cfg: &Config, hosts: &[Host], placed: &[(&str, Vec<u32>)], demand: &[(&s
         observed
             .services
             .insert(name(svc), ServiceObservation::counts(total, 0));
-        memory.services.insert(
+        memory.set_commitment(
             name(svc),
             Commitment {
                 target: total,
@@ -319,7 +319,7 @@ fn a_replica_waiting_for_room_is_not_left_behind_a_move() {
     }
     let mut memory = EngineState::default();
     for (svc, target) in [("web", 1), ("batch", 5)] {
-        memory.services.insert(
+        memory.set_commitment(
             name(svc),
             Commitment {
                 target,

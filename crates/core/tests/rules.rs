@@ -75,7 +75,7 @@ impl Run {
 
     /// `web` runs what was committed, `current` on the first tick.
     fn at(mut self, current: u32) -> Self {
-        self.memory.services.insert(
+        self.memory.set_commitment(
             web(),
             engine::Commitment {
                 target: current,
@@ -88,21 +88,18 @@ impl Run {
     /// One tick with the trigger values `q` (and any others), `dt` after the previous one.
     fn tick_with(&mut self, values: &[(&str, Option<f64>)], dt: Duration) -> ServicePlan {
         self.now += dt;
-        let current = self.memory.services.get(&web()).map_or(0, |c| c.target);
+        let current = self.memory.commitment(&web()).map_or(0, |c| c.target);
         let mut observed = Observed::default();
         observed
             .services
             .insert(web(), ServiceObservation::counts(current, 0));
         let mut samples = Samples::default();
-        samples.services.insert(
+        samples.insert(
             web(),
-            values
-                .iter()
-                .map(|(t, v)| TriggerSample {
-                    trigger: (*t).into(),
-                    value: *v,
-                })
-                .collect(),
+            values.iter().map(|(t, v)| TriggerSample {
+                trigger: (*t).into(),
+                value: *v,
+            }),
         );
         let (plan, memory) = decide(&self.cfg, &observed, &samples, &self.memory, self.now);
         self.memory = memory;

@@ -78,7 +78,7 @@ impl Tick {
         self.observed
             .services
             .insert(name(s), ServiceObservation::counts(running, 0));
-        self.memory.services.insert(
+        self.memory.set_commitment(
             name(s),
             Commitment {
                 target: running,
@@ -305,7 +305,7 @@ fn case() -> impl Strategy<Value = Case> {
                     .services
                     .insert(name(&n), ServiceObservation::counts(running, pending));
                 if let Some((target, old)) = commit {
-                    memory.services.insert(
+                    memory.set_commitment(
                         name(&n),
                         Commitment {
                             target,

@@ -930,11 +930,9 @@ impl<B: Backend + 'static> Controller<B> {
         for (slot, v) in join_all(waits).await {
             got[slot].2 = Some(v);
         }
-        // Per service in configuration order, then one bulk build of the map (it sorts the
-        // pairs, in one pass when the names come sorted), rather than an insert per service.
-        let mut per_service: Vec<(ServiceName, Vec<TriggerSample>)> =
-            Vec::with_capacity(self.triggers.len());
-        let mut current: Option<(usize, Vec<TriggerSample>)> = None;
+        // In configuration order, all in one buffer, then one row per service (the order the
+        // engine matches by position).
+        let mut flat: Vec<(usize, TriggerSample)> = Vec::with_capacity(got.len());
         for (i, name, value) in got {
             let value = match value.unwrap_or_else(|| Err("not sampled".into())) {
                 Ok(v) => {
@@ -974,31 +972,21 @@ impl<B: Backend + 'static> Controller<B> {
                     None
                 }
             };
-            match &mut current {
-                Some((j, out)) if *j == i => out.push(TriggerSample {
+            flat.push((
+                i,
+                TriggerSample {
                     trigger: name,
                     value,
-                }),
-                _ => {
-                    if let Some((j, out)) = current.take() {
-                        per_service.push((self.triggers[j].0.clone(), out));
-                    }
-                    current = Some((
-                        i,
-                        vec![TriggerSample {
-                            trigger: name,
-                            value,
-                        }],
-                    ));
-                }
-            }
+                },
+            ));
         }
-        if let Some((j, out)) = current {
-            per_service.push((self.triggers[j].0.clone(), out));
+        let mut samples = Samples::with_capacity(self.triggers.len(), flat.len());
+        let mut flat = flat.into_iter().peekable();
+        while let Some(&(i, _)) = flat.peek() {
+            let row = std::iter::from_fn(|| flat.next_if(|(j, _)| *j == i).map(|(_, s)| s));
+            samples.push(self.triggers[i].0.clone(), row);
         }
-        Samples {
-            services: per_service.into_iter().collect(),
-        }
+        samples
     }
 
     /// Dispatches the plan: one task per service that must change (see [`Controller::tick`]),

@@ -481,7 +481,6 @@ impl QueueView {
     pub fn tick(&self, r: &TickReport) -> QueueTick {
         let length = r
             .samples
-            .services
             .iter()
             .find(|(s, _)| s.as_str() == "workers")
             .and_then(|(_, ts)| ts.iter().find(|t| &*t.trigger == "queue"))

@@ -557,7 +557,7 @@ impl<'a> Sim<'a> {
                         value: None,
                     });
                 }
-                samples.services.insert(s.name.clone(), row);
+                samples.push(s.name.clone(), row);
             }
             feeds.push(fs);
         }
@@ -1064,11 +1064,14 @@ impl<'a> Sim<'a> {
                 })
                 .collect();
         }
-        // Sample.
-        for (si, s) in self.cfg.services.iter().enumerate() {
-            let Some(row) = self.samples.services.get_mut(&s.name) else {
-                continue;
-            };
+        // Sample: one row per triggered service, added in the configuration's order.
+        let triggered = self
+            .cfg
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.kind, ServiceKind::Triggered(_)));
+        for ((si, _), (_, row)) in triggered.zip(self.samples.iter_mut()) {
             for (ti, sample) in row.iter_mut().enumerate() {
                 sample.value = match &mut self.feeds[si][ti] {
                     Feed::Trace(v) => *v,

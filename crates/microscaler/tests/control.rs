@@ -377,7 +377,10 @@ async fn samples_share_their_trigger_names() {
     let mut ctl = Controller::new(config(API), Sim::default(), 1);
     let report = ctl.tick().await;
     let name = |s: &str| {
-        report.samples.services[&ServiceName::try_new(s).unwrap()][0]
+        report
+            .samples
+            .get(&ServiceName::try_new(s).unwrap())
+            .unwrap()[0]
             .trigger
             .clone()
     };
@@ -395,7 +398,7 @@ async fn a_reload_hands_unchanged_triggers_the_new_names() {
     ctl.reload(config(API)).await.expect("the reload is taken");
     let report = ctl.tick().await;
     let web = ServiceName::try_new("web").unwrap();
-    let sampled = report.samples.services[&web][0].trigger.clone();
+    let sampled = report.samples.get(&web).unwrap()[0].trigger.clone();
     let microscaler_core::ServiceKind::Triggered(ts) = &ctl.config().service("web").unwrap().kind
     else {
         panic!("web has triggers");

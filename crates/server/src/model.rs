@@ -348,7 +348,6 @@ impl Tick {
         }
         let samples = p
             .samples
-            .services
             .iter()
             .flat_map(|(svc, ts)| {
                 ts.iter().map(move |t| SampleTick {

@@ -294,7 +294,7 @@ impl<B: Backend + 'static> Controller<B> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|s| names.contains(s));
-        self.memory.services.retain(|s, _| names.contains(s));
+        self.memory.retain_commitments(|s| names.contains(s));
         self.memory.paused.retain(|s| names.contains(s));
         self.memory.paused_replicas.retain(|s, _| names.contains(s));
         self.memory
