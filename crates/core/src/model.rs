@@ -585,7 +585,7 @@ pub struct TriggerSample {
 /// engine matches rows to services by position when they come in the configuration's order
 /// (as the control loop adds them; services without samples may be left out), and by name
 /// otherwise.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Samples {
     /// Per service: its name and where its samples end in `values`.
     rows: Vec<(ServiceName, u32)>,
@@ -693,6 +693,13 @@ impl Samples {
     }
 }
 
+/// Shown as a map from each service to its samples, in the order they were added.
+impl fmt::Debug for Samples {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
 /// Equal when every service has the same samples, whatever the order they were added in.
 impl PartialEq for Samples {
     fn eq(&self, other: &Self) -> bool {
@@ -763,6 +770,11 @@ mod tests {
         assert_eq!(s.get(&name("c")).unwrap()[0].value, None);
         assert_eq!(s.get(&name("e")), None);
         assert_eq!(s.len(), 4);
+        let shown = format!("{s:?}");
+        assert!(
+            shown.starts_with("{ServiceName(\"a\"): [], ServiceName(\"b\"): [TriggerSample {"),
+            "{shown}"
+        );
     }
 
     #[test]
