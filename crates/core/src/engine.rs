@@ -538,7 +538,11 @@ pub fn decide<P: Plugins>(
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&p| class[by_name[p].1]);
 
-    let native_per_host = cfg.capabilities().native_per_host;
+    let facts = TickFacts {
+        now,
+        converge_timeout: cfg.converge_timeout,
+        native_per_host: cfg.capabilities().native_per_host,
+    };
     let mut scratch = Scratch::default();
     // Each service's configuration, triggers, samples and memory live in allocations of their
     // own, visited here in allocation order: ask for them a few services ahead, so the misses
@@ -559,18 +563,14 @@ pub fn decide<P: Plugins>(
             prefetch_inputs(svc, inp);
         }
         let svc = &cfg.services[i];
-        work.push(Work {
-            index: i,
-            ..want(
-                svc,
-                inputs[p],
-                &mut scratch,
-                hosts_of(svc, observed, hosts),
-                now,
-                cfg.converge_timeout,
-                native_per_host,
-            )
-        });
+        work.push(want(
+            svc,
+            i,
+            inputs[p],
+            &mut scratch,
+            hosts_of(svc, observed, hosts),
+            facts,
+        ));
     }
 
     let placed = match cfg.capacity {
@@ -879,15 +879,30 @@ fn hosts_of<P: Plugins>(svc: &Service<P>, observed: &Observed, ready: u32) -> u3
     }
 }
 
+/// What every service's [`want`] reads of the tick.
+#[derive(Clone, Copy)]
+struct TickFacts {
+    now: Duration,
+    converge_timeout: Duration,
+    /// The orchestrator keeps one replica per host of a per-host service by itself.
+    native_per_host: bool,
+}
+
+/// The want of service `svc` (at `index` in the configuration), with what the allocation and
+/// the plan read of it.
 fn want<'a, P: Plugins>(
     svc: &'a Service<P>,
+    index: usize,
     inputs: Inputs<'a>,
     scratch: &mut Scratch<'a, P::Source>,
     hosts: u32,
-    now: Duration,
-    converge_timeout: Duration,
-    native_per_host: bool,
+    facts: TickFacts,
 ) -> Work<'a, P> {
+    let TickFacts {
+        now,
+        converge_timeout,
+        native_per_host,
+    } = facts;
     let obs = inputs.obs;
     let scaling = inputs.scaling;
     let committed = inputs.committed;
@@ -1069,7 +1084,7 @@ fn want<'a, P: Plugins>(
             ServiceKind::Triggered(_) => Growth::Priority,
         },
         need: svc.resources.unwrap_or(Resources::ZERO),
-        index: 0,
+        index,
         scaling,
         paused_replicas: inputs.paused_replicas,
         obs,
