@@ -336,6 +336,34 @@ fn by_position<'r, P: Plugins, V>(
     rows.next().is_none().then_some(found)
 }
 
+/// Calls `f(position in the name order, value)` for every entry of `rows()` (which lists each
+/// service with its value, in any order): [`by_position`] when they follow the configuration's
+/// order, else by name, where of a service listed twice the last counts.
+fn match_rows<'r, P: Plugins, V: Copy, I: Iterator<Item = (&'r ServiceName, V)>>(
+    cfg: &Config<P>,
+    position: &[u32],
+    by_name: &[(Key, usize)],
+    len: usize,
+    rows: impl Fn() -> I,
+    mut f: impl FnMut(usize, V),
+) {
+    if let Some(found) = by_position(cfg, position, len, rows()) {
+        found.into_iter().for_each(|(p, v)| f(p, v));
+        return;
+    }
+    let mut sorted: Vec<(&ServiceName, V)> = rows().collect();
+    // A stable sort keeps equal names in the order they were listed.
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    sorted.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            *earlier = *later;
+        }
+        same
+    });
+    resolve(by_name, sorted.len(), sorted.into_iter(), f);
+}
+
 /// How many services ahead `decide` asks for a service's data.
 const AHEAD: usize = 8;
 
@@ -470,41 +498,24 @@ pub fn decide<P: Plugins>(
     }
     let o = &observed.services;
     resolve(&by_name, o.len(), o.iter(), |p, v| inputs[p].obs = *v);
-    let m = &memory.commitments;
-    match by_position(cfg, &position, m.len(), memory.commitments()) {
-        Some(found) => found
-            .into_iter()
-            .for_each(|(p, v)| inputs[p].committed = Some(v)),
-        None => {
-            let mut rows: Vec<(&ServiceName, &Commitment)> = memory.commitments().collect();
-            rows.sort_by(|a, b| a.0.cmp(b.0));
-            resolve(&by_name, rows.len(), rows.into_iter(), |p, v| {
-                inputs[p].committed = Some(v)
-            });
-        }
-    }
+    match_rows(
+        cfg,
+        &position,
+        &by_name,
+        memory.commitments.len(),
+        || memory.commitments(),
+        |p, v| inputs[p].committed = Some(v),
+    );
     let r = &memory.rules;
     resolve(&by_name, r.len(), r.iter(), |p, v| inputs[p].prev = Some(v));
-    if let Some(found) = by_position(cfg, &position, samples.len(), samples.iter()) {
-        for (p, v) in found {
-            inputs[p].samples = Some(v);
-        }
-    } else {
-        let mut rows: Vec<(&ServiceName, &[TriggerSample])> = samples.iter().collect();
-        // Of a service added twice, the last: a stable sort keeps equal names in the order
-        // they were added.
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        rows.dedup_by(|later, earlier| {
-            let same = later.0 == earlier.0;
-            if same {
-                *earlier = *later;
-            }
-            same
-        });
-        resolve(&by_name, rows.len(), rows.into_iter(), |p, v| {
-            inputs[p].samples = Some(v)
-        });
-    }
+    match_rows(
+        cfg,
+        &position,
+        &by_name,
+        samples.len(),
+        || samples.iter(),
+        |p, v| inputs[p].samples = Some(v),
+    );
     let sc = &cfg.scaling;
     resolve(&by_name, sc.len(), sc.iter(), |p, v| inputs[p].scaling = v);
     let pa = &memory.paused;
