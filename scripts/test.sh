@@ -44,14 +44,17 @@ fi
 step "the systemd unit (systemd-analyze verify and security)"
 scripts/check-systemd.sh
 
-step "microscaler's container image (scripts/image.sh)"
-# Its static, size-optimised build is slow the first time (about 20 minutes on 2 cores): as root
-# it keeps its own cargo target outside the repository, so later runs only rebuild what changed.
-if [ "$(id -u)" = 0 ]; then
-  CARGO_TARGET_DIR="${MICROSCALER_IMAGE_TARGET:-/var/cache/microscaler-ci/image-target}" scripts/image.sh
-else
-  scripts/image.sh
-fi
+step "microscaler's container images (scripts/image.sh, and --slim)"
+# Their static, size-optimised build is slow the first time (about 20 minutes on 2 cores): as
+# root it keeps its own cargo target outside the repository, so later runs only rebuild what
+# changed. The slim flavour shares every dependency built the same way.
+for flavour in "" --slim; do
+  if [ "$(id -u)" = 0 ]; then
+    CARGO_TARGET_DIR="${MICROSCALER_IMAGE_TARGET:-/var/cache/microscaler-ci/image-target}" scripts/image.sh $flavour
+  else
+    scripts/image.sh $flavour
+  fi
+done
 
 step "the multi-node Docker Swarm rig (scripts/swarm-rig.sh start; stopped when this script ends)"
 # Three engines in network namespaces of their own (docs/swarm-rig.md), for tests/swarm_nodes.rs.

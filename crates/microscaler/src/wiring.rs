@@ -39,8 +39,9 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
         #[cfg(not(feature = "kubernetes"))]
         BackendConfig::Kubernetes(_) => {
             return Err(BackendError::Unsupported(
-                "this microscaler was built without the kubernetes backend: build it with \
-                 cargo build --features kubernetes (on by default)"
+                "this microscaler was built without the kubernetes backend (the slim image \
+                 and --no-default-features builds leave it out): use the full image \
+                 microscaler:<version>, or build with cargo build --features kubernetes (on by default)"
                     .into(),
             ))
         }
@@ -66,8 +67,9 @@ pub async fn build_backend(cfg: &Config, state_dir: &Path) -> Result<AnyBackend,
         #[cfg(not(feature = "ecs"))]
         BackendConfig::Ecs(_) => {
             return Err(BackendError::Unsupported(
-                "this microscaler was built without the ecs backend: build it with \
-                 cargo build --features ecs (on by default)"
+                "this microscaler was built without the ecs backend (the slim image \
+                 and --no-default-features builds leave it out): use the full image \
+                 microscaler:<version>, or build with cargo build --features ecs (on by default)"
                     .into(),
             ))
         }

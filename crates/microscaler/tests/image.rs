@@ -2,7 +2,9 @@
 //! before the tests) on the real Docker engine: the seeds' demo runs from it with the engine's
 //! socket mounted, its replicas are siblings of microscaler's container on that engine, the
 //! dashboard's API answers on the published port with the token the demo prints, and a
-//! `docker stop` of microscaler's container removes every replica it started.
+//! `docker stop` of microscaler's container removes every replica it started. The same for
+//! the slim flavour (`scripts/image.sh --slim`), which also says plainly that it holds no
+//! Kubernetes backend when a configuration asks for one.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use microscaler_testkit::{missing_service, unique};
 
 const IMAGE: &str = concat!("microscaler:", env!("CARGO_PKG_VERSION"));
+const SLIM: &str = concat!("microscaler:", env!("CARGO_PKG_VERSION"), "-slim");
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker")
@@ -77,19 +80,62 @@ fn until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-#[test]
-fn the_demo_runs_from_the_image_with_sibling_replicas() {
-    let present = docker(&["image", "inspect", "-f", "{{.Size}}", IMAGE]);
+/// The size of `image` in bytes, or `None` when it is missing and the test may skip.
+fn image_size(image: &str, built_by: &str) -> Option<u64> {
+    let present = docker(&["image", "inspect", "-f", "{{.Size}}", image]);
     if !present.status.success() {
         let why = String::from_utf8_lossy(&present.stderr).into_owned();
-        if missing_service(&format!("the image {IMAGE} (scripts/image.sh)"), why) {
-            return;
+        if missing_service(&format!("the image {image} ({built_by})"), why) {
+            return None;
         }
     }
-    let size: u64 = stdout(&present).parse().expect("image size");
+    Some(stdout(&present).parse().expect("image size"))
+}
+
+#[test]
+fn the_demo_runs_from_the_image_with_sibling_replicas() {
+    let Some(size) = image_size(IMAGE, "scripts/image.sh") else {
+        return;
+    };
     // The seeds' agent image was 28 MB.
     assert!(size < 28_000_000, "{IMAGE} is {size} bytes");
+    demo_from(IMAGE);
+}
 
+#[test]
+fn the_demo_runs_from_the_slim_image_which_names_what_it_leaves_out() {
+    let Some(size) = image_size(SLIM, "scripts/image.sh --slim") else {
+        return;
+    };
+    if let Some(full) = image_size(IMAGE, "scripts/image.sh") {
+        assert!(size < full, "{SLIM} is {size} bytes, {IMAGE} {full}");
+    }
+    // A configuration for a backend the flavour leaves out: refused at start, by name, with
+    // the way to get it; nothing is created.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let dir = dir.canonicalize().expect("the examples directory");
+    let run = docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{}:/examples:ro", dir.display()),
+        SLIM,
+        "run",
+        "-c",
+        "/examples/kubernetes.toml",
+    ]);
+    let text = format!("{}{}", stdout(&run), String::from_utf8_lossy(&run.stderr));
+    assert!(!run.status.success(), "{text}");
+    assert!(
+        text.contains("built without the kubernetes backend"),
+        "{text}"
+    );
+    demo_from(SLIM);
+}
+
+/// The seeds' demo from `image`: sibling replicas, the API with its token, and a `docker stop`
+/// that removes them.
+fn demo_from(image: &str) {
     let instance = unique("image");
     let container = format!("microscaler-{instance}");
     let _cleanup = Cleanup {
@@ -105,7 +151,7 @@ fn the_demo_runs_from_the_image_with_sibling_replicas() {
         "/var/run/docker.sock:/var/run/docker.sock",
         "-p",
         "127.0.0.1::8080",
-        IMAGE,
+        image,
         "demo",
         "--instance",
         &instance,

@@ -139,7 +139,7 @@ impl SourcePlugins for SourceConfig {
             "sqs" => {
                 v.err(
                     join(path, "type"),
-                    "the sqs source is not built into this microscaler: rebuild with the cargo feature \"sqs\"",
+                    "the sqs source is not built into this microscaler (the slim image and --no-default-features builds leave it out): use the full image microscaler:<version>, or rebuild with the cargo feature \"sqs\"",
                 );
                 return None;
             }
@@ -310,7 +310,7 @@ mod tests {
     fn sqs_needs_its_feature() {
         assert_eq!(
             errors(r#"type = "sqs""#),
-            vec![format!("{P}.type: the sqs source is not built into this microscaler: rebuild with the cargo feature \"sqs\"")]
+            vec![format!("{P}.type: the sqs source is not built into this microscaler (the slim image and --no-default-features builds leave it out): use the full image microscaler:<version>, or rebuild with the cargo feature \"sqs\"")]
         );
     }
 }
