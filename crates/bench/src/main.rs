@@ -115,6 +115,11 @@ pub struct Opts {
     /// baseline. 0: no pool.
     #[arg(long, global = true, default_value_t = 0)]
     pool: u32,
+    /// Warm pool of the remainder (priority 2) in the figures that have one: paused replicas
+    /// kept beside what it runs, so it grows by unpausing even past its largest count so far.
+    /// 0: none (it still keeps what it paused with `--preempt pause`).
+    #[arg(long, global = true, default_value_t = 0)]
+    pool_p2: u32,
     /// What a scale-down does to the remainder (priority 2) in the figures that have one:
     /// "stop" (remove) or "pause" (`[services.pool] preempt = "pause"`).
     #[arg(long, global = true, default_value = "stop", value_parser = ["stop", "pause"])]
@@ -273,7 +278,7 @@ async fn main() -> Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "options": { "tick_ms": report::ms(o.tick), "steps": o.steps, "burst": o.burst,
                          "parallelism": o.parallelism, "tracking_s": o.tracking.as_secs_f64(),
-                         "replicas": o.replicas, "soak_s": o.soak.as_secs_f64(), "sse_clients": o.sse_clients, "pool": o.pool, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
+                         "replicas": o.replicas, "soak_s": o.soak.as_secs_f64(), "sse_clients": o.sse_clients, "pool": o.pool, "pool_p2": o.pool_p2, "preempt": o.preempt, "preempt_p1": o.preempt_p1,
                          "intervals_ms": o.intervals.iter().map(|d| report::ms(*d)).collect::<Vec<_>>() },
             "table": rows.iter().map(report::Row::json).collect::<Vec<_>>(),
             "results": Value::Object(out),

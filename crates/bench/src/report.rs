@@ -107,15 +107,15 @@ impl Row {
     }
 
     /// A share of time, against an optional floor share.
-    pub fn share(figure: &str, v: f64, floor: Option<f64>, target: &str) -> Row {
+    pub fn share(figure: &str, v: f64, floor: Option<(f64, &str)>, target: &str) -> Row {
         Row {
             figure: figure.into(),
             microscaler: format!("{:.1}%", v * 100.0),
             baseline: floor.map_or_else(
                 || "100% (ideal)".into(),
-                |f| format!("{:.1}% (cold-start floor)", f * 100.0),
+                |(f, what)| format!("{:.1}% ({what})", f * 100.0),
             ),
-            ratio: fmt_ratio(ratio(v, floor.unwrap_or(1.0))),
+            ratio: fmt_ratio(ratio(v, floor.map_or(1.0, |(f, _)| f))),
             target: target.into(),
         }
     }
