@@ -311,21 +311,24 @@ fn resolve<'m, V: Copy>(
 }
 
 /// The entries of `rows` with the services' positions in the name order (`position`, by
-/// configuration index), matched by position: when the names of `rows` follow the
+/// configuration index), matched by position against the services' `keys` (in configuration
+/// order): when the names of `rows` follow the
 /// configuration's order (services without an entry left out), as the control loop adds
 /// samples and as `decide` leaves its commitments, no name is looked up. `None` when they do
 /// not.
-fn by_position<'r, P: Plugins, V>(
-    cfg: &Config<P>,
+fn by_position<'r, V>(
+    keys: &[Key],
     position: &[u32],
     len: usize,
     rows: impl Iterator<Item = (&'r ServiceName, V)>,
 ) -> Option<Vec<(usize, V)>> {
     let mut rows = rows.peekable();
     let mut found = Vec::with_capacity(len);
-    for (svc, &p) in cfg.services.iter().zip(position) {
+    // Compared by key (the configuration's names are not read again: `keys` holds their first
+    // 32 bytes, all of a short name).
+    for (key, &p) in keys.iter().zip(position) {
         match rows.peek() {
-            Some((name, _)) if **name == svc.name => {
+            Some((name, _)) if Key::new(name).cmp(key).is_eq() => {
                 let (_, v) = rows.next()?;
                 found.push((p as usize, v));
             }
@@ -339,15 +342,15 @@ fn by_position<'r, P: Plugins, V>(
 /// Calls `f(position in the name order, value)` for every entry of `rows()` (which lists each
 /// service with its value, in any order): [`by_position`] when they follow the configuration's
 /// order, else by name, where of a service listed twice the last counts.
-fn match_rows<'r, P: Plugins, V: Copy, I: Iterator<Item = (&'r ServiceName, V)>>(
-    cfg: &Config<P>,
+fn match_rows<'r, V: Copy, I: Iterator<Item = (&'r ServiceName, V)>>(
+    keys: &[Key],
     position: &[u32],
     by_name: &[(Key, usize)],
     len: usize,
     rows: impl Fn() -> I,
     mut f: impl FnMut(usize, V),
 ) {
-    if let Some(found) = by_position(cfg, position, len, rows()) {
+    if let Some(found) = by_position(keys, position, len, rows()) {
         found.into_iter().for_each(|(p, v)| f(p, v));
         return;
     }
@@ -499,7 +502,7 @@ pub fn decide<P: Plugins>(
     let o = &observed.services;
     resolve(&by_name, o.len(), o.iter(), |p, v| inputs[p].obs = *v);
     match_rows(
-        cfg,
+        &keys,
         &position,
         &by_name,
         memory.commitments.len(),
@@ -509,7 +512,7 @@ pub fn decide<P: Plugins>(
     let r = &memory.rules;
     resolve(&by_name, r.len(), r.iter(), |p, v| inputs[p].prev = Some(v));
     match_rows(
-        cfg,
+        &keys,
         &position,
         &by_name,
         samples.len(),
