@@ -29,9 +29,10 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
-# Tasks that an engine stopped without cleaning up left in its containerd's state (a machine
-# whose dockerd was killed while it ran 1,000 containers leaves 1,000). The next containerd
-# deletes each one at start (about 25 ms each), and dockerd gives it only 15 s to answer.
+# Tasks the engine's containerd still holds for containers Docker no longer knows (Docker 20.10
+# loses track of some when about 1,000 are removed at once; a dockerd killed while containers
+# ran leaves them too). The next containerd deletes each one at start (about 25 ms each), and
+# dockerd gives it only 15 s to answer.
 stale_tasks() {
   local dir=/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby
   if [ -d "$dir" ]; then find "$dir" -mindepth 1 -maxdepth 1 | wc -l; else echo 0; fi
