@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, EventsOptions, InspectContainerOptions,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
+use futures::StreamExt;
 use microscaler_backends::docker::DockerBackend;
 use microscaler_backends::docker::DockerConfig;
 use microscaler_backends::Service;
@@ -475,6 +476,83 @@ async fn replicas_stop_promptly_on_sigterm() {
     // 10 s grace before the engine killed it.
     assert!(took < Duration::from_secs(5), "3 -> 0 took {took:?}");
     assert!(list(&raw().await, &instance, None, true).await.is_empty());
+}
+
+/// Stops go to the engine at most `stop_parallelism` at a time (Docker 20.10 loses track of
+/// containers when about 1,000 are removed at once). Read from the engine's own event stream: a
+/// replica is being ended from its `kill` (the stop's SIGTERM) to its `destroy` (the removal),
+/// and never more than two are at once. Without the bound all six are (checked).
+#[tokio::test]
+async fn stops_are_bounded_by_stop_parallelism() {
+    let instance = unique("dk-stoppar");
+    let spec = DockerConfig {
+        stop_parallelism: 2,
+        ..spec()
+    };
+    let backend = match DockerBackend::connect(&spec, &instance).await {
+        Ok(b) => b,
+        Err(e) => {
+            common::missing_service("Docker engine", e);
+            return;
+        }
+    };
+    let _cleanup = Cleanup::new(&instance);
+    let docker = raw().await;
+    let svc = service(&unique("stoppar"), vec![]);
+    backend.prepare(std::slice::from_ref(&svc)).await.unwrap();
+    backend.scale(&svc, 6).await.unwrap();
+    let obs = wait_for(&backend, SETTLE, |o| running(o, &svc) == 6).await;
+    assert_eq!(running(&obs, &svc), 6, "{obs:?}");
+
+    // Events from a second before the scale-down on (the engine's clock is this machine's).
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 1;
+    let out = backend.scale(&svc, 0).await.unwrap();
+    assert_eq!(out.stopped, 6, "{out:?}");
+    let filters = HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        (
+            "label".to_string(),
+            vec![format!("{}={instance}", labels::INSTANCE)],
+        ),
+    ]);
+    let until = since + 3600;
+    let mut events = docker.events(Some(EventsOptions {
+        since: Some(since.to_string()),
+        until: Some(until.to_string()),
+        filters: Some(filters),
+    }));
+    let (mut ending, mut most, mut destroyed) = (std::collections::HashSet::new(), 0, 0);
+    let read = tokio::time::timeout(SETTLE, async {
+        while let Some(e) = events.next().await {
+            let e = e.expect("event stream");
+            let id = e.actor.and_then(|a| a.id).unwrap_or_default();
+            match e.action.as_deref() {
+                Some("kill") => {
+                    ending.insert(id);
+                    most = most.max(ending.len());
+                }
+                Some("destroy") => {
+                    ending.remove(&id);
+                    destroyed += 1;
+                    if destroyed == 6 {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "only {destroyed} of 6 destroy events");
+    assert!(
+        (1..=2).contains(&most),
+        "{most} replicas being stopped at once"
+    );
+    assert!(list(&docker, &instance, None, true).await.is_empty());
 }
 
 #[tokio::test]

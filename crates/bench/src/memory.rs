@@ -120,6 +120,45 @@ fn docker_ids(instance: &str, running: bool) -> Vec<String> {
     }
 }
 
+/// containerd's command line on the engine's own containerd (Docker's namespace).
+const CTR: &str = "ctr -a /var/run/docker/containerd/containerd.sock -n moby";
+
+/// The tasks the engine's containerd holds for containers Docker no longer lists: what
+/// Docker 20.10 leaves when it loses track of a removal. Empty when `ctr` cannot be asked
+/// (another containerd layout): said on stderr, not an error.
+fn lost_tasks() -> Result<Vec<String>> {
+    let mut argv = CTR.split(' ');
+    let ctr = Command::new(argv.next().unwrap_or("ctr"))
+        .args(argv)
+        .args(["tasks", "ls", "-q"])
+        .stderr(Stdio::null())
+        .output();
+    let tasks = match ctr {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => {
+            eprintln!("bench: memory: cannot ask the engine's containerd (`{CTR}`); lost tasks not checked");
+            return Ok(Vec::new());
+        }
+    };
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--no-trunc"])
+        .output()
+        .context("docker ps")?;
+    if !out.status.success() {
+        bail!(
+            "docker ps -aq failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let known = String::from_utf8_lossy(&out.stdout).into_owned();
+    let known: std::collections::HashSet<&str> = known.split_whitespace().collect();
+    Ok(tasks
+        .split_whitespace()
+        .filter(|t| !known.contains(t))
+        .map(str::to_string)
+        .collect())
+}
+
 /// How a Docker-backed daemon of the memory figure talks to the engine.
 #[derive(Debug, Clone, Copy)]
 struct DockerOpts<'a> {
@@ -377,6 +416,17 @@ fn run_docker(bin: &Path, replicas: u32, tick: Duration) -> Result<(Value, Vec<R
         eprintln!("bench: memory: the same containers adopted, listing every tick");
         hold_at(&mut d, backend, replicas, minute, || calls.listings())?
     };
+    // The daemon has removed its replicas (on_exit = "stop"): the engine must have let go of
+    // every one, not only stopped listing it.
+    let lost = lost_tasks()?;
+    if !lost.is_empty() {
+        bail!(
+            "the engine's containerd still holds {} tasks of containers Docker no longer lists \
+             after microscaler removed {replicas} replicas; clean them with `{CTR} tasks delete` \
+             and `{CTR} containers delete` (docs/backends.md)",
+            lost.len()
+        );
+    }
     let mb = |kb: u64| kb as f64 / 1024.0;
     let parts = |h: &Held| {
         format!(
