@@ -248,6 +248,11 @@ pub struct RunSpec {
     /// Environment given to each replica. Nothing else is passed: the daemon's own environment
     /// never reaches a replica.
     pub env: BTreeMap<String, String>,
+    /// The docker backend only (`init = true`): an init process runs as each container's
+    /// PID 1 (Docker's `--init`), passing SIGTERM on to the command and reaping its children,
+    /// so a command that ignores signals as PID 1 stops at once instead of after its whole
+    /// `stop_grace`. Other backends refuse the key.
+    pub init: bool,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +286,7 @@ impl RunSpec {
             image: r.image,
             command: r.command,
             env: r.env,
+            init: false,
         })
     }
 }

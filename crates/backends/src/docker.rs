@@ -190,14 +190,27 @@ impl DockerConfig {
         })
     }
 
-    /// Validates a service's own keys for this backend: `image`, `command` and `env`.
+    /// Validates a service's own keys for this backend: `image`, `command`, `env` and `init`.
     pub fn workload(
-        options: toml::Table,
+        mut options: toml::Table,
         _: &ServiceContext<'_>,
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        Workload::managed_only("docker", options, v, path).map(Workload::Managed)
+        let init = match options.remove("init") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => b,
+            Some(other) => {
+                v.err(
+                    join(path, "init"),
+                    format!("must be true or false, got {other}"),
+                );
+                false
+            }
+        };
+        let mut run = Workload::managed_only("docker", options, v, path)?;
+        run.init = init;
+        Some(Workload::Managed(run))
     }
 }
 
@@ -907,6 +920,8 @@ impl DockerBackend {
                     maximum_retry_count: None,
                 }),
                 auto_remove: Some(false),
+                // Docker's own init as PID 1 (`init = true`): signals reach the command.
+                init: Some(managed(service).init).filter(|i| *i),
                 ..Default::default()
             }),
             ..Default::default()
@@ -1543,6 +1558,30 @@ mod tests {
                 "backend.start_parallelism: must be between 1 and 256, got 0",
                 "backend.stop_parallelism: must be between 1 and 1024, got 1025",
             ]
+        );
+    }
+
+    #[test]
+    fn init_is_a_docker_service_key() {
+        let init = |backend: &str, extra: &str| {
+            config(&format!("type = \"{backend}\""), extra).map(|c| {
+                c.services[0]
+                    .workload
+                    .run()
+                    .expect("a managed service")
+                    .init
+            })
+        };
+        assert_eq!(init("docker", ""), Ok(false));
+        assert_eq!(init("docker", "init = true"), Ok(true));
+        assert_eq!(
+            init("docker", "init = \"yes\"").unwrap_err(),
+            vec!["services[0].init: must be true or false, got \"yes\""]
+        );
+        let err = init("process", "init = true").unwrap_err();
+        assert!(
+            err.len() == 1 && err[0].starts_with("services[0]") && err[0].contains("init"),
+            "{err:?}"
         );
     }
 

@@ -62,6 +62,7 @@ pub(crate) fn managed(service: &Service) -> &RunSpec {
         image: None,
         command: Vec::new(),
         env: std::collections::BTreeMap::new(),
+        init: false,
     };
     service.workload.run().unwrap_or(&BUILT_IN)
 }

@@ -126,6 +126,40 @@ async fn exists(docker: &Docker, id: &str) -> bool {
         .is_ok()
 }
 
+/// The engine's container events of `instance` from `since` (seconds since the epoch) on,
+/// only `event`s if given: what happened, read back from the engine itself.
+fn instance_events(
+    docker: &Docker,
+    instance: &str,
+    since: u64,
+    event: Option<&str>,
+) -> impl futures::Stream<Item = Result<bollard::models::EventMessage, bollard::errors::Error>> {
+    let mut filters = HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        (
+            "label".to_string(),
+            vec![format!("{}={instance}", labels::INSTANCE)],
+        ),
+    ]);
+    if let Some(e) = event {
+        filters.insert("event".to_string(), vec![e.to_string()]);
+    }
+    docker.events(Some(EventsOptions {
+        since: Some(since.to_string()),
+        until: Some((since + 3600).to_string()),
+        filters: Some(filters),
+    }))
+}
+
+/// A second before now, in seconds since the epoch (the engine's clock is this machine's).
+fn a_second_ago() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 1
+}
+
 /// The contract suite against the real engine. The foreign object is a running container of
 /// the built-in image without microscaler's labels.
 struct DockerHarness {
@@ -504,27 +538,10 @@ async fn stops_are_bounded_by_stop_parallelism() {
     let obs = wait_for(&backend, SETTLE, |o| running(o, &svc) == 6).await;
     assert_eq!(running(&obs, &svc), 6, "{obs:?}");
 
-    // Events from a second before the scale-down on (the engine's clock is this machine's).
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 1;
+    let since = a_second_ago();
     let out = backend.scale(&svc, 0).await.unwrap();
     assert_eq!(out.stopped, 6, "{out:?}");
-    let filters = HashMap::from([
-        ("type".to_string(), vec!["container".to_string()]),
-        (
-            "label".to_string(),
-            vec![format!("{}={instance}", labels::INSTANCE)],
-        ),
-    ]);
-    let until = since + 3600;
-    let mut events = docker.events(Some(EventsOptions {
-        since: Some(since.to_string()),
-        until: Some(until.to_string()),
-        filters: Some(filters),
-    }));
+    let mut events = instance_events(&docker, &instance, since, None);
     let (mut ending, mut most, mut destroyed) = (std::collections::HashSet::new(), 0, 0);
     let read = tokio::time::timeout(SETTLE, async {
         while let Some(e) = events.next().await {
@@ -553,6 +570,74 @@ async fn stops_are_bounded_by_stop_parallelism() {
         "{most} replicas being stopped at once"
     );
     assert!(list(&docker, &instance, None, true).await.is_empty());
+}
+
+/// `init = true` runs Docker's init as PID 1: a command that ignores SIGTERM as PID 1 (busybox
+/// `sleep`) gets the signal and ends with it (exit 143), where without it the engine kills it
+/// after the grace period (exit 137). Read from the containers' `die` events.
+#[tokio::test]
+async fn init_passes_sigterm_to_the_command() {
+    let instance = unique("dk-init");
+    let Some(backend) = connect(&instance).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&instance);
+    let docker = raw().await;
+    let image = microscaler_testkit::busybox_image();
+    let sleeper = |name: &str, init: bool| {
+        let mut svc = service(
+            &unique(name),
+            vec!["/bin/busybox".into(), "sleep".into(), "3600".into()],
+        );
+        let run = svc.workload.run_mut().unwrap();
+        run.image = Some(image.to_string());
+        run.init = init;
+        svc.stop_grace = Duration::from_secs(1);
+        svc
+    };
+    let (with, without) = (sleeper("init", true), sleeper("noinit", false));
+    let both = [with.clone(), without.clone()];
+    backend.prepare(&both).await.unwrap();
+    for svc in &both {
+        assert_eq!(backend.scale(svc, 1).await.unwrap().started, 1);
+    }
+    let obs = wait_for(&backend, SETTLE, |o| {
+        both.iter().all(|s| running(o, s) == 1)
+    })
+    .await;
+    assert!(both.iter().all(|s| running(&obs, s) == 1), "{obs:?}");
+    for (svc, init) in [(&with, Some(true)), (&without, None)] {
+        let id = &list(&docker, &instance, Some(svc), false).await[0];
+        let c = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .unwrap();
+        let set = c.host_config.unwrap().init.filter(|i| *i);
+        assert_eq!(set, init, "{}", svc.name);
+    }
+
+    let since = a_second_ago();
+    for svc in &both {
+        assert_eq!(backend.scale(svc, 0).await.unwrap().stopped, 1);
+    }
+    let mut events = instance_events(&docker, &instance, since, Some("die"));
+    let mut exits = HashMap::new();
+    let read = tokio::time::timeout(SETTLE, async {
+        while let Some(e) = events.next().await {
+            let attrs = e.expect("event stream").actor.and_then(|a| a.attributes);
+            let attrs = attrs.unwrap_or_default();
+            if let (Some(svc), Some(code)) = (attrs.get(labels::SERVICE), attrs.get("exitCode")) {
+                exits.insert(svc.clone(), code.clone());
+            }
+            if exits.len() == 2 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "die events: {exits:?}");
+    assert_eq!(exits[with.name.as_str()], "143", "{exits:?}");
+    assert_eq!(exits[without.name.as_str()], "137", "{exits:?}");
 }
 
 #[tokio::test]

@@ -12,8 +12,7 @@ use common::{dead_port, missing_service, unique};
 use microscaler_sources::{
     AnySource, CpuAggregate, DockerCpuConfig, NetOptions, Source, SourceConfig, SourceError,
 };
-
-const IMAGE: &str = "microscaler-test-busybox:1";
+use microscaler_testkit::busybox_image;
 
 fn docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
@@ -24,25 +23,6 @@ fn docker(args: &[&str]) -> Result<String, String> {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn image() {
-    if docker(&["image", "inspect", IMAGE]).is_ok() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox"))
-        .expect("/bin/busybox (Debian's busybox-static, installed by scripts/services.sh)");
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "tar -C {} -c . | docker import - {IMAGE} >/dev/null",
-            dir.path().display()
-        ))
-        .status()
-        .unwrap();
-    assert!(st.success(), "docker import failed");
 }
 
 /// Removes the test's containers however the test ends.
@@ -66,7 +46,7 @@ fn run(instance: &str, service: &str, script: &str) -> String {
         &format!("io.microscaler.instance={instance}"),
         "--label",
         &format!("io.microscaler.service={service}"),
-        IMAGE,
+        busybox_image(),
         "/bin/busybox",
         "sh",
         "-c",
@@ -101,7 +81,7 @@ async fn cpu_of_the_service_own_containers_only() {
             return;
         }
     }
-    image();
+    busybox_image();
     let instance = unique("cpu");
     let other = unique("cpu-other");
     let busy = "trap 'exit 0' TERM; while :; do :; done";
@@ -160,7 +140,7 @@ async fn source_contract() {
             return;
         }
     }
-    image();
+    busybox_image();
     let instance = unique("cpu-contract");
     let _c = Cleanup(vec![run(
         &instance,

@@ -159,6 +159,40 @@ pub fn redis_server(events: &str) -> Option<RedisServer> {
     panic!("redis-server did not listen on {port} within 5 s");
 }
 
+/// An image of Debian's static busybox (`/bin/busybox`, from busybox-static, which
+/// scripts/services.sh installs), imported into the local Docker engine once as a one-file
+/// image (no registry); its name. For containers that run a shell or a command that ignores
+/// SIGTERM as PID 1 (`/bin/busybox sleep 3600`).
+pub fn busybox_image() -> &'static str {
+    const IMAGE: &str = "microscaler-test-busybox:1";
+    let docker = |args: &[&str]| {
+        std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if docker(&["image", "inspect", IMAGE]) {
+        return IMAGE;
+    }
+    let dir = std::env::temp_dir().join(unique("ms-busybox"));
+    std::fs::create_dir_all(dir.join("bin")).expect("a temporary directory");
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox"))
+        .expect("/bin/busybox (Debian's busybox-static, installed by scripts/services.sh)");
+    let imported = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | docker import - {IMAGE} >/dev/null",
+            dir.display()
+        ))
+        .status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        imported.is_ok_and(|s| s.success()),
+        "docker import of busybox failed"
+    );
+    IMAGE
+}
+
 /// A name unique to this test run, valid as an instance or service name.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -189,6 +223,7 @@ pub fn service(name: &str, command: Vec<String>) -> Service {
             image: None,
             command,
             env: Default::default(),
+            init: false,
         }),
         stop_grace: Duration::from_secs(5),
         pool: Default::default(),
