@@ -86,8 +86,9 @@ pub struct DockerConfig {
     pub host: Option<String>,
     /// How many containers are created and started at once (1 to 256, default 8).
     pub start_parallelism: usize,
-    /// How many containers are stopped and removed at once (1 to 1024, default 64): Docker
-    /// 20.10 loses track of some containers when about 1,000 are removed together.
+    /// How many containers are stopped and removed at once, all services together (1 to 1024,
+    /// default 64): Docker 20.10 loses track of some containers when about 1,000 are removed
+    /// together.
     pub stop_parallelism: usize,
     /// Network mode of the replicas (`none`, the default, `host`, `bridge` or a network name).
     pub network: String,
@@ -240,8 +241,9 @@ pub struct DockerBackend {
     address: String,
     instance: String,
     start_parallelism: usize,
-    /// Stops and removals at once (see [`DockerConfig::stop_parallelism`]).
-    stop_parallelism: usize,
+    /// Stops and removals at once (see [`DockerConfig::stop_parallelism`]): permits shared
+    /// by every call and clone, since the control loop changes many services at once.
+    stops: Arc<tokio::sync::Semaphore>,
     network: String,
     /// `[backend] allocatable`, reported as the host's CPUs and memory when set.
     allocatable: Option<Resources>,
@@ -593,7 +595,7 @@ impl DockerBackend {
             address,
             instance: instance.to_string(),
             start_parallelism: spec.start_parallelism.max(1),
-            stop_parallelism: spec.stop_parallelism.max(1),
+            stops: Arc::new(tokio::sync::Semaphore::new(spec.stop_parallelism.max(1))),
             network,
             replica_image: Arc::new(OnceCell::new()),
             pool: Arc::new(PoolState::default()),
@@ -811,14 +813,17 @@ impl DockerBackend {
         Ok(())
     }
 
-    /// Runs `work` (stops and removals), at most `stop_parallelism` at a time; the results
-    /// come in `work`'s order. Takes the futures already made: a stream mapping borrowed
-    /// containers through a closure would not be `Send` for every lifetime.
+    /// Runs `work` (stops and removals) with at most `stop_parallelism` of them in flight
+    /// on the engine, counting every other service's at the same time; the results come in
+    /// `work`'s order. Takes the futures already made: a stream mapping borrowed containers
+    /// through a closure would not be `Send` for every lifetime.
     async fn ending<F: std::future::Future>(&self, work: Vec<F>) -> Vec<F::Output> {
-        futures::stream::iter(work)
-            .buffered(self.stop_parallelism)
-            .collect()
-            .await
+        futures::future::join_all(work.into_iter().map(|f| async {
+            // The semaphore is never closed, so a permit always comes.
+            let _permit = self.stops.acquire().await;
+            f.await
+        }))
+        .await
     }
 
     /// Stops and removes `victims`, `stop_parallelism` at a time; returns how many are gone
