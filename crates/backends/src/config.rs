@@ -248,10 +248,10 @@ pub struct RunSpec {
     /// Environment given to each replica. Nothing else is passed: the daemon's own environment
     /// never reaches a replica.
     pub env: BTreeMap<String, String>,
-    /// The docker backend only (`init = true`): an init process runs as each container's
-    /// PID 1 (Docker's `--init`), passing SIGTERM on to the command and reaping its children,
-    /// so a command that ignores signals as PID 1 stops at once instead of after its whole
-    /// `stop_grace`. Other backends refuse the key.
+    /// The docker and swarm backends only (`init = true`): an init process runs as each
+    /// container's PID 1 (Docker's `--init`), passing SIGTERM on to the command and reaping
+    /// its children, so a command that ignores signals as PID 1 stops at once instead of after
+    /// its whole `stop_grace`. Other backends refuse the key.
     pub init: bool,
 }
 
@@ -265,6 +265,22 @@ struct RawRun {
 }
 
 impl RunSpec {
+    /// Takes a service's `init` key out of `options` (the backends that run containers
+    /// themselves: docker and swarm): `true` or `false`, default `false`.
+    pub(crate) fn take_init(options: &mut toml::Table, v: &mut Validator, path: &str) -> bool {
+        match options.remove("init") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => b,
+            Some(other) => {
+                v.err(
+                    join(path, "init"),
+                    format!("must be true or false, got {other}"),
+                );
+                false
+            }
+        }
+    }
+
     /// Validates a service's `image`, `command` and `env` keys; any other key of `options` is
     /// an error. `path` is the service's.
     pub(crate) fn validate(options: toml::Table, v: &mut Validator, path: &str) -> Option<Self> {

@@ -198,17 +198,7 @@ impl DockerConfig {
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        let init = match options.remove("init") {
-            None => false,
-            Some(toml::Value::Boolean(b)) => b,
-            Some(other) => {
-                v.err(
-                    join(path, "init"),
-                    format!("must be true or false, got {other}"),
-                );
-                false
-            }
-        };
+        let init = crate::RunSpec::take_init(&mut options, v, path);
         let mut run = Workload::managed_only("docker", options, v, path)?;
         run.init = init;
         Some(Workload::Managed(run))
@@ -1567,7 +1557,7 @@ mod tests {
     }
 
     #[test]
-    fn init_is_a_docker_service_key() {
+    fn init_is_a_docker_and_swarm_service_key() {
         let init = |backend: &str, extra: &str| {
             config(&format!("type = \"{backend}\""), extra).map(|c| {
                 c.services[0]
@@ -1579,6 +1569,8 @@ mod tests {
         };
         assert_eq!(init("docker", ""), Ok(false));
         assert_eq!(init("docker", "init = true"), Ok(true));
+        assert_eq!(init("swarm", "init = true"), Ok(true));
+        assert_eq!(init("swarm", ""), Ok(false));
         assert_eq!(
             init("docker", "init = \"yes\"").unwrap_err(),
             vec!["services[0].init: must be true or false, got \"yes\""]

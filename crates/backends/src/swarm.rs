@@ -68,7 +68,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::config::{Reference, Service, Workload};
+use crate::config::{Reference, RunSpec, Service, Workload};
 use crate::docker_api;
 use crate::{
     labels, managed, Apply, Backend, BackendError, Observation, Replica, ReplicaState, ScaleOutcome,
@@ -117,14 +117,31 @@ impl SwarmConfig {
     /// Validates a service's own keys for this backend: `image`, `command` and `env`, or a
     /// `[services.reference]` naming an existing Swarm service.
     pub fn workload(
-        options: toml::Table,
+        mut options: toml::Table,
         _: &ServiceContext<'_>,
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        Workload::managed_or_reference(options, v, path, |table, v, path| {
+        let given = options.contains_key("init");
+        let init = RunSpec::take_init(&mut options, v, path);
+        match Workload::managed_or_reference(options, v, path, |table, v, path| {
             SwarmReference::validate(table, v, path).map(Reference::Swarm)
-        })
+        })? {
+            Workload::Managed(mut run) => {
+                run.init = init;
+                Some(Workload::Managed(run))
+            }
+            reference => {
+                if given {
+                    v.err(
+                        join(path, "init"),
+                        "a service with [services.reference] runs what the referenced object \
+                         runs; remove this key",
+                    );
+                }
+                Some(reference)
+            }
+        }
     }
 }
 
@@ -400,6 +417,8 @@ struct Template {
     image_label: String,
     command: Option<Vec<String>>,
     env: Vec<String>,
+    /// `init = true`: Docker's init as each task's PID 1.
+    init: bool,
     labels: HashMap<String, String>,
     stop_grace_ns: i64,
     /// Network name and, when known, its ID (Swarm stores the ID).
@@ -437,6 +456,7 @@ impl Template {
         c.image = Some(self.image.clone());
         c.command = self.command.clone();
         c.env = Some(self.env.clone());
+        c.init = self.init.then_some(true);
         let l = c.labels.get_or_insert_with(HashMap::new);
         l.extend(self.labels.clone());
         c.stop_grace_period = Some(self.stop_grace_ns);
@@ -466,6 +486,9 @@ impl Template {
         env.sort();
         if env != self.env {
             out.push("env");
+        }
+        if c.init.unwrap_or(false) != self.init {
+            out.push("init");
         }
         let have = c.labels.clone().unwrap_or_default();
         if self.labels.iter().any(|(k, v)| have.get(k) != Some(v)) {
@@ -1044,6 +1067,7 @@ impl SwarmBackend {
             image_label: image.1,
             command: Some(managed(service).command.clone()).filter(|c| !c.is_empty()),
             env,
+            init: managed(service).init,
             labels: self.labels(&service.name),
             stop_grace_ns: i64::try_from(service.stop_grace.as_nanos()).unwrap_or(i64::MAX),
             network,

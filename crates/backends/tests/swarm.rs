@@ -389,6 +389,18 @@ async fn per_host_service_runs_in_global_mode_one_task_per_node() {
     assert!(left.is_empty(), "containers left behind: {left:?}");
 }
 
+/// The container part of Swarm service `name`'s task template, as the engine holds it.
+async fn container_spec(docker: &Docker, name: &str) -> TaskSpecContainerSpec {
+    docker
+        .inspect_service(name, None)
+        .await
+        .expect("inspect")
+        .spec
+        .and_then(|s| s.task_template)
+        .and_then(|t| t.container_spec)
+        .expect("container spec")
+}
+
 #[tokio::test]
 async fn adopts_existing_services_with_their_replica_count() {
     let instance = common::unique("swa");
@@ -414,14 +426,7 @@ async fn adopts_existing_services_with_their_replica_count() {
     // The task template is exactly what the configuration says.
     let docker = raw().await;
     let name = swarm_service_name(&instance, &svc.name);
-    let c = docker
-        .inspect_service(&name, None)
-        .await
-        .expect("inspect")
-        .spec
-        .and_then(|s| s.task_template)
-        .and_then(|t| t.container_spec)
-        .expect("container spec");
+    let c = container_spec(&docker, &name).await;
     let mut env = c.env.clone().unwrap_or_default();
     env.sort();
     assert_eq!(
@@ -443,6 +448,7 @@ async fn adopts_existing_services_with_their_replica_count() {
         "built-in image pinned by ID, never pulled: {image}"
     );
     assert_eq!(c.command, None, "the image's own command");
+    assert_eq!(c.init, None, "no init unless the service sets it");
 
     let out = first.scale(&svc, 2).await.expect("scale to 2");
     assert_eq!((out.started, out.stopped), (2, 0));
@@ -503,7 +509,16 @@ async fn adopts_existing_services_with_their_replica_count() {
         Some(2)
     );
 
-    third.shutdown(&[svc], true).await.expect("shutdown");
+    // `init = true` alone is a change too: Docker's init runs as each task's PID 1.
+    svc.workload.run_mut().unwrap().init = true;
+    let fourth = connect(&instance).await.expect("connect a fourth time");
+    fourth
+        .prepare(std::slice::from_ref(&svc))
+        .await
+        .expect("prepare with init");
+    assert_eq!(container_spec(&docker, &name).await.init, Some(true));
+
+    fourth.shutdown(&[svc], true).await.expect("shutdown");
     assert!(instance_services(&docker, &instance).await.is_empty());
 }
 
