@@ -208,7 +208,7 @@ impl DockerConfig {
 /// Stops and removals sent to the engine at once unless `stop_parallelism` says otherwise:
 /// Debian's docker.io 20.10 left containerd tasks, containers and shims behind for about one
 /// in seven of 1,000 containers stopped and removed together, and none at this bound
-/// (docs/notes.md, "containerd start failure").
+/// (docs/notes.md, "A CI run that could not start Docker").
 pub const DEFAULT_STOP_PARALLELISM: usize = 64;
 
 /// Environment variable telling a replica which service it belongs to.
@@ -805,8 +805,7 @@ impl DockerBackend {
 
     /// Runs `work` (stops and removals) with at most `stop_parallelism` of them in flight
     /// on the engine, counting every other service's at the same time; the results come in
-    /// `work`'s order. Takes the futures already made: a stream mapping borrowed containers
-    /// through a closure would not be `Send` for every lifetime.
+    /// `work`'s order.
     async fn ending<F: std::future::Future>(&self, work: Vec<F>) -> Vec<F::Output> {
         futures::future::join_all(work.into_iter().map(|f| async {
             // The semaphore is never closed, so a permit always comes.
