@@ -266,17 +266,20 @@ struct RawRun {
 
 impl RunSpec {
     /// Takes a service's `init` key out of `options` (the backends that run containers
-    /// themselves: docker and swarm): `true` or `false`, default `false`.
-    pub(crate) fn take_init(options: &mut toml::Table, v: &mut Validator, path: &str) -> bool {
-        match options.remove("init") {
-            None => false,
-            Some(toml::Value::Boolean(b)) => b,
-            Some(other) => {
+    /// themselves: docker and swarm): `true` or `false`; `None` when it is not given.
+    pub(crate) fn take_init(
+        options: &mut toml::Table,
+        v: &mut Validator,
+        path: &str,
+    ) -> Option<bool> {
+        match options.remove("init")? {
+            toml::Value::Boolean(b) => Some(b),
+            other => {
                 v.err(
                     join(path, "init"),
                     format!("must be true or false, got {other}"),
                 );
-                false
+                Some(false)
             }
         }
     }

@@ -198,7 +198,7 @@ impl DockerConfig {
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        let init = crate::RunSpec::take_init(&mut options, v, path);
+        let init = crate::RunSpec::take_init(&mut options, v, path).unwrap_or(false);
         let mut run = Workload::managed_only("docker", options, v, path)?;
         run.init = init;
         Some(Workload::Managed(run))
@@ -1570,6 +1570,14 @@ mod tests {
         assert_eq!(init("docker", "init = true"), Ok(true));
         assert_eq!(init("swarm", "init = true"), Ok(true));
         assert_eq!(init("swarm", ""), Ok(false));
+        assert_eq!(
+            config(
+                "type = \"swarm\"",
+                "init = true\n[services.reference]\nservice = \"web\""
+            )
+            .unwrap_err(),
+            vec!["services[0].init: a service with [services.reference] runs what the referenced object runs; remove this key"]
+        );
         assert_eq!(
             init("docker", "init = \"yes\"").unwrap_err(),
             vec!["services[0].init: must be true or false, got \"yes\""]

@@ -114,25 +114,24 @@ impl SwarmConfig {
         })
     }
 
-    /// Validates a service's own keys for this backend: `image`, `command` and `env`, or a
-    /// `[services.reference]` naming an existing Swarm service.
+    /// Validates a service's own keys for this backend: `image`, `command`, `env` and `init`,
+    /// or a `[services.reference]` naming an existing Swarm service.
     pub fn workload(
         mut options: toml::Table,
         _: &ServiceContext<'_>,
         v: &mut Validator,
         path: &str,
     ) -> Option<Workload> {
-        let given = options.contains_key("init");
         let init = RunSpec::take_init(&mut options, v, path);
         match Workload::managed_or_reference(options, v, path, |table, v, path| {
             SwarmReference::validate(table, v, path).map(Reference::Swarm)
         })? {
             Workload::Managed(mut run) => {
-                run.init = init;
+                run.init = init.unwrap_or(false);
                 Some(Workload::Managed(run))
             }
             reference => {
-                if given {
+                if init.is_some() {
                     v.err(
                         join(path, "init"),
                         "a service with [services.reference] runs what the referenced object \
