@@ -384,6 +384,24 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// The entries of a map as `iter` yields them, with the cache lines of the entry `AHEAD`
+/// places on asked for before it is reached: a `BTreeMap`'s entries lie in nodes of their own,
+/// which the CPU cannot guess.
+fn ahead<'m, V>(
+    iter: std::collections::btree_map::Iter<'m, ServiceName, V>,
+) -> impl Iterator<Item = (&'m ServiceName, &'m V)> {
+    let mut scout = iter.clone();
+    for _ in 0..AHEAD {
+        scout.next();
+    }
+    iter.inspect(move |_| {
+        if let Some((k, v)) = scout.next() {
+            prefetch(k);
+            prefetch(v);
+        }
+    })
+}
+
 /// Prefetches what [`want`] reads of a service beyond its configuration: its first triggers,
 /// its samples, its commitment and its rules' memory.
 #[inline(always)]
@@ -500,7 +518,9 @@ pub fn decide<P: Plugins>(
         position[i] = p as u32;
     }
     let o = &observed.services;
-    resolve(&by_name, o.len(), o.iter(), |p, v| inputs[p].obs = *v);
+    resolve(&by_name, o.len(), ahead(o.iter()), |p, v| {
+        inputs[p].obs = *v
+    });
     match_rows(
         &keys,
         &position,
@@ -510,7 +530,9 @@ pub fn decide<P: Plugins>(
         |p, v| inputs[p].committed = Some(v),
     );
     let r = &memory.rules;
-    resolve(&by_name, r.len(), r.iter(), |p, v| inputs[p].prev = Some(v));
+    resolve(&by_name, r.len(), ahead(r.iter()), |p, v| {
+        inputs[p].prev = Some(v)
+    });
     match_rows(
         &keys,
         &position,
@@ -520,13 +542,15 @@ pub fn decide<P: Plugins>(
         |p, v| inputs[p].samples = Some(v),
     );
     let sc = &cfg.scaling;
-    resolve(&by_name, sc.len(), sc.iter(), |p, v| inputs[p].scaling = v);
+    resolve(&by_name, sc.len(), ahead(sc.iter()), |p, v| {
+        inputs[p].scaling = v
+    });
     let pa = &memory.paused;
     resolve(&by_name, pa.len(), pa.iter().map(|k| (k, ())), |p, _| {
         inputs[p].paused = true
     });
     let pr = &memory.paused_replicas;
-    resolve(&by_name, pr.len(), pr.iter(), |p, v| {
+    resolve(&by_name, pr.len(), ahead(pr.iter()), |p, v| {
         inputs[p].paused_replicas = *v
     });
 
@@ -932,8 +956,16 @@ fn want<'a, P: Plugins>(
     let mut asks = Asks::NoSample;
     let mut detail = String::new();
     let mut rule_memory = None;
-    let (mut wish, mut bound, demand, asked) = match &svc.kind {
-        ServiceKind::Triggered(triggers) => {
+    let plain = match &svc.kind {
+        ServiceKind::Triggered(triggers) => plain_demand(triggers, scaling, inputs.samples),
+        _ => None,
+    };
+    let (mut wish, mut bound, demand, asked) = match (&svc.kind, plain) {
+        (ServiceKind::Triggered(_), Some((v, r))) => {
+            asks = Asks::Demand(Some(v));
+            (r, Bound::Demand, Some(v), Some(r))
+        }
+        (ServiceKind::Triggered(triggers), None) => {
             let t = triggered(
                 triggers,
                 scaling,
@@ -996,8 +1028,8 @@ fn want<'a, P: Plugins>(
             rule_memory = Some(r);
             (wish, bound, t.demand, t.asked)
         }
-        ServiceKind::PerHost => (hosts, Bound::Hosts, Some(hosts as f64), Some(hosts)),
-        ServiceKind::Remainder => (svc.max, Bound::Remainder, None, None),
+        (ServiceKind::PerHost, _) => (hosts, Bound::Hosts, Some(hosts as f64), Some(hosts)),
+        (ServiceKind::Remainder, _) => (svc.max, Bound::Remainder, None, None),
     };
     if wish < svc.min {
         wish = svc.min;
@@ -1118,6 +1150,37 @@ fn want<'a, P: Plugins>(
         keep,
         target: 0,
     }
+}
+
+/// The common case of [`triggered`] without its bookkeeping: one trigger with the default rule
+/// and no failure policy, the default scaling, and a usable sample whose side of the
+/// activation agrees with the replicas it asks for (above it and at least one, or at most it
+/// and none). Then the value is the demand and its replicas the wish, bound by demand, with
+/// nothing to remember and no words beyond "demand {v}": `(value, replicas)`. `None`
+/// otherwise, for [`triggered`] to work out.
+fn plain_demand<S>(
+    triggers: &[Trigger<S>],
+    scaling: &Scaling,
+    got: Option<&[TriggerSample]>,
+) -> Option<(f64, u32)> {
+    let [t] = triggers else {
+        return None;
+    };
+    if t.rule != Rule::Value
+        || t.failure.is_some()
+        || scaling.formula.is_some()
+        || scaling.has_windows()
+        || scaling.has_rate_limits()
+    {
+        return None;
+    }
+    let v = got?
+        .iter()
+        .find(|s| same_name(&s.trigger, &t.name))?
+        .value
+        .filter(|v| v.is_finite())?;
+    let r = replicas_for(v);
+    ((v > t.activation) == (r > 0)).then_some((v, r))
 }
 
 /// What a triggered service's triggers ask for this tick.
@@ -1759,4 +1822,118 @@ fn trigger_count<P: Plugins>(svc: &Service<P>) -> usize {
 /// when the pointers differ.
 fn same_name(sample: &Arc<str>, name: &Arc<str>) -> bool {
     Arc::ptr_eq(sample, name) || **sample == **name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`plain_demand`] says what [`triggered`] says wherever it answers, for values on both
+    /// sides of the activation (and missing, infinite or not a number), and answers for the
+    /// common case.
+    #[test]
+    fn plain_demand_agrees_with_the_triggers_rules() {
+        let name: Arc<str> = "demand".into();
+        let values = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -2.0,
+            0.0,
+            0.2,
+            1.0,
+            2.5,
+            3.0,
+            1e12,
+        ];
+        let mut answered = 0;
+        for activation in [0.0, -1.0, 1.0, 5.0] {
+            for v in values {
+                for value in [None, Some(v)] {
+                    for current in [0, 3] {
+                        let mut t = Trigger::new(name.clone(), ());
+                        t.activation = activation;
+                        let triggers = vec![t];
+                        let samples = [TriggerSample {
+                            trigger: name.clone(),
+                            value,
+                        }];
+                        let got = Some(&samples[..]);
+                        let mut scratch = Scratch::default();
+                        let now = Duration::from_secs(1);
+                        let g = triggered(
+                            &triggers,
+                            &Scaling::DEFAULT,
+                            got,
+                            &mut scratch,
+                            None,
+                            current,
+                            now,
+                        );
+                        let Some((d, r)) = plain_demand(&triggers, &Scaling::DEFAULT, got) else {
+                            continue;
+                        };
+                        answered += 1;
+                        let case = format!("value {value:?}, activation {activation}");
+                        assert_eq!(
+                            (g.wish, g.bound, g.asked, g.demand),
+                            (r, Bound::Demand, Some(r), Some(d)),
+                            "{case}"
+                        );
+                        assert_eq!(g.asks, Asks::Demand(Some(d)), "{case}");
+                        assert!(g.missing.is_empty() && g.detail.is_empty(), "{case}");
+                        assert!(g.memory.is_empty(), "{case}");
+                    }
+                }
+            }
+        }
+        assert!(answered >= 20, "answered only {answered} cases");
+    }
+
+    /// Anything beyond one default trigger and the default scaling goes through the rules.
+    #[test]
+    fn plain_demand_leaves_everything_else_to_the_rules() {
+        let name: Arc<str> = "demand".into();
+        let samples = [TriggerSample {
+            trigger: name.clone(),
+            value: Some(2.0),
+        }];
+        let got = Some(&samples[..]);
+        let one = || Trigger::new(name.clone(), ());
+        let plain = |t: Vec<Trigger<()>>, s: &Scaling| plain_demand(&t, s, got);
+        assert_eq!(plain(vec![one()], &Scaling::DEFAULT), Some((2.0, 2)));
+        assert_eq!(plain(vec![one(), one()], &Scaling::DEFAULT), None);
+        assert_eq!(plain(vec![], &Scaling::DEFAULT), None);
+        let mut average = one();
+        average.rule = Rule::Average { target: 1.0 };
+        assert_eq!(plain(vec![average], &Scaling::DEFAULT), None);
+        let mut failing = one();
+        failing.failure = Some(FailurePolicy {
+            threshold: 1,
+            fallback: Fallback::Current,
+        });
+        assert_eq!(plain(vec![failing], &Scaling::DEFAULT), None);
+        let mut windows = Scaling::DEFAULT;
+        windows.down.stabilisation = Duration::from_secs(60);
+        assert_eq!(plain(vec![one()], &windows), None);
+        let mut formula = Scaling::DEFAULT;
+        formula.formula = Some(Formula::parse("a * 2", &["a"]).expect("a valid formula"));
+        assert_eq!(plain(vec![one()], &formula), None);
+        let mut rate = Scaling::DEFAULT;
+        rate.up.policies.push(RatePolicy {
+            amount: Amount::Replicas(1),
+            period: Duration::from_secs(60),
+        });
+        assert_eq!(plain(vec![one()], &rate), None);
+        // A sample for another trigger, or none at all.
+        let other = [TriggerSample {
+            trigger: "other".into(),
+            value: Some(2.0),
+        }];
+        assert_eq!(
+            plain_demand(&[one()], &Scaling::DEFAULT, Some(&other)),
+            None
+        );
+        assert_eq!(plain_demand(&[one()], &Scaling::DEFAULT, None), None);
+    }
 }
