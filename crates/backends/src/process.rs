@@ -448,7 +448,13 @@ impl Inner {
         })?;
         let mut found: Vec<(ServiceName, Record)> = Vec::new();
         for entry in dir.flatten() {
-            let Ok(name) = ServiceName::try_new(entry.file_name().to_string_lossy()) else {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if stale_replica_tmp(&file) {
+                debug!(file = %entry.path().display(), "removing a built-in replica left half-written by a process that is gone");
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            let Ok(name) = ServiceName::try_new(&file) else {
                 continue;
             };
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -974,6 +980,22 @@ struct ProcStat {
     state: char,
     pgrp: i32,
     start_time: u64,
+}
+
+/// True for a `.replica.tmp-{pid}-{n}` (see `ensure_replica`) whose writer is no longer
+/// running: what a crash while writing the built-in replica leaves. A running writer's file
+/// (another daemon sharing the directory, mid-write) is left alone.
+fn stale_replica_tmp(file: &str) -> bool {
+    let Some((pid, n)) = file
+        .strip_prefix(".replica.tmp-")
+        .and_then(|rest| rest.split_once('-'))
+    else {
+        return false;
+    };
+    match (pid.parse::<u32>(), n.parse::<u64>()) {
+        (Ok(pid), Ok(_)) => pid != std::process::id() && proc_stat(pid).is_none(),
+        _ => false,
+    }
 }
 
 fn proc_stat(pid: u32) -> Option<ProcStat> {

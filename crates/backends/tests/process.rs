@@ -424,6 +424,40 @@ async fn replicas_are_adopted_after_a_restart() {
     assert!(second.observe().await.unwrap().replicas.is_empty());
 }
 
+/// A half-written copy of the built-in replica left by a writer that crashed is removed when
+/// the backend starts; one whose writer still runs (another daemon sharing the directory,
+/// mid-write) and files that only look alike are left alone.
+#[tokio::test]
+async fn a_crashed_writers_half_written_replica_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gone = std::process::Command::new("/bin/true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let mut writer = std::process::Command::new("/bin/sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let stale = dir.path().join(format!(".replica.tmp-{dead}-0"));
+    let busy = dir.path().join(format!(".replica.tmp-{}-3", writer.id()));
+    let alike = dir.path().join(format!(".replica.tmp-{dead}-notes"));
+    for f in [&stale, &busy, &alike] {
+        std::fs::write(f, b"half a binary").unwrap();
+    }
+    let svc = service(&unique("tmp"), vec![]);
+    let b = backend(dir.path(), &unique("tmp"));
+    b.prepare(std::slice::from_ref(&svc)).await.unwrap();
+    assert!(!stale.exists(), "a dead writer's file is removed");
+    assert!(busy.exists(), "a running writer's file is left alone");
+    assert!(alike.exists(), "a file that only looks alike is left alone");
+    assert!(
+        dir.path().join("replica").exists(),
+        "the built-in replica itself is written"
+    );
+    b.shutdown(std::slice::from_ref(&svc), true).await.unwrap();
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+}
+
 #[tokio::test]
 async fn stale_and_foreign_records_are_never_signalled() {
     let dir = tempfile::tempdir().unwrap();
