@@ -409,7 +409,7 @@ impl Inner {
         // write through the same temporary file.
         static TMP: AtomicU64 = AtomicU64::new(0);
         let tmp = self.state_dir.join(format!(
-            ".replica.tmp-{}-{}",
+            "{REPLICA_TMP}{}-{}",
             std::process::id(),
             TMP.fetch_add(1, Ordering::Relaxed)
         ));
@@ -982,12 +982,15 @@ struct ProcStat {
     start_time: u64,
 }
 
-/// True for a `.replica.tmp-{pid}-{n}` (see `ensure_replica`) whose writer is no longer
+/// How the temporary copies of the built-in replica begin: `{REPLICA_TMP}{pid}-{n}`.
+const REPLICA_TMP: &str = ".replica.tmp-";
+
+/// True for a `{REPLICA_TMP}{pid}-{n}` (see `ensure_replica`) whose writer is no longer
 /// running: what a crash while writing the built-in replica leaves. A running writer's file
 /// (another daemon sharing the directory, mid-write) is left alone.
 fn stale_replica_tmp(file: &str) -> bool {
     let Some((pid, n)) = file
-        .strip_prefix(".replica.tmp-")
+        .strip_prefix(REPLICA_TMP)
         .and_then(|rest| rest.split_once('-'))
     else {
         return false;

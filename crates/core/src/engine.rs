@@ -387,7 +387,7 @@ fn prefetch<T>(p: *const T) {
 /// The entries of a map as `iter` yields them, with the cache lines of the entry `AHEAD`
 /// places on asked for before it is reached: a `BTreeMap`'s entries lie in nodes of their own,
 /// which the CPU cannot guess.
-fn ahead<'m, V>(
+fn prefetching<'m, V>(
     iter: std::collections::btree_map::Iter<'m, ServiceName, V>,
 ) -> impl Iterator<Item = (&'m ServiceName, &'m V)> {
     let mut scout = iter.clone();
@@ -518,7 +518,7 @@ pub fn decide<P: Plugins>(
         position[i] = p as u32;
     }
     let o = &observed.services;
-    resolve(&by_name, o.len(), ahead(o.iter()), |p, v| {
+    resolve(&by_name, o.len(), prefetching(o.iter()), |p, v| {
         inputs[p].obs = *v
     });
     match_rows(
@@ -530,7 +530,7 @@ pub fn decide<P: Plugins>(
         |p, v| inputs[p].committed = Some(v),
     );
     let r = &memory.rules;
-    resolve(&by_name, r.len(), ahead(r.iter()), |p, v| {
+    resolve(&by_name, r.len(), prefetching(r.iter()), |p, v| {
         inputs[p].prev = Some(v)
     });
     match_rows(
@@ -542,7 +542,7 @@ pub fn decide<P: Plugins>(
         |p, v| inputs[p].samples = Some(v),
     );
     let sc = &cfg.scaling;
-    resolve(&by_name, sc.len(), ahead(sc.iter()), |p, v| {
+    resolve(&by_name, sc.len(), prefetching(sc.iter()), |p, v| {
         inputs[p].scaling = v
     });
     let pa = &memory.paused;
@@ -550,7 +550,7 @@ pub fn decide<P: Plugins>(
         inputs[p].paused = true
     });
     let pr = &memory.paused_replicas;
-    resolve(&by_name, pr.len(), ahead(pr.iter()), |p, v| {
+    resolve(&by_name, pr.len(), prefetching(pr.iter()), |p, v| {
         inputs[p].paused_replicas = *v
     });
 
